@@ -1,0 +1,58 @@
+"""The attention seam: the model reaches attention only through `attend`, which picks the backend.
+
+One call covers the three modes the model needs, by absolute positions: query i sits at q_pos0 + i, key j at
+k_pos0 + j, and key j is visible iff q_pos - window < k_pos <= q_pos (and k_pos >= 0).
+  full causal:   window >= T,  q_pos0 = k_pos0 = 0
+  sliding window: window W,    q_pos0 = k_pos0 = 0
+  suffix:        b queries at q_pos0 = t*b against the KV cache then the block, k_pos0 = q_pos0 - len(cache)
+"""
+from __future__ import annotations
+
+import torch
+
+from .layers import RMSNorm, apply_rope, rope_angles
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, q_pos0: int = 0, k_pos0: int = 0,
+           backend: str = "auto") -> torch.Tensor:
+    """q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D). Every backend supports double backward."""
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "triton":
+        from ttt_e2e.kernels.swa import swa_attention as attention
+    elif backend == "torch":
+        from ttt_e2e.kernels.swa.reference import swa_reference as attention
+    else:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    return attention(q, k, v, window, q_pos0, k_pos0)
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, d_model: int, n_heads: int, window: int, rope_theta: float, qk_norm: bool, eps: float,
+                 backend: str):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.window, self.rope_theta, self.backend = window, rope_theta, backend
+        self.wq = torch.nn.Linear(d_model, d_model, bias=False)
+        self.wk = torch.nn.Linear(d_model, d_model, bias=False)
+        self.wv = torch.nn.Linear(d_model, d_model, bias=False)
+        self.wo = torch.nn.Linear(d_model, d_model, bias=False)
+        # One scale of size head_dim shared by all heads.
+        self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else torch.nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor, pos0: int = 0, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x (B, T, d) at absolute positions pos0.. ; cache: the (k, v) of earlier positions, each (B, H, Tc, D).
+        Returns the output and the (keys, values) it attended to (the cache then this block's, post-RoPE), from
+        which the caller keeps the last W as the next cache."""
+        B, T, _ = x.shape
+        split = lambda t: t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
+        cos, sin = rope_angles(torch.arange(pos0, pos0 + T, device=x.device), self.head_dim, self.rope_theta)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        keys, values = (k, v) if cache is None else (torch.cat((cache[0], k), 2), torch.cat((cache[1], v), 2))
+        o = attend(q, keys, values, window=self.window, q_pos0=pos0, k_pos0=pos0 - (keys.shape[2] - T),
+                   backend=self.backend)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1)), (keys, values)

@@ -1,0 +1,53 @@
+"""The small pieces of a block: RMSNorm, SwiGLU, rotary embeddings (METHOD.md section 1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in at least fp32 even under bf16 autocast; the result goes back to the input's dtype.
+        xf = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(y.dtype)).to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """w2( silu(w1 x) * (w3 x) ). Weights are (out, in) like nn.Linear, or carry a leading batch dimension
+    (B, out, in) when each sequence has its own copy (the inner weights during TTT)."""
+    if w1.dim() == 2:
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+    return torch.matmul(F.silu(torch.matmul(x, w1.mT)) * torch.matmul(x, w3.mT), w2.mT)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.w1, self.w2, self.w3)
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (T, head_dim/2) for absolute positions (computed in fp64 then cast: positions reach
+    millions, where fp32 angles lose digits)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (..., T, head_dim) by the angles of each position."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)

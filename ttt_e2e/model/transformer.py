@@ -1,0 +1,96 @@
+"""The sliding-window Transformer of METHOD.md section 1: sandwich RMSNorms, SwiGLU, QK-norm, RoPE, tied head.
+
+The last `suffix_len` blocks form `Suffix`, a module of its own so that the inner loop can call it with
+`torch.func.functional_call`, substituting the inner weights (the MLP' of each suffix block) with per-sequence
+tensors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ttt_e2e.config import ModelConfig
+
+from .attention import Attention
+from .layers import RMSNorm, SwiGLU
+
+
+def _norm(cfg: ModelConfig, on: bool) -> nn.Module:
+    return RMSNorm(cfg.d_model, cfg.norm_eps) if on else nn.Identity()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, has_prime: bool):
+        super().__init__()
+        self.pre_attn_norm, self.post_attn_norm = _norm(cfg, cfg.pre_norm), _norm(cfg, cfg.post_norm)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_window, cfg.rope_theta, cfg.qk_norm,
+                              cfg.norm_eps, cfg.attention_backend)
+        self.prime = SwiGLU(cfg.d_model, cfg.prime_width) if has_prime else None
+        if has_prime:
+            self.pre_prime_norm, self.post_prime_norm = _norm(cfg, cfg.pre_norm), _norm(cfg, cfg.post_norm)
+        self.pre_mlp_norm, self.post_mlp_norm = _norm(cfg, cfg.pre_norm), _norm(cfg, cfg.post_norm)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width)
+
+    def forward(self, x: torch.Tensor, pos0: int = 0, cache=None):
+        a, kv = self.attn(self.pre_attn_norm(x), pos0, cache)
+        x = x + self.post_attn_norm(a)
+        if self.prime is not None:
+            x = x + self.post_prime_norm(self.prime(self.pre_prime_norm(x)))
+        x = x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+        return x, kv
+
+
+class Suffix(nn.Module):
+    """The suffix blocks and the final norm. With per-block KV caches it processes one mini-batch at a time."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(cfg, has_prime=cfg.prime_mlp) for _ in range(cfg.suffix_len))
+        self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def inner_names(self) -> list[str]:
+        """Names (as in named_parameters) of the inner weights phi: w1, w2, w3 of every MLP'."""
+        return [n for n, _ in self.named_parameters() if ".prime." in n]
+
+    def forward(self, x: torch.Tensor, pos0: int = 0, caches=None):
+        caches = caches if caches is not None else [None] * len(self.blocks)
+        kvs = []
+        for block, cache in zip(self.blocks, caches):
+            x, kv = block(x, pos0, cache)
+            kvs.append(kv)
+        return self.ln_f(x), kvs
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.prefix = nn.ModuleList(Block(cfg, has_prime=False) for _ in range(cfg.n_prefix))
+        self.suffix = Suffix(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                p.fill_(1.0)
+            else:  # embeddings and every linear
+                p.normal_(0.0, self.cfg.init_std)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    def run_prefix(self, h: torch.Tensor, remat: bool = False) -> torch.Tensor:
+        for block in self.prefix:
+            h = checkpoint(lambda x, b=block: b(x)[0], h, use_reentrant=False) if remat else block(h)[0]
+        return h
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Plain (no TTT) forward over the whole sequence: logits (B, T, vocab)."""
+        h = self.run_prefix(self.wte(input_ids))
+        h, _ = self.suffix(h)
+        return h @ self.head_weight().T

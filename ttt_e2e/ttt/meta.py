@@ -1,0 +1,88 @@
+"""The loss of a batch of sequences, in either train mode (METHOD.md sections 2-3).
+
+meta:     tokens -> embed -> prefix blocks (once, whole sequence)
+                 -> for each mini-batch t: suffix with phi_t and the KV caches -> l_t; phi_{t+1} = phi_t - eta clip(g_t)
+                 -> outer loss = mean_t l_t, differentiated through every g_t
+pretrain: the same network with phi fixed at phi_0; SWA over the whole sequence in one pass equals the
+          mini-batch-by-mini-batch suffix with KV caches, so it runs in one pass. Its loss is averaged the same way
+          (per mini-batch, then over mini-batches), so meta with eta = 0 gives the same number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+
+from ttt_e2e.config import TTTConfig
+from ttt_e2e.model.transformer import Transformer
+
+from .inner import inner_step
+from .loss import masked_mean, token_losses
+from .remat import remat
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable: mean over sequences and mini-batches
+    minibatch_losses: torch.Tensor  # (T / b,) detached, mean over sequences
+    token_losses: torch.Tensor  # (B, T) detached cross-entropy of every position (0 where masked)
+    inner_grad_norm: Optional[torch.Tensor] = None  # (T / b,) detached, before clipping, mean over sequences
+
+
+def sequence_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor,
+                  mask: Optional[torch.Tensor], ttt: TTTConfig, ilr_mult: float = 1.0) -> LossOutput:
+    """input_ids, targets, mask: (B, T); mask marks the targets that count (METHOD.md: not BOS)."""
+    B, T = input_ids.shape
+    b = ttt.mini_batch_size
+    if T % b:
+        raise ValueError(f"sequence length {T} is not divisible by ttt.mini_batch_size={b}")
+    if targets.shape != input_ids.shape or (mask is not None and mask.shape != input_ids.shape):
+        raise ValueError(f"input_ids {tuple(input_ids.shape)}, targets {tuple(targets.shape)} and mask "
+                         f"{None if mask is None else tuple(mask.shape)} must have the same (B, T) shape")
+    if mask is None:
+        mask = torch.ones_like(targets, dtype=torch.bool)
+    if ttt.train_mode == "meta":
+        return _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult)
+    if ttt.train_mode == "pretrain":
+        return _pretrain_loss(model, input_ids, targets, mask, b, ttt.remat_prefix)
+    raise ValueError(f"ttt.train_mode must be pretrain or meta, got {ttt.train_mode!r}")
+
+
+def _pretrain_loss(model, input_ids, targets, mask, b, remat_prefix) -> LossOutput:
+    B, T = input_ids.shape
+    h = model.run_prefix(model.wte(input_ids), remat=remat_prefix)
+    h, _ = model.suffix(h)
+    tok = token_losses(h, model.head_weight(), targets)
+    per_mb = masked_mean(tok.view(B, T // b, b), mask.view(B, T // b, b))  # (B, T / b)
+    return LossOutput(per_mb.mean(), per_mb.detach().mean(0), tok.detach())
+
+
+def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
+    B, T = input_ids.shape
+    b = ttt.mini_batch_size
+    h = model.run_prefix(model.wte(input_ids), remat=ttt.remat_prefix)
+    inner = set(model.suffix.inner_names())
+    params = dict(model.suffix.named_parameters())
+    theta = {n: p for n, p in params.items() if n not in inner}
+    phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
+    step = partial(_step, model.suffix, eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip,
+                   window=model.cfg.attention_window, b=b)
+    head, caches = model.head_weight(), None
+    losses, toks, norms = [], [], []
+    for t in range(T // b):
+        sl = slice(t * b, (t + 1) * b)
+        args = (theta, head, phi, caches, h[:, sl], targets[:, sl], mask[:, sl], torch.tensor(t))
+        l_t, tok, phi, caches, gnorm = remat(step, *args) if ttt.remat_inner else step(*args)
+        losses.append(l_t)
+        toks.append(tok)
+        norms.append(gnorm)
+    per_mb = torch.stack(losses, 1)  # (B, T / b)
+    return LossOutput(per_mb.mean(), per_mb.detach().mean(0), torch.cat(toks, 1),
+                      torch.stack(norms, 1).mean(0).detach())
+
+
+def _step(suffix, theta, head, phi, caches, h, targets, mask, t, *, eta, clip, window, b):
+    # t travels as a tensor so that every argument of the rematerialized step is a tensor.
+    return inner_step(suffix, theta, head, phi, caches, h, targets, mask, int(t) * b, eta, clip, window)
