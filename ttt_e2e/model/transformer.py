@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ttt_e2e.config import ModelConfig
+from ttt_e2e.config import ModelConfig, TTTConfig
 
 from .attention import Attention
 from .layers import RMSNorm, SwiGLU
@@ -63,9 +63,13 @@ class Suffix(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ttt: TTTConfig | None = None):
+        """ttt: the settings the model will be trained with, checked against the architecture here so that a bad
+        combination fails at construction rather than mid-run."""
         super().__init__()
         cfg.validate()
+        if ttt is not None:
+            ttt.validate(cfg)
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.prefix = nn.ModuleList(Block(cfg, has_prime=False) for _ in range(cfg.n_prefix))
