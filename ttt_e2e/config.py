@@ -32,7 +32,7 @@ class ModelConfig:
     rope_theta: float = 500000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere | torch | triton
+    attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere | torch | triton | sdpa (full causal only)
     compute_dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, parameters' dtype elsewhere
 
     @property
@@ -66,8 +66,9 @@ class ModelConfig:
             raise ConfigError(f"model.suffix_len={self.suffix_len} must be in [0, model.n_layers={self.n_layers}]")
         if self.prime_mlp_width is not None and self.prime_mlp_width < 1:
             raise ConfigError(f"model.prime_mlp_width must be >= 1, got {self.prime_mlp_width}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ConfigError(f"model.attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "torch", "triton", "sdpa"):
+            raise ConfigError(f"model.attention_backend must be auto, torch, triton or sdpa, "
+                              f"got {self.attention_backend!r}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"model.compute_dtype must be auto, float32, bfloat16, float16 or float64, "
                               f"got {self.compute_dtype!r}")
@@ -97,6 +98,9 @@ class TTTConfig:
         if model.seq_length % self.mini_batch_size:
             raise ConfigError(f"model.seq_length={model.seq_length} is not divisible by "
                               f"ttt.mini_batch_size={self.mini_batch_size}")
+        if model.attention_backend == "sdpa" and (self.train_mode == "meta" or model.window is not None):
+            raise ConfigError("model.attention_backend=sdpa serves only full attention (model.window=null) in "
+                              "ttt.train_mode=pretrain: it has no sliding window and no double backward")
         if self.train_mode == "meta":
             if model.suffix_len < 1:
                 raise ConfigError("ttt.train_mode=meta needs model.suffix_len >= 1 (the suffix holds the inner weights)")
@@ -119,3 +123,120 @@ class DataConfig:
     val_fraction: float = 0.05  # tail of the token stream held out for validation / eval.py
     max_docs: Optional[int] = None  # cap on documents read (quick runs)
     seed: int = 0  # sampling order
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer settings (train.py). Hydra composes conf/ onto `Config`; the same dataclasses work without Hydra.
+
+from dataclasses import field  # noqa: E402  (kept with the trainer section it serves)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `min_lr` (METHOD.md section 3)."""
+    lr: float = 3e-3  # peak learning rate
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.1  # of training.steps, linear from 0 to lr
+    min_lr: float = 1e-5  # end of the cosine
+    grad_clip: float = 1.0  # global norm of the outer gradient; <= 0 disables
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} must be in [0, optim.lr={self.lr}]")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise ConfigError(f"optim.warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # outer (optimizer) steps
+    global_batch_size: int = 8  # sequences per optimizer step, summed over ranks and accumulation micro-steps
+    micro_batch_size: Optional[int] = None  # sequences per forward/backward on one rank; None: no accumulation
+    seed: int = 0  # model init (data order is data.seed)
+    device: str = "auto"  # auto: cuda if available else cpu | cpu | cuda. Precision: model.compute_dtype
+    compile: bool = False  # torch.compile the blocks that run as plain modules (see ttt_e2e/train/parallel.py)
+    distributed: str = "ddp"  # with >1 rank: ddp | fsdp (FSDP2 fully_shard; pretrain mode only)
+    checkpoint_every: int = 50  # steps; the last step is always saved; 0: only the last step
+    keep_last: int = 2  # checkpoints kept in the run dir (older ones deleted after a newer one is complete)
+    resume: Optional[bool] = None  # None: resume if the run dir has a checkpoint | true: must resume | false: fresh
+    init_from: Optional[str] = None  # a checkpoint (step dir, or a run/checkpoints dir: its latest) to start from
+    load_part: str = "all"  # with init_from: all (params, optimizer, schedule, data position, step) | params
+    eval_every: int = 50  # steps between validation losses; 0: only after the last step
+    eval_batches: int = 4  # validation batches (of micro_batch_size sequences per rank) per evaluation
+    log_every: int = 1  # steps between metrics.jsonl / wandb records
+    progress: bool = True  # tqdm progress bar (rank 0)
+
+    def validate(self) -> None:
+        for name in ("steps", "global_batch_size", "keep_last", "log_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"training.micro_batch_size must be >= 1 (or null), got {self.micro_batch_size}")
+        for name in ("checkpoint_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"training.{name} must be >= 0, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"training.device must be auto, cpu or cuda, got {self.device!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ConfigError(f"training.distributed must be ddp or fsdp, got {self.distributed!r}")
+        if self.load_part not in ("all", "params"):
+            raise ConfigError(f"training.load_part must be all or params, got {self.load_part!r}")
+
+    def accumulation(self, world_size: int) -> tuple[int, int]:
+        """(micro_batch_size, accumulation steps) per rank for this world size."""
+        if self.global_batch_size % world_size:
+            raise ConfigError(f"training.global_batch_size={self.global_batch_size} is not divisible by the "
+                              f"{world_size} ranks")
+        per_rank = self.global_batch_size // world_size
+        micro = self.micro_batch_size or per_rank
+        if per_rank % micro:
+            raise ConfigError(f"training.global_batch_size={self.global_batch_size} over {world_size} rank(s) is "
+                              f"{per_rank} sequences per rank, not divisible by training.micro_batch_size={micro}")
+        return micro, per_rank // micro
+
+
+@dataclass
+class LogConfig:
+    logger: str = "wandb"  # wandb | none. metrics.jsonl in the run dir is written either way
+    wandb_mode: str = "offline"  # offline (sync later with `wandb sync`) | online | disabled
+    project: str = "ttt-e2e"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # run name; None: the run dir's name
+    peak_tflops: Optional[float] = None  # per device, for MFU; None: looked up from the GPU's name (see flops.py)
+
+    def validate(self) -> None:
+        if self.logger not in ("wandb", "none"):
+            raise ConfigError(f"log.logger must be wandb or none, got {self.logger!r}")
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"log.wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"log.peak_tflops must be > 0 (or null), got {self.peak_tflops}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.ttt.validate(self.model)
+        self.optim.validate()
+        self.training.validate()
+        self.log.validate()
+        if not 0 <= self.data.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")

@@ -40,3 +40,11 @@ def test_suffix_in_minibatches_with_kv_cache_equals_one_shot(window, b):
         caches = [(k[:, :, -W:], v[:, :, -W:]) for k, v in kvs]
         chunks.append(out)
     torch.testing.assert_close(torch.cat(chunks, 1), one_shot, rtol=1e-12, atol=1e-12)
+
+
+def test_sdpa_backend_serves_full_causal_only():
+    q, k, v = _qkv(seed=3)
+    torch.testing.assert_close(attend(q, k, v, window=q.shape[2], backend="sdpa"),
+                               attend(q, k, v, window=q.shape[2], backend="torch"), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="supports only full causal"):
+        attend(q, k, v, window=4, backend="sdpa")

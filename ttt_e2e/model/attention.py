@@ -12,7 +12,7 @@ import torch
 
 from .layers import RMSNorm, apply_rope, rope_angles
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "sdpa")
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, q_pos0: int = 0, k_pos0: int = 0,
@@ -24,9 +24,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, q_
         from ttt_e2e.kernels.swa import swa_attention as attention
     elif backend == "torch":
         from ttt_e2e.kernels.swa.reference import swa_reference as attention
+    elif backend == "sdpa":
+        return _sdpa_full_causal(q, k, v, window, q_pos0, k_pos0)
     else:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     return attention(q, k, v, window, q_pos0, k_pos0)
+
+
+def _sdpa_full_causal(q, k, v, window, q_pos0, k_pos0):
+    """PyTorch's fused attention (FlashAttention-2 / cuDNN kernels), for the full-attention baseline: it has no
+    double backward and no sliding window, so it serves only plain causal attention over a whole sequence."""
+    T = q.shape[2]
+    if not (q_pos0 == k_pos0 == 0 and k.shape[2] == T and window >= T):
+        raise ValueError("attention backend 'sdpa' supports only full causal attention over a whole sequence "
+                         f"(got window={window}, q_pos0={q_pos0}, k_pos0={k_pos0}, Tq={T}, Tk={k.shape[2]}); "
+                         "use 'triton' or 'torch' for sliding windows and the TTT suffix")
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 class Attention(torch.nn.Module):

@@ -1,0 +1,160 @@
+"""Meta-training throughput: one optimizer step of the training path, `fa` pretrain vs `e2e` meta (issue 6).
+
+    python benchmarks/meta_step.py --sizes 125m 1b [--steps 10] [--out benchmarks/meta_step.json]
+
+One GPU, batch 1 sequence of T = 8192 tokens, bf16 autocast with fp32 parameters, AdamW. A step is what the
+trainer does: sequence_loss -> backward -> clip -> AdamW step -> zero_grad. Reported: ms/step (median of
+--steps timed steps after warm-up, CUDA events), tokens/s, MFU, peak memory, and a per-phase breakdown measured
+by timing nested prefixes of the step (prefix forward; + suffix inner steps; + outer backward; + optimizer) and
+differencing them, plus the profiler's top kernels. Free of hydra/wandb/datasets (absent on the GPU machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from ttt_e2e.config import ModelConfig, TTTConfig
+from ttt_e2e.model.params import count_parameters
+from ttt_e2e.model.transformer import Transformer
+from ttt_e2e.ttt.meta import sequence_loss
+
+SIZES = {  # METHOD.md section 5: layers, d, heads, baseline MLP width, E2E MLP width, suffix_len
+    "125m": (12, 768, 12, 2048, 1664, 3),
+    "1b": (24, 2048, 32, 5376, 4352, 6),
+}
+H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
+
+
+def configs(size: str, T: int, b: int, W: int):
+    L, d, heads, base, e2e, suffix = SIZES[size]
+    common = dict(vocab_size=128256, n_layers=L, d_model=d, n_heads=heads, seq_length=T, suffix_len=suffix)
+    fa = (ModelConfig(**common, mlp_width=base, prime_mlp=False, window=None, attention_backend="sdpa"),
+          TTTConfig(train_mode="pretrain", mini_batch_size=T))
+    meta = (ModelConfig(**common, mlp_width=e2e, prime_mlp=True, window=W, attention_backend="triton"),
+            TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0))
+    return {"fa": fa, "e2e": meta}
+
+
+def model_flops(cfg: ModelConfig, T: int) -> float:
+    """Useful FLOPs of one training step of the baseline function: 6 per weight per token (every matmul weight,
+    the tied head included) plus attention's 12 per visible (query, key) pair per head dim (fwd 4 + bwd 8). Both
+    modes are charged the same useful work, so the meta overhead shows as lower MFU."""
+    n = count_parameters(cfg)
+    W = cfg.attention_window
+    pairs = sum(min(i + 1, W) for i in range(T))
+    return 6 * T * (n["non_embedding"] + n["embedding"]) + 12 * pairs * cfg.d_model * cfg.n_layers
+
+
+def cuda_ms(fn, steps: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bool) -> dict:
+    torch.manual_seed(0)
+    model = Transformer(mcfg, tcfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    T = mcfg.seq_length
+    ids = torch.randint(0, mcfg.vocab_size, (1, T + 1), device="cuda")
+    x, y = ids[:, :-1], ids[:, 1:]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def prefix():
+        with autocast, torch.no_grad():
+            model.run_prefix(model.wte(x))
+
+    def forward():
+        with autocast:
+            return sequence_loss(model, x, y, None, tcfg).loss
+
+    def forward_backward():
+        forward().backward()
+        opt.zero_grad(set_to_none=True)
+
+    def step():
+        forward().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    step_ms = cuda_ms(step, steps, warmup=3)
+    peak = torch.cuda.max_memory_allocated()
+    phases = {"prefix forward": prefix, "forward (prefix + suffix inner steps)": forward,
+              "forward + outer backward": forward_backward}
+    cum = {k: statistics.median(cuda_ms(f, steps)) for k, f in phases.items()}
+    med = statistics.median(step_ms)
+    result = dict(
+        name=name, ms_per_step=med, ms_all=step_ms, tokens_per_s=T / med * 1e3,
+        mfu=model_flops(mcfg, T) / (med * 1e-3) / H100_BF16_PEAK, peak_mem_gib=peak / 2**30,
+        phases_ms={"prefix forward": cum["prefix forward"],
+                   "suffix (inner steps, forward)": cum["forward (prefix + suffix inner steps)"] - cum["prefix forward"],
+                   "outer backward": cum["forward + outer backward"] - cum["forward (prefix + suffix inner steps)"],
+                   "optimizer (clip + AdamW)": med - cum["forward + outer backward"]},
+    )
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        result["top_kernels"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    del model, opt
+    torch.cuda.empty_cache()
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", nargs="+", default=["125m", "1b"])
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--mini-batch", type=int, default=1024)
+    ap.add_argument("--window", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    results = []
+    for size in args.sizes:
+        for mode, (mcfg, tcfg) in configs(size, args.seq, args.mini_batch, args.window).items():
+            try:
+                r = bench(f"{size} {mode}", mcfg, tcfg, args.steps, args.profile)
+            except torch.OutOfMemoryError as e:
+                r = dict(name=f"{size} {mode}", error=f"out of memory: {str(e).splitlines()[0]}")
+                torch.cuda.empty_cache()
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("top_kernels", "ms_all")}), flush=True)
+            if "top_kernels" in r:
+                print(r["top_kernels"], flush=True)
+    print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    print("| config | ms/step | tokens/s | MFU | peak GiB | prefix | suffix inner | outer bwd | optimizer |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['name']} | {r['error']} |")
+            continue
+        p = list(r["phases_ms"].values())
+        print(f"| {r['name']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
+              f"{r['peak_mem_gib']:.1f} | " + " | ".join(f"{x:.1f}" for x in p) + " |")
+    for size in args.sizes:
+        by = {r["name"]: r for r in results if "error" not in r}
+        if f"{size} fa" in by and f"{size} e2e" in by:
+            print(f"{size}: meta / pretrain = {by[f'{size} e2e']['ms_per_step'] / by[f'{size} fa']['ms_per_step']:.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
