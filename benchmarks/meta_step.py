@@ -19,24 +19,18 @@ import torch
 
 from ttt_e2e.config import ModelConfig, TTTConfig
 from ttt_e2e.model.params import count_parameters
+from ttt_e2e.model.sizes import PAPER_SIZES, paper_config
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
 
-SIZES = {  # METHOD.md section 5: layers, d, heads, baseline MLP width, E2E MLP width, suffix_len
-    "125m": (12, 768, 12, 2048, 1664, 3),
-    "1b": (24, 2048, 32, 5376, 4352, 6),
-}
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
 
 
 def configs(size: str, T: int, b: int, W: int):
-    L, d, heads, base, e2e, suffix = SIZES[size]
-    common = dict(vocab_size=128256, n_layers=L, d_model=d, n_heads=heads, seq_length=T, suffix_len=suffix)
-    fa = (ModelConfig(**common, mlp_width=base, prime_mlp=False, window=None, attention_backend="sdpa"),
-          TTTConfig(train_mode="pretrain", mini_batch_size=T))
-    meta = (ModelConfig(**common, mlp_width=e2e, prime_mlp=True, window=W, attention_backend="triton"),
-            TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0))
-    return {"fa": fa, "e2e": meta}
+    fa = (paper_config(size, "fa", T, attention_backend="sdpa"), TTTConfig(train_mode="pretrain", mini_batch_size=T))
+    e2e = (paper_config(size, "e2e", T, window=W, attention_backend="triton"),
+           TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0))
+    return {"fa": fa, "e2e": e2e}
 
 
 def model_flops(cfg: ModelConfig, T: int) -> float:
@@ -117,7 +111,7 @@ def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bo
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", nargs="+", default=["125m", "1b"])
+    ap.add_argument("--sizes", nargs="+", default=["125m", "1b"], choices=list(PAPER_SIZES))
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--mini-batch", type=int, default=1024)
     ap.add_argument("--window", type=int, default=8192)

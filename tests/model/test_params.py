@@ -1,27 +1,37 @@
 """Parameter counts of the paper's configs: E2E matches its baseline's budget (METHOD.md section 5)."""
+import subprocess
+import sys
+
 import pytest
 
-from ttt_e2e.config import ModelConfig
 from ttt_e2e.model.params import count_parameters
-
-V = 128256
+from ttt_e2e.model.sizes import PAPER_SIZES, VOCAB, paper_config
 
 
 def _analytic(L, d, heads, mlp, suffix, prime):
     block = 4 * d * d + 3 * d * mlp + 4 * d + 2 * (d // heads)  # attention, MLP, 4 sandwich norms, QK-norm scales
     extra = suffix * (3 * d * mlp + 2 * d) if prime else 0  # MLP' and its two norms in each suffix block
-    return V * d + L * block + extra + d  # tied embedding, blocks, ln_f
+    return VOCAB * d + L * block + extra + d  # tied embedding, blocks, ln_f
 
 
-@pytest.mark.parametrize("L,d,heads,base_mlp,e2e_mlp,suffix", [
-    (12, 768, 12, 2048, 1664, 3),  # 125M
-    (24, 2048, 32, 5376, 4352, 6),  # 1B
+@pytest.mark.parametrize("size,expected_base,expected_e2e", [
+    ("125m", 183_474_432, 184_363_776),
+    ("1b", 1_458_246_656, 1_467_708_416),
 ])
-def test_e2e_matches_baseline_budget(L, d, heads, base_mlp, e2e_mlp, suffix):
-    common = dict(vocab_size=V, n_layers=L, d_model=d, n_heads=heads, suffix_len=suffix, seq_length=8192, window=8192)
-    base = count_parameters(ModelConfig(**common, mlp_width=base_mlp, prime_mlp=False))
-    e2e = count_parameters(ModelConfig(**common, mlp_width=e2e_mlp, prime_mlp=True))
-    assert base["total"] == _analytic(L, d, heads, base_mlp, suffix, prime=False)
-    assert e2e["total"] == _analytic(L, d, heads, e2e_mlp, suffix, prime=True)
-    assert e2e["inner"] == suffix * 3 * d * e2e_mlp
-    assert abs(e2e["total"] / base["total"] - 1) < 0.01  # matched budgets
+def test_e2e_matches_baseline_budget(size, expected_base, expected_e2e):
+    s = PAPER_SIZES[size]
+    base, e2e = count_parameters(paper_config(size, "fa")), count_parameters(paper_config(size, "e2e"))
+    assert base["total"] == expected_base == _analytic(s.n_layers, s.d_model, s.n_heads, s.mlp_width,
+                                                       s.suffix_len, prime=False)
+    assert e2e["total"] == expected_e2e == _analytic(s.n_layers, s.d_model, s.n_heads, s.e2e_mlp_width,
+                                                     s.suffix_len, prime=True)
+    assert e2e["inner"] == s.suffix_len * 3 * s.d_model * s.e2e_mlp_width
+    assert abs(e2e["total"] / base["total"] - 1) < 0.012  # matched budgets (within 1.2% for every size)
+
+
+def test_params_command_prints_every_size():
+    out = subprocess.run([sys.executable, "-m", "ttt_e2e.model.params"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "| 125m | 183,474,432 | 184,363,776 |" in out
+    assert "| 1b | 1,458,246,656 | 1,467,708,416 |" in out
+    assert all(f"| {size} |" in out for size in PAPER_SIZES)
