@@ -71,38 +71,68 @@ def local_fingerprint(source: str) -> list:
     return [(f, os.path.getsize(f), os.path.getmtime(f)) for f in local_files(source)]
 
 
+def _is_empty_file(path: str) -> bool:
+    if os.path.getsize(path) == 0:
+        return True
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq  # a dependency of datasets
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        except Exception as e:
+            raise DataError(f"data file '{path}' is not a readable parquet file: {_first_line(e)}") from None
+    return False
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read_rows(ds, what: str) -> Iterator[dict]:
+    """Rows of a streamed dataset; a streamed read fails while iterating, so errors are translated here."""
+    rows = iter(ds)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise DataError(f"{what}: cannot read it: {_first_line(e)}") from None
+        yield row
 
 
 def _iter_datasets(source: str, name: Optional[str], split: str, text_field: str,
                    max_docs: Optional[int]) -> Iterator[str]:
     import datasets  # heavy import, only when needed
 
+    # Always streamed: rows go straight to the tokenizer, with no arrow copy of the corpus in the datasets cache
+    # and no full download of a hub dataset when max_docs takes only its start.
     if is_local(source):
-        files = local_files(source)
+        all_files = local_files(source)
+        # datasets fails obscurely on empty json and zero-row parquet files; they hold no documents anyway.
+        files = [f for f in all_files if not _is_empty_file(f)]
+        if not files:
+            raise DataError(f"data source '{source}' is empty: no documents (all {len(all_files)} files are empty)")
         builder = _BUILDERS[Path(files[0]).suffix.lower()]
         # sample_by="document": one .txt file is one document, not one per line.
         kwargs = {"sample_by": "document"} if builder == "text" else {}
+        what = f"data source '{source}'"
         try:
-            ds = datasets.load_dataset(builder, data_files={split: files}, split=split, **kwargs)
+            ds = datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=True, **kwargs)
         except Exception as e:
-            raise DataError(f"data source '{source}': cannot read it with datasets: {_first_line(e)}") from None
-        columns = ds.column_names
+            raise DataError(f"{what}: cannot read it: {_first_line(e)}") from None
     else:
+        what = f"dataset '{source}' (name={name}, split={split})"
         try:
             ds = datasets.load_dataset(source, name, split=split, streaming=True)
         except Exception as e:
-            raise DataError(f"cannot load dataset '{source}' (name={name}, split={split}): {_first_line(e)}") from None
-        columns = list(ds.features) if ds.features is not None else None
+            raise DataError(f"cannot load {what}: {_first_line(e)}") from None
 
-    if columns is not None and text_field not in columns:
-        raise DataError(f"data source '{source}' has no text field '{text_field}'; its fields are {columns}")
-    for i, row in enumerate(ds):
+    for i, row in enumerate(_read_rows(ds, what)):
         if max_docs is not None and i >= max_docs:
             break
-        if text_field not in row:  # streamed datasets may not know their columns up front
+        if text_field not in row:
             raise DataError(f"data source '{source}' has no text field '{text_field}'; its fields are {list(row)}")
         text = row[text_field]
         if text is not None and not isinstance(text, str):

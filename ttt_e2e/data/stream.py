@@ -44,8 +44,9 @@ def cache_path(cfg, tokenizer) -> str:
     key = cache_key(cfg, tokenizer)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     # A readable prefix so a human can tell cache files apart; the hash makes them unique.
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(cfg.source.rstrip('/*')) or 'data'}"
-                                            f"-{os.path.basename(tokenizer.name.rstrip('/'))}")[:80]
+    source = os.path.basename(cfg.source.rstrip("/*")) or "data"
+    tok = os.path.basename(tokenizer.name.rstrip("/"))
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{source}-{tok}")[:80]
     return os.path.join(os.path.expanduser(cfg.cache_dir), f"{slug}-{digest}.bin")
 
 

@@ -56,16 +56,27 @@ class Attention(torch.nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else torch.nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else torch.nn.Identity()
 
-    def forward(self, x: torch.Tensor, pos0: int = 0, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """x (B, T, d) at absolute positions pos0.. ; cache: the (k, v) of earlier positions, each (B, H, Tc, D).
-        Returns the output and the (keys, values) it attended to (the cache then this block's, post-RoPE), from
-        which the caller keeps the last W as the next cache."""
+    def project(self, x: torch.Tensor, pos0: int):
+        """q, k, v (B, H, T, D) of x (B, T, d) at absolute positions pos0.., QK-normed and rotated."""
         B, T, _ = x.shape
         split = lambda t: t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
         cos, sin = rope_angles(torch.arange(pos0, pos0 + T, device=x.device), self.head_dim, self.rope_theta)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        keys, values = (k, v) if cache is None else (torch.cat((cache[0], k), 2), torch.cat((cache[1], v), 2))
-        o = attend(q, keys, values, window=self.window, q_pos0=pos0, k_pos0=pos0 - (keys.shape[2] - T),
-                   backend=self.backend)
-        return self.wo(o.transpose(1, 2).reshape(B, T, -1)), (keys, values)
+        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin), v
+
+    def forward(self, x: torch.Tensor, pos0: int = 0, cache=None):
+        """x (B, T, d) at absolute positions pos0.. . cache: None, or the (k, v) of earlier positions, each
+        (B, H, Tc, D): then returns the output and the (keys, values) it attended to (the cache then this
+        block's, post-RoPE), from which the caller keeps the last W as the next cache. Or an inference cache
+        object (ttt_e2e.inference.kv_cache), which stores the keys itself and attends in its own way (a ring
+        buffer when decoding): then the second output is None."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, pos0)
+        if cache is not None and not isinstance(cache, tuple):
+            o, kv = cache.attend(q, k, v, pos0, self.backend), None
+        else:
+            keys, values = (k, v) if cache is None else (torch.cat((cache[0], k), 2), torch.cat((cache[1], v), 2))
+            o = attend(q, keys, values, window=self.window, q_pos0=pos0, k_pos0=pos0 - (keys.shape[2] - T),
+                       backend=self.backend)
+            kv = (keys, values)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1)), kv

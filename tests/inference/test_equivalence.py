@@ -1,0 +1,93 @@
+"""Prefill and decoding compute exactly what training computes (float64, torch backend, fresh random inputs)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ttt_e2e.inference import feed, start
+from ttt_e2e.ttt.meta import sequence_loss
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def _training(model, ttt, tokens, bos_id=None):
+    """Meta-mode training losses on a (B, T+1) window, as the trainer computes them."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    mask = None if bos_id is None else targets != bos_id
+    return sequence_loss(model, inputs, targets, mask, ttt)
+
+
+@pytest.mark.parametrize("chunk", [8, 24, None])
+def test_prefill_losses_equal_training(make_model, meta_ttt, chunk):
+    model = make_model()
+    T, B, bos = 48, 2, 5
+    tokens = torch.randint(0, model.cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(1))
+    tokens[:, ::7] = bos  # some targets are BOS: they carry no loss, in training and here
+    ref = _training(model, meta_ttt, tokens, bos_id=bos)
+    state = start(model, meta_ttt, B, bos_id=bos, prefill_chunk=chunk)
+    feed(state, tokens)
+    assert len(state.losses) == T // meta_ttt.mini_batch_size  # the last token (target unknown) waits
+    torch.testing.assert_close(torch.stack(state.losses, 1).mean(0), ref.minibatch_losses, **TOL)
+    torch.testing.assert_close(torch.cat(state.token_losses, 1), ref.token_losses, **TOL)
+    # The inner loop did something: phi moved, so later losses depend on the steps (else the test is vacuous).
+    phi0 = dict(model.suffix.named_parameters())
+    moved = max((state.phi[n] - phi0[n]).abs().max().item() for n in state.phi)
+    assert moved > 1e-3
+
+
+def _token_losses(logits, targets):
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+@pytest.mark.parametrize("prompt_len", [1, 13, 16, 17])
+def test_decode_equals_training_across_steps(make_model, meta_ttt, prompt_len):
+    """Prefill a prompt (partial last mini-batch or not), then decode token by token over several mini-batch
+    boundaries (TTT steps during generation): every logit gives the training-time loss of its token."""
+    model = make_model()
+    T, B = 48, 2
+    tokens = torch.randint(0, model.cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(2))
+    ref = _training(model, meta_ttt, tokens).token_losses  # (B, T)
+    state = start(model, meta_ttt, B)
+    logits = feed(state, tokens[:, :prompt_len])
+    for p in range(prompt_len - 1, T):  # logits at position p predict token p + 1
+        torch.testing.assert_close(_token_losses(logits, tokens[:, p + 1]), ref[:, p], **TOL)
+        logits = feed(state, tokens[:, p + 1:p + 2])
+    assert len(state.losses) == T // meta_ttt.mini_batch_size  # every full mini-batch stepped once
+
+
+def test_decode_logits_equal_prefill_logits(make_model, meta_ttt):
+    """The logits decoding gives for a token equal those a fresh prefill of the same prefix gives, before and
+    after a TTT step taken during generation (b = 8: positions 15, 16 straddle one)."""
+    model = make_model()
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    state = start(model, meta_ttt, 2)
+    decoded = [feed(state, tokens[:, :5])]
+    for p in range(5, 40):
+        decoded.append(feed(state, tokens[:, p:p + 1]))
+    for n in (5, 8, 9, 16, 17, 31, 33, 40):
+        fresh = feed(start(model, meta_ttt, 2), tokens[:, :n])
+        torch.testing.assert_close(decoded[n - 5], fresh, **TOL)
+
+
+def test_split_feeds_equal_one_feed(make_model, meta_ttt):
+    """Continuing a prefill in pieces (pending mini-batch completed inside a later multi-token feed)."""
+    model = make_model()
+    T = 48
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(4))
+    ref = _training(model, meta_ttt, tokens)
+    state = start(model, meta_ttt, 1, prefill_chunk=16)
+    for a, b in ((0, 3), (3, 21), (21, 22), (22, T + 1)):
+        feed(state, tokens[:, a:b])
+    torch.testing.assert_close(torch.cat(state.token_losses, 1), ref.token_losses, **TOL)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_baseline_decode_equals_forward(make_model, window):
+    """fa (window None, growing cache) and swa (ring wraps: 40 tokens, W = 8) decode = plain model forward."""
+    model = make_model(window=window, prime_mlp=False, seq_length=48)
+    tokens = torch.randint(0, model.cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(tokens)
+    state = start(model, None, 3, prefill_chunk=4)
+    logits = [feed(state, tokens[:, :11])]
+    logits += [feed(state, tokens[:, p:p + 1]) for p in range(11, 40)]
+    torch.testing.assert_close(torch.stack(logits, 1), ref[:, 10:], **TOL)

@@ -1,0 +1,53 @@
+"""The W-slot ring: same keys as the last W positions, and decoding attention over it equals recomputing
+sliding-window attention over the whole history."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ttt_e2e.inference import KVCache
+from ttt_e2e.kernels.swa.reference import swa_reference
+
+
+@pytest.mark.parametrize("window", [1, 5, 8])
+def test_ring_holds_last_window(window):
+    g = torch.Generator().manual_seed(0)
+    cache, ks, vs = KVCache(window), [], []
+    for T in (3, 1, 1, 9, 2, 1, 17, 1, 4):  # chunks shorter and longer than the window, wrapping around
+        k, v = torch.randn(2, 3, T, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, T, 4, generator=g)
+        cache.append(k, v)
+        ks.append(k)
+        vs.append(v)
+        allk, allv = torch.cat(ks, 2), torch.cat(vs, 2)
+        ok, ov = cache.ordered()
+        assert torch.equal(ok, allk[:, :, -window:]) and torch.equal(ov, allv[:, :, -window:].to(ov.dtype))
+        assert cache.length == min(allk.shape[2], window)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_decode_attention_over_ring_equals_recompute(window):
+    """Token by token: attention of the new query to the cache's contents (slot order, no mask) equals the
+    materialized sliding-window attention over the whole history at that position."""
+    g = torch.Generator().manual_seed(1)
+    B, H, D, N = 2, 3, 8, 20
+    q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(3))
+    cache = KVCache(window)
+    cache.append(k[:, :, :4], v[:, :, :4])  # a prompt, then one token at a time
+    for p in range(4, N):
+        cache.append(k[:, :, p:p + 1], v[:, :, p:p + 1])
+        keys, values = cache.visible()
+        got = F.scaled_dot_product_attention(q[:, :, p:p + 1], keys, values)
+        ref = swa_reference(q[:, :, p:p + 1], k[:, :, :p + 1], v[:, :, :p + 1], window or N, q_pos0=p)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    if window is not None:
+        assert cache.k.shape[2] == window  # constant memory
+
+
+def test_reset_replaces_contents():
+    g = torch.Generator().manual_seed(2)
+    cache = KVCache(4)
+    cache.append(torch.randn(1, 1, 7, 2, generator=g), torch.randn(1, 1, 7, 2, generator=g))
+    k, v = torch.randn(1, 1, 4, 2, generator=g), torch.randn(1, 1, 4, 2, generator=g)
+    cache.reset(k, v, 10)
+    assert cache.n == 10 and torch.equal(cache.ordered()[0], k)
+    with pytest.raises(ValueError):
+        cache.reset(k[:, :, :3], v[:, :, :3], 10)  # a ring must be refilled whole

@@ -1,0 +1,235 @@
+"""Prefill and decoding: one `feed` for both, so that a token is processed the same way wherever it comes from.
+
+    state = start(model, ttt, batch_size)
+    logits = feed(state, prompt_ids)        # prefill: any length >= 1, logits of the last token
+    logits = feed(state, next_ids)          # decode: (B, 1), or more tokens at once (continued prefill)
+
+Per token (METHOD.md section 4): the prefix blocks run over it with their KV caches (in chunks of up to
+`prefill_chunk` tokens); the suffix blocks then handle it in mini-batches of b with the current inner weights phi.
+
+When TTT steps happen. As in training, the step on mini-batch t (inputs at positions tb .. tb+b-1) needs its b
+targets, the last of which is the token at (t+1)b. So the step is taken as soon as that token is known, and
+before that token's own logits are computed, which then use phi_{t+1}, exactly as in training. Concretely:
+- a full mini-batch whose targets all lie in the tokens being fed runs `inner_step` directly (one forward and one
+  backward through the suffix, the loss l_t computed before the update: the training computation, reused);
+- any other tokens, including the final partial mini-batch of a prompt (and always the prompt's last token, whose
+  target is not known yet), run the suffix forward only, with phi_t: their keys/values enter the KV caches and
+  the last token gives the logits. They wait in a pending buffer; once it holds b tokens and the next token
+  arrives (generated or fed), the step runs on them: the suffix re-run over those b tokens with the caches from
+  before them, loss, gradient, clip, SGD. No partial steps: every logit equals the training-time (meta mode)
+  logit for the same tokens, whatever the prompt length or the way the tokens are split between calls.
+
+Baselines (ttt None or train_mode pretrain): no inner loop, every block runs with its trained weights; window
+None is full attention with a growing KV cache.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.func import functional_call
+
+from ttt_e2e.config import TTTConfig
+from ttt_e2e.model.transformer import Transformer
+from ttt_e2e.ttt.inner import inner_step
+
+from .kv_cache import KVCache
+
+DEFAULT_CHUNK = 8192  # prefix tokens per forward in prefill: bounds activation memory independently of context
+
+
+@dataclass
+class InferenceState:
+    model: Transformer
+    batch_size: int
+    caches: list[KVCache]  # one per block: prefix blocks, then suffix blocks
+    chunk: int
+    b: int = 0  # mini-batch size; 0: no TTT
+    eta: float = 0.0
+    clip: float = 0.0
+    bos_id: Optional[int] = None  # targets equal to it carry no loss (as in training)
+    theta: dict = field(default_factory=dict)  # the suffix's non-inner weights
+    phi: dict = field(default_factory=dict)  # inner weights, (B, ...) each: one copy per sequence
+    phi_dec: dict = field(default_factory=dict)  # phi in the compute dtype, for decoding (cast once per step)
+    base: Optional[list] = None  # suffix (k, v) caches from before the pending mini-batch, in position order
+    pending_h: Optional[torch.Tensor] = None  # (B, b, d) prefix outputs of the pending tokens
+    pending_ids: Optional[torch.Tensor] = None  # (B, b)
+    n_pending: int = 0
+    pos: int = 0  # tokens consumed: the next token sits at this position
+    losses: list = field(default_factory=list)  # l_t (B,) of every step taken, in order
+    token_losses: list = field(default_factory=list)  # (B, b) of every step taken
+    autocast: Optional[torch.dtype] = None
+
+    @property
+    def ttt(self) -> bool:
+        return self.b > 0
+
+    @property
+    def suffix_caches(self) -> list[KVCache]:
+        return self.caches[self.model.cfg.n_prefix:]
+
+
+def start(model: Transformer, ttt: Optional[TTTConfig], batch_size: int, *, bos_id: Optional[int] = None,
+          ilr_mult: float = 1.0, prefill_chunk: Optional[int] = None, inner_dtype: Optional[torch.dtype] = None,
+          reserve: int = 0) -> InferenceState:
+    """A fresh state for `batch_size` sequences. ttt None or train_mode pretrain: a baseline without TTT.
+    inner_dtype: dtype of phi; default float32 for half-precision weights (METHOD.md: fp32 inner state), else the
+    weights' dtype. reserve: positions to allocate up front in growing (full attention) caches."""
+    cfg = model.cfg
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    use_ttt = ttt is not None and ttt.train_mode == "meta"
+    chunk = prefill_chunk or DEFAULT_CHUNK
+    if use_ttt:
+        if ttt.mini_batch_size < 1:
+            raise ValueError(f"ttt.mini_batch_size must be >= 1, got {ttt.mini_batch_size}")
+        if cfg.suffix_len < 1 or not cfg.prime_mlp:
+            raise ValueError("TTT inference needs suffix blocks with MLP' (model.suffix_len >= 1, prime_mlp)")
+        if cfg.window is None:
+            raise ValueError("TTT inference needs a sliding-window model (model.window set); full attention is "
+                             "only supported for baselines (ttt None or train_mode pretrain)")
+        chunk = max(ttt.mini_batch_size, chunk // ttt.mini_batch_size * ttt.mini_batch_size)
+    caches = [KVCache(cfg.window) for _ in range(cfg.n_layers)]
+    for c in caches:
+        c.reserve(reserve)
+    state = InferenceState(model, batch_size, caches, chunk, bos_id=bos_id, autocast=_autocast_dtype(model))
+    if use_ttt:
+        params = dict(model.suffix.named_parameters())
+        inner = set(model.suffix.inner_names())
+        p_dtype = next(model.parameters()).dtype
+        inner_dtype = inner_dtype or (torch.float32 if p_dtype in (torch.bfloat16, torch.float16) else p_dtype)
+        state.b, state.eta, state.clip = ttt.mini_batch_size, ttt.inner_lr * ilr_mult, ttt.inner_grad_clip
+        state.theta = {n: p.detach() for n, p in params.items() if n not in inner}
+        state.phi = {n: params[n].detach().to(inner_dtype).expand(batch_size, *params[n].shape) for n in inner}
+        state.phi_dec = _decode_copy(state)
+    return state
+
+
+@torch.no_grad()
+def feed(state: InferenceState, ids: torch.Tensor) -> torch.Tensor:
+    """Process ids (B, n), n >= 1, the tokens at positions state.pos .. ; returns the logits (B, vocab) of the
+    last one (float32 or the weights' dtype, whichever is wider)."""
+    _check_ids(state, ids)
+    try:
+        with _autocast(state):
+            logits = _feed(state, ids)
+    except torch.OutOfMemoryError as e:
+        raise MemoryError(f"out of memory at context position {state.pos} (batch {state.batch_size}); use a "
+                          f"shorter context, a smaller batch or a smaller prefill chunk ({state.chunk})") from e
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def _feed(state: InferenceState, ids: torch.Tensor) -> torch.Tensor:
+    L, P = state.model.cfg.n_layers, state.model.cfg.n_prefix
+    n, b, i, logits = ids.shape[1], state.b, 0, None
+    while i < n:  # each pass handles ids[:, i:j], the tokens at positions state.pos ..
+        if state.ttt and state.n_pending == b:  # the pending mini-batch is full and ids[:, i] is its last target
+            targets = torch.cat((state.pending_ids[:, 1:], ids[:, i:i + 1]), 1)
+            _inner_step(state, state.pending_h, targets, state.pos - b)
+            state.n_pending = 0
+        if not state.ttt:  # baseline: every block alike, chunk by chunk
+            j = min(n, i + state.chunk)
+            logits = _logits(state, _blocks(state, state.model.wte(ids[:, i:j]), 0, L))
+        elif state.n_pending == 0 and i + b < n:  # whole mini-batches whose targets are all in ids: train on them
+            j = i + min((n - 1 - i) // b, state.chunk // b) * b
+            h = _blocks(state, state.model.wte(ids[:, i:j]), 0, P)
+            for m in range(0, j - i, b):
+                _inner_step(state, h[:, m:m + b], ids[:, i + m + 1:i + m + b + 1], state.pos + m)
+        else:  # suffix forward only with phi_t; the tokens wait in the pending buffer for their step
+            j = min(n, i + b - state.n_pending)
+            h = _blocks(state, state.model.wte(ids[:, i:j]), 0, P)
+            logits = _logits(state, _blocks(state, h, P, L))
+            _add_pending(state, h, ids[:, i:j])
+        state.pos += j - i
+        i = j
+    return logits  # the last pass is never a training one (it needs a token after it), so this is set
+
+
+def _blocks(state: InferenceState, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Blocks lo..hi-1 over x at positions state.pos.. , each with its KVCache; suffix blocks with phi."""
+    blocks = [*state.model.prefix, *state.model.suffix.blocks]
+    for layer in range(lo, hi):
+        block, cache = blocks[layer], state.caches[layer]
+        if state.ttt and layer >= state.model.cfg.n_prefix:  # the current inner weights phi replace MLP'
+            name = f"blocks.{layer - state.model.cfg.n_prefix}.prime."
+            phi = {f"prime.{w}": state.phi_dec[name + w] for w in ("w1", "w2", "w3")}
+            x = functional_call(block, phi, (x, state.pos, cache))[0]
+        else:
+            x = block(x, state.pos, cache)[0]
+    return x
+
+
+def _logits(state: InferenceState, x: torch.Tensor) -> torch.Tensor:
+    """Logits of the last position only: the head is the largest matmul, the other positions need none."""
+    return state.model.suffix.ln_f(x[:, -1]) @ state.model.head_weight().T
+
+
+def _inner_step(state: InferenceState, h: torch.Tensor, targets: torch.Tensor, pos0: int) -> None:
+    """The training inner step (ttt/inner.py) on the mini-batch at pos0, from the caches before it."""
+    mask = torch.ones_like(targets, dtype=torch.bool) if state.bos_id is None else targets != state.bos_id
+    l_t, tok, state.phi, caches, _ = inner_step(
+        state.model.suffix, state.theta, state.model.head_weight(), state.phi, state.base, h, targets, mask, pos0,
+        state.eta, state.clip, state.model.cfg.window)
+    state.phi_dec = _decode_copy(state)
+    # The keys the step computed with phi_t are the ones training carries on with; they replace those that
+    # decoding wrote for the same positions (equal up to rounding, computed token by token).
+    state.base = caches
+    for cache, (k, v) in zip(state.suffix_caches, caches):
+        cache.reset(k, v, pos0 + state.b)
+    state.losses.append(l_t)
+    state.token_losses.append(tok)
+
+
+def _add_pending(state: InferenceState, h: torch.Tensor, ids: torch.Tensor) -> None:
+    if state.pending_h is None:
+        state.pending_h = h.new_empty(h.shape[0], state.b, h.shape[2])
+        state.pending_ids = ids.new_empty(ids.shape[0], state.b)
+    n, T = state.n_pending, h.shape[1]
+    state.pending_h[:, n:n + T] = h
+    state.pending_ids[:, n:n + T] = ids
+    state.n_pending += T
+
+
+def _decode_copy(state: InferenceState) -> dict:
+    if state.autocast is None:
+        return state.phi
+    return {n: p.to(state.autocast) for n, p in state.phi.items()}
+
+
+def _autocast_dtype(model: Transformer) -> Optional[torch.dtype]:
+    """The dtype to autocast to, or None to compute in the weights' dtype (ModelConfig.compute_dtype)."""
+    name, param = model.cfg.compute_dtype, next(model.parameters())
+    dtype = (torch.bfloat16 if param.is_cuda else None) if name == "auto" else getattr(torch, name)
+    if dtype in (torch.float32, torch.float64) and dtype == param.dtype:
+        return None  # full precision throughout: nothing to cast
+    return dtype  # half precision: autocast also when the weights are half already (phi stays fp32)
+
+
+def _autocast(state: InferenceState):
+    if state.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(state.model.parameters()).device.type, dtype=state.autocast)
+
+
+def _check_ids(state: InferenceState, ids) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError(f"token ids must be a (batch, length) tensor, got "
+                         f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"token ids must be integers, got {ids.dtype}")
+    if ids.shape[0] != state.batch_size:
+        raise ValueError(f"got a batch of {ids.shape[0]} sequences for a state of batch size {state.batch_size}")
+    if ids.shape[1] < 1:
+        raise ValueError("empty prompt: need at least one token (e.g. BOS)")
+    vocab = state.model.cfg.vocab_size
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {vocab}): wrong tokenizer?")
+    device = state.model.wte.weight.device
+    if ids.device != device:
+        raise ValueError(f"token ids are on {ids.device}, the model on {device}")

@@ -1,0 +1,116 @@
+"""The keys/values one attention layer keeps for decoding.
+
+Sliding window W: a ring of W slots, position p in slot p % W. A query at position p sees exactly the positions
+p-W+1..p, which are the ring's contents once p's own key is written, so a decoding step attends to every slot
+without a mask, in whatever order the slots hold them (softmax attention does not care about key order; the
+positions are already baked into the keys by RoPE). Memory and time per token stay constant.
+
+Full attention (window None): a buffer that grows (capacity doubles, or is reserved up front), O(context).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ttt_e2e.model.attention import attend
+
+# Window standing for "no window" in the attention seam (positions are far below it; the kernels clamp it).
+FULL = 1 << 40
+
+
+class KVCache:
+    def __init__(self, window: Optional[int]):
+        if window is not None and window < 1:
+            raise ValueError(f"KVCache window must be >= 1 or None, got {window}")
+        self.window = window
+        self.k: Optional[torch.Tensor] = None  # (B, H, slots, D)
+        self.v: Optional[torch.Tensor] = None
+        self.n = 0  # positions written so far: the next key is position n
+        self._reserve = 0
+
+    def reserve(self, n_positions: int) -> None:
+        """Full attention: allocate room for this many positions at the first write (no regrowth later)."""
+        self._reserve = n_positions
+
+    @property
+    def length(self) -> int:
+        """How many keys are held (and visible to the next query)."""
+        return self.n if self.window is None else min(self.n, self.window)
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the keys/values (B, H, T, D) of positions n .. n+T-1."""
+        T = k.shape[2]
+        if self.k is None:
+            slots = self.window if self.window is not None else max(self._reserve, T, 16)
+            self.k = k.new_empty(*k.shape[:2], slots, k.shape[3])
+            self.v = v.new_empty(*v.shape[:2], slots, v.shape[3])
+        if self.window is None:
+            if self.n + T > self.k.shape[2]:  # grow by doubling: amortized O(1) per token
+                self._grow(max(2 * self.k.shape[2], self.n + T))
+            self.k[:, :, self.n:self.n + T] = k
+            self.v[:, :, self.n:self.n + T] = v
+        else:
+            W = self.window
+            m = min(T, W)  # of a chunk longer than the window only the last W keys survive
+            start = (self.n + T - m) % W
+            first = min(m, W - start)  # the part before the ring wraps around
+            self.k[:, :, start:start + first] = k[:, :, T - m:T - m + first]
+            self.v[:, :, start:start + first] = v[:, :, T - m:T - m + first]
+            self.k[:, :, :m - first] = k[:, :, T - m + first:]
+            self.v[:, :, :m - first] = v[:, :, T - m + first:]
+        self.n += T
+
+    def visible(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every held key/value, in slot order (views, no copy). Before the ring is full its slots 0..n-1 hold
+        positions 0..n-1; after, all W slots are in use."""
+        L = self.length
+        return self.k[:, :, :L], self.v[:, :, :L]
+
+    def ordered(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The held keys/values in position order (the last min(n, W) positions), as the model's `cache`
+        argument expects; None before the first write."""
+        if self.k is None:
+            return None, None
+        if self.window is None or self.n <= self.window:
+            return self.visible()
+        s = self.n % self.window  # slot of the oldest held position, n - W
+        return (torch.cat((self.k[:, :, s:], self.k[:, :, :s]), 2),
+                torch.cat((self.v[:, :, s:], self.v[:, :, :s]), 2))
+
+    def reset(self, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        """Replace the contents by the position-ordered keys/values of the last positions before n."""
+        if k.shape[2] != min(n, self.window if self.window is not None else n):
+            raise ValueError(f"KVCache.reset: got {k.shape[2]} keys for {n} positions and window {self.window}")
+        self.n = n - k.shape[2]
+        self.append(k, v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, backend: str) -> torch.Tensor:
+        """Attention of the queries at positions pos0.. (this chunk's q, k, v, each (B, H, T, D)) over the held
+        keys then the chunk's own; the chunk's keys/values are then stored. Called by the model's Attention."""
+        T = q.shape[2]
+        if T == 1:
+            # Decoding: once its own key is in, every held key is visible to the query, so this is plain
+            # unmasked attention: SDPA's flash/cuDNN decoding kernels on a GPU.
+            self.append(k, v)
+            return F.scaled_dot_product_attention(q, *self.visible())
+        ck, cv = self.ordered()
+        if ck is None and self.window is None:
+            # Full attention from position 0: plain causal SDPA (the cuDNN / FlashAttention baselines).
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            keys, values = (k, v) if ck is None else (torch.cat((ck, k), 2), torch.cat((cv, v), 2))
+            o = attend(q, keys, values, window=self.window or FULL, q_pos0=pos0, k_pos0=pos0 - (keys.shape[2] - T),
+                       backend=backend)
+        self.append(k, v)
+        return o
+
+    def _grow(self, slots: int) -> None:
+        k = self.k.new_empty(*self.k.shape[:2], slots, self.k.shape[3])
+        v = self.v.new_empty(*self.v.shape[:2], slots, self.v.shape[3])
+        k[:, :, :self.n], v[:, :, :self.n] = self.k[:, :, :self.n], self.v[:, :, :self.n]
+        self.k, self.v = k, v
