@@ -1,0 +1,398 @@
+"""Benchmark: Triton sliding-window attention (fwd, fwd+bwd, fwd+bwd+double bwd) vs the PyTorch rivals.
+
+Rivals: SDPA FlashAttention-2 backend (full causal only: it takes no sliding-window mask), SDPA cuDNN backend
+(is_causal for full causal; a boolean mask for SWA where it accepts one), FlexAttention with a sliding-window
+BlockMask (torch.compile'd), and materialized PyTorch (`swa_reference` in bf16: the only rival with a double
+backward). A rival that fails (no double backward, OOM, unsupported) is recorded with its reason.
+
+TFLOP/s convention (METHOD.md section 6): per unmasked (query, key) pair, per head dim, per head: forward 4,
+backward 10, double backward 24 FLOPs (recomputation not counted); fwd+bwd counts 14, fwd+bwd+dbwd 38.
+Times are CUDA-event medians; memory is torch.cuda.max_memory_allocated during one call minus what was allocated
+before it (inputs excluded).
+
+  python benchmarks/attention.py --heads 125M --json out.json        # measure (GPU)
+  python benchmarks/attention.py --tune --json tune.json              # tile sweep of the Triton kernels (GPU)
+  python benchmarks/attention.py --report a.json b.json --plot p.png  # markdown table + plot from saved runs
+
+No hydra/omegaconf/wandb/datasets here: the GPU machine has none of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+try:
+    import ttt_e2e.kernels.swa  # noqa: F401
+except ImportError:  # not pip-installed: run from a checkout (kernels/ is the package ttt_e2e.kernels)
+    import os
+    import types
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, _root)
+    import ttt_e2e
+    if not os.path.isdir(os.path.join(_root, "ttt_e2e", "kernels")):
+        _k = types.ModuleType("ttt_e2e.kernels")
+        _k.__path__ = [os.path.join(_root, "kernels")]
+        sys.modules["ttt_e2e.kernels"] = _k
+        ttt_e2e.kernels = _k
+
+HEADS = {"125M": (12, 64), "1B": (32, 64), "3B": (32, 80)}
+# name: (Tq, Tk, window, q_pos0, k_pos0). Prefix SWA at 8K with W = 8K is full causal, so it is one row.
+SHAPES = {
+    "causal-8K": (8192, 8192, 8192, 0, 0),
+    "swa-32K-W8K": (32768, 32768, 8192, 0, 0),
+    "swa-128K-W8K": (131072, 131072, 8192, 0, 0),
+    "suffix-b1024-W8K": (1024, 9216, 8192, 8192, 0),  # a mid-sequence TTT block: full 8192-key cache + the block
+}
+PROVIDERS = ["triton", "sdpa_flash", "sdpa_cudnn", "flex", "materialized"]
+MODES = ["fwd", "fwd_bwd", "fwd_bwd_dbwd"]
+FLOPS_PER_PAIR = {"fwd": 4, "fwd_bwd": 14, "fwd_bwd_dbwd": 38}
+
+
+class Unsupported(Exception):
+    pass
+
+
+def visible_pairs(tq, tk, window, q_pos0, k_pos0):
+    """Exact number of unmasked (query, key) pairs."""
+    qp = q_pos0 + torch.arange(tq, dtype=torch.int64)
+    lo = torch.clamp(torch.maximum(qp - window + 1, torch.zeros_like(qp)), min=k_pos0)
+    hi = torch.clamp(qp, max=k_pos0 + tk - 1)
+    return int(torch.clamp(hi - lo + 1, min=0).sum())
+
+
+def is_full_causal(shape):
+    tq, tk, w, q0, k0 = shape
+    return tq == tk and q0 == k0 == 0 and w >= tq
+
+
+def make_attention(provider, shape, D):
+    """A callable (q, k, v) -> o for this provider, or raise Unsupported(reason)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    tq, tk, w, q0, k0 = shape
+    if provider == "triton":
+        from ttt_e2e.kernels.swa import swa_attention
+        return lambda q, k, v: swa_attention(q, k, v, w, q0, k0)
+    if provider == "materialized":
+        from ttt_e2e.kernels.swa import swa_reference
+        return lambda q, k, v: swa_reference(q, k, v, w, q0, k0)
+    if provider in ("sdpa_flash", "sdpa_cudnn"):
+        backend = SDPBackend.FLASH_ATTENTION if provider == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION
+        if is_full_causal(shape):
+            def run(q, k, v):
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return run
+        if provider == "sdpa_flash":
+            raise Unsupported("no sliding-window / offset mask in the flash backend")
+        if tq * tk > 2**31:
+            raise Unsupported(f"dense bool mask would take {tq * tk / 2**30:.0f} GiB")
+        from ttt_e2e.kernels.swa import swa_mask
+        mask = swa_mask(tq, tk, w, q0, k0, device="cuda")
+
+        def run(q, k, v):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return run
+    if provider == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def mask_mod(b, h, qi, kj):
+            qp = qi + q0
+            kp = kj + k0
+            return (kp <= qp) & (kp > qp - w) & (kp >= 0)
+
+        try:  # _compile: build the block mask without materializing a Tq x Tk mask (OOM at 128K otherwise)
+            block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=tq, KV_LEN=tk, device="cuda", _compile=True)
+        except TypeError:
+            block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=tq, KV_LEN=tk, device="cuda")
+        compiled = torch.compile(flex_attention, dynamic=False)
+        return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+    raise ValueError(provider)
+
+
+def make_step(attn, mode, q, k, v, do, cot):
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return attn(q, k, v)
+    elif mode == "fwd_bwd":
+        def step():
+            o = attn(q, k, v)
+            return torch.autograd.grad(o, (q, k, v), do)
+    else:
+        def step():
+            o = attn(q, k, v)
+            grads = torch.autograd.grad(o, (q, k, v), do, create_graph=True)
+            return torch.autograd.grad(grads, (q, k, v, do), cot)
+    return step
+
+
+def time_step(step, target_s=1.0, min_reps=5, max_reps=100):
+    """Median of per-call CUDA-event times, after warm-up (compilation) calls."""
+    step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    est = time.perf_counter() - t0
+    reps = int(min(max_reps, max(min_reps, target_s / max(est, 1e-6))))
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), reps
+
+
+def peak_memory(step):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak
+
+
+def describe_error(e):
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "OOM"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{type(e).__name__}: {msg[:160]}"
+
+
+def bench(heads, shapes, providers, modes, dtype=torch.bfloat16):
+    rows = []
+    for hname in heads:
+        H, D = HEADS[hname]
+        for sname in shapes:
+            shape = SHAPES[sname]
+            tq, tk, w, q0, k0 = shape
+            pairs = visible_pairs(*shape) * H
+            g = torch.Generator(device="cuda").manual_seed(0)
+            mk = lambda T: torch.randn(1, H, T, D, device="cuda", generator=g, dtype=dtype)  # noqa: E731
+            q, k, v = (t.requires_grad_() for t in (mk(tq), mk(tk), mk(tk)))
+            do = mk(tq).requires_grad_()
+            cot = (mk(tq), mk(tk), mk(tk))
+            for prov in providers:
+                for mode in modes:
+                    row = dict(heads=hname, H=H, D=D, shape=sname, provider=prov, mode=mode, pairs=pairs)
+                    t0 = time.perf_counter()
+                    try:
+                        attn = make_attention(prov, shape, D)
+                        step = make_step(attn, mode, q, k, v, do, cot)
+                        ms, reps = time_step(step)
+                        row.update(ms=ms, reps=reps, peak_bytes=peak_memory(step),
+                                   tflops=FLOPS_PER_PAIR[mode] * pairs * D / (ms * 1e-3) / 1e12)
+                    except Unsupported as e:
+                        row.update(error=f"n/a: {e}")
+                    except Exception as e:  # noqa: BLE001 - a failing rival is a result, not a crash
+                        row.update(error=describe_error(e))
+                        if not isinstance(e, torch.cuda.OutOfMemoryError):
+                            traceback.print_exc(limit=2, file=sys.stderr)
+                    row["wall_s"] = time.perf_counter() - t0
+                    torch.cuda.empty_cache()
+                    print(fmt_row(row), flush=True)
+                    rows.append(row)
+            del q, k, v, do, cot
+            torch.cuda.empty_cache()
+    return rows
+
+
+def fmt_row(r):
+    head = f"{r['heads']:>5} {r['shape']:<17} {r['provider']:<13} {r['mode']:<13}"
+    if "error" in r:
+        return f"{head} {r['error']}"
+    return (f"{head} {r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['peak_bytes'] / 2**30:8.3f} GiB "
+            f"({r['reps']} reps, {r['wall_s']:.0f}s)")
+
+
+def profile(heads, shapes, providers, modes, dtype=torch.bfloat16):
+    """Warm-up (compile) every selected step first, then mark the region with an NVTX range and run each 3 times:
+    `ncu --nvtx --nvtx-include "profile/"` then sees only the steady-state launches."""
+    steps = []
+    for hname in heads:
+        H, D = HEADS[hname]
+        for sname in shapes:
+            tq, tk, w, q0, k0 = SHAPES[sname]
+            mk = lambda T: torch.randn(1, H, T, D, device="cuda", dtype=dtype)  # noqa: E731
+            q, k, v, do = mk(tq).requires_grad_(), mk(tk).requires_grad_(), mk(tk).requires_grad_(), mk(tq)
+            do.requires_grad_()
+            cot = (mk(tq), mk(tk), mk(tk))
+            for prov in providers:
+                for mode in modes:
+                    step = make_step(make_attention(prov, SHAPES[sname], D), mode, q, k, v, do, cot)
+                    step()
+                    steps.append((f"{hname}/{sname}/{prov}/{mode}", step))
+    torch.cuda.synchronize()
+    for name, step in steps:
+        torch.cuda.nvtx.range_push(f"profile/{name}")
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
+        print("profiled", name, flush=True)
+
+
+# --- tile sweep of the Triton kernels ---------------------------------------------------------------------------
+
+TUNE_CANDIDATES = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)],
+    "bwd_dq": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+    "bwd_dkdv": [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 8, 3)],
+    "dbwd_ru": [(64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3), (16, 64, 4, 3), (128, 64, 8, 2)],
+    "dbwd_row": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2)],
+    "dbwd_col": [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)],
+}
+
+
+def tune(head_dims=(64, 128), H=12):
+    """Time each kernel's candidates (others at defaults) on the shape that matters for it."""
+    from ttt_e2e.kernels.swa import common
+    from ttt_e2e.kernels.swa.backward import swa_backward, swa_backward_delta
+    from ttt_e2e.kernels.swa.double_backward import swa_double_backward
+    from ttt_e2e.kernels.swa.forward import swa_forward
+
+    results = []
+    for D in head_dims:
+        for kernel, cands in TUNE_CANDIDATES.items():
+            sname = "swa-32K-W8K" if kernel.startswith(("fwd", "bwd")) else "suffix-b1024-W8K"
+            tq, tk, w, q0, k0 = SHAPES[sname]
+            g = torch.Generator(device="cuda").manual_seed(1)
+            mk = lambda T: torch.randn(1, H, T, D, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa
+            q, k, v, do = mk(tq), mk(tk), mk(tk), mk(tq)
+            gq, gk, gv = mk(tq), mk(tk), mk(tk)
+            scale = D ** -0.5
+            common.CONFIG_OVERRIDES.clear()
+            o, lse = swa_forward(q, k, v, w, q0, k0, scale)
+            delta = swa_backward_delta(o, do)
+            ops = {
+                "fwd": lambda: swa_forward(q, k, v, w, q0, k0, scale),
+                "bwd": lambda: swa_backward(q, k, v, do, lse, delta, w, q0, k0, scale),
+                "dbwd": lambda: swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, w, q0, k0, scale),
+            }
+            op = ops[kernel.split("_")[0]]
+            for cand in cands:
+                common.CONFIG_OVERRIDES.clear()
+                common.CONFIG_OVERRIDES[kernel] = common.TileConfig(*cand)
+                row = dict(D=D, kernel=kernel, shape=sname, config=cand)
+                try:
+                    ms, _ = time_step(op, target_s=0.3)
+                    row["ms"] = ms
+                except Exception as e:  # noqa: BLE001 - out of shared memory etc.
+                    row["error"] = describe_error(e)
+                print(row, flush=True)
+                results.append(row)
+            common.CONFIG_OVERRIDES.clear()
+    return results
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+def report(rows, meta, plot_path=None):
+    lines = []
+    keyed = {(r["heads"], r["shape"], r["provider"], r["mode"]): r for r in rows}
+    heads = list(dict.fromkeys(r["heads"] for r in rows))
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    for mode in MODES:
+        lines.append(f"\n**{mode}** — ms (median) / TFLOP/s ({FLOPS_PER_PAIR[mode]} FLOPs per unmasked pair per head "
+                     f"dim per head) / peak GiB over inputs\n")
+        lines.append("| heads | shape | " + " | ".join(provs) + " |")
+        lines.append("|---|---|" + "---|" * len(provs))
+        for h in heads:
+            for s in shapes:
+                cells = []
+                for p in provs:
+                    r = keyed.get((h, s, p, mode))
+                    if r is None:
+                        cells.append("")
+                    elif "error" in r:
+                        cells.append(r["error"].replace("|", "/")[:60])
+                    else:
+                        cells.append(f"{r['ms']:.3f} / {r['tflops']:.0f} / {r['peak_bytes'] / 2**30:.2f}")
+                lines.append(f"| {h} {HEADS[h][0]}x{HEADS[h][1]} | {s} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines)
+    if plot_path:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(len(heads), len(MODES), figsize=(6 * len(MODES), 3.6 * len(heads)), squeeze=False)
+        for i, h in enumerate(heads):
+            for j, mode in enumerate(MODES):
+                ax = axes[i][j]
+                width = 0.8 / len(provs)
+                for pi, p in enumerate(provs):
+                    vals = [keyed.get((h, s, p, mode), {}).get("tflops", 0.0) for s in shapes]
+                    ax.bar([x + pi * width for x in range(len(shapes))], vals, width, label=p)
+                ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))])
+                ax.set_xticklabels(shapes, fontsize=7)
+                ax.set_title(f"{h} ({HEADS[h][0]}x{HEADS[h][1]}) {mode}", fontsize=9)
+                ax.set_ylabel(f"TFLOP/s ({FLOPS_PER_PAIR[mode]}/pair/dim)", fontsize=8)
+                if i == 0 and j == 0:
+                    ax.legend(fontsize=7)
+        fig.suptitle(f"SWA attention, bf16, {meta.get('device', '?')}, {meta.get('date', '?')} "
+                     "(missing bar = unsupported/failed)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=110)
+    return md
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    ap.add_argument("--tune", action="store_true", help="sweep Triton tile configs instead of benchmarking")
+    ap.add_argument("--profile", action="store_true",
+                    help="run each selected step 3 times after a warm-up, untimed (for ncu --launch-skip)")
+    ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--report", nargs="+", help="saved --json files to turn into a markdown table (no GPU needed)")
+    ap.add_argument("--plot", help="with --report: write a bar chart here")
+    args = ap.parse_args()
+
+    if args.report:
+        rows, meta = [], {}
+        for path in args.report:
+            with open(path) as f:
+                data = json.load(f)
+            rows += data["rows"]
+            meta = data["meta"]
+        print(f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['date']}")
+        print(report(rows, meta, args.plot))
+        return
+
+    import triton
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                argv=sys.argv[1:])
+    print(meta, flush=True)
+    if args.profile:
+        profile(args.heads, args.shapes, args.providers, args.modes)
+        return
+    rows = tune() if args.tune else bench(args.heads, args.shapes, args.providers, args.modes)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    if not args.tune:
+        print(report(rows, meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Backward Triton kernels: dQ (row-parallel) and dK, dV (column-parallel), FlashAttention-2 style.
+
+  delta = rowsum(dO * O)        (preprocess kernel, fp32)
+  P = exp2(S * log2e - lse)     (recomputed per tile from the saved lse)
+  dV = P^T dO ; dP = dO V^T ; dS = P * (dP - delta) ; dQ = scale dS K ; dK = scale dS^T Q
+
+dQ and dK/dV are separate launches rather than one kernel with atomic adds into dQ: no atomics keeps the result
+deterministic (the outer loop differentiates through this op again) at the cost of recomputing S and dP once more.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, block_d, dot_precision, tile_config
+from .tiles import key_range, query_range, tile_is_full, visible, visible_t
+
+
+@triton.jit
+def _swa_bwd_delta_kernel(
+    O, DO, DELTA, sob, soh, sot, sdb, sdh, sdt, H, TQ,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # Last query tiles first: under a causal mask they see the most keys, so the long programs start early and
+    # the short ones fill the tail of the launch.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < TQ)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * TQ + offs_m, delta, mask=offs_m < TQ)
+
+
+@triton.jit
+def _swa_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
+    H, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # Last query tiles first: under a causal mask they see the most keys, so the long programs start early and
+    # the short ones fill the tail of the launch.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    DO += b * sdb + h * sdh
+    DQ += b * sgb + h * sgh
+    LSE += bh.to(tl.int64) * TQ
+    DELTA += bh.to(tl.int64) * TQ
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < TQ
+    d_valid = offs_d < HEAD_DIM
+    row_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
+    lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
+    q_pos = Q_POS0 + offs_m
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo, hi = key_range(m0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < TK
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
+            # Masked entries (and rows with lse = -inf) may be NaN/inf here; where() makes them 0.
+            p = tl.where(visible(q_pos, K_POS0 + offs_n, m_valid, n_valid, WINDOW), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+    tl.store(DQ + offs_m[:, None] * sgt + offs_d[None, :], (acc * scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _swa_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
+    H, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    # One program per key tile; everything is computed transposed (keys as rows) so dK, dV accumulate in place.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    DO += b * sdb + h * sdh
+    DK += b * sgb + h * sgh  # DK and DV are allocated alike: one set of strides
+    DV += b * sgb + h * sgh
+    LSE += bh.to(tl.int64) * TQ
+    DELTA += bh.to(tl.int64) * TQ
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < TK
+    d_valid = offs_d < HEAD_DIM
+    col_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_mask, other=0.0)
+    k_pos = K_POS0 + offs_n
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    lo, hi = query_range(n0, BLOCK_N, BLOCK_M, TQ, TK, WINDOW, Q_POS0, K_POS0)
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < TQ
+        row_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
+        lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
+            pt = tl.where(visible_t(k_pos, Q_POS0 + offs_m, n_valid, m_valid, WINDOW), pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+
+    tl.store(DK + offs_n[:, None] * sgt + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=col_mask)
+    tl.store(DV + offs_n[:, None] * sgt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_mask)
+
+
+def swa_backward_delta(o, do):
+    """delta = rowsum(dO * O) in fp32, shape (B*H, Tq)."""
+    B, H, TQ, D = o.shape
+    delta = torch.empty((B * H, TQ), dtype=torch.float32, device=o.device)
+    block_m = 64 if o.is_cuda else 16
+    grid = (triton.cdiv(TQ, block_m), B * H)
+    _swa_bwd_delta_kernel[grid](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, TQ,
+        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=block_m,
+    )
+    return delta
+
+
+def swa_backward(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale):
+    """(dq, dk, dv), each contiguous in its input's shape and dtype."""
+    B, H, TQ, D = q.shape
+    TK = k.shape[2]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty((B, H, TK, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, H, TK, D), dtype=v.dtype, device=v.device)
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+
+    cfg = tile_config("bwd_dq", D, q.device, q.dtype)
+    _swa_bwd_dq_kernel[(triton.cdiv(TQ, cfg.block_m), B * H)](
+        q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        H, TQ, TK, window, q_pos0, k_pos0, scale * LOG2E, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+    )
+    cfg = tile_config("bwd_dkdv", D, q.device, q.dtype)
+    _swa_bwd_dkdv_kernel[(triton.cdiv(TK, cfg.block_n), B * H)](
+        q, k, v, do, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+        H, TQ, TK, window, q_pos0, k_pos0, scale * LOG2E, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+    )
+    return dq, dk, dv

@@ -1,0 +1,124 @@
+"""Shared pieces of the SWA kernels: input checks, launch geometry, tile configs.
+
+Kept apart from the kernels so that forward/backward/double_backward stay small and the choice of tiles (the one
+thing tuned per GPU) lives in one place.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+# Decided once, when this package is imported: `triton.jit` itself picks interpreter or compiler at decoration
+# time, so setting TRITON_INTERPRET later would not turn the already-built kernels into interpreted ones.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Head dims the kernels are built for: the model's 64/80/96/128, plus the small powers of two the CPU tests use.
+# 80 and 96 run in a 128-wide tile with masked loads (tl.dot needs power-of-two tile sides).
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+
+LOG2E = 1.4426950408889634
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether `swa_attention` runs the Triton kernels for tensors like `t` (else: the materialized reference)."""
+    return t.is_cuda or (t.device.type == "cpu" and INTERPRET)
+
+
+def check_inputs(q, k, v, window, q_pos0, k_pos0):
+    """Raise a ValueError naming the problem for any input the kernels do not handle."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"swa_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"swa_attention: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"swa_attention: dtype mismatch q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"swa_attention: device mismatch q {q.device}, k {k.device}, v {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"swa_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"swa_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"swa_attention: window must be an int >= 1, got {window!r}")
+    for name, p in (("q_pos0", q_pos0), ("k_pos0", k_pos0)):
+        if isinstance(p, bool) or not isinstance(p, int):
+            raise ValueError(f"swa_attention: {name} must be an int, got {p!r}")
+
+
+def check_kernel_inputs(q):
+    """Extra limits of the Triton path (the reference accepts anything)."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"swa_attention: dtype {q.dtype} not supported by the Triton kernels "
+                         f"(use one of {SUPPORTED_DTYPES})")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"swa_attention: head dim {q.shape[-1]} not supported (supported: {SUPPORTED_HEAD_DIMS})")
+
+
+def as_kernel_operand(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides for batch/head/time but need the head dim contiguous (vector loads)."""
+    if t is None:
+        return None
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    # Row offsets are int32 inside the kernels (base offsets are int64).
+    if t.shape[-2] * t.stride(-2) >= 2**31:
+        t = t.contiguous()
+    return t
+
+
+def block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype) -> str:
+    # fp32 operands: full IEEE products (the fp32 path is the accuracy path, used by the tests); tf32 would give
+    # ~3e-4 relative error. bf16/fp16 ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int   # query rows per tile
+    block_n: int   # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+# Per-kernel tile configs on the GPU, indexed by kernel name. Chosen by benchmarks/attention.py --tune on an H100
+# (see benchmarks/RESULTS.md); the interpreter uses 16x16 tiles so the CPU tests stay fast.
+_GPU_CONFIGS = {
+    # kernel: {padded head dim: TileConfig}; block_m = query rows, block_n = key rows in every kernel.
+    "fwd": {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 3)},
+    "bwd_dq": {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 32, 4, 3)},
+    "bwd_dkdv": {64: TileConfig(32, 64, 4, 3), 128: TileConfig(32, 64, 4, 3)},
+    "dbwd_ru": {64: TileConfig(64, 64, 4, 3), 128: TileConfig(128, 64, 8, 2)},
+    "dbwd_row": {64: TileConfig(64, 64, 4, 2), 128: TileConfig(64, 32, 4, 2)},
+    "dbwd_col": {64: TileConfig(32, 64, 4, 2), 128: TileConfig(32, 128, 8, 2)},
+}
+# Overrides for tuning experiments: {kernel name: TileConfig}; applies to every head dim.
+CONFIG_OVERRIDES: dict[str, TileConfig] = {}
+
+
+def tile_config(kernel: str, d: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> TileConfig:
+    if kernel in CONFIG_OVERRIDES:
+        return CONFIG_OVERRIDES[kernel]
+    if device.type != "cuda":
+        return TileConfig(16, 16, 1, 1)
+    if dtype == torch.float32:
+        # The fp32 path is for accuracy, not speed; 4-byte tiles of the bf16 configs can exceed shared memory.
+        return TileConfig(32, 32, 4, 2)
+    bd = block_d(d)
+    table = _GPU_CONFIGS[kernel]
+    return table[bd] if bd in table else table[min(table, key=lambda x: abs(x - bd))]
+
+
+def default_scale(d: int, scale):
+    return 1.0 / math.sqrt(d) if scale is None else float(scale)

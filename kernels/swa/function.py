@@ -1,0 +1,90 @@
+"""autograd.Functions tying the kernels together, so that grad-of-grad works.
+
+  _SWAttention        forward kernel            backward -> _SWABackward.apply (differentiable)
+  _SWABackward        dq/dk/dv kernels          backward -> _SWADoubleBackward.apply
+  _SWADoubleBackward  double-backward kernels   backward -> NotImplementedError (third order)
+
+Each backward is itself an autograd op, so `torch.autograd.grad(..., create_graph=True)` records _SWABackward and a
+second grad runs the double-backward kernels. All three use the `setup_context` form (forward without ctx), which
+is what torch.func needs to nest `grad(grad(f))`.
+
+_SWABackward takes O and lse as inputs but returns no gradient for them: the double-backward formulas (METHOD.md
+section 6, with delta = rowsum(P * dP)) already give the total derivative through Q, K, V, dO, so routing anything
+through O or lse as well would count it twice. lse and delta are non-differentiable outputs.
+"""
+
+import torch
+
+from .backward import swa_backward, swa_backward_delta
+from .common import as_kernel_operand
+from .double_backward import swa_double_backward
+from .forward import swa_forward
+
+
+class _SWAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, window, q_pos0, k_pos0, scale):
+        q, k, v = (as_kernel_operand(t) for t in (q, k, v))
+        return swa_forward(q, k, v, window, q_pos0, k_pos0, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, window, q_pos0, k_pos0, scale = inputs
+        o, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (window, q_pos0, k_pos0, scale)
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        if do is None:  # o unused downstream
+            return None, None, None, None, None, None, None
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv, _delta = _SWABackward.apply(q, k, v, o, lse, do, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+class _SWABackward(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, o, lse, do, window, q_pos0, k_pos0, scale):
+        q, k, v, o, do = (as_kernel_operand(t) for t in (q, k, v, o, do))
+        delta = swa_backward_delta(o, do)
+        dq, dk, dv = swa_backward(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale)
+        return dq, dk, dv, delta
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, o, lse, do, window, q_pos0, k_pos0, scale = inputs
+        delta = output[3]
+        ctx.mark_non_differentiable(delta)
+        # Unused cotangents arrive as None (e.g. only dq enters the outer loss): the kernels then skip their terms
+        # instead of multiplying by materialized zeros.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, do, lse, delta)
+        ctx.args = (window, q_pos0, k_pos0, scale)
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv, _gdelta):
+        nones = (None,) * 4
+        if gq is None and gk is None and gv is None:
+            return (None,) * 6 + nones
+        q, k, v, do, lse, delta = ctx.saved_tensors
+        grad_q, grad_k, grad_v, grad_do = _SWADoubleBackward.apply(q, k, v, do, lse, delta, gq, gk, gv, *ctx.args)
+        return grad_q, grad_k, grad_v, None, None, grad_do, *nones
+
+
+class _SWADoubleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_pos0, scale):
+        return swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_pos0, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "swa_attention: third-order derivatives are not implemented (the Triton kernels give forward, "
+            "backward and double backward); use swa_reference if you need more")

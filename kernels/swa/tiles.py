@@ -1,0 +1,65 @@
+"""Index helpers shared by every SWA kernel: which tiles can hold a visible (query, key) pair, and the mask.
+
+Visibility (absolute positions): q_pos - window < k_pos <= q_pos and k_pos >= 0, with q_pos = q_pos0 + i and
+k_pos = k_pos0 + j. Row-parallel kernels loop over only the key tiles that `key_range` returns, column-parallel
+ones over the query tiles of `query_range`; fully masked tiles (outside the band, or cache positions < 0) are
+never visited. Inside a visited tile the element mask `visible` is applied.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def key_range(m0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TQ, TK, WINDOW, Q_POS0, K_POS0):
+    """[lo, hi) key indices that query rows [m0, m0 + BLOCK_M) can see; lo rounded down to a BLOCK_N multiple."""
+    last = tl.minimum(m0 + BLOCK_M, TQ) - 1
+    lo = tl.maximum(Q_POS0 + m0 - WINDOW + 1, 0) - K_POS0
+    hi = Q_POS0 + last - K_POS0 + 1
+    lo = tl.maximum(lo, 0)
+    hi = tl.minimum(hi, TK)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def query_range(n0, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, TQ, TK, WINDOW, Q_POS0, K_POS0):
+    """[lo, hi) query indices that can see key rows [n0, n0 + BLOCK_N); lo rounded down to a BLOCK_M multiple.
+
+    Empty (hi <= lo) when every key of the tile sits at a negative position (the masked part of a KV cache).
+    """
+    first = K_POS0 + n0
+    last = K_POS0 + tl.minimum(n0 + BLOCK_N, TK) - 1
+    lo = tl.maximum(first, 0) - Q_POS0
+    hi = last + WINDOW - Q_POS0
+    hi = tl.where(last < 0, lo, hi)
+    lo = tl.maximum(lo, 0)
+    hi = tl.minimum(hi, TQ)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    return lo, hi
+
+
+@triton.jit
+def visible(q_pos, k_pos, q_valid, k_valid, WINDOW):
+    """(len(q_pos), len(k_pos)) mask of visible pairs; q_valid/k_valid drop the ragged tail rows of a tile."""
+    qp = q_pos[:, None]
+    kp = k_pos[None, :]
+    return (kp <= qp) & (kp > qp - WINDOW) & (kp >= 0) & q_valid[:, None] & k_valid[None, :]
+
+
+@triton.jit
+def visible_t(k_pos, q_pos, k_valid, q_valid, WINDOW):
+    """Transpose of `visible`, (len(k_pos), len(q_pos)), for the column-parallel kernels (keys as rows)."""
+    kp = k_pos[:, None]
+    qp = q_pos[None, :]
+    return (kp <= qp) & (kp > qp - WINDOW) & (kp >= 0) & k_valid[:, None] & q_valid[None, :]
+
+
+@triton.jit
+def tile_is_full(m0, n0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TQ, TK, WINDOW, Q_POS0, K_POS0):
+    """True when every (query, key) pair of the tile is visible and in bounds: the kernels then skip the element
+    mask (a dozen integer ops per score, a large share of the work in the elementwise-heavy backward passes)."""
+    in_bounds = (m0 + BLOCK_M <= TQ) & (n0 + BLOCK_N <= TK)
+    causal = K_POS0 + n0 + BLOCK_N - 1 <= Q_POS0 + m0
+    in_window = K_POS0 + n0 > Q_POS0 + m0 + BLOCK_M - 1 - WINDOW
+    return in_bounds & causal & in_window & (K_POS0 + n0 >= 0)

@@ -1,0 +1,200 @@
+"""Sliding-window attention kernels vs the materialized float64 reference: forward, backward, double backward.
+
+On a CPU the kernels run in the Triton interpreter (conftest.py sets TRITON_INTERPRET=1) in fp32 with 16x16 tiles;
+on a GPU the same cases run compiled (fp32 operands with IEEE products). Shapes are small and ragged: lengths not
+multiples of the tile, windows below/at/above the length, head dim 80 (padded tile), KV-cache offsets with
+negative positions, Tq != Tk. Every case draws fresh random inputs.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported (conftest.py does it too)
+
+from ttt_e2e.kernels.swa import swa_attention, swa_mask, swa_reference  # noqa: E402
+from ttt_e2e.kernels.swa import common  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 arithmetic against a float64 reference: observed ~3e-7; 2e-5 leaves room for long sums, and still fails on
+# any indexing or masking mistake (those give errors of order 1e-2 or more).
+TOL = 2e-5
+_seed = [1234]
+
+
+def fresh_randn(*shape, dtype=torch.float32):
+    _seed[0] += 1
+    g = torch.Generator().manual_seed(_seed[0])
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b||, with ||b|| floored at 1: some gradients are exactly zero in exact arithmetic (window 1:
+    softmax over one key has no dependence on the scores), where fp32 leaves ~1e-7 noise; the inputs are O(1) per
+    element, so a real error is still many orders above the tolerance."""
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - b).norm() / b.norm().clamp_min(1.0)).item()
+
+
+def test_triton_path_is_used():
+    # Otherwise every comparison below would test the reference against itself.
+    assert common.use_triton(torch.empty(1, device=DEVICE)), "swa kernels imported without TRITON_INTERPRET=1"
+
+
+def _run_all(fn, q, k, v, do, cot, window, q_pos0, k_pos0, dtype):
+    """o, (dq, dk, dv) = grad(o, dO), and grad of <cot, (dq, dk, dv)> w.r.t. (q, k, v, dO), all in `dtype`."""
+    q, k, v, do = (t.detach().to(dtype).requires_grad_() for t in (q, k, v, do))
+    o = fn(q, k, v, window, q_pos0, k_pos0)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do, create_graph=True)
+    loss = sum((g * c.to(dtype)).sum() for g, c in zip((dq, dk, dv), cot) if c is not None)
+    second = torch.autograd.grad(loss, (q, k, v, do), allow_unused=True)
+    second = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(second, (q, k, v, do)))
+    return (o, dq, dk, dv) + second
+
+
+NAMES = ("o", "dq", "dk", "dv", "ggq", "ggk", "ggv", "ggdo")
+
+# (B, H, Tq, Tk, D, window, q_pos0, k_pos0)
+CASES = [
+    pytest.param(2, 3, 37, 37, 32, 10, 0, 0, id="prefix-T37-W10"),
+    pytest.param(1, 2, 37, 37, 32, 37, 0, 0, id="prefix-T37-W=T"),
+    pytest.param(1, 2, 37, 37, 32, 1000, 0, 0, id="prefix-T37-full-causal"),
+    pytest.param(1, 2, 33, 33, 16, 1, 0, 0, id="prefix-W1-diagonal-only"),
+    pytest.param(1, 2, 29, 29, 80, 12, 0, 0, id="prefix-D80"),
+    # TTT suffix: b queries at t*b against W cache keys + the block, cache starting at q_pos0 - W.
+    pytest.param(1, 1, 70, 70, 96, 30, 0, 0, id="prefix-T70-W30-D96-interior-tiles"),
+    pytest.param(1, 1, 45, 45, 128, 17, 0, 0, id="prefix-D128"),
+    pytest.param(2, 2, 20, 44, 32, 24, 20, -4, id="suffix-some-cache-negative"),
+    pytest.param(1, 2, 20, 44, 32, 24, 0, -24, id="suffix-first-block-cache-all-negative"),
+    pytest.param(1, 2, 20, 44, 64, 24, 60, 36, id="suffix-full-cache-D64"),
+    pytest.param(1, 2, 40, 64, 32, 100, 0, -24, id="negative-cache-window-beyond-everything"),
+    pytest.param(1, 1, 18, 43, 80, 25, 7, -18, id="suffix-D80-ragged"),
+    pytest.param(1, 2, 20, 45, 16, 16, 30, 5, id="tq-ne-tk-offsets"),
+]
+
+
+@pytest.mark.parametrize("B,H,TQ,TK,D,W,QP,KP", CASES)
+def test_fwd_bwd_double_bwd_vs_reference(B, H, TQ, TK, D, W, QP, KP):
+    q, k, v = fresh_randn(B, H, TQ, D), fresh_randn(B, H, TK, D), fresh_randn(B, H, TK, D)
+    do = fresh_randn(B, H, TQ, D)
+    cot = (fresh_randn(B, H, TQ, D), fresh_randn(B, H, TK, D), fresh_randn(B, H, TK, D))
+    got = _run_all(swa_attention, q, k, v, do, cot, W, QP, KP, torch.float32)
+    ref = _run_all(swa_reference, q, k, v, do, cot, W, QP, KP, torch.float64)
+    errs = {n: rel_err(a, b) for n, a, b in zip(NAMES, got, ref)}
+    assert all(e < TOL for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("used", [("q",), ("k",), ("v",), ("q", "v")])
+def test_double_backward_with_missing_cotangents(used):
+    # Only some of dq, dk, dv enter the loss: the unused cotangents reach the kernels as None.
+    B, H, TQ, TK, D, W, QP, KP = 1, 2, 21, 40, 32, 22, 19, -3
+    q, k, v = fresh_randn(B, H, TQ, D), fresh_randn(B, H, TK, D), fresh_randn(B, H, TK, D)
+    do = fresh_randn(B, H, TQ, D)
+    cot = tuple(fresh_randn(*x.shape) if n in used else None for n, x in zip("qkv", (q, k, v)))
+    got = _run_all(swa_attention, q, k, v, do, cot, W, QP, KP, torch.float32)
+    ref = _run_all(swa_reference, q, k, v, do, cot, W, QP, KP, torch.float64)
+    errs = {n: rel_err(a, b) for n, a, b in zip(NAMES, got, ref) if b.norm() > 0}
+    assert all(e < TOL for e in errs.values()), errs
+    for n, a, b in zip(NAMES, got, ref):
+        if b.norm() == 0:
+            assert a.abs().max() == 0, n
+
+
+def test_non_contiguous_inputs():
+    # The model's layout: (B, T, H, D) viewed as (B, H, T, D).
+    B, H, T, D, W = 1, 3, 27, 32, 9
+    q, k, v, do = (fresh_randn(B, T, H, D).transpose(1, 2) for _ in range(4))
+    cot = tuple(fresh_randn(B, T, H, D).transpose(1, 2) for _ in range(3))
+    got = _run_all(swa_attention, q, k, v, do, cot, W, 0, 0, torch.float32)
+    ref = _run_all(swa_reference, q, k, v, do, cot, W, 0, 0, torch.float64)
+    errs = {n: rel_err(a, b) for n, a, b in zip(NAMES, got, ref)}
+    assert all(e < TOL for e in errs.values()), errs
+
+
+def test_rows_with_no_visible_key_give_zero_not_nan():
+    # Keys start at position 5: queries 0..4 see nothing. Output 0 there, all gradients finite and correct.
+    B, H, TQ, TK, D, W = 1, 2, 12, 12, 16, 4
+    q, k, v, do = fresh_randn(B, H, TQ, D), fresh_randn(B, H, TK, D), fresh_randn(B, H, TK, D), fresh_randn(B, H, TQ, D)
+    cot = (fresh_randn(B, H, TQ, D), fresh_randn(B, H, TK, D), fresh_randn(B, H, TK, D))
+    got = _run_all(swa_attention, q, k, v, do, cot, W, 0, 5, torch.float32)
+    ref = _run_all(swa_reference, q, k, v, do, cot, W, 0, 5, torch.float64)
+    assert got[0][:, :, :5].abs().max() == 0
+    errs = {n: rel_err(a, b) for n, a, b in zip(NAMES, got, ref)}
+    assert all(e < TOL for e in errs.values()), errs
+
+
+def test_torch_func_grad_of_grad():
+    B, H, TQ, TK, D, W, QP, KP = 1, 2, 19, 35, 16, 20, 16, -4
+    q, k, v = fresh_randn(B, H, TQ, D), fresh_randn(B, H, TK, D), fresh_randn(B, H, TK, D)
+    c = fresh_randn(B, H, TQ, D)
+    c2 = fresh_randn(B, H, TQ, D)
+
+    def make(fn):
+        def inner(q_, k_, v_):  # scalar, its gradient w.r.t. q is the "inner gradient" of TTT
+            return (fn(q_, k_, v_, W, QP, KP) * c.to(q_.dtype)).sum()
+
+        def outer(q_, k_, v_):  # a functional of the inner gradient, differentiated again
+            gq, gk = torch.func.grad(inner, argnums=(0, 1))(q_, k_, v_)
+            return (gq * c2.to(q_.dtype)).sum() + gk.square().sum()
+
+        return torch.func.grad(outer, argnums=(0, 1, 2))
+
+    got = make(swa_attention)(q, k, v)
+    ref = make(swa_reference)(q.double(), k.double(), v.double())
+    errs = [rel_err(a, b) for a, b in zip(got, ref)]
+    assert all(e < TOL for e in errs), errs
+
+
+def test_third_order_raises():
+    q, k, v = (fresh_randn(1, 1, 8, 16).requires_grad_() for _ in range(3))
+    o = swa_attention(q, k, v, 4)
+    (dq,) = torch.autograd.grad(o.square().sum(), (q,), create_graph=True)
+    (ddq,) = torch.autograd.grad(dq.square().sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="third-order"):  # autograd wraps the NotImplementedError
+        torch.autograd.grad(ddq.sum(), (q,))
+
+
+def test_bad_inputs_raise_value_error():
+    q = fresh_randn(1, 2, 8, 32)
+    with pytest.raises(ValueError, match="window"):
+        swa_attention(q, q, q, 0)
+    with pytest.raises(ValueError, match="head dim 24"):
+        x = fresh_randn(1, 2, 8, 24)
+        swa_attention(x, x, x, 4)
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        swa_attention(q, q.double(), q, 4)
+    with pytest.raises(ValueError, match="batch, heads and head dim"):
+        swa_attention(q, fresh_randn(1, 3, 8, 32), fresh_randn(1, 3, 8, 32), 4)
+    with pytest.raises(ValueError, match="same shape"):
+        swa_attention(q, q, fresh_randn(1, 2, 9, 32), 4)
+    with pytest.raises(ValueError, match="4-D"):
+        swa_attention(q[0], q[0], q[0], 4)
+
+
+# --- the reference itself ---------------------------------------------------------------------------------------
+
+def test_reference_matches_sdpa_full_causal():
+    q, k, v = (torch.randn(2, 3, 50, 16, dtype=torch.float64) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert rel_err(swa_reference(q, k, v, window=50), ref) < 1e-12
+    assert rel_err(swa_reference(q, k, v, window=10**9), ref) < 1e-12
+
+
+@pytest.mark.parametrize("TQ,TK,W,QP,KP", [(13, 13, 4, 0, 0), (7, 19, 12, 5, -7), (9, 14, 3, 20, 13)])
+def test_reference_matches_explicit_loop(TQ, TK, W, QP, KP):
+    q, k, v = torch.randn(2, TQ, 8, dtype=torch.float64), torch.randn(2, TK, 8, dtype=torch.float64), \
+        torch.randn(2, TK, 8, dtype=torch.float64)
+    scale = 0.3
+    out = torch.zeros_like(q)
+    for i in range(TQ):
+        qp = QP + i
+        js = [j for j in range(TK) if qp - W < KP + j <= qp and KP + j >= 0]
+        if js:
+            w = torch.softmax(scale * q[:, i:i + 1] @ k[:, js].transpose(-1, -2), dim=-1)
+            out[:, i] = (w @ v[:, js])[:, 0]
+    assert rel_err(swa_reference(q, k, v, W, QP, KP, scale=scale), out) < 1e-12
+    mask = swa_mask(TQ, TK, W, QP, KP)
+    assert mask.sum() == sum(1 for i in range(TQ) for j in range(TK) if QP + i - W < KP + j <= QP + i and KP + j >= 0)
