@@ -18,6 +18,7 @@ import time
 import torch
 
 from ttt_e2e.config import ModelConfig, TTTConfig
+from ttt_e2e.cuda_graph import GraphedStep
 from ttt_e2e.model.params import count_parameters
 from ttt_e2e.model.sizes import PAPER_SIZES, paper_config
 from ttt_e2e.model.transformer import Transformer
@@ -57,7 +58,8 @@ def cuda_ms(fn, steps: int, warmup: int = 2) -> list[float]:
     return times
 
 
-def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bool) -> dict:
+def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bool, phases: bool,
+          graph: bool) -> dict:
     torch.manual_seed(0)
     model = Transformer(mcfg, tcfg).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -87,23 +89,46 @@ def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bo
     torch.cuda.reset_peak_memory_stats()
     step_ms = cuda_ms(step, steps, warmup=3)
     peak = torch.cuda.max_memory_allocated()
-    phases = {"prefix forward": prefix, "forward (prefix + suffix inner steps)": forward,
-              "forward + outer backward": forward_backward}
-    cum = {k: statistics.median(cuda_ms(f, steps)) for k, f in phases.items()}
     med = statistics.median(step_ms)
     result = dict(
         name=name, ms_per_step=med, ms_all=step_ms, tokens_per_s=T / med * 1e3,
         mfu=model_flops(mcfg, T) / (med * 1e-3) / H100_BF16_PEAK, peak_mem_gib=peak / 2**30,
-        phases_ms={"prefix forward": cum["prefix forward"],
-                   "suffix (inner steps, forward)": cum["forward (prefix + suffix inner steps)"] - cum["prefix forward"],
-                   "outer backward": cum["forward + outer backward"] - cum["forward (prefix + suffix inner steps)"],
-                   "optimizer (clip + AdamW)": med - cum["forward + outer backward"]},
     )
+    if phases:
+        cum = {k: statistics.median(cuda_ms(f, steps)) for k, f in
+               (("prefix", prefix), ("forward", forward), ("forward_backward", forward_backward))}
+        result["phases_ms"] = {"prefix forward": cum["prefix"], "suffix (inner steps, forward)": cum["forward"] - cum["prefix"],
+                               "outer backward": cum["forward_backward"] - cum["forward"],
+                               "optimizer (clip + AdamW)": med - cum["forward_backward"]}
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
         result["top_kernels"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    if graph:  # the same step captured whole in a CUDA graph and replayed (ttt_e2e/cuda_graph.py)
+        del opt
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True,
+                                capturable=True)
+
+        def captured(x, y):
+            with autocast:
+                loss = sequence_loss(model, x, y, None, tcfg).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            return loss.detach()
+
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            graphed = GraphedStep(captured, x, y, zero_grad=lambda: opt.zero_grad(set_to_none=True))
+            g_ms = cuda_ms(lambda: graphed(x, y), steps)
+            result["graphed"] = dict(ms_per_step=statistics.median(g_ms), ms_all=g_ms,
+                                     tokens_per_s=T / statistics.median(g_ms) * 1e3,
+                                     mfu=model_flops(mcfg, T) / (statistics.median(g_ms) * 1e-3) / H100_BF16_PEAK,
+                                     peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
+            del graphed
+        except Exception as e:  # noqa: BLE001 -- a failed capture is a result to report, not a crash
+            result["graphed_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     del model, opt
     torch.cuda.empty_cache()
     return result
@@ -117,13 +142,15 @@ def main():
     ap.add_argument("--window", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-phases", action="store_true", help="skip the per-phase breakdown")
+    ap.add_argument("--graph", action="store_true", help="also time the step captured in a CUDA graph")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     results = []
     for size in args.sizes:
         for mode, (mcfg, tcfg) in configs(size, args.seq, args.mini_batch, args.window).items():
             try:
-                r = bench(f"{size} {mode}", mcfg, tcfg, args.steps, args.profile)
+                r = bench(f"{size} {mode}", mcfg, tcfg, args.steps, args.profile, not args.no_phases, args.graph)
             except torch.OutOfMemoryError as e:
                 r = dict(name=f"{size} {mode}", error=f"out of memory: {str(e).splitlines()[0]}")
                 torch.cuda.empty_cache()
@@ -138,13 +165,23 @@ def main():
         if "error" in r:
             print(f"| {r['name']} | {r['error']} |")
             continue
-        p = list(r["phases_ms"].values())
+        p = list(r.get("phases_ms", {}).values()) or [float("nan")] * 4
         print(f"| {r['name']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
               f"{r['peak_mem_gib']:.1f} | " + " | ".join(f"{x:.1f}" for x in p) + " |")
+        if "graphed_error" in r:
+            print(f"| {r['name']} (CUDA graph) | {r['graphed_error']} |")
+        if "graphed" in r:
+            g = r["graphed"]
+            print(f"| {r['name']} (CUDA graph) | {g['ms_per_step']:.1f} | {g['tokens_per_s']:.0f} | "
+                  f"{100 * g['mfu']:.1f}% | {g['peak_mem_gib']:.1f} | | | | |")
     for size in args.sizes:
         by = {r["name"]: r for r in results if "error" not in r}
         if f"{size} fa" in by and f"{size} e2e" in by:
-            print(f"{size}: meta / pretrain = {by[f'{size} e2e']['ms_per_step'] / by[f'{size} fa']['ms_per_step']:.2f}x")
+            fa, e2e = by[f"{size} fa"], by[f"{size} e2e"]
+            print(f"{size}: meta / pretrain = {e2e['ms_per_step'] / fa['ms_per_step']:.2f}x (eager)")
+            if "graphed" in fa and "graphed" in e2e:
+                print(f"{size}: meta / pretrain = {e2e['graphed']['ms_per_step'] / fa['graphed']['ms_per_step']:.2f}x "
+                      "(both CUDA graphs)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
