@@ -15,7 +15,6 @@ FA: a + c n (reads the whole KV cache), TTT/SWA: the mean over contexts.
   python benchmarks/latency.py --out benchmarks/latency.json --plot benchmarks/latency.png --write-results
   python benchmarks/latency.py --methods fa-cudnn fa-flash --out fa.json      # in parts (each < 10 min) ...
   python benchmarks/latency.py --methods ttt swa --merge fa.json --write-results   # ... summarized together
-  python benchmarks/latency.py --tiny          # CPU smoke test at toy sizes
   python benchmarks/latency.py --tiny          # CPU smoke test at toy sizes, a few seconds
 
 No hydra/omegaconf/wandb/datasets here: the GPU machine has none of them.
@@ -35,6 +34,7 @@ import torch
 
 from ttt_e2e.config import ModelConfig, TTTConfig
 from ttt_e2e.inference import check_memory, feed, start
+from ttt_e2e.model.sizes import paper_config
 from ttt_e2e.model.transformer import Transformer
 
 K = 1024
@@ -49,9 +49,7 @@ def model_config(method: str, tiny: bool) -> ModelConfig:
         return ModelConfig(vocab_size=258, n_layers=4, d_model=64, n_heads=4, mlp_width=160 if ttt else 192,
                            suffix_len=2 if ttt else 0, prime_mlp=ttt, seq_length=256,
                            window=None if method.startswith("fa") else 64, attention_backend="torch")
-    return ModelConfig(vocab_size=128256, n_layers=32, d_model=2560, n_heads=32, mlp_width=5632 if ttt else 6912,
-                       suffix_len=8 if ttt else 0, prime_mlp=ttt, seq_length=8192,
-                       window=None if method.startswith("fa") else 8192)
+    return paper_config("3b", "e2e" if ttt else "swa" if method == "swa" else "fa")
 
 
 def build(method: str, tiny: bool, device: str, dtype: torch.dtype):

@@ -99,7 +99,7 @@ def start(model: Transformer, ttt: Optional[TTTConfig], batch_size: int, *, bos_
     state = InferenceState(model, batch_size, caches, chunk, bos_id=bos_id, autocast=_autocast_dtype(model))
     if use_ttt:
         params = dict(model.suffix.named_parameters())
-        inner = set(model.suffix.inner_names())
+        inner = model.suffix.inner_names()  # a list: a fixed order of summation in the grad norm
         p_dtype = next(model.parameters()).dtype
         inner_dtype = inner_dtype or (torch.float32 if p_dtype in (torch.bfloat16, torch.float16) else p_dtype)
         state.b, state.eta, state.clip = ttt.mini_batch_size, ttt.inner_lr * ilr_mult, ttt.inner_grad_clip

@@ -63,7 +63,7 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     B, T = input_ids.shape
     b = ttt.mini_batch_size
     h = model.run_prefix(model.wte(input_ids), remat=ttt.remat_prefix)
-    inner = set(model.suffix.inner_names())
+    inner = model.suffix.inner_names()  # a list: the order fixes the summation order of the inner grad norm
     params = dict(model.suffix.named_parameters())
     theta = {n: p for n, p in params.items() if n not in inner}
     phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
