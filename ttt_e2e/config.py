@@ -172,7 +172,8 @@ class TrainConfig:
     init_from: Optional[str] = None  # a checkpoint (step dir, or a run/checkpoints dir: its latest) to start from
     load_part: str = "all"  # with init_from: all (params, optimizer, schedule, data position, step) | params
     eval_every: int = 50  # steps between validation losses; 0: only after the last step
-    eval_batches: int = 4  # validation batches (of micro_batch_size sequences per rank) per evaluation
+    eval_batches: int = 4  # validation batches of global_batch_size windows per evaluation (the same windows
+    # whatever the number of ranks: the head of the validation split)
     log_every: int = 1  # steps between metrics.jsonl / wandb records
     progress: bool = True  # tqdm progress bar (rank 0)
 
@@ -191,6 +192,9 @@ class TrainConfig:
             raise ConfigError(f"training.distributed must be ddp or fsdp, got {self.distributed!r}")
         if self.load_part not in ("all", "params"):
             raise ConfigError(f"training.load_part must be all or params, got {self.load_part!r}")
+        if self.load_part == "params" and not self.init_from:
+            raise ConfigError("training.load_part=params needs training.init_from=<the pretrained run dir or "
+                              "checkpoint> (an extension starts from pretrained weights)")
 
     def accumulation(self, world_size: int) -> tuple[int, int]:
         """(micro_batch_size, accumulation steps) per rank for this world size."""
@@ -238,5 +242,8 @@ class Config:
         self.optim.validate()
         self.training.validate()
         self.log.validate()
+        if not self.data.source:
+            raise ConfigError("data.source is empty: give 'stdlib', a local path, or a hub dataset name "
+                              "(e.g. data.source=/data/books)")
         if not 0 <= self.data.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")

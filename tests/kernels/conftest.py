@@ -1,20 +1,8 @@
-"""Run the SWA kernel tests through the Triton interpreter when there is no GPU.
-
-`triton.jit` picks interpreter or compiler when a kernel is defined, so TRITON_INTERPRET must be set before the
-kernel modules are imported. If something imported them earlier in this session (without the variable), reload
-them so the tests exercise the Triton path rather than the materialized fallback.
-"""
-
-import importlib
-import os
-import sys
-
+"""The kernel tests must exercise the Triton path: on a machine without CUDA that is the interpreter, switched on
+by tests/conftest.py before any kernel module is imported."""
 import torch
 
 if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-    _swa = "ttt_e2e.kernels.swa"
-    if _swa in sys.modules and not sys.modules[_swa + ".common"].INTERPRET:
-        for name in ("common", "tiles", "forward", "backward", "double_backward", "function"):
-            importlib.reload(sys.modules[f"{_swa}.{name}"])
-        importlib.reload(sys.modules[_swa])
+    from ttt_e2e.kernels.swa import common
+
+    assert common.INTERPRET, "TRITON_INTERPRET=1 must be set before ttt_e2e.kernels is imported (tests/conftest.py)"

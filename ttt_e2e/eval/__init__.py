@@ -1,0 +1,1 @@
+"""Evaluation of trained checkpoints (eval.py): held-out loss by token position."""

@@ -1,0 +1,52 @@
+"""Validation loss: a fixed set of held-out windows (the head of the val split), mean and by token position.
+
+The by-position curve is the paper's loss-vs-context plot: the loss of the token at position i of a window,
+averaged over windows (for meta mode, with the inner loop run over the window as at training time).
+The mean is token-weighted over all evaluated tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ttt_e2e.data import DataError, WindowDataset, make_batch
+
+from .distributed import DistInfo, all_reduce_sum
+
+
+@dataclass
+class EvalResult:
+    loss: float  # token-weighted mean over the evaluated windows
+    loss_by_position: list[float]  # (T,) mean loss at each position of a window (nan where always masked)
+    tokens: int  # counted (unmasked) target tokens
+    windows: int
+
+
+@torch.no_grad()
+def evaluate(loss_fn, val: WindowDataset, bos_id: int, batch_size: int, max_windows: int, ilr_mult: float,
+             info: DistInfo, autocast) -> EvalResult:
+    """loss_fn(input_ids, targets, mask, ilr_mult) -> dict with token_losses (B, T). Every rank runs the same
+    number of forward calls (FSDP2 gathers parameters collectively), on disjoint windows. autocast() gives the
+    precision context."""
+    n = min(len(val), max_windows) // info.world_size
+    if n < 1:
+        raise DataError(f"the validation split has {len(val)} windows, fewer than the {info.world_size} ranks; "
+                        f"raise data.val_fraction")
+    start = info.rank * n
+    T = val.seq_length
+    sums = torch.zeros(T, dtype=torch.float64, device=info.device)
+    counts = torch.zeros(T, dtype=torch.float64, device=info.device)
+    for i in range(start, start + n, batch_size):
+        windows = val.batch(range(i, min(i + batch_size, start + n)))
+        inputs, targets, mask = (t.to(info.device) for t in make_batch(windows, bos_id))
+        with autocast():
+            out = loss_fn(inputs, targets, mask, ilr_mult)
+        m = mask.to(torch.float64)
+        sums += (out["token_losses"].to(torch.float64) * m).sum(0)
+        counts += m.sum(0)
+    all_reduce_sum(sums)
+    all_reduce_sum(counts)
+    by_pos = (sums / counts).tolist()  # 0/0 = nan where every window masks the position
+    total = counts.sum().item()
+    return EvalResult(sums.sum().item() / max(total, 1.0), by_pos, int(total), n * info.world_size)

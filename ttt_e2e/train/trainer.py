@@ -1,0 +1,238 @@
+"""The outer training loop (METHOD.md section 3), for either train mode.
+
+One step: the rank's share of the global batch, in micro-batches (gradient accumulation; DDP/FSDP2 reduce
+only on the last) -> sequence_loss (the inner loop lives there) -> backward (the meta-gradient in meta mode)
+-> stop on a non-finite loss or gradient -> clip -> AdamW -> schedule. The inner-lr multiplier of step s is
+ttt.ilr_multiplier(s), s = optimizer steps already taken.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from ttt_e2e.config import Config
+from ttt_e2e.model.transformer import Transformer
+
+from .checkpoint import Checkpointer, CheckpointError, load_checkpoint, resolve_checkpoint
+from .data import TrainData, build_data
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
+from .evaluate import evaluate
+from .flops import flops_per_token, peak_flops
+from .metrics import build_loggers, require_wandb
+from .optim import build_optimizer, build_scheduler
+from .parallel import LossModule, check_parallel_config, parallelize
+from .precision import autocast, param_dtype
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped at a NaN/inf loss or gradient; nothing was saved after the last good checkpoint."""
+
+    def __init__(self, step: int, what: str, checkpoint: Optional[Path]):
+        self.step, self.checkpoint = step, checkpoint
+        kept = f"last good checkpoint kept: {checkpoint}" if checkpoint else "no checkpoint had been written yet"
+        super().__init__(f"non-finite {what} at step {step}: training stopped; {kept}")
+
+
+@dataclass
+class TrainResult:
+    is_main: bool  # rank 0 (the one that reports)
+    run_dir: Path
+    step: int
+    first_loss: Optional[float]  # of the first step this invocation ran
+    last_loss: Optional[float]
+    first_val_loss: Optional[float]
+    last_val_loss: Optional[float]
+    checkpoint: Optional[Path]
+
+
+def train(cfg: Config, run_dir: str | Path) -> TrainResult:
+    """Train per cfg, writing checkpoints/, metrics.jsonl and config.yaml under run_dir (rank 0's, on all ranks)."""
+    cfg.validate()
+    check_parallel_config(cfg)
+    if cfg.log.logger == "wandb":
+        require_wandb()  # fail before any work, not after the data is tokenized
+    info = init_distributed(cfg.training.device)
+    try:
+        return _train(cfg, Path(broadcast_object(str(run_dir))), info)
+    finally:
+        shutdown()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _restore(cfg: Config, ckpt: Checkpointer, model, optimizer, scheduler, sampler) -> int:
+    """The step to start from: resume this run dir, or start from training.init_from, or fresh (0)."""
+    own = ckpt.latest()
+    resume = cfg.training.resume if cfg.training.resume is not None else own is not None
+    if resume:
+        if own is None:
+            raise CheckpointError(f"training.resume=true but {ckpt.dir} holds no checkpoint")
+        state = load_checkpoint(own, model, optimizer, scheduler, sampler, part="all")
+        log.info("resumed from %s at step %d", own, state["step"])
+        return state["step"]
+    if own is not None:
+        raise CheckpointError(f"{ckpt.dir} already holds checkpoints (latest {own.name}) but training.resume=false: "
+                              f"set training.resume=true to continue that run, or choose another hydra.run.dir")
+    if cfg.training.init_from:
+        src = resolve_checkpoint(cfg.training.init_from)
+        state = load_checkpoint(src, model, optimizer, scheduler, sampler, part=cfg.training.load_part)
+        step = state["step"] if cfg.training.load_part == "all" else 0
+        log.info("initialized from %s (load_part=%s, source step %d)", src, cfg.training.load_part, state["step"])
+        return step
+    return 0
+
+
+def _no_sync(wrapped, sync: bool):
+    """Skip the gradient reduction on all but the last micro-batch of a step."""
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(wrapped, "no_sync"):  # DDP
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        @contextlib.contextmanager
+        def off():
+            wrapped.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                wrapped.set_requires_gradient_sync(True)
+        return off()
+    return contextlib.nullcontext()
+
+
+def _grad_norm(params, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _write_config(cfg: Config, run_dir: Path) -> None:
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tmp.replace(run_dir / "config.yaml")
+
+
+def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
+    tc = cfg.training
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:  # one rank reports; the others only warn
+        logging.getLogger().setLevel(logging.WARNING)
+    _seed_everything(tc.seed)  # the same initial model on every rank
+    data = build_data(cfg, info)
+    model = Transformer(cfg.model).to(dtype=param_dtype(cfg.model), device=info.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    fpt = flops_per_token(model, cfg.ttt.train_mode)
+    wrapped = parallelize(LossModule(model, cfg.ttt), cfg, info)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, tc.steps, cfg.optim)
+    ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_last, info.is_main)
+    barrier()  # rank 0 has cleared leftovers of killed saves before anyone looks for checkpoints
+    start = _restore(cfg, ckpt, model, optimizer, scheduler, data.sampler)
+    if info.is_main:  # only now: a run refused above (bad checkpoint, ...) leaves the run dir as it was
+        _write_config(cfg, run_dir)
+    loggers = build_loggers(cfg, run_dir, start if start > 0 else None, info.is_main)
+    amp = lambda: autocast(cfg.model, info.device)  # noqa: E731
+    tokens_per_step = tc.global_batch_size * cfg.model.seq_length
+    peak = peak_flops(info.device, cfg.log.peak_tflops) * info.world_size
+    if info.is_main:
+        log.info("model: %.2fM parameters, %s mode, %d rank(s) x %d micro-batch x %d accumulation; run dir %s",
+                 n_params / 1e6, cfg.ttt.train_mode, info.world_size, data.micro_batch_size, data.accumulation,
+                 run_dir)
+
+    def run_eval(step: int) -> Optional[float]:
+        if data.val is None:
+            return None
+        r = evaluate(wrapped, data.val, data.tokenizer.bos_id, data.micro_batch_size,
+                     tc.eval_batches * tc.global_batch_size, cfg.ttt.ilr_multiplier(step), info, amp)
+        return r.loss
+
+    result = TrainResult(info.is_main, run_dir, start, None, None, None, None, ckpt.latest())
+    bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (info.is_main and tc.progress),
+               dynamic_ncols=True)
+    try:
+        if start == 0 and start < tc.steps:
+            result.first_val_loss = run_eval(0)
+            if result.first_val_loss is not None:
+                loggers.log({"step": 0, "val_loss": result.first_val_loss})
+        step = start
+        while step < tc.steps:
+            metrics = _train_step(cfg, wrapped, model, optimizer, scheduler, data, amp, step, ckpt, info.world_size)
+            step += 1
+            dt = metrics.pop("_time")
+            record = {"step": step, **metrics, "tokens": step * tokens_per_step, "step_time_s": dt,
+                      "tokens_per_s": tokens_per_step / dt, "mfu": fpt * tokens_per_step / dt / peak}
+            result.first_loss = record["loss"] if result.first_loss is None else result.first_loss
+            result.last_loss = record["loss"]
+            last = step == tc.steps
+            if last or (tc.eval_every and step % tc.eval_every == 0):
+                record["val_loss"] = result.last_val_loss = run_eval(step)
+            if last or step % tc.log_every == 0 or "val_loss" in record:
+                loggers.log(record)
+            if last or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                result.checkpoint = ckpt.save(step, model, optimizer, scheduler, data.sampler, cfg)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val": f"{record['val_loss']:.3f}"}
+                                                             if record.get("val_loss") is not None else {}))
+            bar.update(1)
+        result.step = step
+    finally:
+        bar.close()
+        loggers.close()
+    return result
+
+
+def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, data: TrainData, amp, step: int,
+                ckpt: Checkpointer, world_size: int) -> dict:
+    """One optimizer step (step = steps already taken). Returns the step's metrics (averaged over ranks)."""
+    t0 = time.perf_counter()
+    ilr = cfg.ttt.ilr_multiplier(step)
+    micro_batches = data.next_micro_batches()
+    n_mb = cfg.model.seq_length // cfg.ttt.mini_batch_size
+    # [outer loss, per-mini-batch losses..., inner grad norms...], summed over micro-batches, then ranks
+    stats = torch.zeros(1 + 2 * n_mb, dtype=torch.float64, device=data.device)
+    for i, (x, y, m) in enumerate(micro_batches):
+        with _no_sync(wrapped, i == len(micro_batches) - 1):
+            with amp():
+                out = wrapped(x, y, m, ilr)
+            (out["loss"] / len(micro_batches)).backward()
+        stats[0] += out["loss"].detach().double()
+        stats[1:1 + n_mb] += out["minibatch_losses"].double()
+        if "inner_grad_norm" in out:
+            stats[1 + n_mb:] += out["inner_grad_norm"].double()
+    all_reduce_sum(stats)
+    stats /= len(micro_batches) * world_size
+    loss = stats[0].item()
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(step + 1, "loss", ckpt.latest())
+    grad_norm = _grad_norm(model.parameters(), cfg.optim.grad_clip)
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(step + 1, "gradient norm", ckpt.latest())
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    record = {"loss": loss, "minibatch_losses": stats[1:1 + n_mb].tolist(), "grad_norm": grad_norm, "lr": lr,
+              "ilr": cfg.ttt.inner_lr * ilr}
+    if cfg.ttt.train_mode == "meta":
+        inner = stats[1 + n_mb:]
+        record.update(inner_grad_norm=inner.mean().item(), inner_grad_norm_by_minibatch=inner.tolist())
+    if data.device.type == "cuda":
+        torch.cuda.synchronize(data.device)
+    record["_time"] = time.perf_counter() - t0
+    return record
