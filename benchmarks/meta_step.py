@@ -27,10 +27,11 @@ from ttt_e2e.ttt.meta import sequence_loss
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
 
 
-def configs(size: str, T: int, b: int, W: int):
+def configs(size: str, T: int, b: int, W: int, remat_inner: bool, remat_prefix: bool):
     fa = (paper_config(size, "fa", T, attention_backend="sdpa"), TTTConfig(train_mode="pretrain", mini_batch_size=T))
     e2e = (paper_config(size, "e2e", T, window=W, attention_backend="triton"),
-           TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0))
+           TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0, remat_inner=remat_inner,
+                     remat_prefix=remat_prefix))
     return {"fa": fa, "e2e": e2e}
 
 
@@ -144,15 +145,23 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-phases", action="store_true", help="skip the per-phase breakdown")
     ap.add_argument("--graph", action="store_true", help="also time the step captured in a CUDA graph")
+    ap.add_argument("--modes", nargs="+", default=["fa", "e2e"], choices=["fa", "e2e"])
+    ap.add_argument("--remat-inner", action=argparse.BooleanOptionalAction, default=True,
+                    help="e2e: recompute each inner step in the outer backward (ttt.remat_inner)")
+    ap.add_argument("--remat-prefix", action=argparse.BooleanOptionalAction, default=False,
+                    help="e2e: recompute each prefix block in the outer backward (ttt.remat_prefix)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     results = []
     for size in args.sizes:
-        for mode, (mcfg, tcfg) in configs(size, args.seq, args.mini_batch, args.window).items():
+        modes = configs(size, args.seq, args.mini_batch, args.window, args.remat_inner, args.remat_prefix)
+        tag = "".join([" remat_inner=off" * (not args.remat_inner), " remat_prefix=on" * args.remat_prefix])
+        for mode, (mcfg, tcfg) in ((m, modes[m]) for m in args.modes):
+            name = f"{size} {mode}" + (tag if mode == "e2e" else "")
             try:
-                r = bench(f"{size} {mode}", mcfg, tcfg, args.steps, args.profile, not args.no_phases, args.graph)
+                r = bench(name, mcfg, tcfg, args.steps, args.profile, not args.no_phases, args.graph)
             except torch.OutOfMemoryError as e:
-                r = dict(name=f"{size} {mode}", error=f"out of memory: {str(e).splitlines()[0]}")
+                r = dict(name=name, error=f"out of memory: {str(e).splitlines()[0]}")
                 torch.cuda.empty_cache()
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k not in ("top_kernels", "ms_all")}), flush=True)
@@ -176,8 +185,8 @@ def main():
                   f"{100 * g['mfu']:.1f}% | {g['peak_mem_gib']:.1f} | | | | |")
     for size in args.sizes:
         by = {r["name"]: r for r in results if "error" not in r}
-        if f"{size} fa" in by and f"{size} e2e" in by:
-            fa, e2e = by[f"{size} fa"], by[f"{size} e2e"]
+        if f"{size} fa" in by and f"{size} e2e{tag}" in by:
+            fa, e2e = by[f"{size} fa"], by[f"{size} e2e{tag}"]
             print(f"{size}: meta / pretrain = {e2e['ms_per_step'] / fa['ms_per_step']:.2f}x (eager)")
             if "graphed" in fa and "graphed" in e2e:
                 print(f"{size}: meta / pretrain = {e2e['graphed']['ms_per_step'] / fa['graphed']['ms_per_step']:.2f}x "
