@@ -5,7 +5,7 @@ with a config that would fail (or silently misbehave) later.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -127,8 +127,6 @@ class DataConfig:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer settings (train.py). Hydra composes conf/ onto `Config`; the same dataclasses work without Hydra.
-
-from dataclasses import field  # noqa: E402  (kept with the trainer section it serves)
 
 
 @dataclass
