@@ -67,13 +67,13 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     params = dict(model.suffix.named_parameters())
     theta = {n: p for n, p in params.items() if n not in inner}
     phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
-    step = partial(_step, model.suffix, eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip,
-                   window=model.cfg.attention_window, b=b)
+    step = partial(inner_step, model.suffix, eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip,
+                   window=model.cfg.attention_window)
     head, caches = model.head_weight(), None
     losses, toks, norms = [], [], []
     for t in range(T // b):
         sl = slice(t * b, (t + 1) * b)
-        args = (theta, head, phi, caches, h[:, sl], targets[:, sl], mask[:, sl], torch.tensor(t))
+        args = (theta, head, phi, caches, h[:, sl], targets[:, sl], mask[:, sl], t * b)
         l_t, tok, phi, caches, gnorm = remat(step, *args) if ttt.remat_inner else step(*args)
         losses.append(l_t)
         toks.append(tok)
@@ -82,7 +82,3 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     return LossOutput(per_mb.mean(), per_mb.detach().mean(0), torch.cat(toks, 1),
                       torch.stack(norms, 1).mean(0).detach())
 
-
-def _step(suffix, theta, head, phi, caches, h, targets, mask, t, *, eta, clip, window, b):
-    # t travels as a tensor so that every argument of the rematerialized step is a tensor.
-    return inner_step(suffix, theta, head, phi, caches, h, targets, mask, int(t) * b, eta, clip, window)
