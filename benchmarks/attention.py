@@ -29,6 +29,8 @@ import traceback
 
 import torch
 
+from timing import cuda_event_ms  # benchmarks/timing.py (the script's own folder is on sys.path)
+
 try:
     import ttt_e2e.kernels.swa  # noqa: F401
 except ImportError:  # not pip-installed: run from a checkout (kernels/ is the package ttt_e2e.kernels)
@@ -146,15 +148,7 @@ def time_step(step, target_s=1.0, min_reps=5, max_reps=100):
     torch.cuda.synchronize()
     est = time.perf_counter() - t0
     reps = int(min(max_reps, max(min_reps, target_s / max(est, 1e-6))))
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), reps
+    return statistics.median(cuda_event_ms(step, reps)), reps
 
 
 def peak_memory(step):

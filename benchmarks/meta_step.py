@@ -24,6 +24,8 @@ from ttt_e2e.model.sizes import PAPER_SIZES, paper_config
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
 
+from timing import cuda_event_ms  # benchmarks/timing.py (the script's own folder is on sys.path)
+
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
 
 
@@ -48,15 +50,7 @@ def model_flops(cfg: ModelConfig, T: int) -> float:
 def cuda_ms(fn, steps: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+    return cuda_event_ms(fn, steps)
 
 
 def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bool, phases: bool,
