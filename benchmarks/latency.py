@@ -7,6 +7,9 @@ blocks with MLP'; baselines: width 6912, no MLP'), batch 1, W = 8192, b = 1024. 
   decode    `--decode` tokens one by one after that prompt (default b = 1024: exactly one TTT step inside,
             so the mean is the cost per token averaged over a b-token period).
 Times are wall clock around CUDA-synchronized calls. A context that does not fit is recorded as such.
+By default inference replays CUDA graphs (ttt_e2e/inference/graphs.py: every TTT inner step, every decoded
+token; one InferenceGraphs per method, kept across prompts as a server would, captured during a warm-up prompt
+long enough to reach every graph); --no-graphs runs everything eagerly.
 
 Extrapolation to 2M (method printed with the results): prefill time T(n) fitted by least squares,
 FA: T = a n + c n^2 (attention is quadratic), TTT/SWA: T = a n (constant cost per token); decode time per token
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ttt_e2e.config import ModelConfig, TTTConfig
-from ttt_e2e.inference import check_memory, feed, start
+from ttt_e2e.inference import InferenceGraphs, check_memory, feed, start
 from ttt_e2e.model.sizes import paper_config
 from ttt_e2e.model.transformer import Transformer
 
@@ -66,11 +69,14 @@ def build(method: str, tiny: bool, device: str, dtype: torch.dtype):
 
 
 def sdpa_backend(method: str, device: str):
-    """FA baselines pin SDPA's backend (prefill and decoding); on the CPU there is only the math one."""
+    """FA baselines pin SDPA's backend for the prefill; on the CPU there is only the math one. Decoding in a
+    CUDA graph attends over the whole preallocated buffer with a mask of the written slots, which the FA2 kernel
+    does not take: SDPA's memory-efficient kernel is allowed after the named one, as the fallback."""
     if device != "cuda" or not method.startswith("fa"):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel(SDPBackend.CUDNN_ATTENTION if method == "fa-cudnn" else SDPBackend.FLASH_ATTENTION)
+    first = SDPBackend.CUDNN_ATTENTION if method == "fa-cudnn" else SDPBackend.FLASH_ATTENTION
+    return sdpa_kernel([first, SDPBackend.EFFICIENT_ATTENTION], set_priority=True)
 
 
 def sync(device: str):
@@ -78,13 +84,13 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def run_one(model, ttt, method, n, n_decode, device, chunk):
+def run_one(model, ttt, method, n, n_decode, device, chunk, graphs=None):
     """Prefill n random tokens, then decode n_decode; returns seconds (prefill, [per decode token])."""
     vocab = model.cfg.vocab_size
     prompt = torch.randint(0, vocab, (1, n), device=device)
     fa = method.startswith("fa")
     # FA prefill is one causal SDPA pass (the cuDNN / FA2 kernels), so its chunk is the whole prompt.
-    state = start(model, ttt, 1, prefill_chunk=n if fa else chunk, reserve=n + n_decode if fa else 0)
+    state = start(model, ttt, 1, prefill_chunk=n if fa else chunk, reserve=n + n_decode if fa else 0, graphs=graphs)
     elem = 2 if device == "cuda" else 4
     check_memory(model, ttt, 1, n + n_decode, state.chunk, elem)
     sync(device)
@@ -109,12 +115,15 @@ def measure(args, device, dtype):
         n_decode = args.decode or (ttt.mini_batch_size if ttt else (16 if args.tiny else 1024))
         if method.startswith("fa"):
             n_decode = min(n_decode, 8 if args.tiny else 256)  # its per-token cost is ~flat over this range
+        graphs = None if args.no_graphs else InferenceGraphs(capture=device == "cuda")
         with sdpa_backend(method, device), torch.no_grad():
-            run_one(model, ttt, method, args.contexts[0], min(n_decode, 8), device, args.chunk)  # warm-up
+            # Warm-up: compiles the kernels and captures the graphs (TTT: past 2 W, so every step graph exists).
+            warm = max(args.contexts[0], 3 * model.cfg.window + 1) if ttt else args.contexts[0]
+            run_one(model, ttt, method, warm, min(n_decode, 8), device, args.chunk, graphs)
             for n in args.contexts:
                 row = {"method": method, "context": n}
                 try:
-                    reps = [run_one(model, ttt, method, n, n_decode, device, args.chunk)
+                    reps = [run_one(model, ttt, method, n, n_decode, device, args.chunk, graphs)
                             for _ in range(2 if n <= 32 * K and not args.tiny else 1)]  # short runs: the better of two
                     prefill, decode = min(reps, key=lambda r: r[0])
                     row.update(prefill_s=prefill, prefill_per_token_us=1e6 * prefill / n,
@@ -129,7 +138,7 @@ def measure(args, device, dtype):
                     torch.cuda.empty_cache()
                 if "error" in row:
                     break  # longer contexts will not fit either
-        del model
+        del model, graphs
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -199,6 +208,9 @@ def summarize(rows, big: int, mid: int) -> dict:
 def markdown(rows, summary, meta) -> str:
     lines = [f"Measured {meta['date']} on {meta['device']}, torch {meta['torch']}, `{meta['command']}`. "
              f"3B config (METHOD.md section 5), random weights, bf16, batch 1, W = 8192, b = 1024. "
+             + ("CUDA graphs for every TTT inner step and decoded token (captured during a warm-up prompt; a new "
+                "prompt's first token captures its decoding graph anew, counted in its decode mean and max). "
+                if meta.get("graphs") else "Eager (no CUDA graphs). ") +
              "Wall clock of CUDA-synchronized calls. Decode = mean per token over the tokens after the prompt "
              "(TTT: one b-token period, its TTT step included; `max` is the slowest token, the one with the step).",
              "", "| method | context | prefill (s) | prefill us/token | decode ms/token | decode max ms |",
@@ -273,6 +285,7 @@ def main():
     p.add_argument("--plot", help="PNG of latency vs context")
     p.add_argument("--merge", nargs="*", default=[], help="JSON files of earlier runs whose other methods to add")
     p.add_argument("--write-results", action="store_true", help="update benchmarks/RESULTS.md (GPU runs only)")
+    p.add_argument("--no-graphs", action="store_true", help="eager inference, no CUDA graphs")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if device == "cpu" and not args.tiny:
@@ -286,6 +299,7 @@ def main():
     mid, big = (256, 4096) if args.tiny else (128 * K, 2048 * K)
     summary = summarize(rows, big, mid)
     meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "plot": args.plot,
+            "graphs": not args.no_graphs,
             "device": torch.cuda.get_device_name() if device == "cuda" else "CPU",
             "command": "python " + " ".join(sys.argv)}
     text = markdown(rows, summary, meta)

@@ -29,11 +29,12 @@ from timing import cuda_event_ms  # benchmarks/timing.py (the script's own folde
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
 
 
-def configs(size: str, T: int, b: int, W: int, remat_inner: bool, remat_prefix: bool):
-    fa = (paper_config(size, "fa", T, attention_backend="sdpa"), TTTConfig(train_mode="pretrain", mini_batch_size=T))
+def configs(size: str, T: int, b: int, W: int, remat_inner: bool, remat_prefix: bool, recompute_logits: bool):
+    fa = (paper_config(size, "fa", T, attention_backend="sdpa"),
+          TTTConfig(train_mode="pretrain", mini_batch_size=T, recompute_logits=recompute_logits))
     e2e = (paper_config(size, "e2e", T, window=W, attention_backend="triton"),
            TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0, remat_inner=remat_inner,
-                     remat_prefix=remat_prefix))
+                     remat_prefix=remat_prefix, recompute_logits=recompute_logits))
     return {"fa": fa, "e2e": e2e}
 
 
@@ -144,14 +145,19 @@ def main():
                     help="e2e: recompute each inner step in the outer backward (ttt.remat_inner)")
     ap.add_argument("--remat-prefix", action=argparse.BooleanOptionalAction, default=False,
                     help="e2e: recompute each prefix block in the outer backward (ttt.remat_prefix)")
+    ap.add_argument("--recompute-logits", action="store_true",
+                    help="cross-entropy without keeping the logits (ttt.recompute_logits), both modes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     results = []
     for size in args.sizes:
-        modes = configs(size, args.seq, args.mini_batch, args.window, args.remat_inner, args.remat_prefix)
-        tag = "".join([" remat_inner=off" * (not args.remat_inner), " remat_prefix=on" * args.remat_prefix])
+        modes = configs(size, args.seq, args.mini_batch, args.window, args.remat_inner, args.remat_prefix,
+                        args.recompute_logits)
+        tag = "".join([" remat_inner=off" * (not args.remat_inner), " remat_prefix=on" * args.remat_prefix,
+                       " recompute_logits=on" * args.recompute_logits])
+        fa_tag = " recompute_logits=on" * args.recompute_logits
         for mode, (mcfg, tcfg) in ((m, modes[m]) for m in args.modes):
-            name = f"{size} {mode}" + (tag if mode == "e2e" else "")
+            name = f"{size} {mode}" + (tag if mode == "e2e" else fa_tag)
             try:
                 r = bench(name, mcfg, tcfg, args.steps, args.profile, not args.no_phases, args.graph)
             except torch.OutOfMemoryError as e:
@@ -179,8 +185,8 @@ def main():
                   f"{100 * g['mfu']:.1f}% | {g['peak_mem_gib']:.1f} | | | | |")
     for size in args.sizes:
         by = {r["name"]: r for r in results if "error" not in r}
-        if f"{size} fa" in by and f"{size} e2e{tag}" in by:
-            fa, e2e = by[f"{size} fa"], by[f"{size} e2e{tag}"]
+        if f"{size} fa{fa_tag}" in by and f"{size} e2e{tag}" in by:
+            fa, e2e = by[f"{size} fa{fa_tag}"], by[f"{size} e2e{tag}"]
             print(f"{size}: meta / pretrain = {e2e['ms_per_step'] / fa['ms_per_step']:.2f}x (eager)")
             if "graphed" in fa and "graphed" in e2e:
                 print(f"{size}: meta / pretrain = {e2e['graphed']['ms_per_step'] / fa['graphed']['ms_per_step']:.2f}x "

@@ -84,6 +84,8 @@ class TTTConfig:
     ilr_warmup_steps: int = 0  # ... over this many outer steps
     remat_inner: bool = True  # recompute each inner step in the outer backward instead of storing it
     remat_prefix: bool = False  # recompute each prefix block in the outer backward
+    recompute_logits: bool = False  # cross-entropy without keeping the head's logits (ttt/linear_ce.py): less
+    # memory (125M meta step on an H100: 16 vs 25 GiB), more time (+40%): the logits are recomputed
 
     def ilr_multiplier(self, step: int) -> float:
         if self.ilr_warmup_steps <= 0 or step >= self.ilr_warmup_steps:
@@ -163,6 +165,8 @@ class TrainConfig:
     seed: int = 0  # model init (data order is data.seed)
     device: str = "auto"  # auto: cuda if available else cpu | cpu | cuda. Precision: model.compute_dtype
     compile: bool = False  # torch.compile the blocks that run as plain modules (see ttt_e2e/train/parallel.py)
+    cuda_graph: bool = False  # capture each micro-batch's forward + backward once and replay it (one GPU; see
+    # ttt_e2e/train/graphed.py): removes the launch overhead of the meta step's thousands of small kernels
     distributed: str = "ddp"  # with >1 rank: ddp | fsdp (FSDP2 fully_shard; pretrain mode only)
     checkpoint_every: int = 50  # steps; the last step is always saved; 0: only the last step
     keep_last: int = 2  # checkpoints kept in the run dir (older ones deleted after a newer one is complete)

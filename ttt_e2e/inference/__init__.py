@@ -5,10 +5,11 @@
 Lower level (the tests and the latency benchmark): state = start(model, ttt_cfg, batch); logits = feed(state, ids).
 """
 from .engine import InferenceState, feed, start
+from .graphs import InferenceGraphs
 from .generation import GenerateOutput, generate
 from .kv_cache import KVCache
 from .memory import check_memory, estimate_bytes
 from .sampling import sample
 
-__all__ = ["GenerateOutput", "InferenceState", "KVCache", "check_memory", "estimate_bytes", "feed", "generate",
+__all__ = ["GenerateOutput", "InferenceGraphs", "InferenceState", "KVCache", "check_memory", "estimate_bytes", "feed", "generate",
            "sample", "start"]

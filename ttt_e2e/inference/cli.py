@@ -84,6 +84,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--no-stop-at-eos", action="store_true")
     p.add_argument("--prefill-chunk", type=int)
+    p.add_argument("--no-cuda-graphs", action="store_true", help="eager inner steps and decoding on a GPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
@@ -99,7 +100,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     t0 = time.perf_counter()
     out = generate(model, None if args.no_ttt else ttt, ids, args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, bos_id=tok.bos_id,
-                   stop_tokens=() if args.no_stop_at_eos else (tok.eos_id,), prefill_chunk=args.prefill_chunk)
+                   stop_tokens=() if args.no_stop_at_eos else (tok.eos_id,), prefill_chunk=args.prefill_chunk,
+                   graphs=False if args.no_cuda_graphs else None)
     dt = time.perf_counter() - t0
     new = out.tokens[0]
     text_ids = new[:-1] if out.finished[0] else new

@@ -21,6 +21,9 @@ before that token's own logits are computed, which then use phi_{t+1}, exactly a
 
 Baselines (ttt None or train_mode pretrain): no inner loop, every block runs with its trained weights; window
 None is full attention with a growing KV cache.
+
+With `graphs` (an InferenceGraphs, the default of `generate` on a GPU) the inner steps and the decoding of single
+tokens replay CUDA graphs (graphs.py); the prefix over prompt chunks stays eager (few, large kernels).
 """
 from __future__ import annotations
 
@@ -32,9 +35,11 @@ import torch
 from torch.func import functional_call
 
 from ttt_e2e.config import TTTConfig
+from ttt_e2e.model.attention import DevicePos
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.inner import inner_step
 
+from .graphs import InferenceGraphs
 from .kv_cache import KVCache
 
 DEFAULT_CHUNK = 8192  # prefix tokens per forward in prefill: bounds activation memory independently of context
@@ -61,6 +66,9 @@ class InferenceState:
     losses: list = field(default_factory=list)  # l_t (B,) of every step taken, in order
     token_losses: list = field(default_factory=list)  # (B, b) of every step taken
     autocast: Optional[torch.dtype] = None
+    graphs: Optional[InferenceGraphs] = None
+    stepped_to: Optional[int] = None  # with graphs: the suffix caches are those after the step ending here,
+    # still to be copied into the suffix KVCaches (only the forward-only and decoding passes read those)
 
     @property
     def ttt(self) -> bool:
@@ -73,10 +81,11 @@ class InferenceState:
 
 def start(model: Transformer, ttt: Optional[TTTConfig], batch_size: int, *, bos_id: Optional[int] = None,
           ilr_mult: float = 1.0, prefill_chunk: Optional[int] = None, inner_dtype: Optional[torch.dtype] = None,
-          reserve: int = 0) -> InferenceState:
+          reserve: int = 0, graphs: Optional[InferenceGraphs] = None) -> InferenceState:
     """A fresh state for `batch_size` sequences. ttt None or train_mode pretrain: a baseline without TTT.
     inner_dtype: dtype of phi; default float32 for half-precision weights (METHOD.md: fp32 inner state), else the
-    weights' dtype. reserve: positions to allocate up front in growing (full attention) caches."""
+    weights' dtype. reserve: positions to allocate up front in growing (full attention) caches. graphs: replay
+    the inner steps and single-token decoding as CUDA graphs; the state takes them over from any earlier one."""
     cfg = model.cfg
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -106,6 +115,11 @@ def start(model: Transformer, ttt: Optional[TTTConfig], batch_size: int, *, bos_
         state.theta = {n: p.detach() for n, p in params.items() if n not in inner}
         state.phi = {n: params[n].detach().to(inner_dtype).expand(batch_size, *params[n].shape) for n in inner}
         state.phi_dec = _decode_copy(state)
+    if graphs is not None:
+        if graphs.capture and not next(model.parameters()).is_cuda:
+            raise ValueError("CUDA graphs need the model on a GPU (or InferenceGraphs(capture=False))")
+        graphs.claim(state)
+        state.graphs = graphs
     return state
 
 
@@ -131,7 +145,10 @@ def _feed(state: InferenceState, ids: torch.Tensor) -> torch.Tensor:
             targets = torch.cat((state.pending_ids[:, 1:], ids[:, i:i + 1]), 1)
             _inner_step(state, state.pending_h, targets, state.pos - b)
             state.n_pending = 0
-        if not state.ttt:  # baseline: every block alike, chunk by chunk
+        if n - i == 1 and _can_graph_decode(state):
+            j = i + 1
+            logits = _decode_graphed(state, ids[:, i:j])
+        elif not state.ttt:  # baseline: every block alike, chunk by chunk
             j = min(n, i + state.chunk)
             logits = _logits(state, _blocks(state, state.model.wte(ids[:, i:j]), 0, L))
         elif state.n_pending == 0 and i + b < n:  # whole mini-batches whose targets are all in ids: train on them
@@ -141,6 +158,7 @@ def _feed(state: InferenceState, ids: torch.Tensor) -> torch.Tensor:
                 _inner_step(state, h[:, m:m + b], ids[:, i + m + 1:i + m + b + 1], state.pos + m)
         else:  # suffix forward only with phi_t; the tokens wait in the pending buffer for their step
             j = min(n, i + b - state.n_pending)
+            _sync_suffix_caches(state)
             h = _blocks(state, state.model.wte(ids[:, i:j]), 0, P)
             logits = _logits(state, _blocks(state, h, P, L))
             _add_pending(state, h, ids[:, i:j])
@@ -149,18 +167,48 @@ def _feed(state: InferenceState, ids: torch.Tensor) -> torch.Tensor:
     return logits  # the last pass is never a training one (it needs a token after it), so this is set
 
 
-def _blocks(state: InferenceState, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Blocks lo..hi-1 over x at positions state.pos.. , each with its KVCache; suffix blocks with phi."""
+def _blocks(state: InferenceState, x: torch.Tensor, lo: int, hi: int, pos: Optional[int] = None) -> torch.Tensor:
+    """Blocks lo..hi-1 over x at positions pos.. (default state.pos), each with its KVCache; suffix blocks with
+    phi."""
+    pos = state.pos if pos is None else pos
     blocks = [*state.model.prefix, *state.model.suffix.blocks]
     for layer in range(lo, hi):
         block, cache = blocks[layer], state.caches[layer]
         if state.ttt and layer >= state.model.cfg.n_prefix:  # the current inner weights phi replace MLP'
             name = f"blocks.{layer - state.model.cfg.n_prefix}.prime."
             phi = {f"prime.{w}": state.phi_dec[name + w] for w in ("w1", "w2", "w3")}
-            x = functional_call(block, phi, (x, state.pos, cache))[0]
+            x = functional_call(block, phi, (x, pos, cache))[0]
         else:
-            x = block(x, state.pos, cache)[0]
+            x = block(x, pos, cache)[0]
     return x
+
+
+def _can_graph_decode(state: InferenceState) -> bool:
+    if state.graphs is None or any(c.k is None for c in state.caches):
+        return False  # no graphs, or the caches are not allocated yet (nothing fed so far)
+    if any(c.window is None and c.n >= c.k.shape[2] for c in state.caches):
+        return False  # a full-attention buffer must grow first (eagerly; the next token captures anew)
+    return not state.ttt or (state.pending_h is not None and state.n_pending == state.pos % state.b)
+
+
+def _decode_graphed(state: InferenceState, ids: torch.Tensor) -> torch.Tensor:
+    """One token per sequence through the decoding graph; then the host-side counters it cannot advance."""
+    _sync_suffix_caches(state)
+    P, L = state.model.cfg.n_prefix, state.model.cfg.n_layers
+
+    def forward(ids: torch.Tensor, pos: DevicePos) -> torch.Tensor:
+        h = _blocks(state, state.model.wte(ids), 0, P, pos)
+        if state.ttt:
+            slot = (pos.tensor % state.b).view(1)
+            state.pending_h.index_copy_(1, slot, h.to(state.pending_h.dtype))
+            state.pending_ids.index_copy_(1, slot, ids)
+        return _logits(state, _blocks(state, h, P, L, pos))
+
+    logits = state.graphs.decode(state, ids, forward)
+    for cache in state.caches:
+        cache.n += 1
+    state.n_pending += state.ttt
+    return logits
 
 
 def _logits(state: InferenceState, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +219,12 @@ def _logits(state: InferenceState, x: torch.Tensor) -> torch.Tensor:
 def _inner_step(state: InferenceState, h: torch.Tensor, targets: torch.Tensor, pos0: int) -> None:
     """The training inner step (ttt/inner.py) on the mini-batch at pos0, from the caches before it."""
     mask = torch.ones_like(targets, dtype=torch.bool) if state.bos_id is None else targets != state.bos_id
+    if state.graphs is not None:  # phi and the suffix caches are updated in the graphs' buffers
+        l_t, tok = state.graphs.inner_step(state, h, targets, mask, pos0)
+        state.stepped_to = pos0 + state.b
+        state.losses.append(l_t)
+        state.token_losses.append(tok)
+        return
     l_t, tok, state.phi, caches, _ = inner_step(
         state.model.suffix, state.theta, state.model.head_weight(), state.phi, state.base, h, targets, mask, pos0,
         state.eta, state.clip, state.model.cfg.window)
@@ -182,6 +236,15 @@ def _inner_step(state: InferenceState, h: torch.Tensor, targets: torch.Tensor, p
         cache.reset(k, v, pos0 + state.b)
     state.losses.append(l_t)
     state.token_losses.append(tok)
+
+
+def _sync_suffix_caches(state: InferenceState) -> None:
+    """With graphs: copy the suffix keys of the last step into the suffix KVCaches, once before they are read."""
+    if state.stepped_to is None:
+        return
+    for i, cache in enumerate(state.suffix_caches):
+        cache.reset(*state.graphs.suffix_cache(i, state.stepped_to), state.stepped_to)
+    state.stepped_to = None
 
 
 def _add_pending(state: InferenceState, h: torch.Tensor, ids: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ from ttt_e2e.config import TTTConfig
 from ttt_e2e.model.transformer import Transformer
 
 from .engine import InferenceState, feed, start
+from .graphs import InferenceGraphs
 from .memory import check_memory
 from .sampling import sample
 
@@ -53,13 +54,16 @@ def as_batch(prompt_ids: Prompt, device: torch.device) -> torch.Tensor:
 def generate(model: Transformer, ttt_cfg: Optional[TTTConfig], prompt_ids: Prompt, max_new_tokens: int, *,
              temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Iterable[int] = (),
              seed: Optional[int] = None, bos_id: Optional[int] = None, ilr_mult: float = 1.0,
-             prefill_chunk: Optional[int] = None, check_mem: bool = True) -> GenerateOutput:
+             prefill_chunk: Optional[int] = None, check_mem: bool = True,
+             graphs: Union[bool, InferenceGraphs, None] = None) -> GenerateOutput:
     """Generate up to max_new_tokens after each prompt of the batch.
 
     ttt_cfg: TTTConfig with train_mode meta for TTT-E2E; None (or train_mode pretrain) for the full-attention
     (model.window None) and SWA baselines. temperature 0 is greedy; otherwise sampling with temperature and
     top_p, reproducible with `seed`. A sequence stops at the first of `stop_tokens` it generates; the loop stops
     when every sequence has. bos_id: targets equal to it carry no inner loss (as in training).
+    graphs: replay the inner steps and the decoding as CUDA graphs (default: on a GPU); pass an InferenceGraphs
+    to keep its captures for the next call (same model and batch size).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -68,8 +72,11 @@ def generate(model: Transformer, ttt_cfg: Optional[TTTConfig], prompt_ids: Promp
     stop = set(int(t) for t in stop_tokens)
     B = ids.shape[0]
     positions = ids.shape[1] + max_new_tokens
+    if isinstance(graphs, bool) or graphs is None:
+        graphs = InferenceGraphs() if (device.type == "cuda" if graphs is None else graphs) else None
     state = start(model, ttt_cfg, B, bos_id=bos_id, ilr_mult=ilr_mult, prefill_chunk=prefill_chunk,
-                  reserve=positions if model.cfg.window is None else 0)  # validates; allocates nothing yet
+                  reserve=positions if model.cfg.window is None else 0,
+                  graphs=graphs)  # validates; allocates nothing yet
     if check_mem:
         check_memory(model, ttt_cfg if state.ttt else None, B, positions, state.chunk, _activation_bytes(model))
     generator = None

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ttt_e2e.model.attention import attend
+from ttt_e2e.model.attention import DevicePos, attend
 
 # Window standing for "no window" in the attention seam (positions are far below it; the kernels clamp it).
 FULL = 1 << 40
@@ -47,8 +47,10 @@ class KVCache:
         T = k.shape[2]
         if self.k is None:
             slots = self.window if self.window is not None else max(self._reserve, T, 16)
-            self.k = k.new_empty(*k.shape[:2], slots, k.shape[3])
-            self.v = v.new_empty(*v.shape[:2], slots, v.shape[3])
+            # Zeros, not garbage: decoding in a CUDA graph reads every slot and masks the unwritten ones, and a
+            # masked NaN would still poison the weighted sum (0 * NaN).
+            self.k = k.new_zeros(*k.shape[:2], slots, k.shape[3])
+            self.v = v.new_zeros(*v.shape[:2], slots, v.shape[3])
         if self.window is None:
             if self.n + T > self.k.shape[2]:  # grow by doubling: amortized O(1) per token
                 self._grow(max(2 * self.k.shape[2], self.n + T))
@@ -93,6 +95,9 @@ class KVCache:
         """Attention of the queries at positions pos0.. (this chunk's q, k, v, each (B, H, T, D)) over the held
         keys then the chunk's own; the chunk's keys/values are then stored. Called by the model's Attention."""
         T = q.shape[2]
+        if T == 1 and isinstance(pos0, DevicePos):
+            return self._attend_in_graph(q, k, v, pos0.tensor)
+        pos0 = int(pos0)
         if T == 1:
             # Decoding: once its own key is in, every held key is visible to the query, so this is plain
             # unmasked attention: SDPA's flash/cuDNN decoding kernels on a GPU.
@@ -109,8 +114,19 @@ class KVCache:
         self.append(k, v)
         return o
 
+    def _attend_in_graph(self, q, k, v, pos: torch.Tensor) -> torch.Tensor:
+        """Decoding inside a CUDA graph: the slot to write and the slots to read follow the device position `pos`,
+        so one graph serves every position (the caller advances `n` after each replay). A query sees the slots
+        written so far: 0..pos before a ring wraps (or in a growing buffer), all of them after."""
+        S = self.k.shape[2]
+        slot = (pos % S if self.window is not None else pos).view(1)
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        written = (torch.arange(S, device=q.device) <= pos).view(1, 1, 1, S)
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=written)
+
     def _grow(self, slots: int) -> None:
-        k = self.k.new_empty(*self.k.shape[:2], slots, self.k.shape[3])
-        v = self.v.new_empty(*self.v.shape[:2], slots, self.v.shape[3])
+        k = self.k.new_zeros(*self.k.shape[:2], slots, self.k.shape[3])
+        v = self.v.new_zeros(*self.v.shape[:2], slots, self.v.shape[3])
         k[:, :, :self.n], v[:, :, :self.n] = self.k[:, :, :self.n], self.v[:, :, :self.n]
         self.k, self.v = k, v

@@ -15,6 +15,25 @@ from .layers import RMSNorm, apply_rope, rope_angles
 BACKENDS = ("auto", "torch", "triton", "sdpa")
 
 
+class DevicePos(int):
+    """A start position that is also a device tensor, for code captured in a CUDA graph: the int drives what a
+    graph bakes in (shapes, the kernels' masks, which only need positions relative to the cache), the 0-d int64
+    tensor drives what must follow the position at every replay (the RoPE angles)."""
+
+    tensor: torch.Tensor
+
+    def __new__(cls, value: int, tensor: torch.Tensor):
+        pos = super().__new__(cls, value)
+        pos.tensor = tensor
+        return pos
+
+
+def positions(pos0: int, T: int, device) -> torch.Tensor:
+    if isinstance(pos0, DevicePos):
+        return pos0.tensor + torch.arange(T, device=device)
+    return torch.arange(pos0, pos0 + T, device=device)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, q_pos0: int = 0, k_pos0: int = 0,
            backend: str = "auto") -> torch.Tensor:
     """q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D). Every backend supports double backward."""
@@ -59,10 +78,14 @@ class Attention(torch.nn.Module):
     def project(self, x: torch.Tensor, pos0: int):
         """q, k, v (B, H, T, D) of x (B, T, d) at absolute positions pos0.., QK-normed and rotated."""
         B, T, _ = x.shape
-        split = lambda t: t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        # QK-norm and RoPE in the projections' own (B, T, H, D) layout, where their elementwise ops run on
+        # contiguous memory; the kernels take the (B, H, T, D) views by their strides.
+        split = lambda t: t.view(B, T, self.n_heads, self.head_dim)  # noqa: E731
         q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
-        cos, sin = rope_angles(torch.arange(pos0, pos0 + T, device=x.device), self.head_dim, self.rope_theta)
-        return apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin), v
+        cos, sin = rope_angles(positions(pos0, T, x.device), self.head_dim, self.rope_theta)
+        cos, sin = cos[:, None], sin[:, None]  # (T, 1, D/2): the same angles for every head
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, pos0: int = 0, cache=None):
         """x (B, T, d) at absolute positions pos0.. . cache: None, or the (k, v) of earlier positions, each
@@ -75,6 +98,7 @@ class Attention(torch.nn.Module):
         if cache is not None and not isinstance(cache, tuple):
             o, kv = cache.attend(q, k, v, pos0, self.backend), None
         else:
+            pos0 = int(pos0)  # the kernels take plain ints
             keys, values = (k, v) if cache is None else (torch.cat((cache[0], k), 2), torch.cat((cache[1], v), 2))
             o = attend(q, keys, values, window=self.window, q_pos0=pos0, k_pos0=pos0 - (keys.shape[2] - T),
                        backend=self.backend)

@@ -24,7 +24,14 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
     (B, out, in) when each sequence has its own copy (the inner weights during TTT)."""
     if w1.dim() == 2:
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-    return torch.matmul(F.silu(torch.matmul(x, w1.mT)) * torch.matmul(x, w3.mT), w2.mT)
+    return _per_sequence_linear(F.silu(_per_sequence_linear(x, w1)) * _per_sequence_linear(x, w3), w2)
+
+
+def _per_sequence_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (B, T, in) @ w^T for w (B, out, in), computed as (w @ x^T)^T: then the gradient w.r.t. w comes out
+    contiguous like w (x @ w^T gives it transposed), and the elementwise work on it and on w together (clip,
+    SGD step, their derivatives) runs on matching layouts, vectorized, instead of strided."""
+    return torch.matmul(w, x.mT).mT
 
 
 class SwiGLU(nn.Module):
@@ -47,7 +54,13 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (..., T, head_dim) by the angles of each position."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (..., head_dim) by the angles of each position;
+    cos and sin (..., head_dim/2) broadcast against x's pairs.
+
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), written as x * (cos, cos) + swap(x) * (-sin, sin) so that
+    every op runs on contiguous tensors (the strided x[..., 0::2] form costs twice the kernels, unvectorized,
+    in the forward and in each backward); the values are the same to the bit."""
+    pairs = x.unflatten(-1, (-1, 2))
+    cos, sin = cos.to(x.dtype).unsqueeze(-1), sin.to(x.dtype).unsqueeze(-1)
+    cos2, sin2 = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
+    return (pairs * cos2 + pairs.flip(-1) * sin2).flatten(-2)

@@ -29,6 +29,7 @@ from .data import TrainData, build_data
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from .evaluate import evaluate
 from .flops import flops_per_token, peak_flops
+from .graphed import GraphedMicroStep, check_graph_config
 from .metrics import build_loggers, require_wandb
 from .optim import build_optimizer, build_scheduler
 from .parallel import LossModule, check_parallel_config, parallelize
@@ -130,6 +131,7 @@ def _write_config(cfg: Config, run_dir: Path) -> None:
 
 def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
     tc = cfg.training
+    check_graph_config(cfg, info)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     else:  # one rank reports; the others only warn
@@ -163,6 +165,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
                      tc.eval_batches * tc.global_batch_size, cfg.ttt.ilr_multiplier(step), info, amp)
         return r.loss
 
+    graphed = (GraphedMicroStep(wrapped, list(model.parameters()), amp, data.accumulation)
+               if tc.cuda_graph else None)  # captured at the first micro-batch
     result = TrainResult(info.is_main, run_dir, start, None, None, None, None, ckpt.latest())
     bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (info.is_main and tc.progress),
                dynamic_ncols=True)
@@ -173,7 +177,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
                 loggers.log({"step": 0, "val_loss": result.first_val_loss})
         step = start
         while step < tc.steps:
-            metrics = _train_step(cfg, wrapped, model, optimizer, scheduler, data, amp, step, ckpt, info.world_size)
+            metrics = _train_step(cfg, wrapped, model, optimizer, scheduler, data, amp, step, ckpt, info.world_size,
+                                  graphed)
             step += 1
             dt = metrics.pop("_time")
             record = {"step": step, **metrics, "tokens": step * tokens_per_step, "step_time_s": dt,
@@ -198,7 +203,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
 
 
 def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, data: TrainData, amp, step: int,
-                ckpt: Checkpointer, world_size: int) -> dict:
+                ckpt: Checkpointer, world_size: int, graphed: Optional[GraphedMicroStep] = None) -> dict:
     """One optimizer step (step = steps already taken). Returns the step's metrics (averaged over ranks)."""
     t0 = time.perf_counter()
     ilr = cfg.ttt.ilr_multiplier(step)
@@ -207,10 +212,13 @@ def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, 
     # [outer loss, per-mini-batch losses..., inner grad norms...], summed over micro-batches, then ranks
     stats = torch.zeros(1 + 2 * n_mb, dtype=torch.float64, device=data.device)
     for i, (x, y, m) in enumerate(micro_batches):
-        with _no_sync(wrapped, i == len(micro_batches) - 1):
-            with amp():
-                out = wrapped(x, y, m, ilr)
-            (out["loss"] / len(micro_batches)).backward()
+        if graphed is not None:
+            out = graphed(x, y, m, ilr)
+        else:
+            with _no_sync(wrapped, i == len(micro_batches) - 1):
+                with amp():
+                    out = wrapped(x, y, m, ilr)
+                (out["loss"] / len(micro_batches)).backward()
         stats[0] += out["loss"].detach().double()
         stats[1:1 + n_mb] += out["minibatch_losses"].double()
         if "inner_grad_norm" in out:
@@ -226,7 +234,10 @@ def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, 
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    if graphed is not None:
+        graphed.zero_grad()  # in place: the graph's backward accumulates into these very tensors
+    else:
+        optimizer.zero_grad(set_to_none=True)
     record = {"loss": loss, "minibatch_losses": stats[1:1 + n_mb].tolist(), "grad_norm": grad_norm, "lr": lr,
               "ilr": cfg.ttt.inner_lr * ilr}
     if cfg.ttt.train_mode == "meta":

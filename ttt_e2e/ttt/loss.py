@@ -4,9 +4,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .linear_ce import linear_cross_entropy
 
-def token_losses(h: torch.Tensor, head: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each position, (B, T), in at least fp32: h (B, T, d) are final hidden states, head (vocab, d)."""
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on t runs in: autocast's where it is on, else t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+def token_losses(h: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
+                 recompute_logits: bool = False) -> torch.Tensor:
+    """Cross-entropy of each position, (B, T), in at least fp32: h (B, T, d) are final hidden states, head (vocab, d).
+    recompute_logits: the same function through linear_ce.py, which keeps no logits for the backward."""
+    if recompute_logits:
+        dtype = compute_dtype(h)
+        loss = linear_cross_entropy(h.flatten(0, 1).to(dtype), head.to(dtype), targets.flatten())
+        return loss.view(targets.shape)
     logits = h @ head.T
     if logits.dtype in (torch.bfloat16, torch.float16):
         logits = logits.float()

@@ -19,7 +19,7 @@ from ttt_e2e.config import TTTConfig
 from ttt_e2e.model.transformer import Transformer
 
 from .inner import inner_step
-from .loss import masked_mean, token_losses
+from .loss import compute_dtype, masked_mean, token_losses
 from .remat import remat
 
 
@@ -46,15 +46,15 @@ def sequence_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Te
     if ttt.train_mode == "meta":
         return _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult)
     if ttt.train_mode == "pretrain":
-        return _pretrain_loss(model, input_ids, targets, mask, b, ttt.remat_prefix)
+        return _pretrain_loss(model, input_ids, targets, mask, b, ttt.remat_prefix, ttt.recompute_logits)
     raise ValueError(f"ttt.train_mode must be pretrain or meta, got {ttt.train_mode!r}")
 
 
-def _pretrain_loss(model, input_ids, targets, mask, b, remat_prefix) -> LossOutput:
+def _pretrain_loss(model, input_ids, targets, mask, b, remat_prefix, recompute_logits) -> LossOutput:
     B, T = input_ids.shape
     h = model.run_prefix(model.wte(input_ids), remat=remat_prefix)
     h, _ = model.suffix(h)
-    tok = token_losses(h, model.head_weight(), targets)
+    tok = token_losses(h, model.head_weight(), targets, recompute_logits)
     per_mb = masked_mean(tok.view(B, T // b, b), mask.view(B, T // b, b))  # (B, T / b)
     return LossOutput(per_mb.mean(), per_mb.detach().mean(0), tok.detach())
 
@@ -68,8 +68,8 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     theta = {n: p for n, p in params.items() if n not in inner}
     phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
     step = partial(inner_step, model.suffix, eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip,
-                   window=model.cfg.attention_window)
-    head, caches = model.head_weight(), None
+                   window=model.cfg.attention_window, recompute_logits=ttt.recompute_logits)
+    head, caches = model.head_weight().to(compute_dtype(h)), None  # cast once for every mini-batch
     losses, toks, norms = [], [], []
     for t in range(T // b):
         sl = slice(t * b, (t + 1) * b)

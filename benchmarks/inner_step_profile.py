@@ -1,0 +1,75 @@
+"""Where the time of one inference TTT inner step goes (3B, b = 1024, steady state past W), kernel by kernel.
+
+    python benchmarks/inner_step_profile.py [--size 3b] [--top 25]
+
+Builds the paper config with random bf16 weights, prefills 3 W tokens through `feed` with CUDA graphs (so the
+step graphs exist), then times (a) one replayed step graph, CUDA events, median of 20, and (b) one eager step
+under torch.profiler, whose kernels (the same ones the graph replays) are grouped and summed.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ttt_e2e.config import TTTConfig
+from ttt_e2e.inference import InferenceGraphs, feed, start
+from ttt_e2e.inference.engine import _autocast
+from ttt_e2e.model.sizes import paper_config
+from ttt_e2e.model.transformer import Transformer
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="3b")
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = Transformer(paper_config(args.size, "e2e")).eval()
+    torch.set_default_dtype(torch.float32)
+    ttt = TTTConfig(train_mode="meta", mini_batch_size=1024)
+    W, b = model.cfg.window, 1024
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 3 * W + 1), device="cuda")
+    graphs = InferenceGraphs()
+    with torch.no_grad():
+        state = start(model, ttt, 1, graphs=graphs)
+        feed(state, ids)
+        h = torch.randn(1, b, model.cfg.d_model, device="cuda", dtype=torch.bfloat16)
+        tgt = ids[:, 1:b + 1]
+        mask = torch.ones_like(tgt, dtype=torch.bool)
+        pos0 = state.pos - state.pos % b + b  # past W: the steady-state graph
+        with _autocast(state):
+            graphs.inner_step(state, h, tgt, mask, pos0)
+            times = []
+            for _ in range(20):
+                a, z = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                graphs.inner_step(state, h, tgt, mask, pos0)
+                z.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(z))
+            print(f"replayed steady-state step: {statistics.median(times):.2f} ms (median of 20, incl. input copies)")
+            graphs.capture = False  # the same code, eagerly, for the profiler
+            graphs.inner_step(state, h, tgt, mask, pos0)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                graphs.inner_step(state, h, tgt, mask, pos0)
+                torch.cuda.synchronize()
+    total, groups, count = 0.0, defaultdict(float), defaultdict(int)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name.split("<")[0][:90]
+            groups[name] += e.device_time
+            count[name] += 1
+            total += e.device_time
+    print(f"eager step: {sum(count.values())} kernels, {total / 1e3:.2f} ms of GPU time")
+    for name, t in sorted(groups.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"{t / 1e3:8.2f} ms {100 * t / total:5.1f}% {count[name]:5d}x  {name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The CUDA-graph path of inference (graphs.py) computes what the plain path computes.
+
+On the CPU the graphs' static-buffer code runs eagerly (capture=False): fixed-size suffix caches with masked
+slots below position 0, positions read from device tensors, in-place updates, the decoding slots chosen on the
+device. That is everything a captured graph replays, checked exactly (float64). The GPU test adds the capture.
+"""
+import pytest
+import torch
+
+from ttt_e2e.config import ModelConfig, TTTConfig
+from ttt_e2e.inference import InferenceGraphs, feed, start
+from ttt_e2e.inference.engine import _decode_graphed
+from ttt_e2e.model.transformer import Transformer
+from ttt_e2e.ttt.meta import sequence_loss
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def _decode_all(model, ttt, tokens, prompt_len, graphs=None, reserve=0):
+    state = start(model, ttt, tokens.shape[0], graphs=graphs, reserve=reserve)
+    out = [feed(state, tokens[:, :prompt_len])]
+    for p in range(prompt_len, tokens.shape[1]):
+        out.append(feed(state, tokens[:, p:p + 1]))
+    return torch.stack(out, 1), state
+
+
+@pytest.mark.parametrize("prompt_len", [1, 9, 16, 30])
+def test_graph_path_equals_plain_path(make_model, meta_ttt, prompt_len, monkeypatch):
+    """Prefill then decode over many mini-batch boundaries, past the window (W 16, b 8, 56 tokens): logits,
+    inner losses and the final phi equal the plain path's; single tokens went through the decoding graph."""
+    model = make_model()
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 56), generator=torch.Generator().manual_seed(5))
+    ref, ref_state = _decode_all(model, meta_ttt, tokens, prompt_len)
+    calls = []
+    monkeypatch.setattr("ttt_e2e.inference.engine._decode_graphed",
+                        lambda *a: calls.append(1) or _decode_graphed(*a))
+    got, state = _decode_all(model, meta_ttt, tokens, prompt_len, graphs=InferenceGraphs(capture=False))
+    assert len(calls) == tokens.shape[1] - prompt_len
+    torch.testing.assert_close(got, ref, **TOL)
+    assert len(state.losses) == len(ref_state.losses) == (tokens.shape[1] - 1) // meta_ttt.mini_batch_size
+    torch.testing.assert_close(torch.stack(state.losses), torch.stack(ref_state.losses), **TOL)
+    for n in ref_state.phi:
+        torch.testing.assert_close(state.phi[n], ref_state.phi[n], **TOL)
+
+
+def test_graph_prefill_losses_equal_training(make_model, meta_ttt):
+    model = make_model()
+    T, B, bos = 48, 2, 5
+    tokens = torch.randint(0, model.cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(6))
+    tokens[:, ::7] = bos
+    ref = sequence_loss(model, tokens[:, :-1], tokens[:, 1:], tokens[:, 1:] != bos, meta_ttt)
+    state = start(model, meta_ttt, B, bos_id=bos, graphs=InferenceGraphs(capture=False))
+    feed(state, tokens)
+    torch.testing.assert_close(torch.cat(state.token_losses, 1), ref.token_losses, **TOL)
+
+
+@pytest.mark.parametrize("window", [16, None])
+def test_graph_decoding_of_baselines(make_model, window):
+    """SWA (ring buffer, wrapping) and full attention (growing buffer: a token that needs the buffer to grow
+    runs eagerly, then decoding resumes in the graph path)."""
+    model = make_model(window=window, suffix_len=0, prime_mlp=False)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 45), generator=torch.Generator().manual_seed(7))
+    ref, _ = _decode_all(model, None, tokens, 3)
+    got, _ = _decode_all(model, None, tokens, 3, graphs=InferenceGraphs(capture=False))
+    torch.testing.assert_close(got, ref, **TOL)
+
+
+def test_graphs_reused_by_a_new_state(make_model, meta_ttt):
+    """A second state takes the graphs over and starts clean; the first one may no longer use them."""
+    model = make_model()
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(8))
+    ref, _ = _decode_all(model, meta_ttt, tokens, 20)
+    graphs = InferenceGraphs(capture=False)
+    _, first = _decode_all(model, meta_ttt, tokens, 30, graphs=graphs)
+    got, _ = _decode_all(model, meta_ttt, tokens, 20, graphs=graphs)
+    torch.testing.assert_close(got, ref, **TOL)
+    with pytest.raises(RuntimeError, match="another inference state"):
+        feed(first, tokens[:, :9])
+
+
+def test_other_inner_lr_is_not_replayed(make_model, meta_ttt):
+    """The inner learning rate is baked into a step graph: a state with another one must not reuse it."""
+    model = make_model()
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 33), generator=torch.Generator().manual_seed(9))
+    graphs = InferenceGraphs(capture=False)
+    feed(start(model, meta_ttt, 1, graphs=graphs), tokens)
+    other = TTTConfig(**{**meta_ttt.__dict__, "inner_lr": 0.1})
+    ref = feed(start(model, other, 1), tokens)
+    torch.testing.assert_close(feed(start(model, other, 1, graphs=graphs), tokens), ref, **TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True])
+def test_captured_graphs_on_gpu(autocast):
+    """Captured and replayed on a GPU with the Triton kernels: a prompt past the window then decoding over
+    several TTT steps, against the plain path (fp32: tight; bf16 autocast: the rounding of two orders of ops)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cfg = ModelConfig(vocab_size=512, n_layers=3, d_model=128, n_heads=2, mlp_width=256, prime_mlp_width=192,
+                      suffix_len=2, seq_length=512, window=256, attention_backend="triton",
+                      compute_dtype="bfloat16" if autocast else "float32", init_std=0.1)
+    torch.manual_seed(0)
+    model = Transformer(cfg).cuda().eval()
+    ttt = TTTConfig(train_mode="meta", mini_batch_size=64, inner_lr=0.5, inner_grad_clip=1.0)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 600), device="cuda",
+                           generator=torch.Generator("cuda").manual_seed(10))
+    ref, ref_state = _decode_all(model, ttt, tokens, 300)
+    graphs = InferenceGraphs()
+    got, state = _decode_all(model, ttt, tokens, 300, graphs=graphs)
+    again, _ = _decode_all(model, ttt, tokens, 300, graphs=graphs)  # every step and token replayed
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)  # replay == the eager first pass, bit for bit
+    torch.testing.assert_close(torch.stack(state.losses), torch.stack(ref_state.losses), **tol)
+    assert len(graphs._graphs) >= 3  # step graphs below and past W, and the decoding graph
