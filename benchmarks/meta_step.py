@@ -100,7 +100,7 @@ def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bo
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
-        result["top_kernels"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+        result["top_kernels"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     if graph:  # the same step captured whole in a CUDA graph and replayed (ttt_e2e/cuda_graph.py)
         del opt
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True,
