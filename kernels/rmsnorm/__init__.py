@@ -1,0 +1,31 @@
+"""RMSNorm with forward and backward Triton kernels, differentiable twice.
+
+    from ttt_e2e.kernels.rmsnorm import rms_norm
+    y = rms_norm(x, w, eps)          # over the last dim; statistics in fp32; y in x's dtype
+
+One kernel each for the forward and the backward instead of the eight and twelve elementwise/reduction kernels
+of the PyTorch form (`rms_norm_reference`), which the meta step runs thousands of times. The double backward is
+autograd's on the PyTorch form of the backward (it runs once per norm in the outer backward).
+"""
+from __future__ import annotations
+
+import torch
+
+from .function import _RMSNorm
+from .reference import rms_norm_backward_reference, rms_norm_reference
+
+__all__ = ["rms_norm", "rms_norm_reference", "rms_norm_backward_reference"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, use_kernel: bool | None = None) -> torch.Tensor:
+    """use_kernel None: the kernels for CUDA tensors of fp32/bf16/fp16, the reference otherwise (float64, CPU)."""
+    if use_kernel is None:
+        use_kernel = x.is_cuda and x.dtype in _DTYPES and w.dtype in _DTYPES
+    if not use_kernel:
+        return rms_norm_reference(x, w, eps)
+    if w.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm: weight {tuple(w.shape)} does not match the last dim of x {tuple(x.shape)}")
+    y, _ = _RMSNorm.apply(x.contiguous().view(-1, x.shape[-1]), w.contiguous(), eps)
+    return y.view(x.shape)
