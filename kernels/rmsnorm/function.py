@@ -1,11 +1,13 @@
-"""Autograd for the RMSNorm kernels: forward and backward are kernels; the double backward (needed by the meta
-gradient, which differentiates the inner gradient) comes from autograd on the PyTorch form of the backward."""
+"""Autograd for the RMSNorm kernels: forward, backward and double backward (the meta-gradient differentiates the
+inner gradient, so the backward must be differentiable once more); the double backward is marked
+once_differentiable (no third derivative)."""
 from __future__ import annotations
 
 import torch
 
-from .kernel import rms_norm_bwd, rms_norm_fwd
-from .reference import rms_norm_backward_reference
+from torch.autograd.function import once_differentiable
+
+from .kernel import rms_norm_bwd, rms_norm_double_bwd, rms_norm_fwd
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -34,19 +36,12 @@ class _RMSNormBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, _rstd, dy, eps = inputs
-        ctx.save_for_backward(x, w, dy)
-        ctx.eps = eps
+        x, w, rstd, dy, _eps = inputs
+        ctx.save_for_backward(x, w, rstd, dy)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_dx, g_dw):
-        # rstd is recomputed from x inside the reference, so its dependence on x is in these gradients: the
-        # rstd input itself gets none.
-        x, w, dy = ctx.saved_tensors
-        with torch.enable_grad():
-            xr, wr, dyr = (t.detach().requires_grad_() for t in (x, w, dy))
-            dx, dw = rms_norm_backward_reference(xr, wr, dyr, ctx.eps)
-            outs = [(o, g) for o, g in ((dx, g_dx), (dw, g_dw)) if g is not None]
-            gx, gw, gdy = torch.autograd.grad([o for o, _ in outs], (xr, wr, dyr), [g for _, g in outs],
-                                              allow_unused=True)
+        x, w, rstd, dy = ctx.saved_tensors
+        gx, gw, gdy = rms_norm_double_bwd(x, w, rstd, dy, g_dx, g_dw)
         return gx, gw, None, gdy, None

@@ -36,8 +36,10 @@ def test_forward_and_backward(shape):
 
 
 @pytest.mark.parametrize("shape", [(37, 16), (2, 5, 80)])
-def test_double_backward(shape):
-    """The meta-gradient pattern: an inner gradient taken with create_graph, then differentiated again."""
+@pytest.mark.parametrize("probe", ["dx and dw", "dx only", "dw only"])
+def test_double_backward(shape, probe):
+    """The meta-gradient pattern: an inner gradient taken with create_graph, then differentiated again (the inner
+    gradient of TTT uses dx only; a plain double backward may use both)."""
     x, w, dy = _randn(*shape, scale=2.0), 1 + _randn(shape[-1], scale=0.2), _randn(*shape)
     probe_x, probe_w = _randn(*shape), _randn(shape[-1])
 
@@ -45,8 +47,10 @@ def test_double_backward(shape):
         x, w, dy = (t.clone().requires_grad_() for t in (x, w, dy))
         y = rms_norm(x, w, 1e-6, use_kernel=kernel) if kernel else rms_norm_reference(x, w, 1e-6)
         gx, gw = torch.autograd.grad(y, (x, w), dy, create_graph=True)
-        return torch.autograd.grad((gx * probe_x.to(gx.dtype)).sum() + (gw * probe_w.to(gw.dtype)).sum(),
-                                   (x, w, dy))
+        terms = {"dx": (gx * probe_x.to(gx.dtype)).sum(), "dw": (gw * probe_w.to(gw.dtype)).sum()}
+        grads = torch.autograd.grad(sum(terms[k] for k in ("dx", "dw") if k in probe), (x, w, dy),
+                                    allow_unused=True)  # dw does not depend on w
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (x, w, dy))]
 
     got = second(x.float(), w.float(), dy.float(), True)
     want = second(x, w, dy, False)
@@ -65,3 +69,4 @@ def test_half_precision_input_keeps_its_dtype():
 def test_bad_weight_shape():
     with pytest.raises(ValueError, match="does not match the last dim"):
         rms_norm(_randn(3, 8).float(), torch.ones(7, device=DEVICE), 1e-6, use_kernel=True)
+
