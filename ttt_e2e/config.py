@@ -165,8 +165,8 @@ class TrainConfig:
     seed: int = 0  # model init (data order is data.seed)
     device: str = "auto"  # auto: cuda if available else cpu | cpu | cuda. Precision: model.compute_dtype
     compile: bool = False  # torch.compile the blocks that run as plain modules (see ttt_e2e/train/parallel.py)
-    cuda_graph: bool = False  # capture each micro-batch's forward + backward once and replay it (one GPU; see
-    # ttt_e2e/train/graphed.py): removes the launch overhead of the meta step's thousands of small kernels
+    cuda_graph: Optional[bool] = None  # capture each micro-batch's forward + backward once and replay it (see
+    # ttt_e2e/train/graphed.py; 3x faster meta steps at 125M). None: on for one CUDA rank without compile
     distributed: str = "ddp"  # with >1 rank: ddp | fsdp (FSDP2 fully_shard; pretrain mode only)
     checkpoint_every: int = 50  # steps; the last step is always saved; 0: only the last step
     keep_last: int = 2  # checkpoints kept in the run dir (older ones deleted after a newer one is complete)

@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from ttt_e2e.config import ConfigError
+from ttt_e2e.train.distributed import DistInfo
+from ttt_e2e.train.graphed import use_cuda_graph
 from ttt_e2e.train.trainer import train
 
 
@@ -10,6 +12,22 @@ def test_cuda_graph_needs_cuda(compose, tmp_path):
     with pytest.raises(ConfigError, match="training.cuda_graph=true needs a CUDA device"):
         train(compose(**{"training.cuda_graph": "true", "training.device": "cpu"}), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("device, ranks, compile_, setting, expected", [
+    ("cuda", 1, "false", "null", True), ("cuda", 2, "false", "null", False), ("cuda", 1, "true", "null", False),
+    ("cpu", 1, "false", "null", False), ("cuda", 1, "false", "false", False), ("cuda", 1, "false", "true", True),
+])
+def test_default_is_on_for_one_gpu(compose, device, ranks, compile_, setting, expected):
+    cfg = compose(**{"training.cuda_graph": setting, "training.compile": compile_})
+    info = DistInfo(rank=0, world_size=ranks, local_rank=0, device=torch.device(device))
+    assert use_cuda_graph(cfg, info) is expected
+
+
+def test_explicit_cuda_graph_with_two_ranks_is_refused(compose):
+    info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cuda"))
+    with pytest.raises(ConfigError, match="single-GPU only"):
+        use_cuda_graph(compose(**{"training.cuda_graph": "true"}), info)
 
 
 @pytest.mark.gpu

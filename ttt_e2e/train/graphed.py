@@ -21,15 +21,20 @@ from ttt_e2e.config import Config, ConfigError
 from .distributed import DistInfo
 
 
-def check_graph_config(cfg: Config, info: DistInfo) -> None:
+def use_cuda_graph(cfg: Config, info: DistInfo) -> bool:
+    """training.cuda_graph resolved: None is on for one CUDA rank without training.compile; an explicit true that
+    cannot work is a ConfigError."""
+    if cfg.training.cuda_graph is None:
+        return info.device.type == "cuda" and info.world_size == 1 and not cfg.training.compile
     if not cfg.training.cuda_graph:
-        return
+        return False
     if info.device.type != "cuda":
         raise ConfigError("training.cuda_graph=true needs a CUDA device (training.device resolved to "
                           f"{info.device.type})")
     if info.world_size > 1:
         raise ConfigError("training.cuda_graph=true is single-GPU only: the DDP/FSDP2 gradient reductions are not "
                           f"captured; got {info.world_size} ranks (drop cuda_graph, or run one rank)")
+    return True
 
 
 class GraphedMicroStep:

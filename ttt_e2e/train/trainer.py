@@ -29,7 +29,7 @@ from .data import TrainData, build_data
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from .evaluate import evaluate
 from .flops import flops_per_token, peak_flops
-from .graphed import GraphedMicroStep, check_graph_config
+from .graphed import GraphedMicroStep, use_cuda_graph
 from .metrics import build_loggers, require_wandb
 from .optim import build_optimizer, build_scheduler
 from .parallel import LossModule, check_parallel_config, parallelize
@@ -131,7 +131,7 @@ def _write_config(cfg: Config, run_dir: Path) -> None:
 
 def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
     tc = cfg.training
-    check_graph_config(cfg, info)
+    graph = use_cuda_graph(cfg, info)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     else:  # one rank reports; the others only warn
@@ -154,9 +154,9 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
     tokens_per_step = tc.global_batch_size * cfg.model.seq_length
     peak = peak_flops(info.device, cfg.log.peak_tflops) * info.world_size
     if info.is_main:
-        log.info("model: %.2fM parameters, %s mode, %d rank(s) x %d micro-batch x %d accumulation; run dir %s",
+        log.info("model: %.2fM parameters, %s mode, %d rank(s) x %d micro-batch x %d accumulation%s; run dir %s",
                  n_params / 1e6, cfg.ttt.train_mode, info.world_size, data.micro_batch_size, data.accumulation,
-                 run_dir)
+                 ", CUDA graph" if graph else "", run_dir)
 
     def run_eval(step: int) -> Optional[float]:
         if data.val is None:
@@ -166,7 +166,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
         return r.loss
 
     graphed = (GraphedMicroStep(wrapped, list(model.parameters()), amp, data.accumulation)
-               if tc.cuda_graph else None)  # captured at the first micro-batch
+               if graph else None)  # captured at the first micro-batch
     result = TrainResult(info.is_main, run_dir, start, None, None, None, None, ckpt.latest())
     bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (info.is_main and tc.progress),
                dynamic_ncols=True)
