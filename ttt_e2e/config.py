@@ -34,6 +34,8 @@ class ModelConfig:
     init_std: float = 0.02
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere | torch | triton | sdpa (full causal only)
     compute_dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, parameters' dtype elsewhere
+    norm_kernels: Optional[bool] = None  # RMSNorm as Triton kernels on CUDA (kernels/rmsnorm). None: on, except
+    # for meta-mode training without a CUDA graph, which is host-bound and faster with the PyTorch form
 
     @property
     def head_dim(self) -> int:

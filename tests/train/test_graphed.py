@@ -1,10 +1,13 @@
-"""training.cuda_graph: refused where it cannot work; on a GPU, the same training as the eager path."""
+"""training.cuda_graph (and model.norm_kernels, resolved with it): refused where it cannot work; on a GPU, the
+same training as the eager path."""
 import pytest
 import torch
 
 from ttt_e2e.config import ConfigError
 from ttt_e2e.train.distributed import DistInfo
-from ttt_e2e.train.graphed import use_cuda_graph
+from ttt_e2e.model.layers import RMSNorm
+from ttt_e2e.model.transformer import Transformer
+from ttt_e2e.train.graphed import use_cuda_graph, use_norm_kernels
 from ttt_e2e.train.trainer import train
 
 
@@ -24,6 +27,19 @@ def test_default_is_on_for_one_gpu(compose, device, ranks, compile_, setting, ex
     assert use_cuda_graph(cfg, info) is expected
 
 
+@pytest.mark.parametrize("mode, graph, setting, expected", [
+    ("meta", False, "null", False), ("meta", True, "null", True), ("pretrain", False, "null", True),
+    ("meta", False, "true", True), ("pretrain", True, "false", False),
+])
+def test_norm_kernels_off_only_for_eager_meta_by_default(compose, mode, graph, setting, expected):
+    cfg = compose(**{"ttt.train_mode": mode, "model.norm_kernels": setting})
+    assert use_norm_kernels(cfg, graph) is expected
+    model = Transformer(cfg.model)
+    model.use_norm_kernels(expected)
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(m.kernel is expected for m in norms)
+
+
 def test_explicit_cuda_graph_with_two_ranks_is_refused(compose):
     info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cuda"))
     with pytest.raises(ConfigError, match="single-GPU only"):
@@ -41,7 +57,8 @@ def test_graphed_training_equals_eager(compose, tmp_path, metrics, mode, micro):
     for graph in ("false", "true"):
         cfg = compose(**{"training.cuda_graph": graph, "training.device": "cuda", "ttt.train_mode": mode,
                          "training.micro_batch_size": micro, "model.compute_dtype": "float32",
-                         "model.attention_backend": "triton"})
+                         "model.attention_backend": "triton",
+                         "model.norm_kernels": "true"})  # the same kernels in both (the default differs)
         train(cfg, tmp_path / graph)
         runs[graph] = [r for r in metrics(tmp_path / graph) if "loss" in r]
     assert len(runs["true"]) == len(runs["false"]) == 8

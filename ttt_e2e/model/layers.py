@@ -13,11 +13,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernel = True  # the Triton kernels on CUDA tensors (Transformer.use_norm_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in at least fp32 even under bf16 autocast; the result in the input's dtype. On a GPU one
         # kernel each for forward and backward (the meta step runs thousands of norms and their derivatives).
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, use_kernel=None if self.kernel else False)
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:

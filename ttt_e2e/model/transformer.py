@@ -76,6 +76,13 @@ class Transformer(nn.Module):
         self.suffix = Suffix(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
+        self.use_norm_kernels(cfg.norm_kernels is not False)
+
+    def use_norm_kernels(self, on: bool) -> None:
+        """RMSNorm through its Triton kernels on CUDA tensors (on) or its PyTorch form (off)."""
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.kernel = on
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
