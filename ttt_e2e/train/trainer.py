@@ -67,7 +67,11 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         require_wandb()  # fail before any work, not after the data is tokenized
     info = init_distributed(cfg.training.device)
     try:
-        return _train(cfg, Path(broadcast_object(str(run_dir))), info)
+        result = _train(cfg, Path(broadcast_object(str(run_dir))), info)
+        # Every rank done before any tears its process group down: a gloo rank whose peer had already left was
+        # seen to abort at exit ("terminate called without an active exception") after a complete run.
+        barrier()
+        return result
     finally:
         shutdown()
 
