@@ -87,7 +87,7 @@ class TTTConfig:
     remat_inner: bool = True  # recompute each inner step in the outer backward instead of storing it
     remat_prefix: bool = False  # recompute each prefix block in the outer backward
     recompute_logits: bool = False  # cross-entropy without keeping the head's logits (ttt/linear_ce.py): less
-    # memory (125M meta step on an H100: 16 vs 25 GiB), more time (+40%): the logits are recomputed
+    # memory (125M meta step on an H100: 16 vs 27 GiB), more time (+40%): the logits are recomputed
 
     def ilr_multiplier(self, step: int) -> float:
         if self.ilr_warmup_steps <= 0 or step >= self.ilr_warmup_steps:

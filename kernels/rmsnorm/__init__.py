@@ -5,17 +5,16 @@
 
 One kernel each for the forward, the backward and the double backward instead of the eight, twelve and about
 thirty elementwise/reduction kernels of the PyTorch form (`rms_norm_reference`), which the meta step runs
-thousands of times. `rms_norm_backward_reference` is the backward written out, the tests' oracle for the double
-backward (autograd differentiates it).
+thousands of times.
 """
 from __future__ import annotations
 
 import torch
 
 from .function import _RMSNorm
-from .reference import rms_norm_backward_reference, rms_norm_reference
+from .reference import rms_norm_reference
 
-__all__ = ["rms_norm", "rms_norm_reference", "rms_norm_backward_reference"]
+__all__ = ["rms_norm", "rms_norm_reference"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -1,5 +1,5 @@
-"""RMSNorm in PyTorch ops: the reference of the kernels, and their double backward (which autograd derives from
-`rms_norm_backward_reference`)."""
+"""RMSNorm in PyTorch ops: the reference of the kernels (the tests differentiate it twice for the oracle of the
+backward and double backward kernels), and the model's RMSNorm off CUDA or with model.norm_kernels off."""
 from __future__ import annotations
 
 import torch
@@ -11,14 +11,3 @@ def rms_norm_reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Te
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (y * w.to(y.dtype)).to(x.dtype)
 
-
-def rms_norm_backward_reference(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, eps: float):
-    """(dx, dw) of rms_norm_reference for the cotangent dy, written out (differentiable: autograd takes it from
-    here to the double backward). dx = r (w dy - xhat mean(w dy xhat)), dw = sum over rows of dy xhat."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    xf, dyf, wf = x.to(acc), dy.to(acc), w.to(acc)
-    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    xhat, wdy = xf * r, dyf * wf
-    dx = r * (wdy - xhat * (wdy * xhat).mean(-1, keepdim=True))
-    dw = (dyf * xhat).reshape(-1, x.shape[-1]).sum(0)
-    return dx.to(x.dtype), dw.to(w.dtype)

@@ -78,15 +78,22 @@ def test_graphs_reused_by_a_new_state(make_model, meta_ttt):
         feed(first, tokens[:, :9])
 
 
-def test_other_inner_lr_is_not_replayed(make_model, meta_ttt):
-    """The inner learning rate is baked into a step graph: a state with another one must not reuse it."""
+def test_graphs_baking_in_another_inner_lr_are_dropped(make_model, meta_ttt):
+    """A step graph bakes the inner learning rate in: a state with the same one keeps the captured step graphs,
+    a state with another one drops them (a stand-in entry shows which; nothing is captured on the CPU), and
+    still computes with its own rate."""
     model = make_model()
     tokens = torch.randint(0, model.cfg.vocab_size, (1, 33), generator=torch.Generator().manual_seed(9))
     graphs = InferenceGraphs(capture=False)
     feed(start(model, meta_ttt, 1, graphs=graphs), tokens)
+    captured = ("step", 0)
+    graphs._graphs[captured] = "a step graph"
+    start(model, meta_ttt, 1, graphs=graphs)
+    assert captured in graphs._graphs
     other = TTTConfig(**{**meta_ttt.__dict__, "inner_lr": 0.1})
-    ref = feed(start(model, other, 1), tokens)
-    torch.testing.assert_close(feed(start(model, other, 1, graphs=graphs), tokens), ref, **TOL)
+    state = start(model, other, 1, graphs=graphs)
+    assert captured not in graphs._graphs
+    torch.testing.assert_close(feed(state, tokens), feed(start(model, other, 1), tokens), **TOL)
 
 
 @pytest.mark.gpu

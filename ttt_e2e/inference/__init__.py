@@ -11,5 +11,5 @@ from .kv_cache import KVCache
 from .memory import check_memory, estimate_bytes
 from .sampling import sample
 
-__all__ = ["GenerateOutput", "InferenceGraphs", "InferenceState", "KVCache", "check_memory", "estimate_bytes", "feed", "generate",
-           "sample", "start"]
+__all__ = ["GenerateOutput", "InferenceGraphs", "InferenceState", "KVCache", "check_memory", "estimate_bytes", "feed",
+           "generate", "sample", "start"]

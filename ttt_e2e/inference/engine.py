@@ -67,8 +67,8 @@ class InferenceState:
     token_losses: list = field(default_factory=list)  # (B, b) of every step taken
     autocast: Optional[torch.dtype] = None
     graphs: Optional[InferenceGraphs] = None
-    stepped_to: Optional[int] = None  # with graphs: the suffix caches are those after the step ending here,
-    # still to be copied into the suffix KVCaches (only the forward-only and decoding passes read those)
+    stepped_to: Optional[int] = None  # the suffix caches of the inner step ending here, still to be copied into
+    # the suffix KVCaches (only the forward-only and decoding passes read those)
 
     @property
     def ttt(self) -> bool:
@@ -219,31 +219,27 @@ def _logits(state: InferenceState, x: torch.Tensor) -> torch.Tensor:
 def _inner_step(state: InferenceState, h: torch.Tensor, targets: torch.Tensor, pos0: int) -> None:
     """The training inner step (ttt/inner.py) on the mini-batch at pos0, from the caches before it."""
     mask = torch.ones_like(targets, dtype=torch.bool) if state.bos_id is None else targets != state.bos_id
-    if state.graphs is not None:  # phi and the suffix caches are updated in the graphs' buffers
+    if state.graphs is not None:  # phi and the suffix caches are updated in place, in the graphs' buffers
         l_t, tok = state.graphs.inner_step(state, h, targets, mask, pos0)
-        state.stepped_to = pos0 + state.b
-        state.losses.append(l_t)
-        state.token_losses.append(tok)
-        return
-    l_t, tok, state.phi, caches, _ = inner_step(
-        state.model.suffix, state.theta, state.model.head_weight(), state.phi, state.base, h, targets, mask, pos0,
-        state.eta, state.clip, state.model.cfg.window)
-    state.phi_dec = _decode_copy(state)
-    # The keys the step computed with phi_t are the ones training carries on with; they replace those that
-    # decoding wrote for the same positions (equal up to rounding, computed token by token).
-    state.base = caches
-    for cache, (k, v) in zip(state.suffix_caches, caches):
-        cache.reset(k, v, pos0 + state.b)
+    else:
+        l_t, tok, state.phi, state.base, _ = inner_step(
+            state.model.suffix, state.theta, state.model.head_weight(), state.phi, state.base, h, targets, mask,
+            pos0, state.eta, state.clip, state.model.cfg.window)
+        state.phi_dec = _decode_copy(state)
+    state.stepped_to = pos0 + state.b
     state.losses.append(l_t)
     state.token_losses.append(tok)
 
 
 def _sync_suffix_caches(state: InferenceState) -> None:
-    """With graphs: copy the suffix keys of the last step into the suffix KVCaches, once before they are read."""
-    if state.stepped_to is None:
+    """Copy the suffix keys of the last inner step into the suffix KVCaches, once, before they are read. The keys
+    the step computed with phi_t are the ones training carries on with; they replace those that decoding wrote for
+    the same positions (equal up to rounding, computed token by token)."""
+    n = state.stepped_to
+    if n is None:
         return
     for i, cache in enumerate(state.suffix_caches):
-        cache.reset(*state.graphs.suffix_cache(i, state.stepped_to), state.stepped_to)
+        cache.reset(*(state.graphs.suffix_cache(i, n) if state.graphs is not None else state.base[i]), n)
     state.stepped_to = None
 
 

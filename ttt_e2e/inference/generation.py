@@ -72,8 +72,10 @@ def generate(model: Transformer, ttt_cfg: Optional[TTTConfig], prompt_ids: Promp
     stop = set(int(t) for t in stop_tokens)
     B = ids.shape[0]
     positions = ids.shape[1] + max_new_tokens
-    if isinstance(graphs, bool) or graphs is None:
-        graphs = InferenceGraphs() if (device.type == "cuda" if graphs is None else graphs) else None
+    if graphs is None:
+        graphs = device.type == "cuda"
+    if isinstance(graphs, bool):
+        graphs = InferenceGraphs() if graphs else None
     state = start(model, ttt_cfg, B, bos_id=bos_id, ilr_mult=ilr_mult, prefill_chunk=prefill_chunk,
                   reserve=positions if model.cfg.window is None else 0,
                   graphs=graphs)  # validates; allocates nothing yet
