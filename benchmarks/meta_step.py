@@ -32,7 +32,7 @@ H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
 def configs(size: str, T: int, b: int, W: int, remat_inner: bool, remat_prefix: bool, recompute_logits: bool):
     fa = (paper_config(size, "fa", T, attention_backend="sdpa"),
           TTTConfig(train_mode="pretrain", mini_batch_size=T, recompute_logits=recompute_logits))
-    e2e = (paper_config(size, "e2e", T, window=W, attention_backend="triton"),
+    e2e = (paper_config(size, "e2e", T, window=W),  # attention "auto": cuDNN for the prefix where W >= T
            TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0, remat_inner=remat_inner,
                      remat_prefix=remat_prefix, recompute_logits=recompute_logits))
     return {"fa": fa, "e2e": e2e}
@@ -55,9 +55,10 @@ def cuda_ms(fn, steps: int, warmup: int = 2) -> list[float]:
 
 
 def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bool, phases: bool,
-          graph: bool) -> dict:
+          graph: bool, fused_kernels: bool = True, ce_kernel: bool = True) -> dict:
     torch.manual_seed(0)
     model = Transformer(mcfg, tcfg).cuda()
+    model.use_fused_kernels(fused_kernels, ce_kernel)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     T = mcfg.seq_length
     ids = torch.randint(0, mcfg.vocab_size, (1, T + 1), device="cuda")
@@ -147,19 +148,25 @@ def main():
                     help="e2e: recompute each prefix block in the outer backward (ttt.remat_prefix)")
     ap.add_argument("--recompute-logits", action="store_true",
                     help="cross-entropy without keeping the logits (ttt.recompute_logits), both modes")
+    ap.add_argument("--no-fused-kernels", action="store_true",
+                    help="RMSNorm, RoPE and the SwiGLU gate in PyTorch ops (model.fused_kernels=false), for ablation")
+    ap.add_argument("--no-ce-kernel", action="store_true",
+                    help="cross-entropy in PyTorch ops (fp32 logits) instead of kernels/cross_entropy, for ablation")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     results = []
     for size in args.sizes:
         modes = configs(size, args.seq, args.mini_batch, args.window, args.remat_inner, args.remat_prefix,
                         args.recompute_logits)
+        kernels = " fused_kernels=off" * args.no_fused_kernels + " ce_kernel=off" * args.no_ce_kernel
         tag = "".join([" remat_inner=off" * (not args.remat_inner), " remat_prefix=on" * args.remat_prefix,
-                       " recompute_logits=on" * args.recompute_logits])
-        fa_tag = " recompute_logits=on" * args.recompute_logits
+                       " recompute_logits=on" * args.recompute_logits, kernels])
+        fa_tag = " recompute_logits=on" * args.recompute_logits + kernels
         for mode, (mcfg, tcfg) in ((m, modes[m]) for m in args.modes):
             name = f"{size} {mode}" + (tag if mode == "e2e" else fa_tag)
             try:
-                r = bench(name, mcfg, tcfg, args.steps, args.profile, not args.no_phases, args.graph)
+                r = bench(name, mcfg, tcfg, args.steps, args.profile, not args.no_phases, args.graph,
+                          fused_kernels=not args.no_fused_kernels, ce_kernel=not args.no_ce_kernel)
             except torch.OutOfMemoryError as e:
                 r = dict(name=name, error=f"out of memory: {str(e).splitlines()[0]}")
                 torch.cuda.empty_cache()

@@ -34,8 +34,9 @@ class ModelConfig:
     init_std: float = 0.02
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere | torch | triton | sdpa (full causal only)
     compute_dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, parameters' dtype elsewhere
-    norm_kernels: Optional[bool] = None  # RMSNorm as Triton kernels on CUDA (kernels/rmsnorm). None: on, except
-    # for meta-mode training without a CUDA graph, which is host-bound and faster with the PyTorch form
+    fused_kernels: Optional[bool] = None  # cross-entropy, RMSNorm, RoPE, SwiGLU gate as Triton kernels on CUDA
+    # (kernels/); false: all in PyTorch ops. None: all on, except RMSNorm/RoPE/SwiGLU for meta-mode training
+    # without a CUDA graph, which is host-bound and faster with their PyTorch forms
 
     @property
     def head_dim(self) -> int:

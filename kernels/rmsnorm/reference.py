@@ -1,5 +1,5 @@
 """RMSNorm in PyTorch ops: the reference of the kernels (the tests differentiate it twice for the oracle of the
-backward and double backward kernels), and the model's RMSNorm off CUDA or with model.norm_kernels off."""
+backward and double backward kernels), and the model's RMSNorm off CUDA or with model.fused_kernels off."""
 from __future__ import annotations
 
 import torch

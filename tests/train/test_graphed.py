@@ -1,13 +1,14 @@
-"""training.cuda_graph (and model.norm_kernels, resolved with it): refused where it cannot work; on a GPU, the
+"""training.cuda_graph (and model.fused_kernels, resolved with it): refused where it cannot work; on a GPU, the
 same training as the eager path."""
 import pytest
 import torch
 
 from ttt_e2e.config import ConfigError
 from ttt_e2e.train.distributed import DistInfo
-from ttt_e2e.model.layers import RMSNorm
+from ttt_e2e.model.attention import Attention
+from ttt_e2e.model.layers import RMSNorm, SwiGLU
 from ttt_e2e.model.transformer import Transformer
-from ttt_e2e.train.graphed import use_cuda_graph, use_norm_kernels
+from ttt_e2e.train.graphed import use_cuda_graph, use_fused_kernels
 from ttt_e2e.train.trainer import train
 
 
@@ -27,17 +28,19 @@ def test_default_is_on_for_one_gpu(compose, device, ranks, compile_, setting, ex
     assert use_cuda_graph(cfg, info) is expected
 
 
-@pytest.mark.parametrize("mode, graph, setting, expected", [
-    ("meta", False, "null", False), ("meta", True, "null", True), ("pretrain", False, "null", True),
-    ("meta", False, "true", True), ("pretrain", True, "false", False),
+@pytest.mark.parametrize("mode, graph, setting, expected, ce", [
+    ("meta", False, "null", False, True), ("meta", True, "null", True, True), ("pretrain", False, "null", True, True),
+    ("meta", False, "true", True, True), ("pretrain", True, "false", False, False),
 ])
-def test_norm_kernels_off_only_for_eager_meta_by_default(compose, mode, graph, setting, expected):
-    cfg = compose(**{"ttt.train_mode": mode, "model.norm_kernels": setting})
-    assert use_norm_kernels(cfg, graph) is expected
+def test_fused_kernels_off_only_for_eager_meta_by_default(compose, mode, graph, setting, expected, ce):
+    cfg = compose(**{"ttt.train_mode": mode, "model.fused_kernels": setting})
+    assert use_fused_kernels(cfg, graph) == (expected, ce)
     model = Transformer(cfg.model)
-    model.use_norm_kernels(expected)
-    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
-    assert norms and all(m.kernel is expected for m in norms)
+    model.use_fused_kernels(expected, ce)
+    for kind in (RMSNorm, Attention, SwiGLU):  # every module with a kernel switch follows it
+        mods = [m for m in model.modules() if isinstance(m, kind)]
+        assert mods and all(m.kernel is expected for m in mods), kind.__name__
+    assert model.ce_kernel is ce
 
 
 def test_explicit_cuda_graph_with_two_ranks_is_refused(compose):
@@ -58,7 +61,7 @@ def test_graphed_training_equals_eager(compose, tmp_path, metrics, mode, micro):
         cfg = compose(**{"training.cuda_graph": graph, "training.device": "cuda", "ttt.train_mode": mode,
                          "training.micro_batch_size": micro, "model.compute_dtype": "float32",
                          "model.attention_backend": "triton",
-                         "model.norm_kernels": "true"})  # the same kernels in both (the default differs)
+                         "model.fused_kernels": "true"})  # the same kernels in both (the default differs)
         train(cfg, tmp_path / graph)
         runs[graph] = [r for r in metrics(tmp_path / graph) if "loss" in r]
     assert len(runs["true"]) == len(runs["false"]) == 8

@@ -35,10 +35,14 @@ def positions(pos0: int, T: int, device) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, q_pos0: int = 0, k_pos0: int = 0,
-           backend: str = "auto") -> torch.Tensor:
-    """q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D). Every backend supports double backward."""
+           backend: str = "auto", first_order: bool = False) -> torch.Tensor:
+    """q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D). Every backend supports double backward, except
+    'sdpa', which 'auto' picks only for a caller that promises first derivatives at most (first_order: the prefix
+    blocks, outside every inner gradient) when the window covers the whole sequence: plain full causal attention,
+    where PyTorch's cuDNN kernels are faster than ours (benchmarks/RESULTS.md)."""
     if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
+        full = q_pos0 == k_pos0 == 0 and q.shape[2] == k.shape[2] and window >= k.shape[2]
+        backend = ("sdpa" if first_order and full else "triton") if q.is_cuda else "torch"
     if backend == "triton":
         from ttt_e2e.kernels.swa import swa_attention as attention
     elif backend == "torch":
@@ -74,6 +78,8 @@ class Attention(torch.nn.Module):
         # One scale of size head_dim shared by all heads.
         self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else torch.nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else torch.nn.Identity()
+        self.kernel = True  # RoPE through its Triton kernel on CUDA tensors (Transformer.use_fused_kernels)
+        self.first_order = False  # never differentiated twice (the prefix blocks): attend may pick cuDNN
 
     def project(self, x: torch.Tensor, pos0: int):
         """q, k, v (B, H, T, D) of x (B, T, d) at absolute positions pos0.., QK-normed and rotated."""
@@ -83,8 +89,7 @@ class Attention(torch.nn.Module):
         split = lambda t: t.view(B, T, self.n_heads, self.head_dim)  # noqa: E731
         q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
         cos, sin = rope_angles(positions(pos0, T, x.device), self.head_dim, self.rope_theta)
-        cos, sin = cos[:, None], sin[:, None]  # (T, 1, D/2): the same angles for every head
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        q, k = apply_rope(self.q_norm(q), cos, sin, self.kernel), apply_rope(self.k_norm(k), cos, sin, self.kernel)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, pos0: int = 0, cache=None):
@@ -101,6 +106,6 @@ class Attention(torch.nn.Module):
             pos0 = int(pos0)  # the kernels take plain ints
             keys, values = (k, v) if cache is None else (torch.cat((cache[0], k), 2), torch.cat((cache[1], v), 2))
             o = attend(q, keys, values, window=self.window, q_pos0=pos0, k_pos0=pos0 - (keys.shape[2] - T),
-                       backend=self.backend)
+                       backend=self.backend, first_order=self.first_order)
             kv = (keys, values)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1)), kv

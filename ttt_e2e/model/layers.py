@@ -6,6 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ttt_e2e.kernels.rmsnorm import rms_norm
+from ttt_e2e.kernels.rope import rope
+from ttt_e2e.kernels.swiglu import swiglu_gate
 
 
 class RMSNorm(nn.Module):
@@ -13,7 +15,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.kernel = True  # the Triton kernels on CUDA tensors (Transformer.use_norm_kernels)
+        self.kernel = True  # the Triton kernels on CUDA tensors (Transformer.use_fused_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in at least fp32 even under bf16 autocast; the result in the input's dtype. On a GPU one
@@ -21,19 +23,19 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, use_kernel=None if self.kernel else False)
 
 
-def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """w2( silu(w1 x) * (w3 x) ). Weights are (out, in) like nn.Linear, or carry a leading batch dimension
-    (B, out, in) when each sequence has its own copy (the inner weights during TTT)."""
+    (B, out, in) when each sequence has its own copy (the inner weights during TTT). kernel: the gate
+    silu(a) * b through its Triton kernels on CUDA tensors (one kernel per derivative instead of a dozen)."""
+    gate = lambda a, b: swiglu_gate(a, b, use_kernel=None if kernel else False)  # noqa: E731
     if w1.dim() == 2:
-        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-    return _per_sequence_linear(F.silu(_per_sequence_linear(x, w1)) * _per_sequence_linear(x, w3), w2)
-
-
-def _per_sequence_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (B, T, in) @ w^T for w (B, out, in), computed as (w @ x^T)^T: then the gradient w.r.t. w comes out
-    contiguous like w (x @ w^T gives it transposed), and the elementwise work on it and on w together (clip,
-    SGD step, their derivatives) runs on matching layouts, vectorized, instead of strided."""
-    return torch.matmul(w, x.mT).mT
+        return F.linear(gate(F.linear(x, w1), F.linear(x, w3)), w2)
+    # Per-sequence weights: computed transposed, (w @ x^T)^T, so that the gradient w.r.t. w comes out contiguous
+    # like w (x @ w^T gives it transposed) and the elementwise work on it and on w together (clip, SGD step,
+    # their derivatives) runs vectorized; the hidden activations stay in the (B, hidden, T) layout throughout,
+    # contiguous for the gate's kernels.
+    xt = x.mT
+    return torch.matmul(w2, gate(torch.matmul(w1, xt), torch.matmul(w3, xt))).mT
 
 
 class SwiGLU(nn.Module):
@@ -42,9 +44,10 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Parameter(torch.empty(hidden, dim))
         self.w2 = nn.Parameter(torch.empty(dim, hidden))
         self.w3 = nn.Parameter(torch.empty(hidden, dim))
+        self.kernel = True  # the gate's Triton kernels on CUDA tensors (Transformer.use_fused_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.w1, self.w2, self.w3)
+        return swiglu(x, self.w1, self.w2, self.w3, self.kernel)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,14 +58,8 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (..., head_dim) by the angles of each position;
-    cos and sin (..., head_dim/2) broadcast against x's pairs.
-
-    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), written as x * (cos, cos) + swap(x) * (-sin, sin) so that
-    every op runs on contiguous tensors (the strided x[..., 0::2] form costs twice the kernels, unvectorized,
-    in the forward and in each backward); the values are the same to the bit."""
-    pairs = x.unflatten(-1, (-1, 2))
-    cos, sin = cos.to(x.dtype).unsqueeze(-1), sin.to(x.dtype).unsqueeze(-1)
-    cos2, sin2 = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
-    return (pairs * cos2 + pairs.flip(-1) * sin2).flatten(-2)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: bool = True) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, T, H, D) by the angles of each position, cos
+    and sin (T, D/2) from rope_angles: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). kernel: one Triton kernel
+    per derivative on CUDA tensors (kernels/rope), else the PyTorch form."""
+    return rope(x, cos, sin, use_kernel=None if kernel else False)

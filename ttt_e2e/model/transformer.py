@@ -73,16 +73,21 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.prefix = nn.ModuleList(Block(cfg, has_prime=False) for _ in range(cfg.n_prefix))
+        for block in self.prefix:  # run once per sequence, outside the inner loop: first derivatives only
+            block.attn.first_order = True
         self.suffix = Suffix(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
-        self.use_norm_kernels(cfg.norm_kernels is not False)
+        self.use_fused_kernels(cfg.fused_kernels is not False, cross_entropy=cfg.fused_kernels is not False)
 
-    def use_norm_kernels(self, on: bool) -> None:
-        """RMSNorm through its Triton kernels on CUDA tensors (on) or its PyTorch form (off)."""
+    def use_fused_kernels(self, elementwise: bool, cross_entropy: bool = True) -> None:
+        """On CUDA tensors: RMSNorm, RoPE and the SwiGLU gate through their Triton kernels (elementwise) or their
+        PyTorch forms; the loss's cross-entropy through its kernels (cross_entropy, read by ttt/meta.py) or
+        PyTorch's. Attention follows cfg.attention_backend."""
         for m in self.modules():
-            if isinstance(m, RMSNorm):
-                m.kernel = on
+            if isinstance(m, (RMSNorm, Attention, SwiGLU)):
+                m.kernel = elementwise
+        self.ce_kernel = cross_entropy
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

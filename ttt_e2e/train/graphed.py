@@ -21,13 +21,15 @@ from ttt_e2e.config import Config, ConfigError
 from .distributed import DistInfo
 
 
-def use_norm_kernels(cfg: Config, graph: bool) -> bool:
-    """model.norm_kernels resolved. Measured on an H100 (benchmarks/RESULTS.md): the kernels cut the GPU time of
-    every step, but an eager meta step is host-bound, and each kernel call under torch.func costs more host time
-    than the PyTorch ops it replaces (125M: 664 -> 835 ms/step, 1B: 2194 -> 3429); so None is off exactly there."""
-    if cfg.model.norm_kernels is not None:
-        return cfg.model.norm_kernels
-    return graph or cfg.ttt.train_mode != "meta"
+def use_fused_kernels(cfg: Config, graph: bool) -> tuple[bool, bool]:
+    """model.fused_kernels resolved to (elementwise kernels, cross-entropy kernels). Measured on an H100
+    (benchmarks/RESULTS.md): the kernels cut the GPU time of every step, but an eager meta step is host-bound, and
+    each small kernel call under torch.func costs more host time than the PyTorch ops it replaces (125M: 777 ->
+    928 ms/step); so None turns the elementwise ones off exactly there. The cross-entropy kernels replace a dozen
+    passes over (tokens, vocabulary) tensors per call and stay on."""
+    if cfg.model.fused_kernels is not None:
+        return cfg.model.fused_kernels, cfg.model.fused_kernels
+    return graph or cfg.ttt.train_mode != "meta", True
 
 
 def use_cuda_graph(cfg: Config, info: DistInfo) -> bool:

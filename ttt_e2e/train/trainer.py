@@ -29,7 +29,7 @@ from .data import TrainData, build_data
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from .evaluate import evaluate
 from .flops import flops_per_token, peak_flops
-from .graphed import GraphedMicroStep, use_cuda_graph, use_norm_kernels
+from .graphed import GraphedMicroStep, use_cuda_graph, use_fused_kernels
 from .metrics import build_loggers, require_wandb
 from .optim import build_optimizer, build_scheduler
 from .parallel import LossModule, check_parallel_config, parallelize
@@ -143,8 +143,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
     _seed_everything(tc.seed)  # the same initial model on every rank
     data = build_data(cfg, info)
     model = Transformer(cfg.model).to(dtype=param_dtype(cfg.model), device=info.device)
-    norm_kernels = use_norm_kernels(cfg, graph)
-    model.use_norm_kernels(norm_kernels)
+    fused_kernels, ce_kernel = use_fused_kernels(cfg, graph)
+    model.use_fused_kernels(fused_kernels, ce_kernel)
     n_params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(model, cfg.ttt.train_mode)
     wrapped = parallelize(LossModule(model, cfg.ttt), cfg, info)
@@ -162,7 +162,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
     if info.is_main:
         log.info("model: %.2fM parameters, %s mode, %d rank(s) x %d micro-batch x %d accumulation%s%s; run dir %s",
                  n_params / 1e6, cfg.ttt.train_mode, info.world_size, data.micro_batch_size, data.accumulation,
-                 ", CUDA graph" if graph else "", ", RMSNorm kernels" if norm_kernels and info.device.type == "cuda"
+                 ", CUDA graph" if graph else "", ", fused kernels" if fused_kernels and info.device.type == "cuda"
                  else "", run_dir)
 
     def run_eval(step: int) -> Optional[float]:

@@ -27,7 +27,7 @@ def clip_per_sequence(grads: Tensors, max_norm: float) -> tuple[Tensors, torch.T
 
 def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors, caches, h: torch.Tensor,
                targets: torch.Tensor, mask: torch.Tensor, pos0: int, eta: float, clip: float, window: int,
-               recompute_logits: bool = False):
+               recompute_logits: bool = False, ce_kernel: bool = True):
     """Mini-batch t at absolute position pos0: h (B, b, d) is the prefix's output for it.
 
     Returns l_t (B,) computed with phi_t, the per-token losses (B, b), phi_{t+1}, the next KV caches and the
@@ -37,7 +37,7 @@ def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors,
 
     def loss(phi: Tensors):
         out, kvs = functional_call(suffix, {**theta, **phi}, (h, pos0, caches))
-        tok = token_losses(out, head, targets, recompute_logits)
+        tok = token_losses(out, head, targets, recompute_logits, ce_kernel)
         l_t = masked_mean(tok, mask)
         return l_t.sum(), (l_t, tok, kvs)  # the sum over sequences: each phi[i] sees only its own l_t[i]
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ttt_e2e.kernels.cross_entropy import cross_entropy
 
 from .linear_ce import linear_cross_entropy
 
@@ -14,17 +15,17 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def token_losses(h: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
-                 recompute_logits: bool = False) -> torch.Tensor:
+                 recompute_logits: bool = False, kernel: bool = True) -> torch.Tensor:
     """Cross-entropy of each position, (B, T), in at least fp32: h (B, T, d) are final hidden states, head (vocab, d).
+    kernel: on a GPU through the cross-entropy kernels (kernels/cross_entropy), else PyTorch's.
     recompute_logits: the same function through linear_ce.py, which keeps no logits for the backward."""
     if recompute_logits:
         dtype = compute_dtype(h)
         loss = linear_cross_entropy(h.flatten(0, 1).to(dtype), head.to(dtype), targets.flatten())
         return loss.view(targets.shape)
-    logits = h @ head.T
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    logits = h @ head.T  # in the matmul's dtype: the kernels read bf16 logits and reduce in fp32 (no fp32 copy)
+    use_kernel = None if kernel else False
+    return cross_entropy(logits.flatten(0, 1), targets.flatten(), use_kernel=use_kernel).view(targets.shape)
 
 
 def masked_mean(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ def _pretrain_loss(model, input_ids, targets, mask, b, remat_prefix, recompute_l
     B, T = input_ids.shape
     h = model.run_prefix(model.wte(input_ids), remat=remat_prefix)
     h, _ = model.suffix(h)
-    tok = token_losses(h, model.head_weight(), targets, recompute_logits)
+    tok = token_losses(h, model.head_weight(), targets, recompute_logits, model.ce_kernel)
     per_mb = masked_mean(tok.view(B, T // b, b), mask.view(B, T // b, b))  # (B, T / b)
     return LossOutput(per_mb.mean(), per_mb.detach().mean(0), tok.detach())
 
@@ -68,7 +68,7 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     theta = {n: p for n, p in params.items() if n not in inner}
     phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
     step = partial(inner_step, model.suffix, eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip,
-                   window=model.cfg.attention_window, recompute_logits=ttt.recompute_logits)
+                   window=model.cfg.attention_window, recompute_logits=ttt.recompute_logits, ce_kernel=model.ce_kernel)
     head, caches = model.head_weight().to(compute_dtype(h)), None  # cast once for every mini-batch
     losses, toks, norms = [], [], []
     for t in range(T // b):

@@ -1,0 +1,111 @@
+"""Cross-entropy over rows of (N, V) logits: forward, backward and double backward Triton kernels.
+
+Per row, with p = softmax(z) = exp(z - lse) and y the target:
+    loss = lse - z_y                        (forward; lse kept for the backward)
+    dz   = g (p - e_y)                      (backward, for the loss cotangent g)
+    for a cotangent u of dz:  grad g = <u, p - e_y>,  grad z = g p (u - <u, p>)   (double backward)
+Every pass reads the logits in their own dtype (bf16 under autocast) and computes in fp32: no fp32 copy of the
+(N, V) logits is ever written. A negative target (ignore_index) gives loss 0 and no gradient.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG = tl.constexpr(-1.0e38)  # a finite "minus infinity": exp(_NEG - _NEG) must not be NaN in lanes past the row's end
+
+
+@triton.jit
+def _ce_fwd_kernel(Z, Y, LOSS, LSE, V, stride_z, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    z_row = Z + row.to(tl.int64) * stride_z
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], _NEG, tl.float32)  # per-lane running max and sum of exp
+    s = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        c = start + cols
+        z = tl.where(c < V, tl.load(z_row + c, mask=c < V, other=0.0).to(tl.float32), _NEG)
+        m_new = tl.maximum(m, z)
+        s = s * tl.exp(m - m_new) + tl.where(c < V, tl.exp(z - m_new), 0.0)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+    y = tl.load(Y + row)
+    valid = y >= 0
+    z_y = tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32)
+    tl.store(LOSS + row, tl.where(valid, lse - z_y, 0.0))
+    tl.store(LSE + row, lse)
+
+
+@triton.jit
+def _ce_bwd_kernel(Z, Y, LSE, G, DZ, V, stride_z, stride_dz, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    y = tl.load(Y + row)
+    g = tl.where(y >= 0, tl.load(G + row), 0.0)
+    lse = tl.load(LSE + row)
+    z = tl.load(Z + row.to(tl.int64) * stride_z + c, mask=c < V, other=0.0).to(tl.float32)
+    dz = g * (tl.exp(z - lse) - tl.where(c == y, 1.0, 0.0))
+    tl.store(DZ + row.to(tl.int64) * stride_dz + c, dz.to(DZ.dtype.element_ty), mask=c < V)
+
+
+@triton.jit
+def _ce_dbwd_kernel(Z, Y, LSE, G, U, GZ, GG, V, stride_z, stride_u, stride_gz, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    z_row = Z + row.to(tl.int64) * stride_z
+    u_row = U + row.to(tl.int64) * stride_u
+    cols = tl.arange(0, BLOCK_V)
+    y = tl.load(Y + row)
+    valid = y >= 0
+    g = tl.where(valid, tl.load(G + row), 0.0)
+    lse = tl.load(LSE + row)
+    acc = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):  # first pass: <u, p>
+        c = start + cols
+        z = tl.load(z_row + c, mask=c < V, other=0.0).to(tl.float32)
+        u = tl.load(u_row + c, mask=c < V, other=0.0).to(tl.float32)
+        acc += tl.where(c < V, u * tl.exp(z - lse), 0.0)
+    up = tl.sum(acc, axis=0)
+    u_y = tl.load(u_row + tl.where(valid, y, 0)).to(tl.float32)
+    tl.store(GG + row, tl.where(valid, up - u_y, 0.0))
+    gz_row = GZ + row.to(tl.int64) * stride_gz
+    for start in range(0, V, BLOCK_V):  # second pass: g p (u - <u, p>)
+        c = start + cols
+        z = tl.load(z_row + c, mask=c < V, other=0.0).to(tl.float32)
+        u = tl.load(u_row + c, mask=c < V, other=0.0).to(tl.float32)
+        gz = g * tl.exp(z - lse) * (u - up)
+        tl.store(gz_row + c, gz.to(GZ.dtype.element_ty), mask=c < V)
+
+
+def _block(V: int, cap: int) -> int:
+    return min(cap, triton.next_power_of_2(V))
+
+
+def ce_fwd(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z (N, V) with unit column stride, y (N,) int -> (loss (N,) fp32, lse (N,) fp32)."""
+    N, V = z.shape
+    loss = torch.empty(N, dtype=torch.float32, device=z.device)
+    lse = torch.empty(N, dtype=torch.float32, device=z.device)
+    _ce_fwd_kernel[(N,)](z, y, loss, lse, V, z.stride(0), BLOCK_V=_block(V, 4096), num_warps=8)
+    return loss, lse
+
+
+def ce_bwd(z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """dz (N, V) in z's dtype for the loss cotangent g (N,) fp32."""
+    N, V = z.shape
+    dz = torch.empty((N, V), dtype=z.dtype, device=z.device)
+    block = _block(V, 4096)
+    _ce_bwd_kernel[(N, triton.cdiv(V, block))](z, y, lse, g, dz, V, z.stride(0), dz.stride(0), BLOCK_V=block,
+                                               num_warps=8)
+    return dz
+
+
+def ce_double_bwd(z, y, lse, g, u) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. (z, g) of <u, dz>, where dz = ce_bwd(z, y, lse, g): (gz (N, V) in z's dtype, gg (N,) fp32)."""
+    N, V = z.shape
+    gz = torch.empty((N, V), dtype=z.dtype, device=z.device)
+    gg = torch.empty(N, dtype=torch.float32, device=z.device)
+    _ce_dbwd_kernel[(N,)](z, y, lse, g, u, gz, gg, V, z.stride(0), u.stride(0), gz.stride(0),
+                          BLOCK_V=_block(V, 4096), num_warps=8)
+    return gz, gg
