@@ -29,12 +29,14 @@ from timing import cuda_event_ms  # benchmarks/timing.py (the script's own folde
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
 
 
-def configs(size: str, T: int, b: int, W: int, remat_inner: bool, remat_prefix: bool, recompute_logits: bool):
+def configs(size: str, T: int, b: int, W: int, remat_inner: bool, remat_prefix: bool, recompute_logits: bool,
+            remat_prefix_blocks: int | None = None):
     fa = (paper_config(size, "fa", T, attention_backend="sdpa"),
           TTTConfig(train_mode="pretrain", mini_batch_size=T, recompute_logits=recompute_logits))
     e2e = (paper_config(size, "e2e", T, window=W),  # attention "auto": cuDNN for the prefix where W >= T
            TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0, remat_inner=remat_inner,
-                     remat_prefix=remat_prefix, recompute_logits=recompute_logits))
+                     remat_prefix=remat_prefix, remat_prefix_blocks=remat_prefix_blocks,
+                     recompute_logits=recompute_logits))
     return {"fa": fa, "e2e": e2e}
 
 
@@ -146,6 +148,8 @@ def main():
                     help="e2e: recompute each inner step in the outer backward (ttt.remat_inner)")
     ap.add_argument("--remat-prefix", action=argparse.BooleanOptionalAction, default=False,
                     help="e2e: recompute each prefix block in the outer backward (ttt.remat_prefix)")
+    ap.add_argument("--remat-prefix-blocks", type=int, default=None,
+                    help="e2e with --remat-prefix: recompute only the first N prefix blocks (ttt.remat_prefix_blocks)")
     ap.add_argument("--recompute-logits", action="store_true",
                     help="cross-entropy without keeping the logits (ttt.recompute_logits), both modes")
     ap.add_argument("--no-fused-kernels", action="store_true",
@@ -157,9 +161,10 @@ def main():
     results = []
     for size in args.sizes:
         modes = configs(size, args.seq, args.mini_batch, args.window, args.remat_inner, args.remat_prefix,
-                        args.recompute_logits)
+                        args.recompute_logits, args.remat_prefix_blocks)
         kernels = " fused_kernels=off" * args.no_fused_kernels + " ce_kernel=off" * args.no_ce_kernel
-        tag = "".join([" remat_inner=off" * (not args.remat_inner), " remat_prefix=on" * args.remat_prefix,
+        blocks = "" if args.remat_prefix_blocks is None else f"({args.remat_prefix_blocks} blocks)"
+        tag = "".join([" remat_inner=off" * (not args.remat_inner), f" remat_prefix=on{blocks}" * args.remat_prefix,
                        " recompute_logits=on" * args.recompute_logits, kernels])
         fa_tag = " recompute_logits=on" * args.recompute_logits + kernels
         for mode, (mcfg, tcfg) in ((m, modes[m]) for m in args.modes):

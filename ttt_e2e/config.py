@@ -87,6 +87,8 @@ class TTTConfig:
     ilr_warmup_steps: int = 0  # ... over this many outer steps
     remat_inner: bool = True  # recompute each inner step in the outer backward instead of storing it
     remat_prefix: bool = False  # recompute each prefix block in the outer backward
+    remat_prefix_blocks: Optional[int] = None  # with remat_prefix: only the first N prefix blocks (None: all), the
+    # rest keep their activations: memory for time between the two extremes
     recompute_logits: bool = False  # cross-entropy without keeping the head's logits (ttt/linear_ce.py): less
     # memory (125M meta step on an H100: 16 vs 27 GiB), more time (+40%): the logits are recomputed
 
@@ -113,6 +115,15 @@ class TTTConfig:
                 raise ConfigError("ttt.train_mode=meta needs model.prime_mlp=true (MLP' holds the inner weights)")
         if self.ilr_warmup_steps < 0:
             raise ConfigError(f"ttt.ilr_warmup_steps must be >= 0, got {self.ilr_warmup_steps}")
+        if self.remat_prefix_blocks is not None and not 0 <= self.remat_prefix_blocks <= model.n_prefix:
+            raise ConfigError(f"ttt.remat_prefix_blocks must be null or in [0, {model.n_prefix}] (the prefix "
+                              f"blocks), got {self.remat_prefix_blocks}")
+
+    def prefix_remat_blocks(self, model: ModelConfig) -> int:
+        """How many of the first prefix blocks recompute their activations in the backward."""
+        if not self.remat_prefix:
+            return 0
+        return model.n_prefix if self.remat_prefix_blocks is None else self.remat_prefix_blocks
 
 
 @dataclass

@@ -9,18 +9,20 @@ import triton.language as tl
 
 @triton.jit
 def _rope_kernel(X, COS, SIN, Y, R, T, HP, P, SIGN: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    # Rows r = b T + t of HP = H P pairs each (P = D / 2); pair j of a row turns by angle (t, j mod P).
+    # Rows r = b T + t of HP = H P pairs each (P = D / 2); pair j of a row turns by angle (t, j mod P). The row
+    # is read and written contiguously (vectorized) and split into its even and odd lanes in registers.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, 2 * BLOCK)
+    offs = rows[:, None].to(tl.int64) * (2 * HP) + cols[None, :]
+    m2 = (rows[:, None] < R) & (cols[None, :] < 2 * HP)
+    x0, x1 = tl.split(tl.reshape(tl.load(X + offs, mask=m2, other=0.0).to(tl.float32), (ROWS, BLOCK, 2)))
     j = tl.arange(0, BLOCK)
     m = (rows[:, None] < R) & (j[None, :] < HP)
     ang = (rows % T)[:, None] * P + (j % P)[None, :]
     c = tl.load(COS + ang, mask=m, other=0.0).to(tl.float32)
     s = tl.load(SIN + ang, mask=m, other=0.0).to(tl.float32) * SIGN
-    even = rows[:, None].to(tl.int64) * (2 * HP) + 2 * j[None, :]
-    x0 = tl.load(X + even, mask=m, other=0.0).to(tl.float32)
-    x1 = tl.load(X + even + 1, mask=m, other=0.0).to(tl.float32)
-    tl.store(Y + even, (x0 * c - x1 * s).to(Y.dtype.element_ty), mask=m)
-    tl.store(Y + even + 1, (x1 * c + x0 * s).to(Y.dtype.element_ty), mask=m)
+    y = tl.reshape(tl.join(x0 * c - x1 * s, x1 * c + x0 * s), (ROWS, 2 * BLOCK))
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m2)
 
 
 def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:

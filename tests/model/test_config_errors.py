@@ -24,3 +24,8 @@ def test_seq_length_not_divisible_by_minibatch():
 def test_meta_needs_inner_weights():
     with pytest.raises(ConfigError, match=r"model\.prime_mlp"):
         Transformer(ModelConfig(prime_mlp=False), TTTConfig(train_mode="meta"))
+
+
+def test_remat_prefix_blocks_out_of_range():
+    with pytest.raises(ConfigError, match=r"ttt\.remat_prefix_blocks must be null or in \[0, 2\]"):
+        Transformer(ModelConfig(n_layers=4, suffix_len=2), TTTConfig(remat_prefix=True, remat_prefix_blocks=3))

@@ -49,6 +49,21 @@ def test_remat_gives_the_same_gradient():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("blocks", [None, 1])
+def test_prefix_remat_gives_the_same_gradient(blocks):
+    """ttt.remat_prefix recomputes all prefix blocks, or with remat_prefix_blocks only the first N of them."""
+    model = tiny_model(seed=8, n_layers=4)
+    batch = tiny_batch(model, seed=9)
+    assert model.cfg.n_prefix >= 2  # so that N = 1 leaves a block that keeps its activations
+    params = list(model.parameters())
+    g0 = torch.autograd.grad(_loss(model, batch, meta(remat_inner=False)), params)
+    ttt = meta(remat_inner=False, remat_prefix=True, remat_prefix_blocks=blocks)
+    assert ttt.prefix_remat_blocks(model.cfg) == (model.cfg.n_prefix if blocks is None else blocks)
+    g1 = torch.autograd.grad(_loss(model, batch, ttt), params)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_inner_lr_zero_meta_equals_pretrain():
     model = tiny_model(seed=5)
     batch = tiny_batch(model, seed=6)

@@ -224,7 +224,7 @@ def _inner_step(state: InferenceState, h: torch.Tensor, targets: torch.Tensor, p
     else:
         l_t, tok, state.phi, state.base, _ = inner_step(
             state.model.suffix, state.theta, state.model.head_weight(), state.phi, state.base, h, targets, mask,
-            pos0, state.eta, state.clip, state.model.cfg.window)
+            pos0, state.eta, state.clip, state.model.cfg.window, ce_kernel=state.model.ce_kernel)
         state.phi_dec = _decode_copy(state)
     state.stepped_to = pos0 + state.b
     state.losses.append(l_t)

@@ -97,7 +97,7 @@ class InferenceGraphs:
         def step():
             l_t, tok, phi_next, caches_next, _ = inner_step(
                 state.model.suffix, state.theta, state.model.head_weight(), self.phi, self.base, s["h"],
-                s["targets"], s["mask"], pos, state.eta, state.clip, W)
+                s["targets"], s["mask"], pos, state.eta, state.clip, W, ce_kernel=state.model.ce_kernel)
             for n, p in phi_next.items():
                 self.phi[n].copy_(p)
                 self.phi_dec[n].copy_(p)

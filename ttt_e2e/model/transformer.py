@@ -100,9 +100,11 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    def run_prefix(self, h: torch.Tensor, remat: bool = False) -> torch.Tensor:
-        for block in self.prefix:
-            h = checkpoint(lambda x, b=block: b(x)[0], h, use_reentrant=False) if remat else block(h)[0]
+    def run_prefix(self, h: torch.Tensor, remat: bool | int = False) -> torch.Tensor:
+        """remat: recompute every prefix block (True), none (False), or the first `remat` blocks (an int)."""
+        n = len(self.prefix) if remat is True else int(remat)
+        for i, block in enumerate(self.prefix):
+            h = checkpoint(lambda x, b=block: b(x)[0], h, use_reentrant=False) if i < n else block(h)[0]
         return h
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

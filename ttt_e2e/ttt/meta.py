@@ -46,7 +46,8 @@ def sequence_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Te
     if ttt.train_mode == "meta":
         return _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult)
     if ttt.train_mode == "pretrain":
-        return _pretrain_loss(model, input_ids, targets, mask, b, ttt.remat_prefix, ttt.recompute_logits)
+        return _pretrain_loss(model, input_ids, targets, mask, b, ttt.prefix_remat_blocks(model.cfg),
+                              ttt.recompute_logits)
     raise ValueError(f"ttt.train_mode must be pretrain or meta, got {ttt.train_mode!r}")
 
 
@@ -62,7 +63,7 @@ def _pretrain_loss(model, input_ids, targets, mask, b, remat_prefix, recompute_l
 def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     B, T = input_ids.shape
     b = ttt.mini_batch_size
-    h = model.run_prefix(model.wte(input_ids), remat=ttt.remat_prefix)
+    h = model.run_prefix(model.wte(input_ids), remat=ttt.prefix_remat_blocks(model.cfg))
     inner = model.suffix.inner_names()  # a list: the order fixes the summation order of the inner grad norm
     params = dict(model.suffix.named_parameters())
     theta = {n: p for n, p in params.items() if n not in inner}

@@ -1,0 +1,60 @@
+"""Which kernels and which ATen ops (with their input shapes) take the GPU time of one training step.
+
+    python benchmarks/op_profile.py 125m:e2e:0:0 125m:fa:0:0 1b:e2e:0:1     # size:mode:remat_inner:remat_prefix
+
+One eager step (T = 8192, b = 1024, W = 8192, bf16 autocast, AdamW) after two warm-up steps, under the PyTorch
+profiler with shapes recorded; prints the top kernels by GPU time and the top ops by the GPU time of the kernels
+they launched. The eager step's kernels are the ones a CUDA-graph replay runs, so this says where the graphed
+step's time goes too (the host time it also shows is what the graph removes).
+"""
+import sys
+
+import torch
+
+from meta_step import configs  # benchmarks/ is the script's own folder
+from ttt_e2e.model.transformer import Transformer
+from ttt_e2e.ttt.meta import sequence_loss
+
+def _gpu_us(e) -> float:
+    return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+
+def profile(size: str, mode: str, remat_inner: bool, remat_prefix: bool, rows: int = 45) -> None:
+    mcfg, tcfg = configs(size, 8192, 1024, 8192, remat_inner, remat_prefix, False)[mode]
+    torch.manual_seed(0)
+    model = Transformer(mcfg, tcfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, mcfg.vocab_size, (1, 8193), device="cuda")
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = sequence_loss(model, x, y, None, tcfg).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"\n===== {size} {mode} remat_inner={remat_inner} remat_prefix={remat_prefix}")
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    print(f"GPU total {sum(map(_gpu_us, kernels)) / 1e3:.1f} ms in {sum(e.count for e in kernels)} kernels")
+    for e in sorted(kernels, key=_gpu_us, reverse=True)[:rows]:
+        print(f"K {_gpu_us(e) / 1e3:8.2f} ms {e.count:6d}  {e.key[:160]}")
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)
+           if e.device_type == torch.autograd.DeviceType.CPU and _gpu_us(e) > 0]
+    print("--- ops by the GPU time of their own kernels")
+    for e in sorted(ops, key=_gpu_us, reverse=True)[:rows + 20]:
+        print(f"O {_gpu_us(e) / 1e3:8.2f} ms {e.count:6d}  {e.key[:40]:40s} {str(e.input_shapes)[:150]}")
+
+
+if __name__ == "__main__":
+    for spec in sys.argv[1:]:
+        size, mode, ri, rp = spec.split(":")
+        profile(size, mode, ri == "1", rp == "1")
+        torch.cuda.empty_cache()
