@@ -252,5 +252,6 @@ def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, 
         record.update(inner_grad_norm=inner.mean().item(), inner_grad_norm_by_minibatch=inner.tolist())
     if data.device.type == "cuda":
         torch.cuda.synchronize(data.device)
+        record["max_memory_gib"] = torch.cuda.max_memory_allocated(data.device) / 2**30  # this rank, since start
     record["_time"] = time.perf_counter() - t0
     return record
