@@ -98,3 +98,11 @@ def test_third_derivative_is_refused():
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="logits \\(N, V\\) and targets \\(N,\\)"):
         cross_entropy(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_empty_batch():
+    z = torch.zeros(0, 50, device=DEVICE, requires_grad=True)
+    loss = cross_entropy(z, torch.zeros(0, dtype=torch.long, device=DEVICE), use_kernel=True)
+    assert loss.shape == (0,)
+    (g,) = torch.autograd.grad(loss.sum(), z)
+    assert g.shape == (0, 50)
