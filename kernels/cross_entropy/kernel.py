@@ -78,8 +78,8 @@ def _ce_dbwd_kernel(Z, Y, LSE, G, U, GZ, GG, V, stride_z, stride_u, stride_gz, B
         tl.store(gz_row + c, gz.to(GZ.dtype.element_ty), mask=c < V)
 
 
-def _block(V: int, cap: int) -> int:
-    return min(cap, triton.next_power_of_2(V))
+def _block(V: int) -> int:
+    return min(4096, triton.next_power_of_2(V))  # a 4096-wide slice of the row per step (8 warps)
 
 
 def ce_fwd(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +87,7 @@ def ce_fwd(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     N, V = z.shape
     loss = torch.empty(N, dtype=torch.float32, device=z.device)
     lse = torch.empty(N, dtype=torch.float32, device=z.device)
-    _ce_fwd_kernel[(N,)](z, y, loss, lse, V, z.stride(0), BLOCK_V=_block(V, 4096), num_warps=8)
+    _ce_fwd_kernel[(N,)](z, y, loss, lse, V, z.stride(0), BLOCK_V=_block(V), num_warps=8)
     return loss, lse
 
 
@@ -95,7 +95,7 @@ def ce_bwd(z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, g: torch.Tensor)
     """dz (N, V) in z's dtype for the loss cotangent g (N,) fp32."""
     N, V = z.shape
     dz = torch.empty((N, V), dtype=z.dtype, device=z.device)
-    block = _block(V, 4096)
+    block = _block(V)
     _ce_bwd_kernel[(N, triton.cdiv(V, block))](z, y, lse, g, dz, V, z.stride(0), dz.stride(0), BLOCK_V=block,
                                                num_warps=8)
     return dz
@@ -107,5 +107,5 @@ def ce_double_bwd(z, y, lse, g, u) -> tuple[torch.Tensor, torch.Tensor]:
     gz = torch.empty((N, V), dtype=z.dtype, device=z.device)
     gg = torch.empty(N, dtype=torch.float32, device=z.device)
     _ce_dbwd_kernel[(N,)](z, y, lse, g, u, gz, gg, V, z.stride(0), u.stride(0), gz.stride(0),
-                          BLOCK_V=_block(V, 4096), num_warps=8)
+                          BLOCK_V=_block(V), num_warps=8)
     return gz, gg

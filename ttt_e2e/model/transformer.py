@@ -100,11 +100,10 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    def run_prefix(self, h: torch.Tensor, remat: bool | int = False) -> torch.Tensor:
-        """remat: recompute every prefix block (True), none (False), or the first `remat` blocks (an int)."""
-        n = len(self.prefix) if remat is True else int(remat)
+    def run_prefix(self, h: torch.Tensor, remat_blocks: int = 0) -> torch.Tensor:
+        """remat_blocks: the first this many prefix blocks recompute their activations in the backward."""
         for i, block in enumerate(self.prefix):
-            h = checkpoint(lambda x, b=block: b(x)[0], h, use_reentrant=False) if i < n else block(h)[0]
+            h = checkpoint(lambda x, b=block: b(x)[0], h, use_reentrant=False) if i < remat_blocks else block(h)[0]
         return h
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,9 @@ def sequence_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Te
     raise ValueError(f"ttt.train_mode must be pretrain or meta, got {ttt.train_mode!r}")
 
 
-def _pretrain_loss(model, input_ids, targets, mask, b, remat_prefix, recompute_logits) -> LossOutput:
+def _pretrain_loss(model, input_ids, targets, mask, b, remat_blocks, recompute_logits) -> LossOutput:
     B, T = input_ids.shape
-    h = model.run_prefix(model.wte(input_ids), remat=remat_prefix)
+    h = model.run_prefix(model.wte(input_ids), remat_blocks)
     h, _ = model.suffix(h)
     tok = token_losses(h, model.head_weight(), targets, recompute_logits, model.ce_kernel)
     per_mb = masked_mean(tok.view(B, T // b, b), mask.view(B, T // b, b))  # (B, T / b)
@@ -63,7 +63,7 @@ def _pretrain_loss(model, input_ids, targets, mask, b, remat_prefix, recompute_l
 def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     B, T = input_ids.shape
     b = ttt.mini_batch_size
-    h = model.run_prefix(model.wte(input_ids), remat=ttt.prefix_remat_blocks(model.cfg))
+    h = model.run_prefix(model.wte(input_ids), ttt.prefix_remat_blocks(model.cfg))
     inner = model.suffix.inner_names()  # a list: the order fixes the summation order of the inner grad norm
     params = dict(model.suffix.named_parameters())
     theta = {n: p for n, p in params.items() if n not in inner}
