@@ -21,67 +21,84 @@ def _rms_fwd_kernel(X, W, Y, RSTD, N, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.co
 
 
 @triton.jit
-def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, N, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, N, D, ROWS: tl.constexpr, ITERS: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    # ITERS row blocks per program, their dw summed here: fewer partial rows for the torch sum that follows
     pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
-    m = (rows[:, None] < N) & (cols[None, :] < D)
-    offs = rows[:, None] * D + cols[None, :]
-    x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
-    rstd = tl.load(RSTD + rows, mask=rows < N, other=0.0)
-    xhat = x * rstd[:, None]
-    wdy = dy * w[None, :]
-    c = tl.sum(wdy * xhat, axis=1) / D
-    dx = rstd[:, None] * (wdy - xhat * c[:, None])
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=m)
-    tl.store(DW_PART + pid * D + cols, tl.sum(dy * xhat, axis=0), mask=cols < D)
+    dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for it in range(ITERS):
+        rows = (pid * ITERS + it) * ROWS + tl.arange(0, ROWS)
+        m = (rows[:, None] < N) & (cols[None, :] < D)
+        offs = rows[:, None] * D + cols[None, :]
+        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rows < N, other=0.0)
+        xhat = x * rstd[:, None]
+        wdy = dy * w[None, :]
+        c = tl.sum(wdy * xhat, axis=1) / D
+        dx = rstd[:, None] * (wdy - xhat * c[:, None])
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=m)
+        dw += tl.sum(dy * xhat, axis=0)
+    tl.store(DW_PART + pid * D + cols, dw, mask=cols < D)
 
 
 @triton.jit
-def _rms_dbwd_kernel(X, W, RSTD, DY, U, V, GX, GW_PART, GDY, N, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HAS_U: tl.constexpr, HAS_V: tl.constexpr):
+def _rms_dbwd_kernel(X, W, RSTD, DY, U, V, GX, GW_PART, GDY, N, D, ROWS: tl.constexpr, ITERS: tl.constexpr,
+                     BLOCK_D: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr):
     # Gradients of L = <u, dx> + <v, dw> w.r.t. x, w, dy (reference.py gives dx, dw); per row, with
     # xh = x r, a = w dy, c = mean(a xh):
     #   dL/da = r u - r <u, xh> xh / D                  -> grad dy = w dL/da + v xh,  grad w = sum_rows dy dL/da
     #   G     = -r c u - r <u, xh> a / D + v dy          (dL/dxh at fixed r),  dL/dr = <u, a> - c <u, xh>
     #   grad x = r G - (r / D) xh (<G, xh> + r dL/dr)
     pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
-    m = (rows[:, None] < N) & (cols[None, :] < D)
-    offs = rows[:, None] * D + cols[None, :]
-    x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-    dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
-    r = tl.load(RSTD + rows, mask=rows < N, other=0.0)[:, None]
-    xh = x * r
-    a = w * dy
-    c = tl.sum(a * xh, axis=1)[:, None] / D
-    if HAS_U:
-        u = tl.load(U + offs, mask=m, other=0.0).to(tl.float32)
-    else:
-        u = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     if HAS_V:
         v = tl.load(V + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
     else:
         v = tl.zeros([1, BLOCK_D], dtype=tl.float32)
-    uxh = tl.sum(u * xh, axis=1)[:, None]
-    ua = tl.sum(u * a, axis=1)[:, None]
-    dl_da = r * u - r * uxh * xh / D
-    g = -r * c * u - r * uxh * a / D + v * dy
-    dl_dr = ua - c * uxh
-    gx = r * g - (r / D) * xh * (tl.sum(g * xh, axis=1)[:, None] + r * dl_dr)
-    tl.store(GX + offs, gx.to(GX.dtype.element_ty), mask=m)
-    tl.store(GDY + offs, (w * dl_da + v * xh).to(GDY.dtype.element_ty), mask=m)
-    tl.store(GW_PART + pid * D + cols, tl.sum(dy * dl_da, axis=0), mask=cols < D)
+    gw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for it in range(ITERS):
+        rows = (pid * ITERS + it) * ROWS + tl.arange(0, ROWS)
+        m = (rows[:, None] < N) & (cols[None, :] < D)
+        offs = rows[:, None] * D + cols[None, :]
+        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(RSTD + rows, mask=rows < N, other=0.0)[:, None]
+        xh = x * r
+        a = w * dy
+        c = tl.sum(a * xh, axis=1)[:, None] / D
+        if HAS_U:
+            u = tl.load(U + offs, mask=m, other=0.0).to(tl.float32)
+        else:
+            u = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+        uxh = tl.sum(u * xh, axis=1)[:, None]
+        ua = tl.sum(u * a, axis=1)[:, None]
+        dl_da = r * u - r * uxh * xh / D
+        g = -r * c * u - r * uxh * a / D + v * dy
+        dl_dr = ua - c * uxh
+        gx = r * g - (r / D) * xh * (tl.sum(g * xh, axis=1)[:, None] + r * dl_dr)
+        tl.store(GX + offs, gx.to(GX.dtype.element_ty), mask=m)
+        tl.store(GDY + offs, (w * dl_da + v * xh).to(GDY.dtype.element_ty), mask=m)
+        gw += tl.sum(dy * dl_da, axis=0)
+    tl.store(GW_PART + pid * D + cols, gw, mask=cols < D)
 
 
 def _geometry(N: int, D: int) -> tuple[int, int, int]:
     block_d = triton.next_power_of_2(D)
     rows = max(1, min(64, 4096 // block_d, triton.next_power_of_2(N)))
     return block_d, rows, triton.cdiv(N, rows)
+
+
+def _reducing_geometry(N: int, D: int) -> tuple[int, int, int, int]:
+    """(block_d, rows, iters, grid) for the kernels that also sum over rows (the weight's gradient): each program
+    takes `iters` row blocks, so the partial sums number at most max(128, blocks / 8) (a (512, 2048) fp32 sum
+    per call instead of (4096, 2048) at 8K rows; the meta step makes ~800 of these calls at 1B)."""
+    block_d, rows, blocks = _geometry(N, D)
+    iters = triton.cdiv(blocks, max(128, blocks // 8))
+    return block_d, rows, iters, triton.cdiv(blocks, iters)
 
 
 def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +115,9 @@ def rms_norm_bwd(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch
     """(dx in x's dtype, dw in w's dtype) for the cotangent dy (N, D)."""
     N, D = x.shape
     dx = torch.empty_like(x)
-    block_d, rows, grid = _geometry(N, D)
+    block_d, rows, iters, grid = _reducing_geometry(N, D)
     part = torch.empty(grid, D, dtype=torch.float32, device=x.device)  # one partial dw per program, summed below
-    _rms_bwd_kernel[(grid,)](x, w, rstd, dy, dx, part, N, D, ROWS=rows, BLOCK_D=block_d)
+    _rms_bwd_kernel[(grid,)](x, w, rstd, dy, dx, part, N, D, ROWS=rows, ITERS=iters, BLOCK_D=block_d)
     return dx, part.sum(0).to(w.dtype)
 
 
@@ -109,10 +126,10 @@ def rms_norm_double_bwd(x, w, rstd, dy, g_dx, g_dw):
     g_dx or g_dw may be None (zero)."""
     N, D = x.shape
     gx, gdy = torch.empty_like(x), torch.empty_like(dy)
-    block_d, rows, grid = _geometry(N, D)
+    block_d, rows, iters, grid = _reducing_geometry(N, D)
     part = torch.empty(grid, D, dtype=torch.float32, device=x.device)
     u = g_dx.contiguous() if g_dx is not None else x  # a dummy pointer when absent (never read)
     v = g_dw.contiguous() if g_dw is not None else w
-    _rms_dbwd_kernel[(grid,)](x, w, rstd, dy, u, v, gx, part, gdy, N, D, ROWS=rows, BLOCK_D=block_d,
+    _rms_dbwd_kernel[(grid,)](x, w, rstd, dy, u, v, gx, part, gdy, N, D, ROWS=rows, ITERS=iters, BLOCK_D=block_d,
                               HAS_U=g_dx is not None, HAS_V=g_dw is not None)
     return gx, part.sum(0).to(w.dtype), gdy

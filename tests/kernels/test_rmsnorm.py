@@ -16,7 +16,9 @@ def _randn(*shape, scale=1.0):
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE)
 
 
-@pytest.mark.parametrize("shape", [(37, 16), (2, 5, 80), (3, 7, 4, 96), (1, 200)])
+# (1027, 1000): 257 row blocks, so the weight-gradient kernels give each program several (3), the last ones
+# partly and wholly past the end
+@pytest.mark.parametrize("shape", [(37, 16), (2, 5, 80), (3, 7, 4, 96), (1, 200), (1027, 1000)])
 def test_forward_and_backward(shape):
     x, w, dy = _randn(*shape, scale=3.0), 1 + _randn(shape[-1], scale=0.2), _randn(*shape)
     x32, w32 = x.float().requires_grad_(), w.float().requires_grad_()
@@ -30,7 +32,7 @@ def test_forward_and_backward(shape):
         torch.testing.assert_close(a.double(), b, **TOL)
 
 
-@pytest.mark.parametrize("shape", [(37, 16), (2, 5, 80)])
+@pytest.mark.parametrize("shape", [(37, 16), (2, 5, 80), (1027, 1000)])
 @pytest.mark.parametrize("probe", ["dx and dw", "dx only", "dw only"])
 def test_double_backward(shape, probe):
     """The meta-gradient pattern: an inner gradient taken with create_graph, then differentiated again (the inner

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .layers import RMSNorm, apply_rope, rope_angles
+from .layers import RMSNorm, apply_rope, for_matmuls, rope_angles
 
 BACKENDS = ("auto", "torch", "triton", "sdpa")
 
@@ -87,6 +87,7 @@ class Attention(torch.nn.Module):
         # QK-norm and RoPE in the projections' own (B, T, H, D) layout, where their elementwise ops run on
         # contiguous memory; the kernels take the (B, H, T, D) views by their strides.
         split = lambda t: t.view(B, T, self.n_heads, self.head_dim)  # noqa: E731
+        x = for_matmuls(x)
         q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
         cos, sin = rope_angles(positions(pos0, T, x.device), self.head_dim, self.rope_theta)
         q, k = apply_rope(self.q_norm(q), cos, sin, self.kernel), apply_rope(self.k_norm(k), cos, sin, self.kernel)

@@ -10,6 +10,22 @@ from ttt_e2e.kernels.rope import rope
 from ttt_e2e.kernels.swiglu import swiglu_gate
 
 
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on t runs in: autocast's where it is on, else t's own."""
+    device = t.device.type
+    if not torch.amp.is_autocast_available(device):  # the meta device (FLOP counting): no autocast there
+        return t.dtype
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+def for_matmuls(x: torch.Tensor) -> torch.Tensor:
+    """x cast once to the dtype its matmuls run in. Autocast casts an activation at every matmul that reads it
+    (3 for q, k, v), and in the backward widens each of their gradients and adds them in fp32: one cast here
+    instead, and the gradients added in the compute dtype. Under double backward (the inner loop) that is a
+    dozen elementwise passes fewer per block."""
+    return x.to(compute_dtype(x)) if x.is_floating_point() else x
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -28,6 +44,7 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
     (B, out, in) when each sequence has its own copy (the inner weights during TTT). kernel: the gate
     silu(a) * b through its Triton kernels on CUDA tensors (one kernel per derivative instead of a dozen)."""
     gate = lambda a, b: swiglu_gate(a, b, use_kernel=None if kernel else False)  # noqa: E731
+    x = for_matmuls(x)
     if w1.dim() == 2:
         return F.linear(gate(F.linear(x, w1), F.linear(x, w3)), w2)
     # Per-sequence weights: computed transposed, (w @ x^T)^T, so that the gradient w.r.t. w comes out contiguous

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad
 
+from ttt_e2e.model.layers import compute_dtype
 from ttt_e2e.model.transformer import Suffix
 
 from .loss import masked_mean, token_losses
@@ -16,13 +17,41 @@ from .loss import masked_mean, token_losses
 Tensors = dict[str, torch.Tensor]
 
 
-def clip_per_sequence(grads: Tensors, max_norm: float) -> tuple[Tensors, torch.Tensor]:
-    """Clip each sequence's gradient by its global norm over all inner tensors (optax's clip_by_global_norm)."""
-    norm = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads.values()]).sum(0).sqrt()  # (B,)
+class _SumOfSquares(torch.autograd.Function):
+    """Per-sequence sum of squares of g (B, ...) -> (B,), accumulated in fp32 at least, with a one-pass backward.
+    (linalg.vector_norm's backward makes three full passes over g: divide, mask the zero norms, multiply; the
+    inner state is the largest tensor of the loop, and its clip runs once per mini-batch.)"""
+
+    @staticmethod
+    def forward(g):
+        acc = torch.promote_types(g.dtype, torch.float32)
+        return torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=acc).square()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        # 2 grad g, computed in fp32 and rounded once into g's dtype
+        return torch.mul(g, (2 * grad).view(-1, *[1] * (g.dim() - 1)), out=torch.empty_like(g))
+
+
+def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float) -> tuple[Tensors, torch.Tensor]:
+    """phi - eta * clip(g), the clip by each sequence's global norm over all inner tensors (optax's
+    clip_by_global_norm). Returns phi_{t+1} (phi's dtype) and the norm before clipping (B,; detached), in fp32 at least.
+    One read of g for its norm and one fused multiply-add per tensor: phi is the largest state of the loop."""
+    sq = torch.stack([_SumOfSquares.apply(g) for g in grads.values()]).sum(0)
+    # + tiny: at an all-zero gradient (an all-masked mini-batch) sqrt's derivative is finite (0 through the
+    # clamp below) instead of 0 * inf; below any sum of squares that rounding would not already absorb
+    norm = (sq + torch.finfo(sq.dtype).tiny).sqrt()
     if max_norm <= 0:
-        return grads, norm
+        return {n: torch.add(phi[n], grads[n], alpha=-eta) for n in phi}, sq.detach().sqrt()
     factor = max_norm / norm.clamp(min=max_norm)  # 1 below the threshold (a where() would give NaN grads at 0)
-    return {n: g * factor.view(-1, *[1] * (g.dim() - 1)).to(g.dtype) for n, g in grads.items()}, norm
+    scale = (-eta * factor).to(next(iter(phi.values())).dtype)
+    return ({n: torch.addcmul(phi[n], scale.view(-1, *[1] * (g.dim() - 1)), g) for n, g in grads.items()},
+            sq.detach().sqrt())
 
 
 def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors, caches, h: torch.Tensor,
@@ -35,14 +64,18 @@ def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors,
     inner gradient treats them as constants while the outer gradient flows through them.
     """
 
-    def loss(phi: Tensors):
-        out, kvs = functional_call(suffix, {**theta, **phi}, (h, pos0, caches))
+    def loss(phi_c: Tensors):
+        out, kvs = functional_call(suffix, {**theta, **phi_c}, (h, pos0, caches))
         tok = token_losses(out, head, targets, recompute_logits, ce_kernel)
         l_t = masked_mean(tok, mask)
         return l_t.sum(), (l_t, tok, kvs)  # the sum over sequences: each phi[i] sees only its own l_t[i]
 
-    g, (l_t, tok, kvs) = grad(loss, has_aux=True)(phi)
-    g, gnorm = clip_per_sequence(g, clip)
-    phi_next = {n: phi[n] - eta * g[n] for n in phi}
+    # The gradient is taken w.r.t. phi cast once to the compute dtype: the values autocast would use at every
+    # use, so the same function, with one cast per step, and g in the compute dtype (what its matmuls give)
+    # rather than widened; phi itself stays in its own dtype (fp32: the inner state accumulates small steps).
+    dtype = compute_dtype(h)
+    phi_c = {n: p.to(dtype) if p.is_floating_point() else p for n, p in phi.items()}
+    g, (l_t, tok, kvs) = grad(loss, has_aux=True)(phi_c)
+    phi_next, gnorm = sgd_step(phi, g, eta, clip)
     caches_next = [(k[:, :, -window:], v[:, :, -window:]) for k, v in kvs]
     return l_t, tok.detach(), phi_next, caches_next, gnorm.detach()

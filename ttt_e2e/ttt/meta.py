@@ -16,10 +16,11 @@ from typing import Optional
 import torch
 
 from ttt_e2e.config import TTTConfig
+from ttt_e2e.model.layers import compute_dtype
 from ttt_e2e.model.transformer import Transformer
 
 from .inner import inner_step
-from .loss import compute_dtype, masked_mean, token_losses
+from .loss import masked_mean, token_losses
 from .remat import remat
 
 
@@ -66,11 +67,16 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     h = model.run_prefix(model.wte(input_ids), ttt.prefix_remat_blocks(model.cfg))
     inner = model.suffix.inner_names()  # a list: the order fixes the summation order of the inner grad norm
     params = dict(model.suffix.named_parameters())
-    theta = {n: p for n, p in params.items() if n not in inner}
+    # The matrices every mini-batch uses (the head, and the suffix's outside MLP') are cast to the compute dtype
+    # once, not at each of their 2 x T / b uses as autocast would: the same values, one cast and one widening of
+    # the gradient per step; their gradients add up over the uses in the compute dtype. Vectors (norm gains)
+    # stay as they are, as autocast leaves them.
+    dtype = compute_dtype(h)
+    theta = {n: p.to(dtype) if p.dim() >= 2 else p for n, p in params.items() if n not in inner}
     phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
     step = partial(inner_step, model.suffix, eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip,
                    window=model.cfg.attention_window, recompute_logits=ttt.recompute_logits, ce_kernel=model.ce_kernel)
-    head, caches = model.head_weight().to(compute_dtype(h)), None  # cast once for every mini-batch
+    head, caches = model.head_weight().to(dtype), None
     losses, toks, norms = [], [], []
     for t in range(T // b):
         sl = slice(t * b, (t + 1) * b)

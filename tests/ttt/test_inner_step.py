@@ -1,0 +1,112 @@
+"""The inner step's SGD update and its compute-dtype copy of phi, against their plain definitions."""
+import pytest
+import torch
+from torch.func import functional_call, grad
+
+from tiny import meta, tiny_batch, tiny_model
+from ttt_e2e.ttt.inner import inner_step, sgd_step
+from ttt_e2e.ttt.loss import masked_mean, token_losses
+from ttt_e2e.ttt.meta import sequence_loss
+
+
+def _random_state(seed: int, B: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a": (5, 4), "b": (7,), "c": (2, 3, 2)}
+    phi = {n: torch.randn(B, *s, generator=g, dtype=torch.float64, requires_grad=True) for n, s in shapes.items()}
+    grads = {n: torch.randn(B, *s, generator=g, dtype=torch.float64, requires_grad=True) for n, s in shapes.items()}
+    with torch.no_grad():
+        grads["a"][1] = 0  # one sequence's norm comes from the other tensors only
+    return phi, grads
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1.5, 1e6])  # off, active, inactive
+def test_sgd_step_is_clipped_sgd_and_so_is_its_gradient(max_norm):
+    phi, grads = _random_state(0)
+    out, norm = sgd_step(phi, grads, eta=0.3, max_norm=max_norm)
+    ref_norm = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads.values()]).sum(0).sqrt()
+    factor = torch.ones_like(ref_norm) if max_norm <= 0 else torch.clamp(max_norm / ref_norm, max=1.0)
+    ref = {n: phi[n] - 0.3 * factor.view(-1, *[1] * (g.dim() - 1)) * g for n, g in grads.items()}
+    if max_norm == 1.5:  # the clip active for every sequence (at 1e6 for none)
+        assert (ref_norm > max_norm).all(), ref_norm
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-12, atol=0)
+    w = {n: torch.randn_like(p) for n, p in out.items()}
+    inputs = [*phi.values(), *grads.values()]
+    got = torch.autograd.grad(sum((out[n] * w[n]).sum() for n in out), inputs)
+    want = torch.autograd.grad(sum((ref[n] * w[n]).sum() for n in ref), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_sgd_step_at_a_zero_gradient_has_a_finite_gradient():
+    phi, grads = _random_state(1)
+    with torch.no_grad():
+        for g in grads.values():
+            g.zero_()
+    out, norm = sgd_step(phi, grads, eta=0.3, max_norm=1.0)
+    assert (norm == 0).all()
+    dg = torch.autograd.grad(sum(p.sum() for p in out.values()), list(grads.values()))
+    assert all(torch.isfinite(d).all() for d in dg)
+
+
+def test_inner_gradient_under_autocast_is_autocasts_per_use_gradient():
+    """Autocast casts phi at each use and widens each use's gradient; the step casts phi once and keeps g in the
+    compute dtype. Same values: g here is the per-use gradient rounded the same way, and phi_{t+1} equal."""
+    model = tiny_model().float()
+    ids, targets, mask = tiny_batch(model, batch=2)
+    b = 6
+    inner = model.suffix.inner_names()
+    params = dict(model.suffix.named_parameters())
+    theta = {n: p for n, p in params.items() if n not in inner}
+    phi = {n: params[n].detach().expand(2, *params[n].shape).clone() for n in inner}
+    h = model.run_prefix(model.wte(ids)).detach()[:, :b]
+    head = model.head_weight().detach()
+
+    def loss(phi):
+        out, _ = functional_call(model.suffix, {**theta, **phi}, (h, 0, None))
+        return masked_mean(token_losses(out, head, targets[:, :b], kernel=False), mask[:, :b]).sum()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        per_use = grad(loss)(phi)
+        _, _, phi_next, _, gnorm = inner_step(model.suffix, theta, head, phi, None, h, targets[:, :b],
+                                              mask[:, :b], 0, eta=0.5, clip=0.0, window=model.cfg.window,
+                                              ce_kernel=False)
+    for n in inner:
+        assert per_use[n].dtype == torch.float32
+        torch.testing.assert_close(phi_next[n], phi[n] - 0.5 * per_use[n], rtol=0, atol=0)
+    ref_norm = torch.stack([g.pow(2).flatten(1).sum(1) for g in per_use.values()]).sum(0).sqrt()
+    torch.testing.assert_close(gnorm, ref_norm, rtol=1e-6, atol=0)
+
+
+def test_theta_cast_once_is_autocasts_per_use_cast():
+    """The meta loop hands the inner step the suffix matrices and the head cast once per step; under autocast
+    that gives the same numbers as handing them in fp32 for autocast to cast at each use."""
+    model = tiny_model().float()
+    ids, targets, mask = tiny_batch(model, batch=2)
+    b, inner = 6, model.suffix.inner_names()
+    params = dict(model.suffix.named_parameters())
+    phi = {n: params[n].detach().expand(2, *params[n].shape).clone() for n in inner}
+    h = model.run_prefix(model.wte(ids)).detach()[:, :b]
+    outs = []
+    for cast in (False, True):
+        theta = {n: p.bfloat16() if cast and p.dim() >= 2 else p for n, p in params.items() if n not in inner}
+        head = model.head_weight().bfloat16() if cast else model.head_weight()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(inner_step(model.suffix, theta, head, phi, None, h, targets[:, :b], mask[:, :b], 0,
+                                   eta=0.5, clip=1.0, window=model.cfg.window, ce_kernel=False))
+    (l0, _, phi0, _, n0), (l1, _, phi1, _, n1) = outs
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    torch.testing.assert_close(n1, n0, rtol=0, atol=0)
+    for n in inner:
+        torch.testing.assert_close(phi1[n], phi0[n], rtol=0, atol=0)
+
+
+def test_sum_of_squares_backward_rounds_once_into_the_gradients_dtype():
+    from ttt_e2e.ttt.inner import _SumOfSquares
+    g = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(3)).bfloat16().requires_grad_()
+    s = _SumOfSquares.apply(g)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, g.float().pow(2).flatten(1).sum(1), rtol=1e-6, atol=0)
+    w = torch.tensor([0.3, -1.7])
+    (dg,) = torch.autograd.grad((s * w).sum(), g)
+    assert dg.dtype == torch.bfloat16
+    torch.testing.assert_close(dg, (2 * w.view(-1, 1, 1) * g.float()).bfloat16(), rtol=0, atol=0)
