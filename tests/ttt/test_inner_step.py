@@ -3,10 +3,9 @@ import pytest
 import torch
 from torch.func import functional_call, grad
 
-from tiny import meta, tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model
 from ttt_e2e.ttt.inner import inner_step, sgd_step
 from ttt_e2e.ttt.loss import masked_mean, token_losses
-from ttt_e2e.ttt.meta import sequence_loss
 
 
 def _random_state(seed: int, B: int = 3):

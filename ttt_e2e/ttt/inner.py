@@ -40,14 +40,14 @@ class _SumOfSquares(torch.autograd.Function):
 
 def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float) -> tuple[Tensors, torch.Tensor]:
     """phi - eta * clip(g), the clip by each sequence's global norm over all inner tensors (optax's
-    clip_by_global_norm). Returns phi_{t+1} (phi's dtype) and the norm before clipping (B,; detached), in fp32 at least.
-    One read of g for its norm and one fused multiply-add per tensor: phi is the largest state of the loop."""
+    clip_by_global_norm). Returns phi_{t+1} in phi's dtype and the norm before clipping, (B,), detached, in at
+    least fp32. One read of g for its norm and one fused multiply-add per tensor: phi is the loop's largest state."""
     sq = torch.stack([_SumOfSquares.apply(g) for g in grads.values()]).sum(0)
+    if max_norm <= 0:
+        return {n: torch.add(phi[n], grads[n], alpha=-eta) for n in phi}, sq.detach().sqrt()
     # + tiny: at an all-zero gradient (an all-masked mini-batch) sqrt's derivative is finite (0 through the
     # clamp below) instead of 0 * inf; below any sum of squares that rounding would not already absorb
     norm = (sq + torch.finfo(sq.dtype).tiny).sqrt()
-    if max_norm <= 0:
-        return {n: torch.add(phi[n], grads[n], alpha=-eta) for n in phi}, sq.detach().sqrt()
     factor = max_norm / norm.clamp(min=max_norm)  # 1 below the threshold (a where() would give NaN grads at 0)
     scale = (-eta * factor).to(next(iter(phi.values())).dtype)
     return ({n: torch.addcmul(phi[n], scale.view(-1, *[1] * (g.dim() - 1)), g) for n, g in grads.items()},
