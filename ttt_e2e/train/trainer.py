@@ -8,6 +8,7 @@ ttt.ilr_multiplier(s), s = optimizer steps already taken.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import random
@@ -73,6 +74,12 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
         barrier()
         return result
     finally:
+        # The FSDP2 modules of _train sit in reference cycles (through their hooks) that hold the process group.
+        # Left to the interpreter's exit, they would destroy it during finalization, where a gloo rank aborted
+        # twice in ~20 test runs ("terminate called without an active exception", after a complete run; not
+        # reproduced on demand). Collected here, they go while the group and the interpreter are whole
+        # (~7,000 objects in the 2-rank test).
+        gc.collect()
         shutdown()
 
 
