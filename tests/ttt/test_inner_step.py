@@ -8,32 +8,46 @@ from ttt_e2e.ttt.inner import inner_step, sgd_step
 from ttt_e2e.ttt.loss import masked_mean, token_losses
 
 
-def _random_state(seed: int, B: int = 3):
+def _random_state(seed: int, B: int = 3, g_dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     shapes = {"a": (5, 4), "b": (7,), "c": (2, 3, 2)}
     phi = {n: torch.randn(B, *s, generator=g, dtype=torch.float64, requires_grad=True) for n, s in shapes.items()}
-    grads = {n: torch.randn(B, *s, generator=g, dtype=torch.float64, requires_grad=True) for n, s in shapes.items()}
+    grads = {n: torch.randn(B, *s, generator=g, dtype=torch.float64).to(g_dtype).requires_grad_()
+             for n, s in shapes.items()}
     with torch.no_grad():
         grads["a"][1] = 0  # one sequence's norm comes from the other tensors only
     return phi, grads
 
 
+# g in phi's dtype (plain ops), or narrower (the node that also returns the narrow copy of phi_{t+1})
+@pytest.mark.parametrize("g_dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("max_norm", [0.0, 1.5, 1e6])  # off, active, inactive
-def test_sgd_step_is_clipped_sgd_and_so_is_its_gradient(max_norm):
-    phi, grads = _random_state(0)
-    out, norm = sgd_step(phi, grads, eta=0.3, max_norm=max_norm)
-    ref_norm = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads.values()]).sum(0).sqrt()
+def test_sgd_step_is_clipped_sgd_and_so_is_its_gradient(max_norm, g_dtype):
+    phi, grads = _random_state(0, g_dtype=g_dtype)
+    out, out_c, norm = sgd_step(phi, grads, eta=0.3, max_norm=max_norm)
+    ref_norm = torch.stack([g.double().pow(2).flatten(1).sum(1) for g in grads.values()]).sum(0).sqrt()
     factor = torch.ones_like(ref_norm) if max_norm <= 0 else torch.clamp(max_norm / ref_norm, max=1.0)
     ref = {n: phi[n] - 0.3 * factor.view(-1, *[1] * (g.dim() - 1)) * g for n, g in grads.items()}
+    ref_c = {n: r.to(g_dtype) for n, r in ref.items()}
     if max_norm == 1.5:  # the clip active for every sequence (at 1e6 for none)
         assert (ref_norm > max_norm).all(), ref_norm
-    torch.testing.assert_close(norm, ref_norm, rtol=1e-12, atol=0)
+    tight = 1e-12 if g_dtype == torch.float64 else 1e-6  # the norm is summed in g's dtype
+    torch.testing.assert_close(norm.double(), ref_norm, rtol=tight, atol=0)
+    for n in out:
+        assert out[n].dtype == torch.float64 and out_c[n].dtype == g_dtype
+        torch.testing.assert_close(out[n], ref[n], rtol=tight, atol=tight)
+        torch.testing.assert_close(out_c[n], ref_c[n], rtol=tight, atol=tight)
     w = {n: torch.randn_like(p) for n, p in out.items()}
+    w_c = {n: torch.randn_like(p) for n, p in out_c.items()}
     inputs = [*phi.values(), *grads.values()]
-    got = torch.autograd.grad(sum((out[n] * w[n]).sum() for n in out), inputs)
-    want = torch.autograd.grad(sum((ref[n] * w[n]).sum() for n in ref), inputs)
+
+    def probe(o, o_c):  # both outputs used, as in the loop: phi_{t+1} by the next update, its copy by the model
+        return sum((o[n] * w[n]).sum() + (o_c[n] * w_c[n]).sum() for n in o)
+    got = torch.autograd.grad(probe(out, out_c), inputs)
+    want = torch.autograd.grad(probe(ref, ref_c), inputs)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=tight, atol=tight)
 
 
 def test_sgd_step_at_a_zero_gradient_has_a_finite_gradient():
@@ -41,7 +55,7 @@ def test_sgd_step_at_a_zero_gradient_has_a_finite_gradient():
     with torch.no_grad():
         for g in grads.values():
             g.zero_()
-    out, norm = sgd_step(phi, grads, eta=0.3, max_norm=1.0)
+    out, _, norm = sgd_step(phi, grads, eta=0.3, max_norm=1.0)
     assert (norm == 0).all()
     dg = torch.autograd.grad(sum(p.sum() for p in out.values()), list(grads.values()))
     assert all(torch.isfinite(d).all() for d in dg)
@@ -66,7 +80,7 @@ def test_inner_gradient_under_autocast_is_autocasts_per_use_gradient():
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         per_use = grad(loss)(phi)
-        _, _, phi_next, _, gnorm = inner_step(model.suffix, theta, head, phi, None, h, targets[:, :b],
+        _, _, phi_next, _, gnorm, _ = inner_step(model.suffix, theta, head, phi, None, h, targets[:, :b],
                                               mask[:, :b], 0, eta=0.5, clip=0.0, window=model.cfg.window,
                                               ce_kernel=False)
     for n in inner:
@@ -92,7 +106,7 @@ def test_theta_cast_once_is_autocasts_per_use_cast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outs.append(inner_step(model.suffix, theta, head, phi, None, h, targets[:, :b], mask[:, :b], 0,
                                    eta=0.5, clip=1.0, window=model.cfg.window, ce_kernel=False))
-    (l0, _, phi0, _, n0), (l1, _, phi1, _, n1) = outs
+    (l0, _, phi0, _, n0, _), (l1, _, phi1, _, n1, _) = outs
     torch.testing.assert_close(l1, l0, rtol=0, atol=0)
     torch.testing.assert_close(n1, n0, rtol=0, atol=0)
     for n in inner:
@@ -109,3 +123,21 @@ def test_sum_of_squares_backward_rounds_once_into_the_gradients_dtype():
     (dg,) = torch.autograd.grad((s * w).sum(), g)
     assert dg.dtype == torch.bfloat16
     torch.testing.assert_close(dg, (2 * w.view(-1, 1, 1) * g.float()).bfloat16(), rtol=0, atol=0)
+
+
+def test_meta_gradient_under_autocast_is_the_same_with_and_without_remat():
+    """Under bf16 autocast the loop hands each step's bf16 copy of phi to the next (the node above): the meta-
+    gradient through it, with the inner steps kept or recomputed, agrees, and is finite."""
+    from tiny import meta
+    from ttt_e2e.ttt.meta import sequence_loss
+
+    model = tiny_model().float()
+    batch = tiny_batch(model)
+    grads = []
+    for remat in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sequence_loss(model, *batch, meta(remat_inner=remat, inner_grad_clip=2.5)).loss
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

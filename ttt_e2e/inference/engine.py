@@ -222,7 +222,7 @@ def _inner_step(state: InferenceState, h: torch.Tensor, targets: torch.Tensor, p
     if state.graphs is not None:  # phi and the suffix caches are updated in place, in the graphs' buffers
         l_t, tok = state.graphs.inner_step(state, h, targets, mask, pos0)
     else:
-        l_t, tok, state.phi, state.base, _ = inner_step(
+        l_t, tok, state.phi, state.base, _, _ = inner_step(
             state.model.suffix, state.theta, state.model.head_weight(), state.phi, state.base, h, targets, mask,
             pos0, state.eta, state.clip, state.model.cfg.window, ce_kernel=state.model.ce_kernel)
         state.phi_dec = _decode_copy(state)

@@ -95,12 +95,12 @@ class InferenceGraphs:
         pos = DevicePos(pos0, s["pos"])
 
         def step():
-            l_t, tok, phi_next, caches_next, _ = inner_step(
+            l_t, tok, phi_next, caches_next, _, phi_next_c = inner_step(
                 state.model.suffix, state.theta, state.model.head_weight(), self.phi, self.base, s["h"],
                 s["targets"], s["mask"], pos, state.eta, state.clip, W, ce_kernel=state.model.ce_kernel)
             for n, p in phi_next.items():
                 self.phi[n].copy_(p)
-                self.phi_dec[n].copy_(p)
+                self.phi_dec[n].copy_(phi_next_c[n])  # the step's own cast when the dtypes agree (they do)
             for (k, v), (k_next, v_next) in zip(self.base, caches_next):
                 k.copy_(k_next)
                 v.copy_(v_next)

@@ -38,29 +38,69 @@ class _SumOfSquares(torch.autograd.Function):
         return torch.mul(g, (2 * grad).view(-1, *[1] * (g.dim() - 1)), out=torch.empty_like(g))
 
 
-def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float) -> tuple[Tensors, torch.Tensor]:
+class _SGDStep(torch.autograd.Function):
+    """phi + scale g, and the same rounded to g's dtype (the copy the next mini-batch computes with), as one node:
+    its backward adds the two cotangents once and writes g's cotangent in g's dtype, three passes over the state
+    where autograd of addcmul, a cast and their sum makes six. scale: (B, 1, ...) tensor or a float."""
+
+    @staticmethod
+    def forward(phi, g, scale):
+        nxt = torch.addcmul(phi, scale, g) if isinstance(scale, torch.Tensor) else torch.add(phi, g, alpha=scale)
+        return nxt, nxt.to(g.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, g, scale = inputs
+        ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
+        ctx.save_for_backward(g, scale if ctx.scale_is_tensor else None)
+        ctx.scale = None if ctx.scale_is_tensor else scale
+
+    @staticmethod
+    def backward(ctx, d_next, d_copy):
+        g, scale = ctx.saved_tensors
+        scale = scale if ctx.scale_is_tensor else ctx.scale
+        d = d_next + d_copy  # in phi's dtype
+        dg = torch.mul(d, scale, out=torch.empty_like(g)) if ctx.needs_input_grad[1] else None
+        dscale = None
+        if ctx.needs_input_grad[2]:
+            dscale = (d * g).flatten(1).sum(1).view_as(scale)
+        return d, dg, dscale
+
+
+def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float) -> tuple[Tensors, Tensors, torch.Tensor]:
     """phi - eta * clip(g), the clip by each sequence's global norm over all inner tensors (optax's
-    clip_by_global_norm). Returns phi_{t+1} in phi's dtype and the norm before clipping, (B,), detached, in at
-    least fp32. One read of g for its norm and one fused multiply-add per tensor: phi is the loop's largest state."""
+    clip_by_global_norm). Returns phi_{t+1} in phi's dtype, phi_{t+1} in g's dtype (the same tensors when the
+    dtypes agree) and the norm before clipping, (B,), detached, in at least fp32. One read of g for its norm and
+    one fused multiply-add per tensor: phi is the loop's largest state."""
     sq = torch.stack([_SumOfSquares.apply(g) for g in grads.values()]).sum(0)
     if max_norm <= 0:
-        return {n: torch.add(phi[n], grads[n], alpha=-eta) for n in phi}, sq.detach().sqrt()
-    # + tiny: at an all-zero gradient (an all-masked mini-batch) sqrt's derivative is finite (0 through the
-    # clamp below) instead of 0 * inf; below any sum of squares that rounding would not already absorb
-    norm = (sq + torch.finfo(sq.dtype).tiny).sqrt()
-    factor = max_norm / norm.clamp(min=max_norm)  # 1 below the threshold (a where() would give NaN grads at 0)
-    scale = (-eta * factor).to(next(iter(phi.values())).dtype)
-    return ({n: torch.addcmul(phi[n], scale.view(-1, *[1] * (g.dim() - 1)), g) for n, g in grads.items()},
-            sq.detach().sqrt())
+        scales = {n: -eta for n in phi}
+    else:
+        # + tiny: at an all-zero gradient (an all-masked mini-batch) sqrt's derivative is finite (0 through the
+        # clamp below) instead of 0 * inf; below any sum of squares that rounding would not already absorb
+        norm = (sq + torch.finfo(sq.dtype).tiny).sqrt()
+        factor = max_norm / norm.clamp(min=max_norm)  # 1 below the threshold (a where() would give NaN grads at 0)
+        scale = (-eta * factor).to(next(iter(phi.values())).dtype)
+        scales = {n: scale.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
+    nxt, nxt_c = {}, {}
+    for n, g in grads.items():
+        if g.dtype == phi[n].dtype:
+            s = scales[n]
+            nxt[n] = nxt_c[n] = (torch.addcmul(phi[n], s, g) if isinstance(s, torch.Tensor)
+                                 else torch.add(phi[n], g, alpha=s))
+        else:
+            nxt[n], nxt_c[n] = _SGDStep.apply(phi[n], g, scales[n])
+    return nxt, nxt_c, sq.detach().sqrt()
 
 
 def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors, caches, h: torch.Tensor,
                targets: torch.Tensor, mask: torch.Tensor, pos0: int, eta: float, clip: float, window: int,
-               recompute_logits: bool = False, ce_kernel: bool = True):
-    """Mini-batch t at absolute position pos0: h (B, b, d) is the prefix's output for it.
+               recompute_logits: bool = False, ce_kernel: bool = True, phi_c: Tensors | None = None):
+    """Mini-batch t at absolute position pos0: h (B, b, d) is the prefix's output for it. phi_c: phi_t in the
+    compute dtype, as the previous step returned it (None: cast here).
 
-    Returns l_t (B,) computed with phi_t, the per-token losses (B, b), phi_{t+1}, the next KV caches and the
-    inner gradient's norm (B,). The caches from earlier mini-batches are inputs, not functions of phi_t, so the
+    Returns l_t (B,) computed with phi_t, the per-token losses (B, b), phi_{t+1}, the next KV caches, the
+    inner gradient's norm (B,) and phi_{t+1} in the compute dtype. The caches from earlier mini-batches are inputs, not functions of phi_t, so the
     inner gradient treats them as constants while the outer gradient flows through them.
     """
 
@@ -73,9 +113,10 @@ def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors,
     # The gradient is taken w.r.t. phi cast once to the compute dtype: the values autocast would use at every
     # use, so the same function, with one cast per step, and g in the compute dtype (what its matmuls give)
     # rather than widened; phi itself stays in its own dtype (fp32: the inner state accumulates small steps).
-    dtype = compute_dtype(h)
-    phi_c = {n: p.to(dtype) if p.is_floating_point() else p for n, p in phi.items()}
+    if phi_c is None:
+        dtype = compute_dtype(h)
+        phi_c = {n: p.to(dtype) if p.is_floating_point() else p for n, p in phi.items()}
     g, (l_t, tok, kvs) = grad(loss, has_aux=True)(phi_c)
-    phi_next, gnorm = sgd_step(phi, g, eta, clip)
+    phi_next, phi_next_c, gnorm = sgd_step(phi, g, eta, clip)
     caches_next = [(k[:, :, -window:], v[:, :, -window:]) for k, v in kvs]
-    return l_t, tok.detach(), phi_next, caches_next, gnorm.detach()
+    return l_t, tok.detach(), phi_next, caches_next, gnorm.detach(), phi_next_c

@@ -10,7 +10,6 @@ pretrain: the same network with phi fixed at phi_0; SWA over the whole sequence 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Optional
 
 import torch
@@ -74,14 +73,18 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     dtype = compute_dtype(h)
     theta = {n: p.to(dtype) if p.dim() >= 2 else p for n, p in params.items() if n not in inner}
     phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
-    step = partial(inner_step, model.suffix, eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip,
-                   window=model.cfg.attention_window, recompute_logits=ttt.recompute_logits, ce_kernel=model.ce_kernel)
-    head, caches = model.head_weight().to(dtype), None
+    settings = dict(eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip, window=model.cfg.attention_window,
+                    recompute_logits=ttt.recompute_logits, ce_kernel=model.ce_kernel)
+
+    def step(theta, head, phi, phi_c, caches, h, y, m, pos0):
+        return inner_step(model.suffix, theta, head, phi, caches, h, y, m, pos0, **settings, phi_c=phi_c)
+
+    head, caches, phi_c = model.head_weight().to(dtype), None, None
     losses, toks, norms = [], [], []
     for t in range(T // b):
         sl = slice(t * b, (t + 1) * b)
-        args = (theta, head, phi, caches, h[:, sl], targets[:, sl], mask[:, sl], t * b)
-        l_t, tok, phi, caches, gnorm = remat(step, *args) if ttt.remat_inner else step(*args)
+        args = (theta, head, phi, phi_c, caches, h[:, sl], targets[:, sl], mask[:, sl], t * b)
+        l_t, tok, phi, caches, gnorm, phi_c = remat(step, *args) if ttt.remat_inner else step(*args)
         losses.append(l_t)
         toks.append(tok)
         norms.append(gnorm)
