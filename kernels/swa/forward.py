@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_d, dot_precision, tile_config
+from .common import LOG2E, block_d, dot_precision, forward_tile
 from .tiles import key_range, tile_is_full, visible
 
 
@@ -78,7 +78,7 @@ def swa_forward(q, k, v, window, q_pos0, k_pos0, scale):
     TK = k.shape[2]
     o = torch.empty((B, H, TQ, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
-    cfg = tile_config("fwd", D, q.device, q.dtype)
+    cfg = forward_tile(TQ, B * H, D, q.device, q.dtype)
     grid = (triton.cdiv(TQ, cfg.block_m), B * H)
     _swa_fwd_kernel[grid](
         q, k, v, o, lse,

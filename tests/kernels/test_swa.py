@@ -198,3 +198,19 @@ def test_reference_matches_explicit_loop(TQ, TK, W, QP, KP):
     assert rel_err(swa_reference(q, k, v, W, QP, KP, scale=scale), out) < 1e-12
     mask = swa_mask(TQ, TK, W, QP, KP)
     assert mask.sum() == sum(1 for i in range(TQ) for j in range(TK) if QP + i - W < KP + j <= QP + i and KP + j >= 0)
+
+
+def test_forward_tile_rule(monkeypatch):
+    """128-row forward tiles at head dim 64 on a GPU when their grid covers every SM once; else the table's."""
+    monkeypatch.setattr(common, "_num_sms", lambda index: 132)
+    gpu, bf16 = torch.device("cuda", 0), torch.bfloat16
+    table = common.tile_config("fwd", 64, gpu, bf16)
+    assert table.block_m == 64
+    assert common.forward_tile(1024, 32, 64, gpu, bf16) == common.FWD_WIDE  # 8 x 32 = 256 programs
+    assert common.forward_tile(1024, 12, 64, gpu, bf16) == table  # 8 x 12 = 96
+    assert common.forward_tile(32768, 12, 64, gpu, bf16) == common.FWD_WIDE
+    assert common.forward_tile(32768, 32, 80, gpu, bf16) == common.tile_config("fwd", 80, gpu, bf16)  # 128-wide D
+    assert common.forward_tile(32768, 32, 64, gpu, torch.float32) == common.tile_config("fwd", 64, gpu, torch.float32)
+    assert common.forward_tile(32768, 32, 64, torch.device("cpu"), bf16) == common.tile_config("fwd", 64, torch.device("cpu"))
+    monkeypatch.setitem(common.CONFIG_OVERRIDES, "fwd", table)  # a tuning override wins
+    assert common.forward_tile(1024, 32, 64, gpu, bf16) == table
