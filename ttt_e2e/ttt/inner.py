@@ -118,5 +118,7 @@ def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors,
         phi_c = {n: p.to(dtype) if p.is_floating_point() else p for n, p in phi.items()}
     g, (l_t, tok, kvs) = grad(loss, has_aux=True)(phi_c)
     phi_next, phi_next_c, gnorm = sgd_step(phi, g, eta, clip)
-    caches_next = [(k[:, :, -window:], v[:, :, -window:]) for k, v in kvs]
+    # The last W keys; a cache that holds no more is passed on as it is (a full-length slice would still cost, in
+    # the outer backward, a zero-filled copy of its whole gradient)
+    caches_next = [(k, v) if k.shape[2] <= window else (k[:, :, -window:], v[:, :, -window:]) for k, v in kvs]
     return l_t, tok.detach(), phi_next, caches_next, gnorm.detach(), phi_next_c
