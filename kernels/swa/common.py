@@ -132,12 +132,12 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def forward_tile(tq: int, programs_per_row_block: int, d: int, device: torch.device, dtype: torch.dtype) -> TileConfig:
-    """The forward's tiles for tq queries in each of programs_per_row_block (batch x heads) sequences."""
+def forward_tile(tq: int, bh: int, d: int, device: torch.device, dtype: torch.dtype) -> TileConfig:
+    """The forward's tiles for tq queries in each of bh (batch x heads) rows of the grid."""
     cfg = tile_config("fwd", d, device, dtype)
     if ("fwd" in CONFIG_OVERRIDES or device.type != "cuda" or dtype == torch.float32 or block_d(d) != 64):
         return cfg
-    wide = triton.cdiv(tq, FWD_WIDE.block_m) * programs_per_row_block >= _num_sms(device.index or 0)
+    wide = triton.cdiv(tq, FWD_WIDE.block_m) * bh >= _num_sms(device.index or 0)
     return FWD_WIDE if wide else cfg
 
 

@@ -41,29 +41,24 @@ class _SumOfSquares(torch.autograd.Function):
 class _SGDStep(torch.autograd.Function):
     """phi + scale g, and the same rounded to g's dtype (the copy the next mini-batch computes with), as one node:
     its backward adds the two cotangents once and writes g's cotangent in g's dtype, three passes over the state
-    where autograd of addcmul, a cast and their sum makes six. scale: (B, 1, ...) tensor or a float."""
+    where autograd of addcmul, a cast and their sum makes six. scale: (B, 1, ...)."""
 
     @staticmethod
     def forward(phi, g, scale):
-        nxt = torch.addcmul(phi, scale, g) if isinstance(scale, torch.Tensor) else torch.add(phi, g, alpha=scale)
+        nxt = torch.addcmul(phi, scale, g)
         return nxt, nxt.to(g.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _, g, scale = inputs
-        ctx.scale_is_tensor = isinstance(scale, torch.Tensor)
-        ctx.save_for_backward(g, scale if ctx.scale_is_tensor else None)
-        ctx.scale = None if ctx.scale_is_tensor else scale
+        ctx.save_for_backward(g, scale)
 
     @staticmethod
     def backward(ctx, d_next, d_copy):
         g, scale = ctx.saved_tensors
-        scale = scale if ctx.scale_is_tensor else ctx.scale
         d = d_next + d_copy  # in phi's dtype
         dg = torch.mul(d, scale, out=torch.empty_like(g)) if ctx.needs_input_grad[1] else None
-        dscale = None
-        if ctx.needs_input_grad[2]:
-            dscale = (d * g).flatten(1).sum(1).view_as(scale)
+        dscale = (d * g).flatten(1).sum(1).view_as(scale) if ctx.needs_input_grad[2] else None
         return d, dg, dscale
 
 
@@ -73,23 +68,22 @@ def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float) -> tuple
     dtypes agree) and the norm before clipping, (B,), detached, in at least fp32. One read of g for its norm and
     one fused multiply-add per tensor: phi is the loop's largest state."""
     sq = torch.stack([_SumOfSquares.apply(g) for g in grads.values()]).sum(0)
+    dtype = next(iter(phi.values())).dtype
     if max_norm <= 0:
-        scales = {n: -eta for n in phi}
+        scale = torch.full_like(sq, -eta, dtype=dtype)
     else:
         # + tiny: at an all-zero gradient (an all-masked mini-batch) sqrt's derivative is finite (0 through the
         # clamp below) instead of 0 * inf; below any sum of squares that rounding would not already absorb
         norm = (sq + torch.finfo(sq.dtype).tiny).sqrt()
         factor = max_norm / norm.clamp(min=max_norm)  # 1 below the threshold (a where() would give NaN grads at 0)
-        scale = (-eta * factor).to(next(iter(phi.values())).dtype)
-        scales = {n: scale.view(-1, *[1] * (g.dim() - 1)) for n, g in grads.items()}
+        scale = (-eta * factor).to(dtype)
     nxt, nxt_c = {}, {}
     for n, g in grads.items():
+        s = scale.view(-1, *[1] * (g.dim() - 1))
         if g.dtype == phi[n].dtype:
-            s = scales[n]
-            nxt[n] = nxt_c[n] = (torch.addcmul(phi[n], s, g) if isinstance(s, torch.Tensor)
-                                 else torch.add(phi[n], g, alpha=s))
+            nxt[n] = nxt_c[n] = torch.addcmul(phi[n], s, g)
         else:
-            nxt[n], nxt_c[n] = _SGDStep.apply(phi[n], g, scales[n])
+            nxt[n], nxt_c[n] = _SGDStep.apply(phi[n], g, s)
     return nxt, nxt_c, sq.detach().sqrt()
 
 
