@@ -3,6 +3,7 @@
     from ttt_e2e.kernels.swa import swa_attention, swa_reference
 
     o = swa_attention(q, k, v, window, q_pos0=0, k_pos0=0, scale=None)   # q (B,H,Tq,D), k/v (B,H,Tk,D)
+    o, keys, values = swa_attention_cached(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0)
 
 Query i sits at position q_pos0 + i, key j at k_pos0 + j; key j is visible to query i iff
 q_pos - window < k_pos <= q_pos and k_pos >= 0. On CUDA tensors (or on the CPU under TRITON_INTERPRET=1, set
@@ -11,11 +12,13 @@ before this package is imported) the Triton kernels run; elsewhere the materiali
 
 from __future__ import annotations
 
+import torch
+
 from .common import check_inputs, check_kernel_inputs, default_scale, use_triton
-from .function import _SWAttention
+from .function import _SWACachedAttention, _SWAttention
 from .reference import swa_mask, swa_reference
 
-__all__ = ["swa_attention", "swa_reference", "swa_mask"]
+__all__ = ["swa_attention", "swa_attention_cached", "swa_reference", "swa_mask"]
 
 _MAX_POS = 2**30  # positions and lengths are int32 inside the kernels
 
@@ -25,12 +28,32 @@ def swa_attention(q, k, v, window: int, q_pos0: int = 0, k_pos0: int = 0, scale:
     check_inputs(q, k, v, window, q_pos0, k_pos0)
     if not use_triton(q):
         return swa_reference(q, k, v, window, q_pos0, k_pos0, scale)
+    window = _kernel_window(q, k.shape[2], window, q_pos0, k_pos0)
+    o, _lse = _SWAttention.apply(q, k, v, window, q_pos0, k_pos0, default_scale(q.shape[-1], scale))
+    return o
+
+
+def swa_attention_cached(q, k_cache, v_cache, k, v, window: int, q_pos0: int = 0, k_pos0: int = 0,
+                         scale: float | None = None):
+    """Attention over cat(k_cache, k), cat(v_cache, v) (key j at k_pos0 + j, the cache first), as
+    `swa_attention`; returns (o, keys, values), the concatenations included. When the cache needs no gradient
+    (TTT's inner gradient, inference), the backward computes dK, dV of the block's keys only."""
+    check_inputs(q, k, v, window, q_pos0, k_pos0)
+    check_inputs(q, k_cache, v_cache, window, q_pos0, k_pos0)
+    if not use_triton(q):
+        keys, values = torch.cat((k_cache, k), 2), torch.cat((v_cache, v), 2)
+        return swa_reference(q, keys, values, window, q_pos0, k_pos0, scale), keys, values
+    window = _kernel_window(q, k_cache.shape[2] + k.shape[2], window, q_pos0, k_pos0)
+    o, _lse, keys, values = _SWACachedAttention.apply(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0,
+                                                      default_scale(q.shape[-1], scale))
+    return o, keys, values
+
+
+def _kernel_window(q, tk: int, window: int, q_pos0: int, k_pos0: int) -> int:
     check_kernel_inputs(q)
-    tq, tk = q.shape[2], k.shape[2]
+    tq = q.shape[2]
     if max(abs(q_pos0), abs(k_pos0), tq, tk) >= _MAX_POS:
         raise ValueError(f"swa_attention: positions/lengths must be below 2**30 (q_pos0={q_pos0}, k_pos0={k_pos0})")
     # A window longer than every query-key distance is full causal attention: clamp it so the kernels' int32
     # index arithmetic (k_pos + window) cannot overflow for window = huge.
-    window = min(window, tq + tk + abs(q_pos0 - k_pos0) + 1)
-    o, _lse = _SWAttention.apply(q, k, v, window, q_pos0, k_pos0, default_scale(q.shape[-1], scale))
-    return o
+    return min(window, tq + tk + abs(q_pos0 - k_pos0) + 1)

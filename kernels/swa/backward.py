@@ -6,6 +6,9 @@
 
 dQ and dK/dV are separate launches rather than one kernel with atomic adds into dQ: no atomics keeps the result
 deterministic (the outer loop differentiates through this op again) at the cost of recomputing S and dP once more.
+
+dK, dV can be restricted to the keys from index k_grad_from on: TTT's inner gradient treats the KV cache as a
+constant, and the cache's key tiles hold ~15/16 of the visible pairs of a suffix block at W = 8b.
 """
 
 import torch
@@ -94,11 +97,12 @@ def _swa_bwd_dq_kernel(
 def _swa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
-    H, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, scale,
+    H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    # One program per key tile; everything is computed transposed (keys as rows) so dK, dV accumulate in place.
+    # One program per key tile from key KG0 on; everything is computed transposed (keys as rows) so dK, dV
+    # accumulate in place. DK/DV row j holds key KG0 + j.
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -112,7 +116,7 @@ def _swa_bwd_dkdv_kernel(
     LSE += bh.to(tl.int64) * TQ
     DELTA += bh.to(tl.int64) * TQ
 
-    n0 = pid_n * BLOCK_N
+    n0 = KG0 + pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < TK
@@ -142,8 +146,9 @@ def _swa_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
 
-    tl.store(DK + offs_n[:, None] * sgt + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=col_mask)
-    tl.store(DV + offs_n[:, None] * sgt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_mask)
+    out_offs = (offs_n - KG0)[:, None] * sgt + offs_d[None, :]
+    tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=col_mask)
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=col_mask)
 
 
 def swa_backward_delta(o, do):
@@ -159,13 +164,13 @@ def swa_backward_delta(o, do):
     return delta
 
 
-def swa_backward(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale):
-    """(dq, dk, dv), each contiguous in its input's shape and dtype."""
+def swa_backward(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_from=0):
+    """(dq, dk, dv), contiguous, in their inputs' dtypes; dk and dv of the keys k_grad_from.. only."""
     B, H, TQ, D = q.shape
     TK = k.shape[2]
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty((B, H, TK, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, H, TK, D), dtype=v.dtype, device=v.device)
+    dk = torch.empty((B, H, TK - k_grad_from, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, H, TK - k_grad_from, D), dtype=v.dtype, device=v.device)
     common = dict(HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
@@ -177,9 +182,9 @@ def swa_backward(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale):
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     cfg = tile_config("bwd_dkdv", D, q.device, q.dtype)
-    _swa_bwd_dkdv_kernel[(triton.cdiv(TK, cfg.block_n), B * H)](
+    _swa_bwd_dkdv_kernel[(triton.cdiv(TK - k_grad_from, cfg.block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
-        H, TQ, TK, window, q_pos0, k_pos0, scale * LOG2E, scale,
+        H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     return dq, dk, dv

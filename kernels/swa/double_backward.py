@@ -18,7 +18,9 @@ Three launches, none of which writes a Tq x Tk matrix: (1) row-parallel pass for
 S, P, dP, G, H per tile from Q, K, V, dO, gQ, gK, gV and the saved lse and delta.
 
 Missing cotangents (None upstream) are compile-time flags: HAS_GQ / HAS_GK / HAS_GV drop the products they
-feed (with neither gQ nor gK, G = 0 and r = 0, g_dP = 0).
+feed (with neither gQ nor gK, G = 0 and r = 0, g_dP = 0). gK and gV may cover only the keys from KG0 on (the
+backward gave dK, dV for those only, see backward.py): the others' cotangents are 0, and the tiles below KG0 skip
+the products with gK and gV.
 """
 
 import torch
@@ -32,13 +34,13 @@ from .tiles import key_range, query_range, tile_is_full, visible, visible_t
 @triton.jit
 def _swa_dbwd_ru_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA, R, U,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    H, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, scale,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
+    H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    # gQ/dQ share q's strides, gK/gV share k's (the wrapper makes them alike).
+    # gQ shares q's strides; gK and gV (rows from key KG0 on) share one set (the wrapper makes them alike).
     # Last query tiles first: under a causal mask they see the most keys, so the long programs start early and
     # the short ones fill the tail of the launch.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -48,9 +50,9 @@ def _swa_dbwd_ru_kernel(
     Q += b * sqb + h * sqh
     GQ += b * sqb + h * sqh
     K += b * skb + h * skh
-    GK += b * skb + h * skh
+    GK += b * sgb + h * sgh
     V += b * svb + h * svh
-    GV += b * skb + h * skh
+    GV += b * sgb + h * sgh
     DO += b * sdb + h * sdh
     LSE += bh.to(tl.int64) * TQ
     DELTA += bh.to(tl.int64) * TQ
@@ -83,6 +85,8 @@ def _swa_dbwd_ru_kernel(
         p = tl.math.exp2(s - lse[:, None])
         if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
             p = tl.where(visible(q_pos, K_POS0 + offs_n, m_valid, n_valid, WINDOW), p, 0.0)
+        has_kg = n0 + BLOCK_N > KG0  # the tile holds keys with cotangents gK, gV
+        g_mask = kv_mask & (offs_n >= KG0)[:, None]
         if HAS_GQ or HAS_GK:
             v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -90,15 +94,17 @@ def _swa_dbwd_ru_kernel(
             if HAS_GQ:
                 g += tl.dot(gq, tl.trans(k), input_precision=DOT_PREC)
             if HAS_GK:
-                gk = tl.load(GK + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-                g += tl.dot(q, tl.trans(gk), input_precision=DOT_PREC)
+                if has_kg:
+                    gk = tl.load(GK + (offs_n - KG0)[:, None] * sgt + offs_d[None, :], mask=g_mask, other=0.0)
+                    g += tl.dot(q, tl.trans(gk), input_precision=DOT_PREC)
             pg = p * g * scale
             r += tl.sum(pg, 1)
             a += tl.sum(pg * (dp - delta[:, None]), 1)
         if HAS_GV:
-            gv = tl.load(GV + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-            hh = tl.dot(do, tl.trans(gv), input_precision=DOT_PREC)
-            a += tl.sum(p * hh, 1)
+            if has_kg:
+                gv = tl.load(GV + (offs_n - KG0)[:, None] * sgt + offs_d[None, :], mask=g_mask, other=0.0)
+                hh = tl.dot(do, tl.trans(gv), input_precision=DOT_PREC)
+                a += tl.sum(p * hh, 1)
 
     tl.store(R + offs_m, r, mask=m_valid)
     tl.store(U + offs_m, a - r * delta, mask=m_valid)
@@ -107,8 +113,8 @@ def _swa_dbwd_ru_kernel(
 @triton.jit
 def _swa_dbwd_row_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA, R, U, OUT_Q, OUT_DO,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    H, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, scale,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
+    H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -123,9 +129,9 @@ def _swa_dbwd_row_kernel(
     Q += b * sqb + h * sqh
     GQ += b * sqb + h * sqh
     K += b * skb + h * skh
-    GK += b * skb + h * skh
+    GK += b * sgb + h * sgh
     V += b * svb + h * svh
-    GV += b * skb + h * skh
+    GV += b * sgb + h * sgh
     DO += b * sdb + h * sdh
     OUT_Q += bh.to(tl.int64) * TQ * HEAD_DIM
     OUT_DO += bh.to(tl.int64) * TQ * HEAD_DIM
@@ -166,25 +172,27 @@ def _swa_dbwd_row_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         dpc = dp - delta[:, None]
         g_p = -r[:, None] * dp
-        if HAS_GK:
-            gk = tl.load(GK + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        has_kg = n0 + BLOCK_N > KG0  # the tile holds keys with cotangents gK, gV
+        g_mask = kv_mask & (offs_n >= KG0)[:, None]
         if HAS_GQ or HAS_GK:
             g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if HAS_GQ:
                 g += tl.dot(gq, tl.trans(k), input_precision=DOT_PREC)
             if HAS_GK:
-                g += tl.dot(q, tl.trans(gk), input_precision=DOT_PREC)
+                if has_kg:
+                    gk = tl.load(GK + (offs_n - KG0)[:, None] * sgt + offs_d[None, :], mask=g_mask, other=0.0)
+                    g += tl.dot(q, tl.trans(gk), input_precision=DOT_PREC)
+                    ds = p * dpc
+                    acc_q += tl.dot(ds.to(gk.dtype), gk, input_precision=DOT_PREC)
             g = g * scale
             g_p += g * dpc
             g_dp = p * (g - r[:, None])
             acc_do += tl.dot(g_dp.to(v.dtype), v, input_precision=DOT_PREC)
-        if HAS_GK:
-            ds = p * dpc
-            acc_q += tl.dot(ds.to(gk.dtype), gk, input_precision=DOT_PREC)
         if HAS_GV:
-            gv = tl.load(GV + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-            g_p += tl.dot(do, tl.trans(gv), input_precision=DOT_PREC)
-            acc_do += tl.dot(p.to(gv.dtype), gv, input_precision=DOT_PREC)
+            if has_kg:
+                gv = tl.load(GV + (offs_n - KG0)[:, None] * sgt + offs_d[None, :], mask=g_mask, other=0.0)
+                g_p += tl.dot(do, tl.trans(gv), input_precision=DOT_PREC)
+                acc_do += tl.dot(p.to(gv.dtype), gv, input_precision=DOT_PREC)
         g_s = p * (g_p - u[:, None])
         acc_q += tl.dot(g_s.to(k.dtype), k, input_precision=DOT_PREC)
 
@@ -196,8 +204,8 @@ def _swa_dbwd_row_kernel(
 @triton.jit
 def _swa_dbwd_col_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA, R, U, OUT_K, OUT_V,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    H, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, scale,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
+    H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -210,9 +218,9 @@ def _swa_dbwd_col_kernel(
     Q += b * sqb + h * sqh
     GQ += b * sqb + h * sqh
     K += b * skb + h * skh
-    GK += b * skb + h * skh
+    GK += b * sgb + h * sgh
     V += b * svb + h * svh
-    GV += b * skb + h * skh
+    GV += b * sgb + h * sgh
     DO += b * sdb + h * sdh
     OUT_K += bh.to(tl.int64) * TK * HEAD_DIM
     OUT_V += bh.to(tl.int64) * TK * HEAD_DIM
@@ -229,10 +237,12 @@ def _swa_dbwd_col_kernel(
     col_mask = n_valid[:, None] & d_valid[None, :]
     k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_mask, other=0.0)
     v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_mask, other=0.0)
+    has_kg = n0 + BLOCK_N > KG0  # this key tile has cotangents gK, gV
+    g_mask = col_mask & (offs_n >= KG0)[:, None]
     if HAS_GK:
-        gk = tl.load(GK + offs_n[:, None] * skt + offs_d[None, :], mask=col_mask, other=0.0)
+        gk = tl.load(GK + (offs_n - KG0)[:, None] * sgt + offs_d[None, :], mask=g_mask, other=0.0)
     if HAS_GV:
-        gv = tl.load(GV + offs_n[:, None] * skt + offs_d[None, :], mask=col_mask, other=0.0)
+        gv = tl.load(GV + (offs_n - KG0)[:, None] * sgt + offs_d[None, :], mask=g_mask, other=0.0)
     k_pos = K_POS0 + offs_n
     acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -262,7 +272,8 @@ def _swa_dbwd_col_kernel(
             if HAS_GQ:
                 gt += tl.dot(k, tl.trans(gq), input_precision=DOT_PREC)
             if HAS_GK:
-                gt += tl.dot(gk, tl.trans(q), input_precision=DOT_PREC)
+                if has_kg:
+                    gt += tl.dot(gk, tl.trans(q), input_precision=DOT_PREC)
             gt = gt * scale
             g_pt += gt * dpct
             g_dpt = pt * (gt - r[None, :])
@@ -271,7 +282,8 @@ def _swa_dbwd_col_kernel(
             dst = pt * dpct
             acc_k += tl.dot(dst.to(gq.dtype), gq, input_precision=DOT_PREC)
         if HAS_GV:
-            g_pt += tl.dot(gv, tl.trans(do), input_precision=DOT_PREC)
+            if has_kg:
+                g_pt += tl.dot(gv, tl.trans(do), input_precision=DOT_PREC)
         g_st = pt * (g_pt - u[None, :])
         acc_k += tl.dot(g_st.to(q.dtype), q, input_precision=DOT_PREC)
 
@@ -280,16 +292,21 @@ def _swa_dbwd_col_kernel(
     tl.store(OUT_V + out_offs, acc_v.to(OUT_V.dtype.element_ty), mask=col_mask)
 
 
-def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_pos0, scale):
-    """(grad q, grad k, grad v, grad dO) given cotangents gq, gk, gv (any may be None) of (dq, dk, dv).
+def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_pos0, scale, k_grad_from=0):
+    """(grad q, grad k, grad v, grad dO) given cotangents gq, gk, gv (any may be None) of (dq, dk, dv), where dk
+    and dv were those of the keys k_grad_from.. (gk, gv: (B, H, Tk - k_grad_from, D)).
 
-    The kernels read gQ with q's strides and gK, gV with k's, so everything is made contiguous here (a no-op for
-    the usual contiguous inputs); cotangents are cast to the operand dtype.
+    The kernels read gQ with q's strides and gK, gV with one shared set, so everything is made contiguous here (a
+    no-op for the usual contiguous inputs); cotangents are cast to the operand dtype.
     """
     q, k, v, do = (t.contiguous() for t in (q, k, v, do))
     gq, gk, gv = (None if g is None else g.to(t.dtype).contiguous() for g, t in ((gq, q), (gk, k), (gv, v)))
     B, H, TQ, D = q.shape
     TK = k.shape[2]
+    for name, g in (("gk", gk), ("gv", gv)):
+        if g is not None and g.shape != (B, H, TK - k_grad_from, D):
+            raise ValueError(f"swa_double_backward: {name} {tuple(g.shape)} must be (B, H, Tk - k_grad_from, D) = "
+                             f"{(B, H, TK - k_grad_from, D)}")
     has_gq, has_gk, has_gv = gq is not None, gk is not None, gv is not None
     if not (has_gq or has_gk or has_gv):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(do)
@@ -300,11 +317,12 @@ def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_p
     gq_ = gq if has_gq else q
     gk_ = gk if has_gk else k
     gv_ = gv if has_gv else k
+    g_strides = (gk_.stride(0), gk_.stride(1), gk_.stride(2))  # gv is allocated like gk, or absent
     r = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
     u = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            H, TQ, TK, window, q_pos0, k_pos0, scale * LOG2E, scale)
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), *g_strides,
+            H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale)
     common = dict(HAS_GQ=has_gq, HAS_GK=has_gk, HAS_GV=has_gv, HEAD_DIM=D, BLOCK_D=block_d(D),
                   DOT_PREC=dot_precision(q.dtype))
 

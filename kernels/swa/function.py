@@ -1,6 +1,7 @@
 """autograd.Functions tying the kernels together, so that grad-of-grad works.
 
   _SWAttention        forward kernel            backward -> _SWABackward.apply (differentiable)
+  _SWACachedAttention the same over cat(cache, block), which it also returns
   _SWABackward        dq/dk/dv kernels          backward -> _SWADoubleBackward.apply
   _SWADoubleBackward  double-backward kernels   backward -> NotImplementedError (third order)
 
@@ -11,6 +12,13 @@ is what torch.func needs to nest `grad(grad(f))`.
 _SWABackward takes O and lse as inputs but returns no gradient for them: the double-backward formulas (METHOD.md
 section 6, with delta = rowsum(P * dP)) already give the total derivative through Q, K, V, dO, so routing anything
 through O or lse as well would count it twice. lse and delta are non-differentiable outputs.
+
+_SWACachedAttention takes the KV cache and the block's keys/values as separate inputs so that its backward sees
+whether the cache needs a gradient (`needs_input_grad`, per torch.func level): TTT's inner gradient treats the
+cache as a constant, and then dK, dV are computed for the block's keys only (`k_grad_from`), which skips the
+cache's key tiles in the backward and its cotangent products in the double backward. It does the concatenation
+itself and returns it (the caller's next cache), so the keys it saves are its own output: the double backward's
+gradient w.r.t. them comes back through this node as the cotangent of that output, i.e. through the concatenation.
 """
 
 import torch
@@ -41,32 +49,72 @@ class _SWAttention(torch.autograd.Function):
         if do is None:  # o unused downstream
             return None, None, None, None, None, None, None
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv, _delta = _SWABackward.apply(q, k, v, o, lse, do, *ctx.args)
+        dq, dk, dv, _delta = _SWABackward.apply(q, k, v, o, lse, do, *ctx.args, 0)
         return dq, dk, dv, None, None, None, None
+
+
+class _SWACachedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0, scale):
+        keys, values = torch.cat((k_cache, k), 2), torch.cat((v_cache, v), 2)
+        o, lse = swa_forward(as_kernel_operand(q), keys, values, window, q_pos0, k_pos0, scale)
+        return o, lse, keys, values
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k_cache, _, _, _, window, q_pos0, k_pos0, scale = inputs
+        o, lse, keys, values = output
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, keys, values, o, lse)
+        ctx.args = (window, q_pos0, k_pos0, scale)
+        ctx.cache_len = k_cache.shape[2]
+
+    @staticmethod
+    def backward(ctx, do, _dlse, d_keys, d_values):
+        q, keys, values, o, lse = ctx.saved_tensors
+        tc = ctx.cache_len
+        cache_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        start = 0 if cache_grad else tc  # the first key that needs dK, dV
+        dq = dk = dv = None
+        if do is not None:
+            dq, dk, dv, _delta = _SWABackward.apply(q, keys, values, o, lse, do, *ctx.args, start)
+        dk, dv = _add_from(dk, d_keys, start), _add_from(dv, d_values, start)
+        split = lambda g, lo, hi: None if g is None else g[:, :, lo:hi]  # noqa: E731
+        return (dq, split(dk, 0, tc - start) if ctx.needs_input_grad[1] else None,
+                split(dv, 0, tc - start) if ctx.needs_input_grad[2] else None,
+                split(dk, tc - start, None), split(dv, tc - start, None), None, None, None, None)
+
+
+def _add_from(g, d_out, start):
+    """g (the keys start..) plus the same rows of d_out (every key), either possibly None."""
+    if d_out is None:
+        return g
+    return d_out[:, :, start:] if g is None else g + d_out[:, :, start:]
 
 
 class _SWABackward(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, o, lse, do, window, q_pos0, k_pos0, scale):
+    def forward(q, k, v, o, lse, do, window, q_pos0, k_pos0, scale, k_grad_from):
         q, k, v, o, do = (as_kernel_operand(t) for t in (q, k, v, o, do))
         delta = swa_backward_delta(o, do)
-        dq, dk, dv = swa_backward(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale)
+        dq, dk, dv = swa_backward(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_from)
         return dq, dk, dv, delta
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, o, lse, do, window, q_pos0, k_pos0, scale = inputs
+        q, k, v, o, lse, do, window, q_pos0, k_pos0, scale, k_grad_from = inputs
         delta = output[3]
         ctx.mark_non_differentiable(delta)
         # Unused cotangents arrive as None (e.g. only dq enters the outer loss): the kernels then skip their terms
         # instead of multiplying by materialized zeros.
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, do, lse, delta)
-        ctx.args = (window, q_pos0, k_pos0, scale)
+        ctx.args = (window, q_pos0, k_pos0, scale, k_grad_from)
 
     @staticmethod
     def backward(ctx, gq, gk, gv, _gdelta):
-        nones = (None,) * 4
+        nones = (None,) * 5
         if gq is None and gk is None and gv is None:
             return (None,) * 6 + nones
         q, k, v, do, lse, delta = ctx.saved_tensors
@@ -76,8 +124,8 @@ class _SWABackward(torch.autograd.Function):
 
 class _SWADoubleBackward(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_pos0, scale):
-        return swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_pos0, scale)
+    def forward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_pos0, scale, k_grad_from):
+        return swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_pos0, scale, k_grad_from)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -14,8 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported (conftest.py does it too)
 
-from ttt_e2e.kernels.swa import swa_attention, swa_mask, swa_reference  # noqa: E402
-from ttt_e2e.kernels.swa import common  # noqa: E402
+from ttt_e2e.kernels.swa import swa_attention, swa_attention_cached, swa_mask, swa_reference  # noqa: E402
+from swa_cached import cached_reference, inner_then_outer  # noqa: E402
+from ttt_e2e.kernels.swa import common, function  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 arithmetic against a float64 reference: observed ~3e-7; 2e-5 leaves room for long sums, and still fails on
@@ -146,6 +147,45 @@ def test_torch_func_grad_of_grad():
     ref = make(swa_reference)(q.double(), k.double(), v.double())
     errs = [rel_err(a, b) for a, b in zip(got, ref)]
     assert all(e < TOL for e in errs), errs
+
+
+# --- attention over a KV cache then a block: TTT's suffix ---------------------------------------------------------
+
+# (B, H, Tq, Tc, D, window, q_pos0); the cache's first key sits at q_pos0 - Tc
+CACHED = [
+    pytest.param(1, 2, 13, 21, 16, 20, 21, id="cache-21-ragged-boundary"),
+    pytest.param(2, 1, 19, 35, 32, 24, 10, id="cache-partly-negative"),
+    pytest.param(1, 2, 16, 32, 16, 48, 32, id="tile-aligned-boundary-window-beyond-cache"),
+    pytest.param(1, 1, 9, 40, 80, 30, 100, id="D80"),
+]
+
+
+@pytest.mark.parametrize("B,H,TQ,TC,D,W,QP", CACHED)
+def test_cached_attention_inner_gradient_then_outer(monkeypatch, B, H, TQ, TC, D, W, QP):
+    """The kernels (which give dK, dV of the block's keys only to the inner gradient) against the reference."""
+    starts = []
+    backward = function.swa_backward
+    monkeypatch.setattr(function, "swa_backward", lambda *a: starts.append(a[-1]) or backward(*a))
+    q, k, v = fresh_randn(B, H, TQ, D), fresh_randn(B, H, TQ, D), fresh_randn(B, H, TQ, D)
+    kc, vc = fresh_randn(B, H, TC, D), fresh_randn(B, H, TC, D)
+    cot = [fresh_randn(B, H, TQ, D) for _ in range(5)] + [fresh_randn(B, H, TC + TQ, D) for _ in range(2)]
+    got = inner_then_outer(swa_attention_cached, q, k, v, kc, vc, cot, W, QP)
+    ref = inner_then_outer(cached_reference, *(t.double() for t in (q, k, v, kc, vc)), cot, W, QP)
+    errs = [rel_err(a, b) for a, b in zip(got, ref)]
+    assert all(e < TOL for e in errs), errs
+    assert TC in starts and 0 in starts, starts  # the inner backward skipped the cache, the outer one did not
+
+
+def test_cached_attention_forward_and_bad_cache():
+    q, k, v = fresh_randn(1, 2, 10, 16), fresh_randn(1, 2, 10, 16), fresh_randn(1, 2, 10, 16)
+    kc, vc = fresh_randn(1, 2, 7, 16), fresh_randn(1, 2, 7, 16)
+    o, keys, values = swa_attention_cached(q, kc, vc, k, v, 12, 7, 0)
+    ref = cached_reference(q, kc, vc, k, v, 12, 7, 0)
+    assert rel_err(o, ref[0]) < TOL and torch.equal(keys, ref[1]) and torch.equal(values, ref[2])
+    with pytest.raises(ValueError, match="batch, heads and head dim"):
+        swa_attention_cached(q, fresh_randn(1, 2, 7, 32), fresh_randn(1, 2, 7, 32), k, v, 12, 7, 0)
+    with pytest.raises(ValueError, match="dtype mismatch"):
+        swa_attention_cached(q, kc.double(), vc, k, v, 12, 7, 0)
 
 
 def test_third_order_raises():

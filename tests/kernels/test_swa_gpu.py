@@ -10,7 +10,8 @@ caching allocator hands back the NaN-filled block), so an element the kernels fa
 import pytest
 import torch
 
-from ttt_e2e.kernels.swa import swa_attention, swa_reference
+from swa_cached import cached_reference, inner_then_outer
+from ttt_e2e.kernels.swa import swa_attention, swa_attention_cached, swa_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -68,3 +69,30 @@ def test_bf16_real_shapes(TQ, TK, W, QP, KP, D):
           + "\n    materialized-bf16 " + " ".join(f"{n}={e:.1e}" for n, e in mat_errs.items()))
     assert all(e < TOL for e in errs.values()), errs
     assert all(errs[n] < 2 * mat_errs[n] + 1e-3 for n in NAMES), (errs, mat_errs)
+
+
+@pytest.mark.parametrize("D", [64, 80])
+@pytest.mark.parametrize("QP", [4096, 16384], ids=["early", "full-cache"])
+def test_bf16_cached_inner_gradient_then_outer(QP, D):
+    """The suffix's pattern at its real shape (b = 1024 queries after the W = 8192 keys before them, fewer
+    early on), bf16: the inner gradient w.r.t. the block (the kernels skip the cache's key gradients there),
+    differentiated again w.r.t. everything; same tolerance and yardstick as above."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device="cuda").manual_seed(QP + D)
+    B, H, TQ, W = 1, 2, 1024, 8192
+    TC = min(QP, W)
+    mk = lambda T: torch.randn(B, H, T, D, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
+    q, k, v, kc, vc = mk(TQ), mk(TQ), mk(TQ), mk(TC), mk(TC)
+    cot = [mk(TQ) for _ in range(5)] + [mk(TC + TQ) for _ in range(2)]
+    ref = inner_then_outer(cached_reference, *(t.float() for t in (q, k, v, kc, vc)), cot, W, QP)
+    mat = inner_then_outer(cached_reference, q, k, v, kc, vc, cot, W, QP)
+    torch.cuda.empty_cache()
+    _poison_allocator()
+    got = inner_then_outer(swa_attention_cached, q, k, v, kc, vc, cot, W, QP)
+    names = ("q", "k", "v", "k_cache", "v_cache")
+    errs = {n: _rel(a.float(), b) for n, a, b in zip(names, got, ref)}
+    mat_errs = {n: _rel(a.float(), b) for n, a, b in zip(names, mat, ref)}
+    print(f"\n[cached q0={QP} D{D}] triton " + " ".join(f"{n}={e:.1e}" for n, e in errs.items())
+          + "\n    materialized-bf16 " + " ".join(f"{n}={e:.1e}" for n, e in mat_errs.items()))
+    assert all(e < TOL for e in errs.values()), errs
+    assert all(errs[n] < 2 * mat_errs[n] + 1e-3 for n in names), (errs, mat_errs)

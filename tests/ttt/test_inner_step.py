@@ -1,4 +1,6 @@
 """The inner step's SGD update and its compute-dtype copy of phi, against their plain definitions."""
+import contextlib
+
 import pytest
 import torch
 from torch.func import functional_call, grad
@@ -141,3 +143,81 @@ def test_meta_gradient_under_autocast_is_the_same_with_and_without_remat():
     for a, b in zip(*grads):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _bitwise(got, want):
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# g in the compute dtype: bf16 (the node's path by default) or phi's own fp32 (plain addcmul)
+@pytest.mark.parametrize("g_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("max_norm", [0.0, 1.5, 1e6])
+@pytest.mark.parametrize("alias", [True, False])  # out = phi itself, or separate buffers
+def test_sgd_step_in_place_is_bitwise_the_default(max_norm, g_dtype, alias):
+    phi, grads = _random_state(4, g_dtype=g_dtype)
+    phi = {n: p.detach().float() for n, p in phi.items()}
+    grads = {n: g.detach() for n, g in grads.items()}
+    want, want_c, want_norm = sgd_step(phi, grads, eta=0.3, max_norm=max_norm)
+    if alias:  # as inference holds them: phi_c is phi itself when the dtypes agree
+        buf = {n: p.clone() for n, p in phi.items()}
+        buf_c = buf if g_dtype == torch.float32 else {n: p.to(g_dtype) for n, p in phi.items()}
+        inp = buf
+    else:
+        buf = {n: torch.full_like(p, float("nan")) for n, p in phi.items()}
+        buf_c = {n: torch.full_like(p, float("nan"), dtype=g_dtype) for n, p in phi.items()}
+        inp = phi
+    got, got_c, norm = sgd_step(inp, grads, eta=0.3, max_norm=max_norm, out=(buf, buf_c))
+    assert got is buf and got_c is buf_c
+    _bitwise(norm, want_norm)
+    for n in phi:
+        _bitwise(got[n], want[n])
+        _bitwise(got_c[n], want_c[n])
+
+
+def test_sgd_step_in_place_refuses_tensors_under_autograd():
+    phi, grads = _random_state(5)
+    out = ({n: torch.empty_like(p) for n, p in phi.items()},) * 2
+    with pytest.raises(ValueError, match="meta-gradient"):
+        sgd_step(phi, {n: g.detach() for n, g in grads.items()}, eta=0.3, max_norm=1.0, out=out)
+    with pytest.raises(ValueError, match="meta-gradient"):
+        sgd_step({n: p.detach() for n, p in phi.items()}, grads, eta=0.3, max_norm=1.0, out=out)
+
+
+@pytest.mark.parametrize("autocast", [True, False])  # fp32 phi with bf16 compute, and with fp32 compute
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_inner_step_in_place_is_bitwise_the_default(autocast, clip):
+    """Three steps as inference takes them (phi_c handed in, phi and phi_c overwritten in place) against the
+    default (phi cast in the step, new tensors): the same losses, norms, caches and phi_{t+1} in both dtypes."""
+    model = tiny_model().float()
+    ids, targets, mask = tiny_batch(model, batch=2)
+    b, inner = 6, model.suffix.inner_names()
+    params = {n: p.detach() for n, p in model.suffix.named_parameters()}
+    theta = {n: p for n, p in params.items() if n not in inner}
+    phi0 = {n: params[n].expand(2, *params[n].shape).clone() for n in inner}
+    head = model.head_weight().detach()
+    dtype = torch.bfloat16 if autocast else torch.float32
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        h = model.run_prefix(model.wte(ids))
+        phi, caches = phi0, None
+        buf = {n: p.clone() for n, p in phi0.items()}
+        buf_c = buf if dtype == torch.float32 else {n: p.to(dtype) for n, p in phi0.items()}
+        buf_caches = None
+        settings = dict(eta=0.5, clip=clip, window=model.cfg.window, ce_kernel=False)
+        for t in range(3):
+            sl = slice(t * b, (t + 1) * b)
+            args = (h[:, sl], targets[:, sl], mask[:, sl], t * b)
+            want = inner_step(model.suffix, theta, head, phi, caches, *args, **settings)
+            got = inner_step(model.suffix, theta, head, buf, buf_caches, *args, **settings, phi_c=buf_c,
+                             out=(buf, buf_c))
+            (l0, tok0, phi, caches, n0, phi_c), (l1, tok1, nxt, buf_caches, n1, nxt_c) = want, got
+            assert nxt is buf and nxt_c is buf_c
+            for a, w in [(l1, l0), (tok1, tok0), (n1, n0), *[x for kv in zip(buf_caches, caches) for x in zip(*kv)]]:
+                _bitwise(a, w)
+            for n in inner:
+                assert nxt_c[n].dtype == dtype
+                _bitwise(nxt[n], phi[n])
+                _bitwise(nxt_c[n], phi_c[n])
+    if clip:
+        assert (n0 > clip).any(), n0  # the clip acted on the last step at least

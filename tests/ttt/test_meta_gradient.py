@@ -73,3 +73,21 @@ def test_inner_lr_zero_meta_equals_pretrain():
     torch.testing.assert_close(m.token_losses, p.token_losses, rtol=1e-12, atol=1e-14)
     # and the meta loss with learning does differ, so the comparison above is not vacuous
     assert abs(sequence_loss(model, *batch, meta()).loss.item() - p.loss.item()) > 1e-4
+
+
+def test_meta_gradient_through_the_attention_kernels():
+    """The whole meta-gradient with the suffix's attention through the Triton kernels (the Triton interpreter on
+    a CPU), fp32, against the same model through the materialized reference: the kernels' inner backward skips
+    the KV cache's key gradients (a constant of the inner loss), the outer backward must still reach the cache."""
+    import os
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter was not enabled before the kernels were imported")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    grads = {}
+    for backend in ("torch", "triton"):
+        model = tiny_model(seed=5, d_model=32, attention_backend=backend).float().to(device)
+        batch = [t.to(device) for t in tiny_batch(model, seed=6)]
+        params = list(model.parameters())
+        grads[backend] = torch.cat([g.flatten() for g in torch.autograd.grad(_loss(model, batch, meta()), params)])
+    err = ((grads["triton"] - grads["torch"]).norm() / grads["torch"].norm()).item()
+    assert err < 1e-5, err

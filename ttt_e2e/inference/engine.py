@@ -39,7 +39,7 @@ from ttt_e2e.model.attention import DevicePos
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.inner import inner_step
 
-from .graphs import InferenceGraphs
+from .graphs import InferenceGraphs, phi_c_or_none
 from .kv_cache import KVCache
 
 DEFAULT_CHUNK = 8192  # prefix tokens per forward in prefill: bounds activation memory independently of context
@@ -56,7 +56,8 @@ class InferenceState:
     clip: float = 0.0
     bos_id: Optional[int] = None  # targets equal to it carry no loss (as in training)
     theta: dict = field(default_factory=dict)  # the suffix's non-inner weights
-    phi: dict = field(default_factory=dict)  # inner weights, (B, ...) each: one copy per sequence
+    phi: dict = field(default_factory=dict)  # inner weights, (B, ...) each: one copy per sequence; a view of the
+    # weights until the first step, then the state's own tensors, updated in place by each later step
     phi_dec: dict = field(default_factory=dict)  # phi in the compute dtype, for decoding (cast once per step)
     base: Optional[list] = None  # suffix (k, v) caches from before the pending mini-batch, in position order
     pending_h: Optional[torch.Tensor] = None  # (B, b, d) prefix outputs of the pending tokens
@@ -222,10 +223,15 @@ def _inner_step(state: InferenceState, h: torch.Tensor, targets: torch.Tensor, p
     if state.graphs is not None:  # phi and the suffix caches are updated in place, in the graphs' buffers
         l_t, tok = state.graphs.inner_step(state, h, targets, mask, pos0)
     else:
-        l_t, tok, state.phi, state.base, _, _ = inner_step(
+        # In place from the second step on: before the first, phi is a view of the model's weights (never written)
+        out = (state.phi, state.phi_dec) if state.losses else None
+        l_t, tok, phi, state.base, _, _ = inner_step(
             state.model.suffix, state.theta, state.model.head_weight(), state.phi, state.base, h, targets, mask,
-            pos0, state.eta, state.clip, state.model.cfg.window, ce_kernel=state.model.ce_kernel)
-        state.phi_dec = _decode_copy(state)
+            pos0, state.eta, state.clip, state.model.cfg.window, ce_kernel=state.model.ce_kernel,
+            phi_c=phi_c_or_none(state.phi_dec, h), out=out)
+        if out is None:
+            state.phi = phi
+            state.phi_dec = _decode_copy(state)
     state.stepped_to = pos0 + state.b
     state.losses.append(l_t)
     state.token_losses.append(tok)

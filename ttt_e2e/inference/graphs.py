@@ -28,7 +28,16 @@ from typing import Callable, Optional
 import torch
 
 from ttt_e2e.model.attention import DevicePos
+from ttt_e2e.model.layers import compute_dtype
 from ttt_e2e.ttt.inner import inner_step
+
+
+def phi_c_or_none(phi_dec: dict, h: torch.Tensor) -> Optional[dict]:
+    """phi_dec as the inner step's phi_c where it holds phi in the dtype the step computes in (saving the step a
+    cast of phi), else None (the step casts). They differ only without autocast when phi's dtype is not the
+    weights' (inner_dtype), phi_dec then being phi itself."""
+    dtype = compute_dtype(h)
+    return phi_dec if all(p.dtype == dtype for p in phi_dec.values()) else None
 
 
 class InferenceGraphs:
@@ -63,7 +72,9 @@ class InferenceGraphs:
             return
         if not self.phi:
             self.phi = {n: torch.empty_like(p) for n, p in state.phi.items()}  # materialized: phi starts expanded
-            self.phi_dec = {n: torch.empty_like(p) for n, p in state.phi_dec.items()}
+            # phi_dec is phi itself without autocast: one buffer, which the step then writes once
+            self.phi_dec = (self.phi if state.phi_dec is state.phi else
+                            {n: torch.empty_like(p) for n, p in state.phi_dec.items()})
         for n in self.phi:
             self.phi[n].copy_(state.phi[n])
             self.phi_dec[n].copy_(state.phi_dec[n])
@@ -93,14 +104,14 @@ class InferenceGraphs:
         key = ("step", pos0 if pos0 < W else W)  # from W on the cache holds no position below 0: one graph
         # A replayed graph keeps the int it was captured with, which is valid for any later step (see above).
         pos = DevicePos(pos0, s["pos"])
+        phi_c = phi_c_or_none(self.phi_dec, s["h"])
 
         def step():
-            l_t, tok, phi_next, caches_next, _, phi_next_c = inner_step(
+            # phi and phi_dec updated in place: no cast of phi nor copies of the new one into these buffers
+            l_t, tok, _, caches_next, _, _ = inner_step(
                 state.model.suffix, state.theta, state.model.head_weight(), self.phi, self.base, s["h"],
-                s["targets"], s["mask"], pos, state.eta, state.clip, W, ce_kernel=state.model.ce_kernel)
-            for n, p in phi_next.items():
-                self.phi[n].copy_(p)
-                self.phi_dec[n].copy_(phi_next_c[n])  # the step's own cast when the dtypes agree (they do)
+                s["targets"], s["mask"], pos, state.eta, state.clip, W, ce_kernel=state.model.ce_kernel,
+                phi_c=phi_c, out=(self.phi, self.phi_dec))
             for (k, v), (k_next, v_next) in zip(self.base, caches_next):
                 k.copy_(k_next)
                 v.copy_(v_next)

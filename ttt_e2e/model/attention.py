@@ -54,6 +54,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, q_
     return attention(q, k, v, window, q_pos0, k_pos0)
 
 
+def attend_cached(q, k_cache, v_cache, k, v, *, window: int, q_pos0: int, k_pos0: int,
+                  backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`attend` over the cache's keys then the block's (k_pos0: the cache's first position); returns (o, keys,
+    values), the concatenations. Through the Triton kernels the cache gets key gradients only where something
+    differentiates w.r.t. it (not TTT's inner gradient: see kernels/swa/function.py)."""
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        from ttt_e2e.kernels.swa import swa_attention_cached
+        return swa_attention_cached(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0)
+    keys, values = torch.cat((k_cache, k), 2), torch.cat((v_cache, v), 2)
+    return attend(q, keys, values, window=window, q_pos0=q_pos0, k_pos0=k_pos0, backend=backend), keys, values
+
+
 def _sdpa_full_causal(q, k, v, window, q_pos0, k_pos0):
     """PyTorch's fused attention (FlashAttention-2 / cuDNN kernels), for the full-attention baseline: it has no
     double backward and no sliding window, so it serves only plain causal attention over a whole sequence."""
@@ -105,8 +117,12 @@ class Attention(torch.nn.Module):
             o, kv = cache.attend(q, k, v, pos0, self.backend), None
         else:
             pos0 = int(pos0)  # the kernels take plain ints
-            keys, values = (k, v) if cache is None else (torch.cat((cache[0], k), 2), torch.cat((cache[1], v), 2))
-            o = attend(q, keys, values, window=self.window, q_pos0=pos0, k_pos0=pos0 - (keys.shape[2] - T),
-                       backend=self.backend, first_order=self.first_order)
-            kv = (keys, values)
+            if cache is None:
+                o = attend(q, k, v, window=self.window, q_pos0=pos0, k_pos0=pos0, backend=self.backend,
+                           first_order=self.first_order)
+                kv = (k, v)
+            else:
+                o, keys, values = attend_cached(q, *cache, k, v, window=self.window, q_pos0=pos0,
+                                                k_pos0=pos0 - cache[0].shape[2], backend=self.backend)
+                kv = (keys, values)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1)), kv

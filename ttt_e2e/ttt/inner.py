@@ -62,11 +62,20 @@ class _SGDStep(torch.autograd.Function):
         return d, dg, dscale
 
 
-def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float) -> tuple[Tensors, Tensors, torch.Tensor]:
+def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float,
+             out: tuple[Tensors, Tensors] | None = None) -> tuple[Tensors, Tensors, torch.Tensor]:
     """phi - eta * clip(g), the clip by each sequence's global norm over all inner tensors (optax's
     clip_by_global_norm). Returns phi_{t+1} in phi's dtype, phi_{t+1} in g's dtype (the same tensors when the
     dtypes agree) and the norm before clipping, (B,), detached, in at least fp32. One read of g for its norm and
-    one fused multiply-add per tensor: phi is the loop's largest state."""
+    one fused multiply-add per tensor: phi is the loop's largest state.
+
+    out: (phi_out, phi_out_c), buffers to write phi_{t+1} into and return instead of new tensors: phi_out in
+    phi's dtype (it may be phi itself), phi_out_c its copy in the compute dtype (g's; it may be phi_out, then
+    not written twice). Inference only: with no autograd graph through phi, the update can overwrite the state
+    it reads, with no second full-size buffer nor copies into static ones (CUDA graphs)."""
+    if out is not None and any(t.requires_grad for t in (*phi.values(), *grads.values())):
+        raise ValueError("sgd_step(out=...) updates phi in place, which would break the meta-gradient through "
+                         "it: phi and its gradient must not require grad (out is for inference)")
     sq = torch.stack([_SumOfSquares.apply(g) for g in grads.values()]).sum(0)
     dtype = next(iter(phi.values())).dtype
     if max_norm <= 0:
@@ -77,10 +86,14 @@ def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float) -> tuple
         norm = (sq + torch.finfo(sq.dtype).tiny).sqrt()
         factor = max_norm / norm.clamp(min=max_norm)  # 1 below the threshold (a where() would give NaN grads at 0)
         scale = (-eta * factor).to(dtype)
-    nxt, nxt_c = {}, {}
+    nxt, nxt_c = ({}, {}) if out is None else out
     for n, g in grads.items():
         s = scale.view(-1, *[1] * (g.dim() - 1))
-        if g.dtype == phi[n].dtype:
+        if out is not None:
+            torch.addcmul(phi[n], s, g, out=nxt[n])
+            if nxt_c[n] is not nxt[n]:
+                nxt_c[n].copy_(nxt[n])  # the rounding .to() gives: the copy the default returns
+        elif g.dtype == phi[n].dtype:
             nxt[n] = nxt_c[n] = torch.addcmul(phi[n], s, g)
         else:
             nxt[n], nxt_c[n] = _SGDStep.apply(phi[n], g, s)
@@ -89,13 +102,16 @@ def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float) -> tuple
 
 def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors, caches, h: torch.Tensor,
                targets: torch.Tensor, mask: torch.Tensor, pos0: int, eta: float, clip: float, window: int,
-               recompute_logits: bool = False, ce_kernel: bool = True, phi_c: Tensors | None = None):
+               recompute_logits: bool = False, ce_kernel: bool = True, phi_c: Tensors | None = None,
+               out: tuple[Tensors, Tensors] | None = None):
     """Mini-batch t at absolute position pos0: h (B, b, d) is the prefix's output for it. phi_c: phi_t in the
-    compute dtype, as the previous step returned it (None: cast here).
+    compute dtype, as the previous step returned it (None: cast here). out: buffers for phi_{t+1} and its
+    compute-dtype copy, updated in place (inference only: see sgd_step); they may be phi and phi_c themselves.
 
     Returns l_t (B,) computed with phi_t, the per-token losses (B, b), phi_{t+1}, the next KV caches, the
-    inner gradient's norm (B,) and phi_{t+1} in the compute dtype. The caches from earlier mini-batches are inputs, not functions of phi_t, so the
-    inner gradient treats them as constants while the outer gradient flows through them.
+    inner gradient's norm (B,) and phi_{t+1} in the compute dtype. The caches from earlier mini-batches are
+    inputs, not functions of phi_t, so the inner gradient treats them as constants while the outer gradient
+    flows through them.
     """
 
     def loss(phi_c: Tensors):
@@ -111,7 +127,7 @@ def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors,
         dtype = compute_dtype(h)
         phi_c = {n: p.to(dtype) if p.is_floating_point() else p for n, p in phi.items()}
     g, (l_t, tok, kvs) = grad(loss, has_aux=True)(phi_c)
-    phi_next, phi_next_c, gnorm = sgd_step(phi, g, eta, clip)
+    phi_next, phi_next_c, gnorm = sgd_step(phi, g, eta, clip, out)  # out may be phi_c: the gradient is done with it
     # The last W keys; a cache that holds no more is passed on as it is (a full-length slice would still cost, in
     # the outer backward, a zero-filled copy of its whole gradient)
     caches_next = [(k, v) if k.shape[2] <= window else (k[:, :, -window:], v[:, :, -window:]) for k, v in kvs]
