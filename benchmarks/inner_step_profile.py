@@ -1,6 +1,6 @@
 """Where the time of one inference TTT inner step goes (3B, b = 1024, steady state past W), kernel by kernel.
 
-    python benchmarks/inner_step_profile.py [--size 3b] [--top 25]
+    python benchmarks/inner_step_profile.py [--size 3b] [--top 25] [--ops]
 
 Builds the paper config with random bf16 weights, prefills 3 W tokens through `feed` with CUDA graphs (so the
 step graphs exist), then times (a) one replayed step graph, CUDA events, median of 20, and (b) one eager step
@@ -26,6 +26,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="3b")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--ops", action="store_true", help="also the ATen ops (with shapes) by their kernels' time")
     args = p.parse_args()
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
@@ -56,7 +57,8 @@ def main():
             graphs.capture = False  # the same code, eagerly, for the profiler
             graphs.inner_step(state, h, tgt, mask, pos0)
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.ops else [])
+            with profile(activities=activities, record_shapes=args.ops) as prof:
                 graphs.inner_step(state, h, tgt, mask, pos0)
                 torch.cuda.synchronize()
     total, groups, count = 0.0, defaultdict(float), defaultdict(int)
@@ -69,6 +71,13 @@ def main():
     print(f"eager step: {sum(count.values())} kernels, {total / 1e3:.2f} ms of GPU time")
     for name, t in sorted(groups.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"{t / 1e3:8.2f} ms {100 * t / total:5.1f}% {count[name]:5d}x  {name}")
+    if args.ops:
+        ops = [e for e in prof.key_averages(group_by_input_shape=True)
+               if e.device_type == torch.autograd.DeviceType.CPU and e.self_device_time_total > 0]
+        print("--- ops by the GPU time of their own kernels")
+        for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:args.top]:
+            shapes = str(e.input_shapes)[:110]
+            print(f"{e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key[:32]:32s} {shapes}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Which kernels and which ATen ops (with their input shapes) take the GPU time of one training step.
 
     python benchmarks/op_profile.py 125m:e2e:0:0 125m:fa:0:0 1b:e2e:0:1     # size:mode:remat_inner:remat_prefix
+    python benchmarks/op_profile.py --by-node 1b:e2e:0:0    # also: memory-bound ops by the autograd node running them
 
 One eager step (T = 8192, b = 1024, W = 8192, bf16 autocast, AdamW) after two warm-up steps, under the PyTorch
 profiler with shapes recorded; prints the top kernels by GPU time and the top ops by the GPU time of the kernels
@@ -19,7 +20,7 @@ def _gpu_us(e) -> float:
     return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
 
 
-def profile(size: str, mode: str, remat_inner: bool, remat_prefix: bool, rows: int = 45) -> None:
+def profile(size: str, mode: str, remat_inner: bool, remat_prefix: bool, rows: int = 45, by_node: bool = False):
     mcfg, tcfg = configs(size, 8192, 1024, 8192, remat_inner, remat_prefix, False)[mode]
     torch.manual_seed(0)
     model = Transformer(mcfg, tcfg).cuda()
@@ -51,10 +52,42 @@ def profile(size: str, mode: str, remat_inner: bool, remat_prefix: bool, rows: i
     print("--- ops by the GPU time of their own kernels")
     for e in sorted(ops, key=_gpu_us, reverse=True)[:rows + 20]:
         print(f"O {_gpu_us(e) / 1e3:8.2f} ms {e.count:6d}  {e.key[:40]:40s} {str(e.input_shapes)[:150]}")
+    if by_node:
+        _by_node(prof, rows)
+
+
+MEMORY_BOUND = ("aten::copy_", "aten::add", "aten::add_", "aten::mul", "aten::sum", "aten::cat", "aten::addcmul",
+                "aten::fill_", "aten::zero_", "aten::div", "aten::sub", "aten::mul_", "aten::neg")
+
+
+def _by_node(prof, rows: int) -> None:
+    """The memory-bound ops, grouped by the autograd node whose backward ran them (or 'forward') and the outermost
+    op inside it: which derivative makes each pass over memory, which a fused node would save."""
+    groups: dict = {}
+    for e in prof.profiler.function_events:
+        if e.name not in MEMORY_BOUND or _gpu_us(e) <= 0:
+            continue
+        node, chain, p = "forward", [e.name], e.cpu_parent
+        while p is not None:
+            if p.name.startswith("autograd::engine::evaluate_function: "):
+                node = p.name.split(": ", 1)[1]
+                break
+            chain.append(p.name)
+            p = p.cpu_parent
+        if len(chain) > 1 and chain[-1] == node:  # the node's own record
+            chain.pop()
+        key = (node, chain[-1], e.name.split("::")[-1], str(e.input_shapes[:2])[:70])
+        t, n = groups.get(key, (0.0, 0))
+        groups[key] = (t + _gpu_us(e), n + 1)
+    total = sum(t for t, _ in groups.values())
+    print(f"--- memory-bound ops by autograd node ({total / 1e3:.1f} ms in all)")
+    for (node, top, name, shapes), (t, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"N {t / 1e3:8.2f} ms {n:6d}  {node[:34]:34s} {top[:26]:26s} {name:8s} {shapes}")
 
 
 if __name__ == "__main__":
-    for spec in sys.argv[1:]:
+    by_node = "--by-node" in sys.argv
+    for spec in [a for a in sys.argv[1:] if a != "--by-node"]:
         size, mode, ri, rp = spec.split(":")
-        profile(size, mode, ri == "1", rp == "1")
+        profile(size, mode, ri == "1", rp == "1", by_node=by_node)
         torch.cuda.empty_cache()

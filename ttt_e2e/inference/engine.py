@@ -228,7 +228,7 @@ def _inner_step(state: InferenceState, h: torch.Tensor, targets: torch.Tensor, p
         l_t, tok, phi, state.base, _, _ = inner_step(
             state.model.suffix, state.theta, state.model.head_weight(), state.phi, state.base, h, targets, mask,
             pos0, state.eta, state.clip, state.model.cfg.window, ce_kernel=state.model.ce_kernel,
-            phi_c=phi_c_or_none(state.phi_dec, h), out=out)
+            sgd_kernel=state.model.sgd_kernel, phi_c=phi_c_or_none(state.phi_dec, h), out=out)
         if out is None:
             state.phi = phi
             state.phi_dec = _decode_copy(state)

@@ -111,7 +111,7 @@ class InferenceGraphs:
             l_t, tok, _, caches_next, _, _ = inner_step(
                 state.model.suffix, state.theta, state.model.head_weight(), self.phi, self.base, s["h"],
                 s["targets"], s["mask"], pos, state.eta, state.clip, W, ce_kernel=state.model.ce_kernel,
-                phi_c=phi_c, out=(self.phi, self.phi_dec))
+                sgd_kernel=state.model.sgd_kernel, phi_c=phi_c, out=(self.phi, self.phi_dec))
             for (k, v), (k_next, v_next) in zip(self.base, caches_next):
                 k.copy_(k_next)
                 v.copy_(v_next)

@@ -62,8 +62,15 @@ class _SGDStep(torch.autograd.Function):
         return d, dg, dscale
 
 
+def _kernel_applies(phi: Tensors, grads: Tensors) -> bool:
+    """The Triton SGD kernels take fp32 phi and bf16/fp16 g on a GPU (the meta step's and inference's case)."""
+    return all(g.is_cuda and phi[n].dtype == torch.float32 and g.dtype in (torch.bfloat16, torch.float16)
+               for n, g in grads.items())
+
+
 def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float,
-             out: tuple[Tensors, Tensors] | None = None) -> tuple[Tensors, Tensors, torch.Tensor]:
+             out: tuple[Tensors, Tensors] | None = None,
+             kernel: bool = False) -> tuple[Tensors, Tensors, torch.Tensor]:
     """phi - eta * clip(g), the clip by each sequence's global norm over all inner tensors (optax's
     clip_by_global_norm). Returns phi_{t+1} in phi's dtype, phi_{t+1} in g's dtype (the same tensors when the
     dtypes agree) and the norm before clipping, (B,), detached, in at least fp32. One read of g for its norm and
@@ -72,10 +79,19 @@ def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float,
     out: (phi_out, phi_out_c), buffers to write phi_{t+1} into and return instead of new tensors: phi_out in
     phi's dtype (it may be phi itself), phi_out_c its copy in the compute dtype (g's; it may be phi_out, then
     not written twice). Inference only: with no autograd graph through phi, the update can overwrite the state
-    it reads, with no second full-size buffer nor copies into static ones (CUDA graphs)."""
+    it reads, with no second full-size buffer nor copies into static ones (CUDA graphs).
+
+    kernel: the Triton kernels where they apply (fp32 phi, bf16/fp16 g, CUDA): the update and its copy in one
+    pass, and the backward of the update and of the clip in one node (ttt_e2e.kernels.sgd); else PyTorch ops."""
     if out is not None and any(t.requires_grad for t in (*phi.values(), *grads.values())):
         raise ValueError("sgd_step(out=...) updates phi in place, which would break the meta-gradient through "
                          "it: phi and its gradient must not require grad (out is for inference)")
+    kernel = kernel and _kernel_applies(phi, grads)
+    if kernel and out is None:
+        from ttt_e2e.kernels.sgd import clipped_sgd
+        names = list(grads)
+        nxt, nxt_c, norm = clipped_sgd([phi[n] for n in names], [grads[n] for n in names], eta, max_norm)
+        return dict(zip(names, nxt)), dict(zip(names, nxt_c)), norm
     sq = torch.stack([_SumOfSquares.apply(g) for g in grads.values()]).sum(0)
     dtype = next(iter(phi.values())).dtype
     if max_norm <= 0:
@@ -89,7 +105,10 @@ def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float,
     nxt, nxt_c = ({}, {}) if out is None else out
     for n, g in grads.items():
         s = scale.view(-1, *[1] * (g.dim() - 1))
-        if out is not None:
+        if out is not None and kernel:
+            from ttt_e2e.kernels.sgd import sgd_update_
+            sgd_update_(phi[n], g, scale, nxt[n], nxt_c[n])
+        elif out is not None:
             torch.addcmul(phi[n], s, g, out=nxt[n])
             if nxt_c[n] is not nxt[n]:
                 nxt_c[n].copy_(nxt[n])  # the rounding .to() gives: the copy the default returns
@@ -103,10 +122,11 @@ def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float,
 def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors, caches, h: torch.Tensor,
                targets: torch.Tensor, mask: torch.Tensor, pos0: int, eta: float, clip: float, window: int,
                recompute_logits: bool = False, ce_kernel: bool = True, phi_c: Tensors | None = None,
-               out: tuple[Tensors, Tensors] | None = None):
+               out: tuple[Tensors, Tensors] | None = None, sgd_kernel: bool = False):
     """Mini-batch t at absolute position pos0: h (B, b, d) is the prefix's output for it. phi_c: phi_t in the
     compute dtype, as the previous step returned it (None: cast here). out: buffers for phi_{t+1} and its
     compute-dtype copy, updated in place (inference only: see sgd_step); they may be phi and phi_c themselves.
+    sgd_kernel: the update through its Triton kernels where they apply (see sgd_step).
 
     Returns l_t (B,) computed with phi_t, the per-token losses (B, b), phi_{t+1}, the next KV caches, the
     inner gradient's norm (B,) and phi_{t+1} in the compute dtype. The caches from earlier mini-batches are
@@ -127,7 +147,8 @@ def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors,
         dtype = compute_dtype(h)
         phi_c = {n: p.to(dtype) if p.is_floating_point() else p for n, p in phi.items()}
     g, (l_t, tok, kvs) = grad(loss, has_aux=True)(phi_c)
-    phi_next, phi_next_c, gnorm = sgd_step(phi, g, eta, clip, out)  # out may be phi_c: the gradient is done with it
+    # out may hold phi_c itself: the gradient is done with it
+    phi_next, phi_next_c, gnorm = sgd_step(phi, g, eta, clip, out, sgd_kernel)
     # The last W keys; a cache that holds no more is passed on as it is (a full-length slice would still cost, in
     # the outer backward, a zero-filled copy of its whole gradient)
     caches_next = [(k, v) if k.shape[2] <= window else (k[:, :, -window:], v[:, :, -window:]) for k, v in kvs]

@@ -74,7 +74,7 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     theta = {n: p.to(dtype) if p.dim() >= 2 else p for n, p in params.items() if n not in inner}
     phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
     settings = dict(eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip, window=model.cfg.attention_window,
-                    recompute_logits=ttt.recompute_logits, ce_kernel=model.ce_kernel)
+                    recompute_logits=ttt.recompute_logits, ce_kernel=model.ce_kernel, sgd_kernel=model.sgd_kernel)
 
     def step(theta, head, phi, phi_c, caches, h, y, m, pos0):
         return inner_step(model.suffix, theta, head, phi, caches, h, y, m, pos0, **settings, phi_c=phi_c)

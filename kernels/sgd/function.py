@@ -1,0 +1,98 @@
+"""The autograd node of the clipped SGD update: every inner tensor of one step in one node.
+
+Forward: the squared norm of each g (one read), the clip's scale, then per tensor one kernel writing phi_{t+1}
+and its compute-dtype copy. Backward, per tensor: one pass adding the two outputs' cotangents (phi_t's cotangent)
+and summing d * g (the scale's cotangent), then, once the scale's cotangent of every tensor is known, one pass
+writing g's cotangent through both the update and the norm. Autograd of the same update (addcmul, a cast, the
+norm's own node) made about twice the passes over the inner state, the loop's largest tensors. Differentiable
+once: the meta-gradient needs the update's first derivative only (the second derivatives are the inner loss's).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from .kernel import _sgd_bwd_g_kernel, _sgd_bwd_sum_kernel, _sgd_fwd_kernel
+
+
+def _block(t: torch.Tensor) -> tuple[int, int]:
+    return (4096, 8) if t.is_cuda else (256, 4)  # (elements per program, warps)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, N), contiguous (a view when t is)."""
+    return t.contiguous().view(t.shape[0], -1)
+
+
+def _phi_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, N) with contiguous rows and any batch stride, 0 included: phi_0 is the weights expanded."""
+    flat = t.flatten(1)
+    return flat if flat.stride(1) == 1 else _rows(t)
+
+
+def update(phi: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, out_c: torch.Tensor) -> None:
+    """out = phi + scale g, out_c = the same in out_c's dtype; (B, N) rows, phi's row contiguous, g, out and out_c
+    contiguous; scale (B,) fp32. out may be phi itself (each element is read before it is written)."""
+    block, warps = _block(g)
+    _sgd_fwd_kernel[(triton.cdiv(g.shape[1], block), g.shape[0])](
+        phi, g, out, out_c, scale, g.shape[1], phi.stride(0), BLOCK=block, num_warps=warps)
+
+
+class _ClippedSGD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, eta, max_norm, n, *tensors):
+        phi, g = tensors[:n], [_rows(x) for x in tensors[n:]]
+        sq = torch.stack([torch.linalg.vector_norm(x, dim=1, dtype=torch.float32) for x in g]).square().sum(0)
+        norm = (sq + torch.finfo(sq.dtype).tiny).sqrt()
+        if max_norm > 0:
+            scale = -eta * (max_norm / norm.clamp(min=max_norm))
+            # d scale / d sq where the clip acts (clamp passes its gradient at equality, as torch's does)
+            coef = torch.where(norm >= max_norm, eta * max_norm / (2 * norm ** 3), 0.0)
+        else:
+            scale, coef = torch.zeros_like(norm) - eta, torch.zeros_like(norm)
+        scale = scale.float().contiguous()
+        nxt, nxt_c = [], []
+        for p, x, shape in zip(phi, g, (t.shape for t in tensors[n:])):
+            out, out_c = torch.empty(x.shape, dtype=p.dtype, device=x.device), torch.empty_like(x)
+            update(_phi_rows(p), x, scale, out, out_c)
+            nxt.append(out.view(shape))
+            nxt_c.append(out_c.view(shape))
+        ctx.n, ctx.shapes = n, [t.shape for t in tensors[n:]]
+        ctx.save_for_backward(*g, scale, coef.float())
+        ctx.set_materialize_grads(False)
+        norm_out = sq.sqrt()
+        ctx.mark_non_differentiable(norm_out)
+        return (*nxt, *nxt_c, norm_out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = ctx.n
+        *g, scale, coef = ctx.saved_tensors
+        d_next, d_copy = grads[:n], grads[n:2 * n]
+        ds, dot = [], torch.zeros_like(scale)
+        for x, dn, dc in zip(g, d_next, d_copy):
+            if dn is None and dc is None:
+                ds.append(None)
+                continue
+            block, warps = _block(x)
+            grid = (triton.cdiv(x.shape[1], block), x.shape[0])
+            d = torch.empty(x.shape, dtype=scale.dtype, device=x.device)
+            part = torch.empty(x.shape[0], grid[0], dtype=torch.float32, device=x.device)
+            _sgd_bwd_sum_kernel[grid](
+                d if dn is None else _rows(dn), d if dc is None else _rows(dc), x, d, part, x.shape[1],
+                HAS_NEXT=dn is not None, HAS_COPY=dc is not None, BLOCK=block, num_warps=warps)
+            dot += part.sum(1)
+            ds.append(d)
+        two_dsq = (2 * dot * coef).contiguous()
+        dg = []
+        for x, d in zip(g, ds):
+            if d is None:  # only the clip's norm reaches this g
+                dg.append((two_dsq.view(-1, 1) * x.float()).to(x.dtype))
+                continue
+            out = torch.empty_like(x)
+            block, warps = _block(x)
+            _sgd_bwd_g_kernel[(triton.cdiv(x.shape[1], block), x.shape[0])](
+                d, x, out, scale, two_dsq, x.shape[1], BLOCK=block, num_warps=warps)
+            dg.append(out)
+        d_phi = [None if d is None else d.view(s) for d, s in zip(ds, ctx.shapes)]
+        return (None, None, None, *d_phi, *[x.view(s) for x, s in zip(dg, ctx.shapes)])

@@ -1,0 +1,53 @@
+"""Triton kernels of the inner loop's clipped SGD update, one pass per tensor each.
+
+phi (B, N) fp32 (its batch stride may be 0: phi_0 is the weights expanded), g (B, N) in the compute dtype,
+scale (B,) fp32. Each program handles BLOCK elements of one sequence.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sgd_fwd_kernel(PHI, G, OUT, OUT_C, SCALE, N, s_phi, BLOCK: tl.constexpr):
+    # phi + scale g in phi's dtype, and the same rounded to the compute dtype: one read of phi and g (addcmul
+    # of mixed dtypes first widens g into a new tensor, and the rounded copy is one more pass).
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    s = tl.load(SCALE + b)
+    p = tl.load(PHI + b * s_phi + offs, mask=mask, other=0.0)
+    g = tl.load(G + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+    nxt = p + s * g
+    tl.store(OUT + b * N + offs, nxt, mask=mask)
+    tl.store(OUT_C + b * N + offs, nxt.to(OUT_C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sgd_bwd_sum_kernel(D_NEXT, D_COPY, G, D, PART, N, HAS_NEXT: tl.constexpr, HAS_COPY: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    # d = d_next + d_copy (phi_t's cotangent: both outputs are phi_t + scale g) and this block's sum of d * g,
+    # the block's share of the scale's cotangent (fixed-order partial sums: deterministic).
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    d = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_NEXT:
+        d += tl.load(D_NEXT + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_COPY:
+        d += tl.load(D_COPY + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(D + b * N + offs, d, mask=mask)
+    g = tl.load(G + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(PART + b * tl.num_programs(0) + pid, tl.sum(d * g, 0))
+
+
+@triton.jit
+def _sgd_bwd_g_kernel(D, G, DG, SCALE, TWO_DSQ, N, BLOCK: tl.constexpr):
+    # g's cotangent: scale d through the update plus 2 dsq g through the clip's norm, rounded once.
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    s = tl.load(SCALE + b)
+    t = tl.load(TWO_DSQ + b)
+    d = tl.load(D + b * N + offs, mask=mask, other=0.0)
+    g = tl.load(G + b * N + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DG + b * N + offs, (s * d + t * g).to(DG.dtype.element_ty), mask=mask)
