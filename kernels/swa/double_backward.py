@@ -317,7 +317,8 @@ def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_p
     gq_ = gq if has_gq else q
     gk_ = gk if has_gk else k
     gv_ = gv if has_gv else k
-    g_strides = (gk_.stride(0), gk_.stride(1), gk_.stride(2))  # gv is allocated like gk, or absent
+    g = gk if has_gk else gv_  # gk and gv, both contiguous of one shape where present, share these strides
+    g_strides = (g.stride(0), g.stride(1), g.stride(2))
     r = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
     u = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -176,6 +176,21 @@ def test_cached_attention_inner_gradient_then_outer(monkeypatch, B, H, TQ, TC, D
     assert TC in starts and 0 in starts, starts  # the inner backward skipped the cache, the outer one did not
 
 
+@pytest.mark.parametrize("used", ["v", "k", "q"])
+def test_cached_attention_with_one_inner_gradient_used(used):
+    """Only one of the inner gradients gq, gk, gv enters the outer loss (the others' cotangents reach the double
+    backward as None) while gK, gV cover the block's keys only."""
+    B, H, TQ, TC, D, W, QP = 1, 2, 13, 21, 16, 20, 21
+    q, k, v = fresh_randn(B, H, TQ, D), fresh_randn(B, H, TQ, D), fresh_randn(B, H, TQ, D)
+    kc, vc = fresh_randn(B, H, TC, D), fresh_randn(B, H, TC, D)
+    cot = [fresh_randn(B, H, TQ, D)] + [fresh_randn(B, H, TQ, D) if n == used else None for n in "qkv"]
+    cot += [None, None, None]
+    got = inner_then_outer(swa_attention_cached, q, k, v, kc, vc, cot, W, QP)
+    ref = inner_then_outer(cached_reference, *(t.double() for t in (q, k, v, kc, vc)), cot, W, QP)
+    errs = [rel_err(a, b) for a, b in zip(got, ref)]
+    assert all(e < TOL for e in errs), errs
+
+
 def test_cached_attention_forward_and_bad_cache():
     q, k, v = fresh_randn(1, 2, 10, 16), fresh_randn(1, 2, 10, 16), fresh_randn(1, 2, 10, 16)
     kc, vc = fresh_randn(1, 2, 7, 16), fresh_randn(1, 2, 7, 16)
