@@ -21,6 +21,18 @@ def _rms_fwd_kernel(X, W, Y, RSTD, N, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.co
 
 
 @triton.jit
+def _row_block(X, DY, RSTD, block, N, D, cols, ROWS: tl.constexpr):
+    """Row block `block` of the backward kernels: (rows, mask, offsets, x, dy in fp32, rstd (ROWS,))."""
+    rows = block * ROWS + tl.arange(0, ROWS)
+    m = (rows[:, None] < N) & (cols[None, :] < D)
+    offs = rows[:, None] * D + cols[None, :]
+    x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + rows, mask=rows < N, other=0.0)
+    return m, offs, x, dy, rstd
+
+
+@triton.jit
 def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, N, D, ROWS: tl.constexpr, ITERS: tl.constexpr,
                     BLOCK_D: tl.constexpr):
     # ITERS row blocks per program, their dw summed here: fewer partial rows for the torch sum that follows
@@ -29,12 +41,7 @@ def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, N, D, ROWS: tl.constexpr, ITERS
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
     for it in range(ITERS):
-        rows = (pid * ITERS + it) * ROWS + tl.arange(0, ROWS)
-        m = (rows[:, None] < N) & (cols[None, :] < D)
-        offs = rows[:, None] * D + cols[None, :]
-        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=rows < N, other=0.0)
+        m, offs, x, dy, rstd = _row_block(X, DY, RSTD, pid * ITERS + it, N, D, cols, ROWS)
         xhat = x * rstd[:, None]
         wdy = dy * w[None, :]
         c = tl.sum(wdy * xhat, axis=1) / D
@@ -61,12 +68,8 @@ def _rms_dbwd_kernel(X, W, RSTD, DY, U, V, GX, GW_PART, GDY, N, D, ROWS: tl.cons
         v = tl.zeros([1, BLOCK_D], dtype=tl.float32)
     gw = tl.zeros([BLOCK_D], dtype=tl.float32)
     for it in range(ITERS):
-        rows = (pid * ITERS + it) * ROWS + tl.arange(0, ROWS)
-        m = (rows[:, None] < N) & (cols[None, :] < D)
-        offs = rows[:, None] * D + cols[None, :]
-        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
-        r = tl.load(RSTD + rows, mask=rows < N, other=0.0)[:, None]
+        m, offs, x, dy, r = _row_block(X, DY, RSTD, pid * ITERS + it, N, D, cols, ROWS)
+        r = r[:, None]
         xh = x * r
         a = w * dy
         c = tl.sum(a * xh, axis=1)[:, None] / D

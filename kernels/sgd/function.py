@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from .clip import clip_scale
 from .kernel import _sgd_bwd_g_kernel, _sgd_bwd_sum_kernel, _sgd_fwd_kernel
 
 
@@ -43,13 +44,7 @@ class _ClippedSGD(torch.autograd.Function):
     def forward(ctx, eta, max_norm, n, *tensors):
         phi, g = tensors[:n], [_rows(x) for x in tensors[n:]]
         sq = torch.stack([torch.linalg.vector_norm(x, dim=1, dtype=torch.float32) for x in g]).square().sum(0)
-        norm = (sq + torch.finfo(sq.dtype).tiny).sqrt()
-        if max_norm > 0:
-            scale = -eta * (max_norm / norm.clamp(min=max_norm))
-            # d scale / d sq where the clip acts (clamp passes its gradient at equality, as torch's does)
-            coef = torch.where(norm >= max_norm, eta * max_norm / (2 * norm ** 3), 0.0)
-        else:
-            scale, coef = torch.zeros_like(norm) - eta, torch.zeros_like(norm)
+        scale, coef = clip_scale(sq, eta, max_norm)
         scale = scale.float().contiguous()
         nxt, nxt_c = [], []
         for p, x, shape in zip(phi, g, (t.shape for t in tensors[n:])):

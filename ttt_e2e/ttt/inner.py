@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad
 
+from ttt_e2e.kernels.sgd import clipped_sgd, sgd_update_
+from ttt_e2e.kernels.sgd.clip import clip_scale
 from ttt_e2e.model.layers import compute_dtype
 from ttt_e2e.model.transformer import Suffix
 
@@ -88,25 +90,15 @@ def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float,
                          "it: phi and its gradient must not require grad (out is for inference)")
     kernel = kernel and _kernel_applies(phi, grads)
     if kernel and out is None:
-        from ttt_e2e.kernels.sgd import clipped_sgd
         names = list(grads)
         nxt, nxt_c, norm = clipped_sgd([phi[n] for n in names], [grads[n] for n in names], eta, max_norm)
         return dict(zip(names, nxt)), dict(zip(names, nxt_c)), norm
     sq = torch.stack([_SumOfSquares.apply(g) for g in grads.values()]).sum(0)
-    dtype = next(iter(phi.values())).dtype
-    if max_norm <= 0:
-        scale = torch.full_like(sq, -eta, dtype=dtype)
-    else:
-        # + tiny: at an all-zero gradient (an all-masked mini-batch) sqrt's derivative is finite (0 through the
-        # clamp below) instead of 0 * inf; below any sum of squares that rounding would not already absorb
-        norm = (sq + torch.finfo(sq.dtype).tiny).sqrt()
-        factor = max_norm / norm.clamp(min=max_norm)  # 1 below the threshold (a where() would give NaN grads at 0)
-        scale = (-eta * factor).to(dtype)
+    scale = clip_scale(sq, eta, max_norm)[0].to(next(iter(phi.values())).dtype)
     nxt, nxt_c = ({}, {}) if out is None else out
     for n, g in grads.items():
         s = scale.view(-1, *[1] * (g.dim() - 1))
         if out is not None and kernel:
-            from ttt_e2e.kernels.sgd import sgd_update_
             sgd_update_(phi[n], g, scale, nxt[n], nxt_c[n])
         elif out is not None:
             torch.addcmul(phi[n], s, g, out=nxt[n])
