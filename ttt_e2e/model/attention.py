@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .layers import RMSNorm, apply_rope, for_matmuls, rope_angles
+from .linear import linear
 
 BACKENDS = ("auto", "torch", "triton", "sdpa")
 
@@ -100,7 +101,7 @@ class Attention(torch.nn.Module):
         # contiguous memory; the kernels take the (B, H, T, D) views by their strides.
         split = lambda t: t.view(B, T, self.n_heads, self.head_dim)  # noqa: E731
         x = for_matmuls(x)
-        q, k, v = split(self.wq(x)), split(self.wk(x)), split(self.wv(x))
+        q, k, v = (split(linear(x, w.weight)) for w in (self.wq, self.wk, self.wv))
         cos, sin = rope_angles(positions(pos0, T, x.device), self.head_dim, self.rope_theta)
         q, k = apply_rope(self.q_norm(q), cos, sin, self.kernel), apply_rope(self.k_norm(k), cos, sin, self.kernel)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -125,4 +126,4 @@ class Attention(torch.nn.Module):
                 o, keys, values = attend_cached(q, *cache, k, v, window=self.window, q_pos0=pos0,
                                                 k_pos0=pos0 - cache[0].shape[2], backend=self.backend)
                 kv = (keys, values)
-        return self.wo(o.transpose(1, 2).reshape(B, T, -1)), kv
+        return linear(o.transpose(1, 2).reshape(B, T, -1), self.wo.weight), kv

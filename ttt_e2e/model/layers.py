@@ -9,6 +9,8 @@ from ttt_e2e.kernels.rmsnorm import rms_norm
 from ttt_e2e.kernels.rope import rope
 from ttt_e2e.kernels.swiglu import swiglu_gate
 
+from .linear import linear, seq_linear
+
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on t runs in: autocast's where it is on, else t's own."""
@@ -42,17 +44,20 @@ class RMSNorm(nn.Module):
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """w2( silu(w1 x) * (w3 x) ). Weights are (out, in) like nn.Linear, or carry a leading batch dimension
     (B, out, in) when each sequence has its own copy (the inner weights during TTT). kernel: the gate
-    silu(a) * b through its Triton kernels on CUDA tensors (one kernel per derivative instead of a dozen)."""
+    silu(a) * b through its Triton kernels on CUDA tensors (one kernel per derivative instead of a dozen), and
+    the per-sequence products through seq_linear (their weight gradients in the meta step: one matmul per use
+    pair)."""
     gate = lambda a, b: swiglu_gate(a, b, use_kernel=None if kernel else False)  # noqa: E731
     x = for_matmuls(x)
     if w1.dim() == 2:
-        return F.linear(gate(F.linear(x, w1), F.linear(x, w3)), w2)
+        return linear(gate(linear(x, w1), linear(x, w3)), w2)
     # Per-sequence weights: computed transposed, (w @ x^T)^T, so that the gradient w.r.t. w comes out contiguous
     # like w (x @ w^T gives it transposed) and the elementwise work on it and on w together (clip, SGD step,
     # their derivatives) runs vectorized; the hidden activations stay in the (B, hidden, T) layout throughout,
     # contiguous for the gate's kernels.
+    mm = seq_linear if kernel else torch.matmul
     xt = x.mT
-    return torch.matmul(w2, gate(torch.matmul(w1, xt), torch.matmul(w3, xt))).mT
+    return mm(w2, gate(mm(w1, xt), mm(w3, xt))).mT
 
 
 class SwiGLU(nn.Module):

@@ -83,13 +83,15 @@ class Transformer(nn.Module):
     def use_fused_kernels(self, elementwise: bool, cross_entropy: bool = True) -> None:
         """On CUDA tensors: RMSNorm, RoPE and the SwiGLU gate through their Triton kernels (elementwise) or their
         PyTorch forms; the loss's cross-entropy through its kernels (cross_entropy, read by ttt/meta.py) or
-        PyTorch's; the inner loop's SGD update with the elementwise ones (sgd_kernel, read by the TTT loops).
-        Attention follows cfg.attention_backend."""
+        PyTorch's; the inner loop's SGD update with the elementwise ones (sgd_kernel, read by the TTT loops), and
+        so the meta step's weight gradients, formed once per weight (defer_weight_grads, model/linear.py): each
+        saves device time and costs host time, which only a CUDA graph of the step hides. Attention follows
+        cfg.attention_backend."""
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention, SwiGLU)):
                 m.kernel = elementwise
         self.ce_kernel = cross_entropy
-        self.sgd_kernel = elementwise
+        self.sgd_kernel = self.defer_weight_grads = elementwise
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from ttt_e2e.kernels.cross_entropy import cross_entropy
 from ttt_e2e.model.layers import compute_dtype
+from ttt_e2e.model.linear import linear
 
 from .linear_ce import linear_cross_entropy
 
@@ -22,7 +23,7 @@ def token_losses(h: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
     # In the matmul's dtype: the kernels read bf16 logits and reduce in fp32 (no fp32 copy). F.linear rather than
     # h @ head.T: the head's gradient then comes out in the head's own (vocab, d) layout, not as a transposed view
     # that every one of its 2 T / b accumulations in the meta step would add with strided reads.
-    logits = F.linear(h, head)
+    logits = linear(h, head)
     use_kernel = None if kernel else False
     return cross_entropy(logits.flatten(0, 1), targets.flatten(), use_kernel=use_kernel).view(targets.shape)
 

@@ -16,6 +16,7 @@ import torch
 
 from ttt_e2e.config import TTTConfig
 from ttt_e2e.model.layers import compute_dtype
+from ttt_e2e.model.linear import shared_weight
 from ttt_e2e.model.transformer import Transformer
 
 from .inner import inner_step
@@ -68,10 +69,12 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     params = dict(model.suffix.named_parameters())
     # The matrices every mini-batch uses (the head, and the suffix's outside MLP') are cast to the compute dtype
     # once, not at each of their 2 x T / b uses as autocast would: the same values, one cast and one widening of
-    # the gradient per step; their gradients add up over the uses in the compute dtype. Vectors (norm gains)
-    # stay as they are, as autocast leaves them.
+    # the gradient per step. Their gradients are formed in the cast's backward, one matmul over all uses
+    # (model/linear.py), or, with defer_weight_grads off, add up over the uses in the compute dtype. Vectors (norm
+    # gains) stay as they are, as autocast leaves them.
     dtype = compute_dtype(h)
-    theta = {n: p.to(dtype) if p.dim() >= 2 else p for n, p in params.items() if n not in inner}
+    cast = shared_weight if model.defer_weight_grads else (lambda p, dtype: p.to(dtype))
+    theta = {n: cast(p, dtype) if p.dim() >= 2 else p for n, p in params.items() if n not in inner}
     phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
     settings = dict(eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip, window=model.cfg.attention_window,
                     recompute_logits=ttt.recompute_logits, ce_kernel=model.ce_kernel, sgd_kernel=model.sgd_kernel)
@@ -79,7 +82,7 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     def step(theta, head, phi, phi_c, caches, h, y, m, pos0):
         return inner_step(model.suffix, theta, head, phi, caches, h, y, m, pos0, **settings, phi_c=phi_c)
 
-    head, caches, phi_c = model.head_weight().to(dtype), None, None
+    head, caches, phi_c = cast(model.head_weight(), dtype), None, None
     losses, toks, norms = [], [], []
     for t in range(T // b):
         sl = slice(t * b, (t + 1) * b)

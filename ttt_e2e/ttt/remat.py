@@ -33,7 +33,7 @@ class _Remat(torch.autograd.Function):
     def backward(ctx, *grad_outs: torch.Tensor):
         flat = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
-        inputs = [x.detach().requires_grad_(n) for x, n in zip(flat, needs)]
+        inputs = [_detach(x, n) for x, n in zip(flat, needs)]
         with torch.enable_grad(), contextlib.ExitStack() as stack:
             for device, dtype in ctx.autocast:
                 stack.enter_context(torch.autocast(device, dtype=dtype))
@@ -58,6 +58,13 @@ def remat(fn: Callable, *args: Any):
     out_box: list = []
     out_flat = _Remat.apply(call, out_box, *(x for x, t in zip(flat, is_tensor) if t))
     return tree_unflatten(list(out_flat), out_box[0])
+
+
+def _detach(x: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    y = x.detach().requires_grad_(requires_grad)
+    if hasattr(x, "_weight_grad"):  # a shared weight (model/linear.py): the recomputed uses defer to it as well
+        y._weight_grad = x._weight_grad
+    return y
 
 
 def _autocast_state():
