@@ -6,6 +6,7 @@
 
 dQ and dK/dV are separate launches rather than one kernel with atomic adds into dQ: no atomics keeps the result
 deterministic (the outer loop differentiates through this op again) at the cost of recomputing S and dP once more.
+Head dims that are not a power of two run as two column blocks, as in the forward (forward.py).
 
 dK, dV can be restricted to the keys from index k_grad_from on: TTT's inner gradient treats the KV cache as a
 constant, and the cache's key tiles hold ~15/16 of the visible pairs of a suffix block at W = 8b.
@@ -15,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_d, dot_precision, tile_config
+from .common import LOG2E, block_d, dot_precision, head_split, tile_config
 from .tiles import key_range, query_range, tile_is_full, visible, visible_t
 
 
@@ -44,8 +45,8 @@ def _swa_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Last query tiles first: under a causal mask they see the most keys, so the long programs start early and
     # the short ones fill the tail of the launch.
@@ -64,15 +65,20 @@ def _swa_bwd_dq_kernel(
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_t = BLOCK_D + tl.arange(0, TAIL if TAIL > 0 else 16)  # the tail columns of a split head dim
     m_valid = offs_m < TQ
     d_valid = offs_d < HEAD_DIM
     row_mask = m_valid[:, None] & d_valid[None, :]
     q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
+    if TAIL > 0:
+        q_t = tl.load(Q + offs_m[:, None] * sqt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
+        do_t = tl.load(DO + offs_m[:, None] * sdt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
     lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
     q_pos = Q_POS0 + offs_m
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, TAIL if TAIL > 0 else 16], dtype=tl.float32)
 
     lo, hi = key_range(m0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
     for n0 in range(lo, hi, BLOCK_N):
@@ -81,16 +87,26 @@ def _swa_bwd_dq_kernel(
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if TAIL > 0:
+            k_t = tl.load(K + offs_n[:, None] * skt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
+            v_t = tl.load(V + offs_n[:, None] * svt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PREC)
+            dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PREC)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
         if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
             # Masked entries (and rows with lse = -inf) may be NaN/inf here; where() makes them 0.
             p = tl.where(visible(q_pos, K_POS0 + offs_n, m_valid, n_valid, WINDOW), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        if TAIL > 0:
+            acc_t += tl.dot(ds.to(k_t.dtype), k_t, input_precision=DOT_PREC)
 
     tl.store(DQ + offs_m[:, None] * sgt + offs_d[None, :], (acc * scale).to(DQ.dtype.element_ty), mask=row_mask)
+    if TAIL > 0:
+        tl.store(DQ + offs_m[:, None] * sgt + offs_t[None, :], (acc_t * scale).to(DQ.dtype.element_ty),
+                 mask=m_valid[:, None])
 
 
 @triton.jit
@@ -98,8 +114,8 @@ def _swa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # One program per key tile from key KG0 on; everything is computed transposed (keys as rows) so dK, dV
     # accumulate in place. DK/DV row j holds key KG0 + j.
@@ -119,14 +135,20 @@ def _swa_bwd_dkdv_kernel(
     n0 = KG0 + pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_t = BLOCK_D + tl.arange(0, TAIL if TAIL > 0 else 16)  # the tail columns of a split head dim
     n_valid = offs_n < TK
     d_valid = offs_d < HEAD_DIM
     col_mask = n_valid[:, None] & d_valid[None, :]
     k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_mask, other=0.0)
     v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_mask, other=0.0)
+    if TAIL > 0:
+        k_t = tl.load(K + offs_n[:, None] * skt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
+        v_t = tl.load(V + offs_n[:, None] * svt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
     k_pos = K_POS0 + offs_n
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk_t = tl.zeros([BLOCK_N, TAIL if TAIL > 0 else 16], dtype=tl.float32)
+    dv_t = tl.zeros([BLOCK_N, TAIL if TAIL > 0 else 16], dtype=tl.float32)
 
     lo, hi = query_range(n0, BLOCK_N, BLOCK_M, TQ, TK, WINDOW, Q_POS0, K_POS0)
     for m0 in range(lo, hi, BLOCK_M):
@@ -137,18 +159,30 @@ def _swa_bwd_dkdv_kernel(
         do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
         lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-        pt = tl.math.exp2(st - lse[None, :])
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        if TAIL > 0:
+            q_t = tl.load(Q + offs_m[:, None] * sqt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
+            do_t = tl.load(DO + offs_m[:, None] * sdt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
+            st = tl.dot(k_t, tl.trans(q_t), st, input_precision=DOT_PREC)
+            dpt = tl.dot(v_t, tl.trans(do_t), dpt, input_precision=DOT_PREC)
+        pt = tl.math.exp2(st * qk_scale - lse[None, :])
         if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
             pt = tl.where(visible_t(k_pos, Q_POS0 + offs_m, n_valid, m_valid, WINDOW), pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+        if TAIL > 0:
+            dv_t += tl.dot(pt.to(do_t.dtype), do_t, input_precision=DOT_PREC)
+            dk_t += tl.dot(dst.to(q_t.dtype), q_t, input_precision=DOT_PREC)
 
     out_offs = (offs_n - KG0)[:, None] * sgt + offs_d[None, :]
     tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=col_mask)
     tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=col_mask)
+    if TAIL > 0:
+        out_t = (offs_n - KG0)[:, None] * sgt + offs_t[None, :]
+        tl.store(DK + out_t, (dk_t * scale).to(DK.dtype.element_ty), mask=n_valid[:, None])
+        tl.store(DV + out_t, dv_t.to(DV.dtype.element_ty), mask=n_valid[:, None])
 
 
 def swa_backward_delta(o, do):
@@ -171,17 +205,18 @@ def swa_backward(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty((B, H, TK - k_grad_from, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, TK - k_grad_from, D), dtype=v.dtype, device=v.device)
-    common = dict(HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PREC=dot_precision(q.dtype))
+    main, tail = head_split(D)
+    common = dict(HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
 
-    cfg = tile_config("bwd_dq", D, q.device, q.dtype)
+    cfg = tile_config("bwd_dq", main, q.device, q.dtype)
     _swa_bwd_dq_kernel[(triton.cdiv(TQ, cfg.block_m), B * H)](
         q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         H, TQ, TK, window, q_pos0, k_pos0, scale * LOG2E, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
-    cfg = tile_config("bwd_dkdv", D, q.device, q.dtype)
+    cfg = tile_config("bwd_dkdv", main, q.device, q.dtype)
     _swa_bwd_dkdv_kernel[(triton.cdiv(TK - k_grad_from, cfg.block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
         H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,

@@ -20,7 +20,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Head dims the kernels are built for: the model's 64/80/96/128, plus the small powers of two the CPU tests use.
-# 80 and 96 run in a 128-wide tile with masked loads (tl.dot needs power-of-two tile sides).
+# tl.dot needs power-of-two tile sides: 80 and 96 run as 64 + 16 / 64 + 32 column blocks in the forward and
+# backward (head_split), in a 128-wide tile with masked loads in the double backward.
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 
 LOG2E = 1.4426950408889634
@@ -79,6 +80,18 @@ def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def head_split(d: int) -> tuple[int, int]:
+    """(main, tail) column blocks of head dim d for the forward and backward kernels: d = main + tail with both
+    powers of two and tail >= 16 (80 = 64 + 16, 96 = 64 + 32), so that no MMA work goes to zero padding; (block_d(d),
+    0) for a power of two (or a dim that splits no such way: one padded block). The double-backward kernels keep one
+    padded block."""
+    main = 1 << (d.bit_length() - 1)
+    tail = d - main
+    if tail == 0 or tail < 16 or tail & (tail - 1):
+        return block_d(d), 0
+    return main, tail
+
+
 def dot_precision(dtype) -> str:
     # fp32 operands: full IEEE products (the fp32 path is the accuracy path, used by the tests); tf32 would give
     # ~3e-4 relative error. bf16/fp16 ignore it.
@@ -132,10 +145,15 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def forward_tile(tq: int, bh: int, d: int, device: torch.device, dtype: torch.dtype) -> TileConfig:
-    """The forward's tiles for tq queries in each of bh (batch x heads) rows of the grid."""
+def forward_tile(tq: int, bh: int, d: int, device: torch.device, dtype: torch.dtype, tail: int = 0) -> TileConfig:
+    """The forward's tiles for tq queries in each of bh (batch x heads) rows of the grid; d: the head dim's
+    (main) column block, tail: its second block (head_split)."""
     cfg = tile_config("fwd", d, device, dtype)
     if ("fwd" in CONFIG_OVERRIDES or device.type != "cuda" or dtype == torch.float32 or block_d(d) != 64):
+        return cfg
+    if tail and tq > 2048:
+        # 64 + 16 columns (3B): the table's tiles over long prompts (SWA 32K: 6.32 vs 7.05 ms), the wide ones for
+        # a TTT block (1K queries: 0.27 vs 0.31 ms); benchmarks/RESULTS.md
         return cfg
     wide = triton.cdiv(tq, FWD_WIDE.block_m) * bh >= _num_sms(device.index or 0)
     return FWD_WIDE if wide else cfg

@@ -2,13 +2,17 @@
 
 Saves lse (fp32, base-2 units: log2 of the row's softmax normalizer including the max) for the backward passes,
 which recompute P = exp2(S * log2e * scale - lse) per tile instead of storing P.
+
+A head dim that is not a power of two runs as two column blocks, BLOCK_D + TAIL (80 = 64 + 16, 96 = 64 + 32;
+`common.head_split`): tl.dot needs power-of-two sides, and one 128-wide block would spend 37.5% of the MMA work
+of head dim 80 (the 3B model's) on zero padding.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_d, dot_precision, forward_tile
+from .common import LOG2E, dot_precision, forward_tile, head_split
 from .tiles import key_range, tile_is_full, visible
 
 
@@ -17,8 +21,8 @@ def _swa_fwd_kernel(
     Q, K, V, O, LSE,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Last query tiles first: under a causal mask they see the most keys, so the long programs start early and
     # the short ones fill the tail of the launch.
@@ -35,14 +39,18 @@ def _swa_fwd_kernel(
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_t = BLOCK_D + tl.arange(0, TAIL if TAIL > 0 else 16)  # the tail columns (unused without a tail)
     m_valid = offs_m < TQ
-    d_valid = offs_d < HEAD_DIM  # head dims 80/96 run in a 128-wide tile; the pad columns load as 0
+    d_valid = offs_d < HEAD_DIM  # unsplit head dims below BLOCK_D: the pad columns load as 0
     q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    if TAIL > 0:
+        q_t = tl.load(Q + offs_m[:, None] * sqt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
     q_pos = Q_POS0 + offs_m
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, TAIL if TAIL > 0 else 16], dtype=tl.float32)
 
     lo, hi = key_range(m0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
     for n0 in range(lo, hi, BLOCK_N):
@@ -51,7 +59,11 @@ def _swa_fwd_kernel(
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if TAIL > 0:
+            k_t = tl.load(K + offs_n[:, None] * skt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PREC)
+        s = s * qk_scale
         if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
             s = tl.where(visible(q_pos, K_POS0 + offs_n, m_valid, n_valid, WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -61,6 +73,9 @@ def _swa_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        if TAIL > 0:
+            v_t = tl.load(V + offs_n[:, None] * svt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
+            acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v_t.dtype), v_t, input_precision=DOT_PREC)
         m_i = m_new
 
     # Rows with no visible key: l_i = 0, output 0, lse = -inf (the backward masks those rows explicitly).
@@ -69,6 +84,9 @@ def _swa_fwd_kernel(
     lse = m_i + tl.math.log2(l_safe)
     tl.store(O + offs_m[:, None] * sot + offs_d[None, :], o.to(O.dtype.element_ty),
              mask=m_valid[:, None] & d_valid[None, :])
+    if TAIL > 0:
+        tl.store(O + offs_m[:, None] * sot + offs_t[None, :], (acc_t / l_safe[:, None]).to(O.dtype.element_ty),
+                 mask=m_valid[:, None])
     tl.store(LSE + offs_m, lse, mask=m_valid)
 
 
@@ -78,14 +96,15 @@ def swa_forward(q, k, v, window, q_pos0, k_pos0, scale):
     TK = k.shape[2]
     o = torch.empty((B, H, TQ, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
-    cfg = forward_tile(TQ, B * H, D, q.device, q.dtype)
+    main, tail = head_split(D)
+    cfg = forward_tile(TQ, B * H, main, q.device, q.dtype, tail)
     grid = (triton.cdiv(TQ, cfg.block_m), B * H)
     _swa_fwd_kernel[grid](
         q, k, v, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, TQ, TK, window, q_pos0, k_pos0, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=D, BLOCK_D=main, TAIL=tail, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse

@@ -255,6 +255,13 @@ def test_reference_matches_explicit_loop(TQ, TK, W, QP, KP):
     assert mask.sum() == sum(1 for i in range(TQ) for j in range(TK) if QP + i - W < KP + j <= QP + i and KP + j >= 0)
 
 
+def test_head_split():
+    """Column blocks of the forward and backward kernels: two powers of two, the tail at least 16, else one block."""
+    assert [common.head_split(d) for d in (16, 32, 64, 80, 96, 128)] == [
+        (16, 0), (32, 0), (64, 0), (64, 16), (64, 32), (128, 0)]
+    assert common.head_split(48) == (32, 16) and common.head_split(72) == (128, 0)
+
+
 def test_forward_tile_rule(monkeypatch):
     """128-row forward tiles at head dim 64 on a GPU when their grid covers every SM once; else the table's."""
     monkeypatch.setattr(common, "_num_sms", lambda index: 132)
@@ -264,7 +271,9 @@ def test_forward_tile_rule(monkeypatch):
     assert common.forward_tile(1024, 32, 64, gpu, bf16) == common.FWD_WIDE  # 8 x 32 = 256 programs
     assert common.forward_tile(1024, 12, 64, gpu, bf16) == table  # 8 x 12 = 96
     assert common.forward_tile(32768, 12, 64, gpu, bf16) == common.FWD_WIDE
-    assert common.forward_tile(32768, 32, 80, gpu, bf16) == common.tile_config("fwd", 80, gpu, bf16)  # 128-wide D
+    assert common.forward_tile(32768, 32, 128, gpu, bf16) == common.tile_config("fwd", 128, gpu, bf16)
+    assert common.forward_tile(1024, 32, 64, gpu, bf16, tail=16) == common.FWD_WIDE  # 80 = 64 + 16: a TTT block
+    assert common.forward_tile(32768, 32, 64, gpu, bf16, tail=16) == table  # ... and a long prompt
     assert common.forward_tile(32768, 32, 64, gpu, torch.float32) == common.tile_config("fwd", 64, gpu, torch.float32)
     assert common.forward_tile(32768, 32, 64, torch.device("cpu"), bf16) == common.tile_config("fwd", 64, torch.device("cpu"))
     monkeypatch.setitem(common.CONFIG_OVERRIDES, "fwd", table)  # a tuning override wins

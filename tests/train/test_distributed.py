@@ -51,6 +51,14 @@ def test_fsdp2_two_ranks_match_one_process_pretrain(tmp_path, tiny_args, run_cli
 
 
 @pytest.mark.slow
+def test_ddp_two_ranks_match_one_process_meta_with_deferred_weight_grads(tmp_path, tiny_args, run_cli, metrics):
+    # model.fused_kernels true: the meta step's weight gradients formed once per weight (model/linear.py), which
+    # DDP's hooks then all-reduce like any gradient
+    _compare(tmp_path, tiny_args, run_cli, metrics, "2 rank(s) x 2 micro-batch x 1 accumulation",
+             {"model.fused_kernels": True}, {}, 1e-7)
+
+
+@pytest.mark.slow
 def test_fsdp2_resume_from_a_mid_run_checkpoint_is_exact(tmp_path, tiny_args, run_cli, metrics):
     """Sharded state is gathered into full checkpoints and scattered back on resume: a run restarted from its
     step-2 checkpoint (the later one removed, as if killed) ends bitwise where the uninterrupted run ended."""
