@@ -88,3 +88,20 @@ def test_meta_gradient_through_the_attention_kernels():
         grads[backend] = torch.cat([g.flatten() for g in torch.autograd.grad(_loss(model, batch, meta()), params)])
     err = ((grads["triton"] - grads["torch"]).norm() / grads["torch"].norm()).item()
     assert err < 1e-5, err
+
+
+def test_no_inner_step_after_the_last_mini_batch(monkeypatch):
+    """The last mini-batch's update would reach no loss: it takes its loss only (the meta-gradient test above
+    checks that this loses nothing)."""
+    import ttt_e2e.ttt.meta as meta_mod
+
+    model = tiny_model()
+    batch = tiny_batch(model)
+    ttt = meta()
+    calls = []
+    step = meta_mod.inner_step
+    monkeypatch.setattr(meta_mod, "inner_step", lambda *a, **k: calls.append(a[8]) or step(*a, **k))
+    out = sequence_loss(model, *batch, ttt)
+    n_mb = model.cfg.seq_length // ttt.mini_batch_size
+    assert calls == [t * ttt.mini_batch_size for t in range(n_mb - 1)]
+    assert out.inner_grad_norm.shape == (n_mb - 1,) and out.minibatch_losses.shape == (n_mb,)

@@ -223,8 +223,9 @@ def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, 
     ilr = cfg.ttt.ilr_multiplier(step)
     micro_batches = data.next_micro_batches()
     n_mb = cfg.model.seq_length // cfg.ttt.mini_batch_size
-    # [outer loss, per-mini-batch losses..., inner grad norms...], summed over micro-batches, then ranks
-    stats = torch.zeros(1 + 2 * n_mb, dtype=torch.float64, device=data.device)
+    # [outer loss, per-mini-batch losses..., inner grad norms (one per step: all mini-batches but the last)...],
+    # summed over micro-batches, then ranks
+    stats = torch.zeros(2 * n_mb, dtype=torch.float64, device=data.device)
     for i, (x, y, m) in enumerate(micro_batches):
         if graphed is not None:
             out = graphed(x, y, m, ilr)
@@ -254,7 +255,7 @@ def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, 
         optimizer.zero_grad(set_to_none=True)
     record = {"loss": loss, "minibatch_losses": stats[1:1 + n_mb].tolist(), "grad_norm": grad_norm, "lr": lr,
               "ilr": cfg.ttt.inner_lr * ilr}
-    if cfg.ttt.train_mode == "meta":
+    if cfg.ttt.train_mode == "meta" and n_mb > 1:
         inner = stats[1 + n_mb:]
         record.update(inner_grad_norm=inner.mean().item(), inner_grad_norm_by_minibatch=inner.tolist())
     if data.device.type == "cuda":

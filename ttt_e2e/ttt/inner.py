@@ -111,6 +111,22 @@ def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float,
     return nxt, nxt_c, sq.detach().sqrt()
 
 
+def minibatch_loss(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi_c: Tensors, caches, h: torch.Tensor,
+                   targets: torch.Tensor, mask: torch.Tensor, pos0: int, recompute_logits: bool = False,
+                   ce_kernel: bool = True):
+    """l_t (B,) and the per-token losses (B, b) of the suffix with inner weights phi_c (in the compute dtype) on
+    the mini-batch at pos0, and the KV caches it leaves ((keys, values) per block, the earlier ones included)."""
+    out, kvs = functional_call(suffix, {**theta, **phi_c}, (h, pos0, caches))
+    tok = token_losses(out, head, targets, recompute_logits, ce_kernel)
+    return masked_mean(tok, mask), tok, kvs
+
+
+def compute_copy(phi: Tensors, like: torch.Tensor) -> Tensors:
+    """phi cast to the dtype the matmuls on `like` run in (autocast's, or its own)."""
+    dtype = compute_dtype(like)
+    return {n: p.to(dtype) if p.is_floating_point() else p for n, p in phi.items()}
+
+
 def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors, caches, h: torch.Tensor,
                targets: torch.Tensor, mask: torch.Tensor, pos0: int, eta: float, clip: float, window: int,
                recompute_logits: bool = False, ce_kernel: bool = True, phi_c: Tensors | None = None,
@@ -127,17 +143,15 @@ def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors,
     """
 
     def loss(phi_c: Tensors):
-        out, kvs = functional_call(suffix, {**theta, **phi_c}, (h, pos0, caches))
-        tok = token_losses(out, head, targets, recompute_logits, ce_kernel)
-        l_t = masked_mean(tok, mask)
+        l_t, tok, kvs = minibatch_loss(suffix, theta, head, phi_c, caches, h, targets, mask, pos0, recompute_logits,
+                                       ce_kernel)
         return l_t.sum(), (l_t, tok, kvs)  # the sum over sequences: each phi[i] sees only its own l_t[i]
 
     # The gradient is taken w.r.t. phi cast once to the compute dtype: the values autocast would use at every
     # use, so the same function, with one cast per step, and g in the compute dtype (what its matmuls give)
     # rather than widened; phi itself stays in its own dtype (fp32: the inner state accumulates small steps).
     if phi_c is None:
-        dtype = compute_dtype(h)
-        phi_c = {n: p.to(dtype) if p.is_floating_point() else p for n, p in phi.items()}
+        phi_c = compute_copy(phi, h)
     g, (l_t, tok, kvs) = grad(loss, has_aux=True)(phi_c)
     # out may hold phi_c itself: the gradient is done with it
     phi_next, phi_next_c, gnorm = sgd_step(phi, g, eta, clip, out, sgd_kernel)

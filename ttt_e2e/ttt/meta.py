@@ -2,6 +2,7 @@
 
 meta:     tokens -> embed -> prefix blocks (once, whole sequence)
                  -> for each mini-batch t: suffix with phi_t and the KV caches -> l_t; phi_{t+1} = phi_t - eta clip(g_t)
+                    (no update after the last mini-batch: nothing would read it)
                  -> outer loss = mean_t l_t, differentiated through every g_t
 pretrain: the same network with phi fixed at phi_0; SWA over the whole sequence in one pass equals the
           mini-batch-by-mini-batch suffix with KV caches, so it runs in one pass. Its loss is averaged the same way
@@ -19,7 +20,7 @@ from ttt_e2e.model.layers import compute_dtype
 from ttt_e2e.model.linear import shared_weight
 from ttt_e2e.model.transformer import Transformer
 
-from .inner import inner_step
+from .inner import compute_copy, inner_step, minibatch_loss
 from .loss import masked_mean, token_losses
 from .remat import remat
 
@@ -29,7 +30,9 @@ class LossOutput:
     loss: torch.Tensor  # scalar, differentiable: mean over sequences and mini-batches
     minibatch_losses: torch.Tensor  # (T / b,) detached, mean over sequences
     token_losses: torch.Tensor  # (B, T) detached cross-entropy of every position (0 where masked)
-    inner_grad_norm: Optional[torch.Tensor] = None  # (T / b,) detached, before clipping, mean over sequences
+    # (T / b - 1,) detached, before clipping, mean over sequences: every inner step taken (the last mini-batch
+    # takes none: its update would reach no loss)
+    inner_grad_norm: Optional[torch.Tensor] = None
 
 
 def sequence_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor,
@@ -82,16 +85,28 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     def step(theta, head, phi, phi_c, caches, h, y, m, pos0):
         return inner_step(model.suffix, theta, head, phi, caches, h, y, m, pos0, **settings, phi_c=phi_c)
 
+    def last(theta, head, phi, phi_c, caches, h, y, m, pos0):
+        # The last mini-batch's update would reach no loss: its loss only, no inner gradient
+        phi_c = compute_copy(phi, h) if phi_c is None else phi_c
+        l_t, tok, _ = minibatch_loss(model.suffix, theta, head, phi_c, caches, h, y, m, pos0,
+                                     settings["recompute_logits"], settings["ce_kernel"])
+        return l_t, tok.detach()
+
     head, caches, phi_c = cast(model.head_weight(), dtype), None, None
     losses, toks, norms = [], [], []
     for t in range(T // b):
         sl = slice(t * b, (t + 1) * b)
         args = (theta, head, phi, phi_c, caches, h[:, sl], targets[:, sl], mask[:, sl], t * b)
-        l_t, tok, phi, caches, gnorm, phi_c = remat(step, *args) if ttt.remat_inner else step(*args)
+        fn = last if t == T // b - 1 else step
+        out = remat(fn, *args) if ttt.remat_inner else fn(*args)
+        if fn is last:
+            l_t, tok = out
+        else:
+            l_t, tok, phi, caches, gnorm, phi_c = out
+            norms.append(gnorm)
         losses.append(l_t)
         toks.append(tok)
-        norms.append(gnorm)
     per_mb = torch.stack(losses, 1)  # (B, T / b)
-    return LossOutput(per_mb.mean(), per_mb.detach().mean(0), torch.cat(toks, 1),
-                      torch.stack(norms, 1).mean(0).detach())
+    norm = torch.stack(norms, 1).mean(0).detach() if norms else per_mb.new_zeros(0).detach()
+    return LossOutput(per_mb.mean(), per_mb.detach().mean(0), torch.cat(toks, 1), norm)
 
