@@ -210,13 +210,13 @@ def swa_backward(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
 
-    cfg = tile_config("bwd_dq", main, q.device, q.dtype)
+    cfg = tile_config("bwd_dq", D, q.device, q.dtype)
     _swa_bwd_dq_kernel[(triton.cdiv(TQ, cfg.block_m), B * H)](
         q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         H, TQ, TK, window, q_pos0, k_pos0, scale * LOG2E, scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
-    cfg = tile_config("bwd_dkdv", main, q.device, q.dtype)
+    cfg = tile_config("bwd_dkdv", D, q.device, q.dtype)
     _swa_bwd_dkdv_kernel[(triton.cdiv(TK - k_grad_from, cfg.block_n), B * H)](
         q, k, v, do, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
         H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,

@@ -109,10 +109,12 @@ class TileConfig:
 # Per-kernel tile configs on the GPU, indexed by kernel name. Chosen by benchmarks/attention.py --tune on an H100
 # (see benchmarks/RESULTS.md); the interpreter uses 16x16 tiles so the CPU tests stay fast.
 _GPU_CONFIGS = {
-    # kernel: {padded head dim: TileConfig}; block_m = query rows, block_n = key rows in every kernel.
-    "fwd": {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 64, 4, 3)},
-    "bwd_dq": {64: TileConfig(64, 64, 4, 3), 128: TileConfig(64, 32, 4, 3)},
-    "bwd_dkdv": {64: TileConfig(32, 64, 4, 3), 128: TileConfig(32, 64, 4, 3)},
+    # kernel: {padded head dim: TileConfig}; block_m = query rows, block_n = key rows in every kernel. 80: the
+    # 64 + 16 column split of the forward and backward (head_split), from a sweep at the 3B shapes
+    # (benchmarks/data/swa_d80_tiles_h100.txt).
+    "fwd": {64: TileConfig(64, 64, 4, 3), 80: TileConfig(128, 64, 4, 3), 128: TileConfig(64, 64, 4, 3)},
+    "bwd_dq": {64: TileConfig(64, 64, 4, 3), 80: TileConfig(64, 32, 4, 3), 128: TileConfig(64, 32, 4, 3)},
+    "bwd_dkdv": {64: TileConfig(32, 64, 4, 3), 80: TileConfig(64, 64, 4, 3), 128: TileConfig(32, 64, 4, 3)},
     "dbwd_ru": {64: TileConfig(64, 64, 4, 3), 128: TileConfig(128, 64, 8, 2)},
     "dbwd_row": {64: TileConfig(64, 64, 4, 2), 128: TileConfig(64, 32, 4, 2)},
     "dbwd_col": {64: TileConfig(32, 64, 4, 2), 128: TileConfig(32, 128, 8, 2)},
@@ -129,8 +131,10 @@ def tile_config(kernel: str, d: int, device: torch.device, dtype: torch.dtype = 
     if dtype == torch.float32:
         # The fp32 path is for accuracy, not speed; 4-byte tiles of the bf16 configs can exceed shared memory.
         return TileConfig(32, 32, 4, 2)
-    bd = block_d(d)
     table = _GPU_CONFIGS[kernel]
+    if d in table and head_split(d)[1]:  # a split head dim's own tiles (the double backward pads: no entry)
+        return table[d]
+    bd = block_d(d)
     return table[bd] if bd in table else table[min(table, key=lambda x: abs(x - bd))]
 
 
@@ -145,15 +149,10 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def forward_tile(tq: int, bh: int, d: int, device: torch.device, dtype: torch.dtype, tail: int = 0) -> TileConfig:
-    """The forward's tiles for tq queries in each of bh (batch x heads) rows of the grid; d: the head dim's
-    (main) column block, tail: its second block (head_split)."""
+def forward_tile(tq: int, bh: int, d: int, device: torch.device, dtype: torch.dtype) -> TileConfig:
+    """The forward's tiles for tq queries in each of bh (batch x heads) rows of the grid, head dim d."""
     cfg = tile_config("fwd", d, device, dtype)
-    if ("fwd" in CONFIG_OVERRIDES or device.type != "cuda" or dtype == torch.float32 or block_d(d) != 64):
-        return cfg
-    if tail and tq > 2048:
-        # 64 + 16 columns (3B): the table's tiles over long prompts (SWA 32K: 6.32 vs 7.05 ms), the wide ones for
-        # a TTT block (1K queries: 0.27 vs 0.31 ms); benchmarks/RESULTS.md
+    if ("fwd" in CONFIG_OVERRIDES or device.type != "cuda" or dtype == torch.float32 or d != 64):
         return cfg
     wide = triton.cdiv(tq, FWD_WIDE.block_m) * bh >= _num_sms(device.index or 0)
     return FWD_WIDE if wide else cfg

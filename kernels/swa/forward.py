@@ -97,7 +97,7 @@ def swa_forward(q, k, v, window, q_pos0, k_pos0, scale):
     o = torch.empty((B, H, TQ, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
     main, tail = head_split(D)
-    cfg = forward_tile(TQ, B * H, main, q.device, q.dtype, tail)
+    cfg = forward_tile(TQ, B * H, D, q.device, q.dtype)
     grid = (triton.cdiv(TQ, cfg.block_m), B * H)
     _swa_fwd_kernel[grid](
         q, k, v, o, lse,

@@ -272,8 +272,10 @@ def test_forward_tile_rule(monkeypatch):
     assert common.forward_tile(1024, 12, 64, gpu, bf16) == table  # 8 x 12 = 96
     assert common.forward_tile(32768, 12, 64, gpu, bf16) == common.FWD_WIDE
     assert common.forward_tile(32768, 32, 128, gpu, bf16) == common.tile_config("fwd", 128, gpu, bf16)
-    assert common.forward_tile(1024, 32, 64, gpu, bf16, tail=16) == common.FWD_WIDE  # 80 = 64 + 16: a TTT block
-    assert common.forward_tile(32768, 32, 64, gpu, bf16, tail=16) == table  # ... and a long prompt
+    split = common.tile_config("fwd", 80, gpu, bf16)  # 80 = 64 + 16: its own tiles, for blocks and long prompts
+    assert split == common._GPU_CONFIGS["fwd"][80] != table
+    assert common.forward_tile(1024, 32, 80, gpu, bf16) == common.forward_tile(32768, 32, 80, gpu, bf16) == split
+    assert common.tile_config("dbwd_row", 80, gpu, bf16) == common.tile_config("dbwd_row", 128, gpu, bf16)  # padded
     assert common.forward_tile(32768, 32, 64, gpu, torch.float32) == common.tile_config("fwd", 64, gpu, torch.float32)
     assert common.forward_tile(32768, 32, 64, torch.device("cpu"), bf16) == common.tile_config("fwd", 64, torch.device("cpu"))
     monkeypatch.setitem(common.CONFIG_OVERRIDES, "fwd", table)  # a tuning override wins
