@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ttt_e2e.kernels.rmsnorm import rms_norm
 from ttt_e2e.kernels.rope import rope

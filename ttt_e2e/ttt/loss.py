@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ttt_e2e.kernels.cross_entropy import cross_entropy
 from ttt_e2e.model.layers import compute_dtype
@@ -20,9 +19,9 @@ def token_losses(h: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
         dtype = compute_dtype(h)
         loss = linear_cross_entropy(h.flatten(0, 1).to(dtype), head.to(dtype), targets.flatten())
         return loss.view(targets.shape)
-    # In the matmul's dtype: the kernels read bf16 logits and reduce in fp32 (no fp32 copy). F.linear rather than
-    # h @ head.T: the head's gradient then comes out in the head's own (vocab, d) layout, not as a transposed view
-    # that every one of its 2 T / b accumulations in the meta step would add with strided reads.
+    # In the matmul's dtype: the kernels read bf16 logits and reduce in fp32 (no fp32 copy). A linear map rather
+    # than h @ head.T: the head's gradient comes out in the head's own (vocab, d) layout, and in the meta step its
+    # 2 T / b uses form it in one go (model/linear.py).
     logits = linear(h, head)
     use_kernel = None if kernel else False
     return cross_entropy(logits.flatten(0, 1), targets.flatten(), use_kernel=use_kernel).view(targets.shape)
