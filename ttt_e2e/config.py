@@ -34,9 +34,10 @@ class ModelConfig:
     init_std: float = 0.02
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere | torch | triton | sdpa (full causal only)
     compute_dtype: str = "auto"  # auto: bfloat16 autocast on CUDA, parameters' dtype elsewhere
-    fused_kernels: Optional[bool] = None  # cross-entropy, RMSNorm, RoPE, SwiGLU gate as Triton kernels on CUDA
-    # (kernels/); false: all in PyTorch ops. None: all on, except RMSNorm/RoPE/SwiGLU for meta-mode training
-    # without a CUDA graph, which is host-bound and faster with their PyTorch forms
+    fused_kernels: Optional[bool] = None  # cross-entropy, RMSNorm, RoPE, SwiGLU gate, inner SGD as Triton kernels
+    # on CUDA (kernels/), and the meta step's weight gradients formed once per weight (model/linear.py); false: all
+    # in PyTorch ops, gradients per use. None: all on, except the elementwise kernels and the deferred gradients for
+    # meta-mode training without a CUDA graph, which is host-bound and faster without them
 
     @property
     def head_dim(self) -> int:
