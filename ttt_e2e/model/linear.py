@@ -63,12 +63,12 @@ class WeightGrad:
         return out
 
 
-def _matmul(x, w, per_sequence):
-    return torch.bmm(w, x) if per_sequence else F.linear(x, w)
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def _dx(w: torch.Tensor, gy: torch.Tensor, seq: bool) -> torch.Tensor:
+    return w.mT @ gy if seq else gy @ w
 
 
 class _Linear(torch.autograd.Function):
@@ -76,7 +76,7 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(x, w, acc):
-        return _matmul(x, w, acc.per_sequence)
+        return torch.bmm(w, x) if acc.per_sequence else F.linear(x, w)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -94,7 +94,7 @@ class _Linear(torch.autograd.Function):
                 raise RuntimeError("seq_linear: a third derivative is not supported")
             dx, dw = _LinearBackward.apply(x, w, gy, acc, need_x, need_w)
             return dx, dw, None
-        dx = (w.mT @ gy if seq else gy @ w) if need_x else None
+        dx = _dx(w, gy, seq) if need_x else None
         dw = None
         if need_w:
             acc.add(gy, x) if seq else acc.add(_rows(gy), _rows(x))
@@ -109,7 +109,7 @@ class _LinearBackward(torch.autograd.Function):
     @staticmethod
     def forward(x, w, gy, acc, need_x, need_w):
         seq = acc.per_sequence
-        dx = (w.mT @ gy if seq else gy @ w) if need_x else None
+        dx = _dx(w, gy, seq) if need_x else None
         dw = ((gy @ x.mT) if seq else _rows(gy).T @ _rows(x)) if need_w else None
         return dx, dw
 
