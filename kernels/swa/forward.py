@@ -17,12 +17,46 @@ from .tiles import key_range, tile_is_full, visible
 
 
 @triton.jit
+def _fwd_tiles(q, q_t, m_i, l_i, acc, acc_t, K, V, skt, svt, lo, hi, N_LO, N_HI, m0, q_pos, m_valid, offs_d, offs_t,
+               d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The online softmax over key tiles [lo, hi) of one key source: keys N_LO..N_HI-1 (global key indices), at
+    K + j * skt (K already offset so that the global index j addresses them)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = (offs_n >= N_LO) & (offs_n < N_HI)
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if TAIL > 0:
+            k_t = tl.load(K + offs_n[:, None] * skt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PREC)
+        s = s * qk_scale
+        full = tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
+        if not (full & (n0 >= N_LO) & (n0 + BLOCK_N <= N_HI)):
+            s = tl.where(visible(q_pos, K_POS0 + offs_n, m_valid, n_valid, WINDOW), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible so far has m_new = -inf: subtract 0 instead so exp2 sees -inf, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        if TAIL > 0:
+            v_t = tl.load(V + offs_n[:, None] * svt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
+            acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v_t.dtype), v_t, input_precision=DOT_PREC)
+        m_i = m_new
+    return m_i, l_i, acc, acc_t
+
+
+@triton.jit
 def _swa_fwd_kernel(
-    Q, K, V, O, LSE,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    H, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale,
+    Q, K, V, K2, V2, O, LSE,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sk2b, sk2h, sk2t, sv2b, sv2h, sv2t, sob, soh, sot,
+    H, TQ, TK, SPLIT, WINDOW, Q_POS0, K_POS0, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SOURCES: tl.constexpr,
 ):
     # Last query tiles first: under a causal mask they see the most keys, so the long programs start early and
     # the short ones fill the tail of the launch.
@@ -43,6 +77,7 @@ def _swa_fwd_kernel(
     m_valid = offs_m < TQ
     d_valid = offs_d < HEAD_DIM  # unsplit head dims below BLOCK_D: the pad columns load as 0
     q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    q_t = q
     if TAIL > 0:
         q_t = tl.load(Q + offs_m[:, None] * sqt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
     q_pos = Q_POS0 + offs_m
@@ -52,31 +87,20 @@ def _swa_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, TAIL if TAIL > 0 else 16], dtype=tl.float32)
 
+    # Keys 0..SPLIT-1 from K/V; with TWO_SOURCES, keys SPLIT..TK-1 from K2/V2 (a KV cache and the block after
+    # it, read where they lie instead of concatenated). A tile across SPLIT runs in both loops, each masking the
+    # other's keys.
     lo, hi = key_range(m0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < TK
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if TAIL > 0:
-            k_t = tl.load(K + offs_n[:, None] * skt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
-            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PREC)
-        s = s * qk_scale
-        if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
-            s = tl.where(visible(q_pos, K_POS0 + offs_n, m_valid, n_valid, WINDOW), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible so far has m_new = -inf: subtract 0 instead so exp2 sees -inf, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        if TAIL > 0:
-            v_t = tl.load(V + offs_n[:, None] * svt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
-            acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v_t.dtype), v_t, input_precision=DOT_PREC)
-        m_i = m_new
+    m_i, l_i, acc, acc_t = _fwd_tiles(
+        q, q_t, m_i, l_i, acc, acc_t, K, V, skt, svt, lo, tl.minimum(hi, SPLIT), 0, SPLIT, m0, q_pos, m_valid,
+        offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
+    if TWO_SOURCES:
+        K2 += b * sk2b + h * sk2h - SPLIT * sk2t
+        V2 += b * sv2b + h * sv2h - SPLIT * sv2t
+        lo2 = tl.maximum(lo, (SPLIT // BLOCK_N) * BLOCK_N)
+        m_i, l_i, acc, acc_t = _fwd_tiles(
+            q, q_t, m_i, l_i, acc, acc_t, K2, V2, sk2t, sv2t, lo2, hi, SPLIT, TK, m0, q_pos, m_valid,
+            offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
 
     # Rows with no visible key: l_i = 0, output 0, lse = -inf (the backward masks those rows explicitly).
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -90,21 +114,26 @@ def _swa_fwd_kernel(
     tl.store(LSE + offs_m, lse, mask=m_valid)
 
 
-def swa_forward(q, k, v, window, q_pos0, k_pos0, scale):
-    """o (like q, contiguous) and lse (B*H, Tq) fp32 in base-2 units. Inputs already checked, head dim stride 1."""
+def swa_forward(q, k, v, window, q_pos0, k_pos0, scale, k2=None, v2=None):
+    """o (like q, contiguous) and lse (B*H, Tq) fp32 in base-2 units. Inputs already checked, head dim stride 1.
+    k2, v2: more keys/values after k, v (the keys are cat(k, k2), read in place: no concatenation)."""
     B, H, TQ, D = q.shape
-    TK = k.shape[2]
+    split = k.shape[2]
+    two = k2 is not None
+    k2, v2 = (k2, v2) if two else (k, v)
+    TK = split + (k2.shape[2] if two else 0)
     o = torch.empty((B, H, TQ, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
     main, tail = head_split(D)
     cfg = forward_tile(TQ, B * H, D, q.device, q.dtype)
     grid = (triton.cdiv(TQ, cfg.block_m), B * H)
     _swa_fwd_kernel[grid](
-        q, k, v, o, lse,
+        q, k, v, k2, v2, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, TQ, TK, window, q_pos0, k_pos0, scale * LOG2E,
+        v.stride(0), v.stride(1), v.stride(2), k2.stride(0), k2.stride(1), k2.stride(2),
+        v2.stride(0), v2.stride(1), v2.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        H, TQ, TK, split, window, q_pos0, k_pos0, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=main, TAIL=tail, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PREC=dot_precision(q.dtype), TWO_SOURCES=two, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse

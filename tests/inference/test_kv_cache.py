@@ -51,3 +51,19 @@ def test_reset_replaces_contents():
     assert cache.n == 10 and torch.equal(cache.ordered()[0], k)
     with pytest.raises(ValueError):
         cache.reset(k[:, :, :3], v[:, :, :3], 10)  # a ring must be refilled whole
+
+
+@pytest.mark.parametrize("chunks", [(8, 8, 8, 8), (5, 11, 3, 13)], ids=["chunks-of-W", "ragged-chunks"])
+def test_chunked_prefill_attention_equals_recompute(chunks):
+    """Prefill chunk by chunk through the Triton kernels (the interpreter on a CPU), which read the ring and the
+    chunk where they lie (in position order after an exact wrap, else the ring reordered first), against the
+    materialized sliding-window attention over the whole history."""
+    g = torch.Generator().manual_seed(3)
+    B, H, D, W, N = 1, 2, 16, 8, sum(chunks)
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    cache, p, out = KVCache(W), 0, []
+    for T in chunks:
+        out.append(cache.attend(q[:, :, p:p + T], k[:, :, p:p + T], v[:, :, p:p + T], p, "triton"))
+        p += T
+    ref = swa_reference(*(t.double() for t in (q, k, v)), W)
+    torch.testing.assert_close(torch.cat(out, 2).double(), ref, rtol=0, atol=2e-5)

@@ -14,7 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported (conftest.py does it too)
 
-from ttt_e2e.kernels.swa import swa_attention, swa_attention_cached, swa_mask, swa_reference  # noqa: E402
+from ttt_e2e.kernels.swa import (swa_attention, swa_attention_cached, swa_attention_split, swa_mask,  # noqa: E402
+                                 swa_reference)
 from swa_cached import cached_reference, inner_then_outer  # noqa: E402
 from ttt_e2e.kernels.swa import common, function  # noqa: E402
 
@@ -201,6 +202,40 @@ def test_cached_attention_forward_and_bad_cache():
         swa_attention_cached(q, fresh_randn(1, 2, 7, 32), fresh_randn(1, 2, 7, 32), k, v, 12, 7, 0)
     with pytest.raises(ValueError, match="dtype mismatch"):
         swa_attention_cached(q, kc.double(), vc, k, v, 12, 7, 0)
+
+
+# (B, H, Tq, Tc, D, window, q_pos0): the forward over a cache and a block read where they lie (inference)
+SPLIT = [
+    pytest.param(1, 2, 16, 32, 16, 32, 32, id="aligned-cache-window-W"),  # prefill in chunks of W
+    pytest.param(2, 1, 13, 21, 32, 20, 21, id="boundary-inside-a-tile"),
+    pytest.param(1, 2, 19, 35, 16, 24, 10, id="cache-partly-negative"),
+    pytest.param(1, 1, 9, 40, 80, 30, 100, id="D80-split-head"),
+    pytest.param(1, 2, 7, 0, 32, 5, 0, id="empty-cache"),
+    pytest.param(1, 2, 1, 23, 16, 9, 23, id="one-query"),
+    pytest.param(1, 1, 40, 16, 16, 70, 16, id="window-beyond-everything"),
+]
+
+
+@pytest.mark.parametrize("B,H,TQ,TC,D,W,QP", SPLIT)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_forward_vs_reference(B, H, TQ, TC, D, W, QP, dtype):
+    q, k, v = (fresh_randn(B, H, TQ, D, dtype=dtype) for _ in range(3))
+    kc, vc = fresh_randn(B, H, TC, D, dtype=dtype), fresh_randn(B, H, TC, D, dtype=dtype)
+    with torch.no_grad():
+        o = swa_attention_split(q, kc, vc, k, v, W, QP, QP - TC)
+    ref = cached_reference(*(t.double() for t in (q, kc, vc, k, v)), W, QP, QP - TC)[0]
+    # fp16 operands: inputs rounded to 1e-3 relative, fp32 accumulation; a misplaced key is off by O(1)
+    assert rel_err(o, ref) < (TOL if dtype == torch.float32 else 2e-3)
+
+
+def test_split_forward_non_contiguous_and_refuses_gradients():
+    B, H, TQ, TC, D, W = 1, 3, 11, 26, 32, 15  # the model's (B, T, H, D) layout viewed as (B, H, T, D)
+    q, k, v = (fresh_randn(B, TQ, H, D).transpose(1, 2) for _ in range(3))
+    kc, vc = (fresh_randn(B, TC, H, D).transpose(1, 2) for _ in range(2))
+    o = swa_attention_split(q, kc, vc, k, v, W, TC, 0)
+    assert rel_err(o, cached_reference(q, kc, vc, k, v, W, TC, 0)[0]) < TOL
+    with pytest.raises(ValueError, match="no backward"):
+        swa_attention_split(q.requires_grad_(), kc, vc, k, v, W, TC, 0)
 
 
 def test_third_order_raises():

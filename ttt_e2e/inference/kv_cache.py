@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ttt_e2e.model.attention import DevicePos, attend
+from ttt_e2e.model.attention import DevicePos, attend, attend_over_cache
 
 # Window standing for "no window" in the attention seam (positions are far below it; the kernels clamp it).
 FULL = 1 << 40
@@ -75,11 +75,12 @@ class KVCache:
 
     def ordered(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """The held keys/values in position order (the last min(n, W) positions), as the model's `cache`
-        argument expects; None before the first write."""
+        argument expects; None before the first write. Views of the buffers where those hold them in order (no
+        wrap yet, or a ring that has just wrapped exactly: prefill in chunks of W), else copies."""
         if self.k is None:
             return None, None
-        if self.window is None or self.n <= self.window:
-            return self.visible()
+        if self.window is None or self.n <= self.window or self.n % self.window == 0:
+            return self.visible()  # in position order already (a ring that has just wrapped exactly)
         s = self.n % self.window  # slot of the oldest held position, n - W
         return (torch.cat((self.k[:, :, s:], self.k[:, :, :s]), 2),
                 torch.cat((self.v[:, :, s:], self.v[:, :, :s]), 2))
@@ -107,10 +108,11 @@ class KVCache:
         if ck is None and self.window is None:
             # Full attention from position 0: plain causal SDPA (the cuDNN / FlashAttention baselines).
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif ck is None:
+            o = attend(q, k, v, window=self.window or FULL, q_pos0=pos0, k_pos0=pos0, backend=backend)
         else:
-            keys, values = (k, v) if ck is None else (torch.cat((ck, k), 2), torch.cat((cv, v), 2))
-            o = attend(q, keys, values, window=self.window or FULL, q_pos0=pos0, k_pos0=pos0 - (keys.shape[2] - T),
-                       backend=backend)
+            o = attend_over_cache(q, ck, cv, k, v, window=self.window or FULL, q_pos0=pos0,
+                                  k_pos0=pos0 - ck.shape[2], backend=backend)
         self.append(k, v)
         return o
 

@@ -67,6 +67,17 @@ def attend_cached(q, k_cache, v_cache, k, v, *, window: int, q_pos0: int, k_pos0
     return attend(q, keys, values, window=window, q_pos0=q_pos0, k_pos0=k_pos0, backend=backend), keys, values
 
 
+def attend_over_cache(q, k_cache, v_cache, k, v, *, window: int, q_pos0: int, k_pos0: int,
+                      backend: str = "auto") -> torch.Tensor:
+    """`attend` over the cache's keys then the block's, forward only (inference). Through the Triton kernels the
+    two are read where they lie: no concatenation of a window-long cache per call."""
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        from ttt_e2e.kernels.swa import swa_attention_split
+        return swa_attention_split(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0)
+    keys, values = torch.cat((k_cache, k), 2), torch.cat((v_cache, v), 2)
+    return attend(q, keys, values, window=window, q_pos0=q_pos0, k_pos0=k_pos0, backend=backend)
+
+
 def _sdpa_full_causal(q, k, v, window, q_pos0, k_pos0):
     """PyTorch's fused attention (FlashAttention-2 / cuDNN kernels), for the full-attention baseline: it has no
     double backward and no sliding window, so it serves only plain causal attention over a whole sequence."""
