@@ -4,6 +4,8 @@ Per row, with p = softmax(z) = exp(z - lse) and y the target:
     loss = lse - z_y                        (forward; lse kept for the backward)
     dz   = g (p - e_y)                      (backward, for the loss cotangent g)
     for a cotangent u of dz:  grad g = <u, p - e_y>,  grad z = g p (u - <u, p>)   (double backward)
+The loss and dz together (the inner gradient of TTT) take one launch, and their two cotangents one backward
+pass (`ce_fwd_grad`, `ce_double_bwd(..., dl)`).
 Every pass reads the logits in their own dtype (bf16 under autocast) and computes in fp32: no fp32 copy of the
 (N, V) logits is ever written. A negative target (ignore_index) gives loss 0 and no gradient.
 """
@@ -17,7 +19,8 @@ _NEG = tl.constexpr(-1.0e38)  # a finite "minus infinity": exp(_NEG - _NEG) must
 
 
 @triton.jit
-def _ce_fwd_kernel(Z, Y, LOSS, LSE, V, stride_z, BLOCK_V: tl.constexpr):
+def _ce_fwd_kernel(Z, Y, G, LOSS, LSE, DZ, V, stride_z, stride_dz, WITH_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    # WITH_GRAD: also dz = g (p - e_y) for the loss cotangent g, in a second pass over the row
     row = tl.program_id(0)
     z_row = Z + row.to(tl.int64) * stride_z
     cols = tl.arange(0, BLOCK_V)
@@ -36,6 +39,14 @@ def _ce_fwd_kernel(Z, Y, LOSS, LSE, V, stride_z, BLOCK_V: tl.constexpr):
     z_y = tl.load(z_row + tl.where(valid, y, 0)).to(tl.float32)
     tl.store(LOSS + row, tl.where(valid, lse - z_y, 0.0))
     tl.store(LSE + row, lse)
+    if WITH_GRAD:
+        g = tl.where(valid, tl.load(G + row), 0.0)
+        dz_row = DZ + row.to(tl.int64) * stride_dz
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            z = tl.load(z_row + c, mask=c < V, other=0.0).to(tl.float32)
+            dz = g * (tl.exp(z - lse) - tl.where(c == y, 1.0, 0.0))
+            tl.store(dz_row + c, dz.to(DZ.dtype.element_ty), mask=c < V)
 
 
 @triton.jit
@@ -51,7 +62,9 @@ def _ce_bwd_kernel(Z, Y, LSE, G, DZ, V, stride_z, stride_dz, BLOCK_V: tl.constex
 
 
 @triton.jit
-def _ce_dbwd_kernel(Z, Y, LSE, G, U, GZ, GG, V, stride_z, stride_u, stride_gz, BLOCK_V: tl.constexpr):
+def _ce_dbwd_kernel(Z, Y, LSE, G, U, DL, GZ, GG, V, stride_z, stride_u, stride_gz, HAS_DL: tl.constexpr,
+                    BLOCK_V: tl.constexpr):
+    # HAS_DL: also add dl (p - e_y), the backward for the loss cotangent dl, into gz (the fused node's backward)
     row = tl.program_id(0)
     z_row = Z + row.to(tl.int64) * stride_z
     u_row = U + row.to(tl.int64) * stride_u
@@ -70,11 +83,17 @@ def _ce_dbwd_kernel(Z, Y, LSE, G, U, GZ, GG, V, stride_z, stride_u, stride_gz, B
     u_y = tl.load(u_row + tl.where(valid, y, 0)).to(tl.float32)
     tl.store(GG + row, tl.where(valid, up - u_y, 0.0))
     gz_row = GZ + row.to(tl.int64) * stride_gz
-    for start in range(0, V, BLOCK_V):  # second pass: g p (u - <u, p>)
+    dl = 0.0
+    if HAS_DL:
+        dl = tl.where(valid, tl.load(DL + row), 0.0)
+    for start in range(0, V, BLOCK_V):  # second pass: g p (u - <u, p>) [+ dl (p - e_y)]
         c = start + cols
         z = tl.load(z_row + c, mask=c < V, other=0.0).to(tl.float32)
         u = tl.load(u_row + c, mask=c < V, other=0.0).to(tl.float32)
-        gz = g * tl.exp(z - lse) * (u - up)
+        p = tl.exp(z - lse)
+        gz = g * p * (u - up)
+        if HAS_DL:
+            gz += dl * (p - tl.where(c == y, 1.0, 0.0))
         tl.store(gz_row + c, gz.to(GZ.dtype.element_ty), mask=c < V)
 
 
@@ -87,7 +106,8 @@ def ce_fwd(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     N, V = z.shape
     loss = torch.empty(N, dtype=torch.float32, device=z.device)
     lse = torch.empty(N, dtype=torch.float32, device=z.device)
-    _ce_fwd_kernel[(N,)](z, y, loss, lse, V, z.stride(0), BLOCK_V=_block(V), num_warps=8)
+    _ce_fwd_kernel[(N,)](z, y, loss, loss, lse, z, V, z.stride(0), 0, WITH_GRAD=False, BLOCK_V=_block(V),
+                         num_warps=8)
     return loss, lse
 
 
@@ -101,11 +121,24 @@ def ce_bwd(z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, g: torch.Tensor)
     return dz
 
 
-def ce_double_bwd(z, y, lse, g, u) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. (z, g) of <u, dz>, where dz = ce_bwd(z, y, lse, g): (gz (N, V) in z's dtype, gg (N,) fp32)."""
+def ce_fwd_grad(z: torch.Tensor, y: torch.Tensor, g: torch.Tensor):
+    """ce_fwd and ce_bwd in one launch: (loss (N,) fp32, dz (N, V) in z's dtype, lse (N,) fp32) for the loss
+    cotangent g (N,) fp32."""
+    N, V = z.shape
+    loss = torch.empty(N, dtype=torch.float32, device=z.device)
+    lse = torch.empty(N, dtype=torch.float32, device=z.device)
+    dz = torch.empty((N, V), dtype=z.dtype, device=z.device)
+    _ce_fwd_kernel[(N,)](z, y, g, loss, lse, dz, V, z.stride(0), dz.stride(0), WITH_GRAD=True, BLOCK_V=_block(V),
+                         num_warps=8)
+    return loss, dz, lse
+
+
+def ce_double_bwd(z, y, lse, g, u, dl=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. (z, g) of <u, dz>, where dz = ce_bwd(z, y, lse, g): (gz (N, V) in z's dtype, gg (N,) fp32).
+    dl (N,) fp32: a cotangent of the loss as well; gz then also holds its backward, dl (p - e_y)."""
     N, V = z.shape
     gz = torch.empty((N, V), dtype=z.dtype, device=z.device)
     gg = torch.empty(N, dtype=torch.float32, device=z.device)
-    _ce_dbwd_kernel[(N,)](z, y, lse, g, u, gz, gg, V, z.stride(0), u.stride(0), gz.stride(0),
-                          BLOCK_V=_block(V), num_warps=8)
+    _ce_dbwd_kernel[(N,)](z, y, lse, g, u, g if dl is None else dl, gz, gg, V, z.stride(0), u.stride(0),
+                          gz.stride(0), HAS_DL=dl is not None, BLOCK_V=_block(V), num_warps=8)
     return gz, gg

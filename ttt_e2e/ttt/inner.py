@@ -7,11 +7,13 @@ Each sequence of the batch has its own phi (a leading batch dimension): TTT trai
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call, grad
+from torch.func import functional_call, grad, vjp
 
+from ttt_e2e.kernels.cross_entropy import cross_entropy_with_grad
 from ttt_e2e.kernels.sgd import clipped_sgd, sgd_update_
 from ttt_e2e.kernels.sgd.clip import clip_scale
 from ttt_e2e.model.layers import compute_dtype
+from ttt_e2e.model.linear import linear
 from ttt_e2e.model.transformer import Suffix
 
 from .loss import masked_mean, token_losses
@@ -121,6 +123,38 @@ def minibatch_loss(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi_c: Te
     return masked_mean(tok, mask), tok, kvs
 
 
+def loss_and_grad(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi_c: Tensors, caches, h: torch.Tensor,
+                  targets: torch.Tensor, mask: torch.Tensor, pos0: int, ce_kernel: bool = True):
+    """`minibatch_loss` and the gradient g of sum_i l_t[i] w.r.t. phi_c: (l_t, tok, g, kvs).
+
+    The same function as torch.func.grad of the loss, taken in two parts: the loss and its gradient w.r.t. the
+    logits come from one cross-entropy node (kernels/cross_entropy: cross_entropy_with_grad), the rest is the
+    suffix's vector-Jacobian product with that gradient. The logits then have one node that both the loss and
+    the inner gradient leave from, and the outer backward hands it both of their cotangents at once: one pass
+    writes the logits' gradient (autograd of the loss would take a backward pass, a double-backward pass and
+    their sum)."""
+    def logits(phi_c: Tensors):
+        out, kvs = functional_call(suffix, {**theta, **phi_c}, (h, pos0, caches))
+        return linear(out, head), kvs
+
+    z, pullback, kvs = vjp(logits, phi_c, has_aux=True)
+    m = mask.to(torch.promote_types(z.dtype, torch.float32))
+    w = m / m.sum(-1, keepdim=True).clamp(min=1)  # d l_t / d tok: each sequence's masked mean
+    tok, dz = cross_entropy_with_grad(z.flatten(0, 1), targets.flatten(), w.flatten(),
+                                      use_kernel=None if ce_kernel else False)
+    # create_graph always, as torch.func.grad does: under no_grad too (remat's forward, inference), so that a
+    # step computes the same numbers whether or not autograd records it
+    # create_graph always, as torch.func.grad does, so that a step computes the same numbers whether or not
+    # autograd records it (remat's forward and inference run under no_grad; the two modes round differently
+    # under autocast); without grad mode nothing outside may keep that graph
+    recording = torch.is_grad_enabled()
+    (g,) = pullback(dz.view_as(z), create_graph=True)
+    if not recording:
+        g = {n: t.detach() for n, t in g.items()}
+    tok = tok.view(targets.shape)
+    return masked_mean(tok, mask), tok, g, kvs
+
+
 def compute_copy(phi: Tensors, like: torch.Tensor) -> Tensors:
     """phi cast to the dtype the matmuls on `like` run in (autocast's, or its own)."""
     dtype = compute_dtype(like)
@@ -142,17 +176,20 @@ def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors,
     flows through them.
     """
 
-    def loss(phi_c: Tensors):
-        l_t, tok, kvs = minibatch_loss(suffix, theta, head, phi_c, caches, h, targets, mask, pos0, recompute_logits,
-                                       ce_kernel)
-        return l_t.sum(), (l_t, tok, kvs)  # the sum over sequences: each phi[i] sees only its own l_t[i]
-
     # The gradient is taken w.r.t. phi cast once to the compute dtype: the values autocast would use at every
     # use, so the same function, with one cast per step, and g in the compute dtype (what its matmuls give)
     # rather than widened; phi itself stays in its own dtype (fp32: the inner state accumulates small steps).
     if phi_c is None:
         phi_c = compute_copy(phi, h)
-    g, (l_t, tok, kvs) = grad(loss, has_aux=True)(phi_c)
+    if recompute_logits:  # the head and the loss as one node that keeps no logits (linear_ce.py)
+        def loss(phi_c: Tensors):
+            l_t, tok, kvs = minibatch_loss(suffix, theta, head, phi_c, caches, h, targets, mask, pos0, True,
+                                           ce_kernel)
+            return l_t.sum(), (l_t, tok, kvs)  # the sum over sequences: each phi[i] sees only its own l_t[i]
+
+        g, (l_t, tok, kvs) = grad(loss, has_aux=True)(phi_c)
+    else:
+        l_t, tok, g, kvs = loss_and_grad(suffix, theta, head, phi_c, caches, h, targets, mask, pos0, ce_kernel)
     # out may hold phi_c itself: the gradient is done with it
     phi_next, phi_next_c, gnorm = sgd_step(phi, g, eta, clip, out, sgd_kernel)
     # The last W keys; a cache that holds no more is passed on as it is (a full-length slice would still cost, in
