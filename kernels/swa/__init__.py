@@ -4,7 +4,7 @@
 
     o = swa_attention(q, k, v, window, q_pos0=0, k_pos0=0, scale=None)   # q (B,H,Tq,D), k/v (B,H,Tk,D)
     o, keys, values = swa_attention_cached(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0)
-    o = swa_attention_split(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0)   # the same o; forward only
+    o = swa_attention_split(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0, rot=0)   # a constant cache
 
 Query i sits at position q_pos0 + i, key j at k_pos0 + j; key j is visible to query i iff
 q_pos - window < k_pos <= q_pos and k_pos >= 0. On CUDA tensors (or on the CPU under TRITON_INTERPRET=1, set
@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from .common import as_kernel_operand, check_inputs, check_kernel_inputs, default_scale, use_triton
-from .forward import swa_forward
-from .function import _SWACachedAttention, _SWAttention
+from .function import _SWACachedAttention, _SWAttention, _SWASplitAttention
 from .reference import swa_mask, swa_reference
 
 __all__ = ["swa_attention", "swa_attention_cached", "swa_attention_split", "swa_reference", "swa_mask"]
@@ -52,20 +51,27 @@ def swa_attention_cached(q, k_cache, v_cache, k, v, window: int, q_pos0: int = 0
 
 
 def swa_attention_split(q, k_cache, v_cache, k, v, window: int, q_pos0: int = 0, k_pos0: int = 0,
-                        scale: float | None = None):
-    """The output of `swa_attention_cached`, forward only: the kernel reads the cache's keys and the block's where
-    they lie, with no concatenation (inference, where a prefill chunk's cache is a whole window: copying it and
-    the chunk into one tensor cost more than a prefix block's attention gains from the window)."""
+                        scale: float | None = None, rot: int = 0):
+    """The output of `swa_attention_cached` with the cache a constant: the kernels read the cache's keys and the
+    block's where they lie, no concatenation (inference: a prefill chunk's cache is a whole window, and so is an
+    inner step's). rot: the cache is a ring whose first key (position k_pos0) sits at row rot, key j at row
+    (j + rot) mod Tc, so that a step writes only its own b keys into it. Differentiable once, w.r.t. q, k, v."""
     check_inputs(q, k, v, window, q_pos0, k_pos0)
     check_inputs(q, k_cache, v_cache, window, q_pos0, k_pos0)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache, k, v)):
-        raise ValueError("swa_attention_split has no backward: use swa_attention_cached where gradients flow")
+    tc = k_cache.shape[2]
+    if not (0 <= rot < max(tc, 1)):
+        raise ValueError(f"swa_attention_split: rot must lie in [0, {tc}) for a cache of {tc} keys, got {rot}")
+    if torch.is_grad_enabled() and (k_cache.requires_grad or v_cache.requires_grad):
+        raise ValueError("swa_attention_split takes the cache as a constant: use swa_attention_cached where its "
+                         "gradient is needed")
     if not use_triton(q):
+        k_cache, v_cache = k_cache.roll(-rot, 2), v_cache.roll(-rot, 2)
         keys, values = torch.cat((k_cache, k), 2), torch.cat((v_cache, v), 2)
         return swa_reference(q, keys, values, window, q_pos0, k_pos0, scale)
-    window = _kernel_window(q, k_cache.shape[2] + k.shape[2], window, q_pos0, k_pos0)
+    window = _kernel_window(q, tc + k.shape[2], window, q_pos0, k_pos0)
     q, k_cache, v_cache, k, v = (as_kernel_operand(t) for t in (q, k_cache, v_cache, k, v))
-    o, _lse = swa_forward(q, k_cache, v_cache, window, q_pos0, k_pos0, default_scale(q.shape[-1], scale), k, v)
+    o, _lse = _SWASplitAttention.apply(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0,
+                                       default_scale(q.shape[-1], scale), rot)
     return o
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_d, dot_precision, head_split, tile_config
+from .common import LOG2E, block_d, dot_precision, head_split, tile_config, unroll_ring
 from .tiles import key_range, query_range, tile_is_full, visible, visible_t
 
 
@@ -41,12 +41,46 @@ def _swa_bwd_delta_kernel(
 
 
 @triton.jit
+def _dq_tiles(q, q_t, do, do_t, lse, delta, acc, acc_t, K, V, skt, svt, lo, hi, N_LO, N_HI, ROT, m0, q_pos, m_valid,
+              offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ's sum over key tiles [lo, hi) of one key source, addressed as in the forward's `_fwd_tiles`."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = (offs_n >= N_LO) & (offs_n < N_HI)
+        # Whole tiles wrap (the host keeps ROT and N_HI multiples of BLOCK_N): rows stay contiguous, so the
+        # loads stay vectorized
+        r0 = n0 + ROT
+        rows = tl.where(r0 >= N_HI, r0 - N_HI, r0) + tl.arange(0, BLOCK_N)
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + rows[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + rows[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if TAIL > 0:
+            k_t = tl.load(K + rows[:, None] * skt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
+            v_t = tl.load(V + rows[:, None] * svt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
+            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PREC)
+            dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PREC)
+        p = tl.math.exp2(s * qk_scale - lse[:, None])
+        full = tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
+        if not (full & (n0 >= N_LO) & (n0 + BLOCK_N <= N_HI)):
+            # Masked entries (and rows with lse = -inf) may be NaN/inf here; where() makes them 0.
+            p = tl.where(visible(q_pos, K_POS0 + offs_n, m_valid, n_valid, WINDOW), p, 0.0)
+        ds = p * (dp - delta[:, None])
+        acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        if TAIL > 0:
+            acc_t += tl.dot(ds.to(k_t.dtype), k_t, input_precision=DOT_PREC)
+    return acc, acc_t
+
+
+@triton.jit
 def _swa_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
-    H, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, scale,
+    Q, K, V, K2, V2, DO, LSE, DELTA, DQ,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sk2b, sk2h, sk2t, sv2b, sv2h, sv2t, sdb, sdh, sdt, sgb, sgh, sgt,
+    H, TQ, TK, SPLIT, ROT, WINDOW, Q_POS0, K_POS0, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SOURCES: tl.constexpr,
 ):
     # Last query tiles first: under a causal mask they see the most keys, so the long programs start early and
     # the short ones fill the tail of the launch.
@@ -71,6 +105,7 @@ def _swa_bwd_dq_kernel(
     row_mask = m_valid[:, None] & d_valid[None, :]
     q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
+    q_t, do_t = q, do
     if TAIL > 0:
         q_t = tl.load(Q + offs_m[:, None] * sqt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
         do_t = tl.load(DO + offs_m[:, None] * sdt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
@@ -80,28 +115,18 @@ def _swa_bwd_dq_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, TAIL if TAIL > 0 else 16], dtype=tl.float32)
 
+    # The key sources as in the forward (forward.py): K/V (a ring if ROT > 0), then K2/V2 with TWO_SOURCES
     lo, hi = key_range(m0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < TK
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        if TAIL > 0:
-            k_t = tl.load(K + offs_n[:, None] * skt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
-            v_t = tl.load(V + offs_n[:, None] * svt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
-            s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PREC)
-            dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PREC)
-        p = tl.math.exp2(s * qk_scale - lse[:, None])
-        if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
-            # Masked entries (and rows with lse = -inf) may be NaN/inf here; where() makes them 0.
-            p = tl.where(visible(q_pos, K_POS0 + offs_n, m_valid, n_valid, WINDOW), p, 0.0)
-        ds = p * (dp - delta[:, None])
-        acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-        if TAIL > 0:
-            acc_t += tl.dot(ds.to(k_t.dtype), k_t, input_precision=DOT_PREC)
+    acc, acc_t = _dq_tiles(q, q_t, do, do_t, lse, delta, acc, acc_t, K, V, skt, svt, lo, tl.minimum(hi, SPLIT), 0,
+                           SPLIT, ROT, m0, q_pos, m_valid, offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0,
+                           qk_scale, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
+    if TWO_SOURCES:
+        K2 += b * sk2b + h * sk2h - SPLIT * sk2t
+        V2 += b * sv2b + h * sv2h - SPLIT * sv2t
+        lo2 = tl.maximum(lo, (SPLIT // BLOCK_N) * BLOCK_N)
+        acc, acc_t = _dq_tiles(q, q_t, do, do_t, lse, delta, acc, acc_t, K2, V2, sk2t, sv2t, lo2, hi, SPLIT, TK, 0,
+                               m0, q_pos, m_valid, offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0,
+                               qk_scale, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
 
     tl.store(DQ + offs_m[:, None] * sgt + offs_d[None, :], (acc * scale).to(DQ.dtype.element_ty), mask=row_mask)
     if TAIL > 0:
@@ -200,26 +225,47 @@ def swa_backward_delta(o, do):
 
 def swa_backward(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_from=0):
     """(dq, dk, dv), contiguous, in their inputs' dtypes; dk and dv of the keys k_grad_from.. only."""
+    dq = swa_backward_dq(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale)
+    dk, dv = swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_from)
+    return dq, dk, dv
+
+
+def _strides(*ts):
+    return [s for t in ts for s in (t.stride(0), t.stride(1), t.stride(2))]
+
+
+def swa_backward_dq(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k2=None, v2=None, rot=0):
+    """dq (contiguous, q's dtype) over the keys cat(k, k2) (k, v a ring from row rot: as in swa_forward)."""
+    B, H, TQ, D = q.shape
+    cfg = tile_config("bwd_dq", D, q.device, q.dtype)
+    k, v, rot = unroll_ring(k, v, rot, cfg.block_n)
+    split = k.shape[2]
+    two = k2 is not None
+    k2, v2 = (k2, v2) if two else (k, v)
+    TK = split + (k2.shape[2] if two else 0)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    main, tail = head_split(D)
+    _swa_bwd_dq_kernel[(triton.cdiv(TQ, cfg.block_m), B * H)](
+        q, k, v, k2, v2, do, lse, delta, dq, *_strides(q, k, v, k2, v2, do, dq),
+        H, TQ, TK, split, rot, window, q_pos0, k_pos0, scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), TWO_SOURCES=two,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq
+
+
+def swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_from=0):
+    """(dk, dv) of the keys k_grad_from.. (contiguous, in k's and v's dtypes)."""
     B, H, TQ, D = q.shape
     TK = k.shape[2]
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty((B, H, TK - k_grad_from, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, H, TK - k_grad_from, D), dtype=v.dtype, device=v.device)
     main, tail = head_split(D)
-    common = dict(HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype))
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-
-    cfg = tile_config("bwd_dq", D, q.device, q.dtype)
-    _swa_bwd_dq_kernel[(triton.cdiv(TQ, cfg.block_m), B * H)](
-        q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        H, TQ, TK, window, q_pos0, k_pos0, scale * LOG2E, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
-    )
     cfg = tile_config("bwd_dkdv", D, q.device, q.dtype)
     _swa_bwd_dkdv_kernel[(triton.cdiv(TK - k_grad_from, cfg.block_n), B * H)](
-        q, k, v, do, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+        q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v, do, dk),
         H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return dq, dk, dv
+    return dk, dv

@@ -76,6 +76,14 @@ def as_kernel_operand(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def unroll_ring(k, v, rot: int, block_n: int):
+    """(k, v, rot) for a kernel with block_n-row key tiles: the ring as it is where its rotation and length are
+    whole tiles (the kernels then rotate tile by tile), else rolled into position order here (a copy; rot 0)."""
+    if rot and (rot % block_n or k.shape[2] % block_n):
+        return k.roll(-rot, 2), v.roll(-rot, 2), 0
+    return k, v, rot
+
+
 def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 

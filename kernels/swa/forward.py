@@ -12,25 +12,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, forward_tile, head_split
+from .common import LOG2E, dot_precision, forward_tile, head_split, unroll_ring
 from .tiles import key_range, tile_is_full, visible
 
 
 @triton.jit
-def _fwd_tiles(q, q_t, m_i, l_i, acc, acc_t, K, V, skt, svt, lo, hi, N_LO, N_HI, m0, q_pos, m_valid, offs_d, offs_t,
-               d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
-    """The online softmax over key tiles [lo, hi) of one key source: keys N_LO..N_HI-1 (global key indices), at
-    K + j * skt (K already offset so that the global index j addresses them)."""
+def _fwd_tiles(q, q_t, m_i, l_i, acc, acc_t, K, V, skt, svt, lo, hi, N_LO, N_HI, ROT, m0, q_pos, m_valid, offs_d,
+               offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The online softmax over key tiles [lo, hi) of one key source: keys N_LO..N_HI-1 (global key indices), key j
+    at row (j + ROT) mod N_HI of K (K already offset so that row j is global index j; ROT > 0 only with N_LO = 0
+    and lo, ROT, N_HI multiples of BLOCK_N: a ring whose oldest key sits at row ROT)."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = (offs_n >= N_LO) & (offs_n < N_HI)
+        # Whole tiles wrap (the host keeps ROT and N_HI multiples of BLOCK_N): rows stay contiguous, so the
+        # loads stay vectorized
+        r0 = n0 + ROT
+        rows = tl.where(r0 >= N_HI, r0 - N_HI, r0) + tl.arange(0, BLOCK_N)
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(K + rows[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + rows[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if TAIL > 0:
-            k_t = tl.load(K + offs_n[:, None] * skt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
+            k_t = tl.load(K + rows[:, None] * skt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
             s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PREC)
         s = s * qk_scale
         full = tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
@@ -44,7 +49,7 @@ def _fwd_tiles(q, q_t, m_i, l_i, acc, acc_t, K, V, skt, svt, lo, hi, N_LO, N_HI,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         if TAIL > 0:
-            v_t = tl.load(V + offs_n[:, None] * svt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
+            v_t = tl.load(V + rows[:, None] * svt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
             acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v_t.dtype), v_t, input_precision=DOT_PREC)
         m_i = m_new
     return m_i, l_i, acc, acc_t
@@ -54,7 +59,7 @@ def _fwd_tiles(q, q_t, m_i, l_i, acc, acc_t, K, V, skt, svt, lo, hi, N_LO, N_HI,
 def _swa_fwd_kernel(
     Q, K, V, K2, V2, O, LSE,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sk2b, sk2h, sk2t, sv2b, sv2h, sv2t, sob, soh, sot,
-    H, TQ, TK, SPLIT, WINDOW, Q_POS0, K_POS0, qk_scale,
+    H, TQ, TK, SPLIT, ROT, WINDOW, Q_POS0, K_POS0, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SOURCES: tl.constexpr,
 ):
@@ -89,17 +94,17 @@ def _swa_fwd_kernel(
 
     # Keys 0..SPLIT-1 from K/V; with TWO_SOURCES, keys SPLIT..TK-1 from K2/V2 (a KV cache and the block after
     # it, read where they lie instead of concatenated). A tile across SPLIT runs in both loops, each masking the
-    # other's keys.
+    # other's keys. ROT: K/V is a ring of SPLIT rows whose key 0 sits at row ROT.
     lo, hi = key_range(m0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
     m_i, l_i, acc, acc_t = _fwd_tiles(
-        q, q_t, m_i, l_i, acc, acc_t, K, V, skt, svt, lo, tl.minimum(hi, SPLIT), 0, SPLIT, m0, q_pos, m_valid,
-        offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
+        q, q_t, m_i, l_i, acc, acc_t, K, V, skt, svt, lo, tl.minimum(hi, SPLIT), 0, SPLIT, ROT, m0, q_pos,
+        m_valid, offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
     if TWO_SOURCES:
         K2 += b * sk2b + h * sk2h - SPLIT * sk2t
         V2 += b * sv2b + h * sv2h - SPLIT * sv2t
         lo2 = tl.maximum(lo, (SPLIT // BLOCK_N) * BLOCK_N)
         m_i, l_i, acc, acc_t = _fwd_tiles(
-            q, q_t, m_i, l_i, acc, acc_t, K2, V2, sk2t, sv2t, lo2, hi, SPLIT, TK, m0, q_pos, m_valid,
+            q, q_t, m_i, l_i, acc, acc_t, K2, V2, sk2t, sv2t, lo2, hi, SPLIT, TK, 0, m0, q_pos, m_valid,
             offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
 
     # Rows with no visible key: l_i = 0, output 0, lse = -inf (the backward masks those rows explicitly).
@@ -114,10 +119,13 @@ def _swa_fwd_kernel(
     tl.store(LSE + offs_m, lse, mask=m_valid)
 
 
-def swa_forward(q, k, v, window, q_pos0, k_pos0, scale, k2=None, v2=None):
+def swa_forward(q, k, v, window, q_pos0, k_pos0, scale, k2=None, v2=None, rot=0):
     """o (like q, contiguous) and lse (B*H, Tq) fp32 in base-2 units. Inputs already checked, head dim stride 1.
-    k2, v2: more keys/values after k, v (the keys are cat(k, k2), read in place: no concatenation)."""
+    k2, v2: more keys/values after k, v (the keys are cat(k, k2), read in place: no concatenation). rot: k, v
+    are a ring whose first key sits at row rot (the keys are cat(k.roll(-rot, 2), k2))."""
     B, H, TQ, D = q.shape
+    cfg = forward_tile(TQ, B * H, D, q.device, q.dtype)
+    k, v, rot = unroll_ring(k, v, rot, cfg.block_n)
     split = k.shape[2]
     two = k2 is not None
     k2, v2 = (k2, v2) if two else (k, v)
@@ -125,14 +133,13 @@ def swa_forward(q, k, v, window, q_pos0, k_pos0, scale, k2=None, v2=None):
     o = torch.empty((B, H, TQ, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
     main, tail = head_split(D)
-    cfg = forward_tile(TQ, B * H, D, q.device, q.dtype)
     grid = (triton.cdiv(TQ, cfg.block_m), B * H)
     _swa_fwd_kernel[grid](
         q, k, v, k2, v2, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), k2.stride(0), k2.stride(1), k2.stride(2),
         v2.stride(0), v2.stride(1), v2.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, TQ, TK, split, window, q_pos0, k_pos0, scale * LOG2E,
+        H, TQ, TK, split, rot, window, q_pos0, k_pos0, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=main, TAIL=tail, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_PREC=dot_precision(q.dtype), TWO_SOURCES=two, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

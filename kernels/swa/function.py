@@ -2,6 +2,9 @@
 
   _SWAttention        forward kernel            backward -> _SWABackward.apply (differentiable)
   _SWACachedAttention the same over cat(cache, block), which it also returns
+  _SWASplitAttention  the same over a constant cache (a ring) and the block, read where they lie; its backward
+                      (_SWASplitBackward: dq, and dK, dV of the block's keys) is not differentiable again:
+                      inference's inner step
   _SWABackward        dq/dk/dv kernels          backward -> _SWADoubleBackward.apply
   _SWADoubleBackward  double-backward kernels   backward -> NotImplementedError (third order)
 
@@ -23,7 +26,7 @@ gradient w.r.t. them comes back through this node as the cotangent of that outpu
 
 import torch
 
-from .backward import swa_backward, swa_backward_delta
+from .backward import swa_backward, swa_backward_delta, swa_backward_dkdv, swa_backward_dq
 from .common import as_kernel_operand
 from .double_backward import swa_double_backward
 from .forward import swa_forward
@@ -84,6 +87,52 @@ class _SWACachedAttention(torch.autograd.Function):
         return (dq, split(dk, 0, tc - start) if ctx.needs_input_grad[1] else None,
                 split(dv, 0, tc - start) if ctx.needs_input_grad[2] else None,
                 split(dk, tc - start, None), split(dv, tc - start, None), None, None, None, None)
+
+
+class _SWASplitAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0, scale, rot):
+        return swa_forward(q, k_cache, v_cache, window, q_pos0, k_pos0, scale, k, v, rot)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k_cache, v_cache, k, v, window, q_pos0, k_pos0, scale, rot = inputs
+        o, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k_cache, v_cache, k, v, o, lse)
+        ctx.args = (window, q_pos0, k_pos0, scale, rot)
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError("swa_attention_split: the cache is a constant here (use swa_attention_cached)")
+        if do is None:
+            return (None,) * 10
+        dq, dk, dv = _SWASplitBackward.apply(*ctx.saved_tensors, do, *ctx.args)
+        return dq, None, None, dk, dv, None, None, None, None, None
+
+
+class _SWASplitBackward(torch.autograd.Function):
+    """_SWASplitAttention's backward as a node of its own (torch.func hands the kernels plain tensors only
+    inside a Function's forward); not differentiable again."""
+
+    @staticmethod
+    def forward(q, k_cache, v_cache, k, v, o, lse, do, window, q_pos0, k_pos0, scale, rot):
+        do = as_kernel_operand(do)
+        delta = swa_backward_delta(o, do)
+        dq = swa_backward_dq(q, k_cache, v_cache, do, lse, delta, window, q_pos0, k_pos0, scale, k, v, rot)
+        # dK, dV of the block's keys need only the queries that see them (none of the cache)
+        dk, dv = swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0 + k_cache.shape[2], scale)
+        return dq, dk, dv
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("swa_attention_split: no second derivative (inference's inner step needs one)")
 
 
 def _add_from(g, d_out, start):

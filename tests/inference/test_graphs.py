@@ -10,6 +10,7 @@ import torch
 from ttt_e2e.config import ModelConfig, TTTConfig
 from ttt_e2e.inference import InferenceGraphs, feed, start
 from ttt_e2e.inference.engine import _decode_graphed
+from ttt_e2e.inference.kv_cache import StepRing
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
 
@@ -25,22 +26,44 @@ def _decode_all(model, ttt, tokens, prompt_len, graphs=None, reserve=0):
 
 
 @pytest.mark.parametrize("prompt_len", [1, 9, 16, 30])
-def test_graph_path_equals_plain_path(make_model, meta_ttt, prompt_len, monkeypatch):
-    """Prefill then decode over many mini-batch boundaries, past the window (W 16, b 8, 56 tokens): logits,
-    inner losses and the final phi equal the plain path's; single tokens went through the decoding graph."""
-    model = make_model()
+@pytest.mark.parametrize("window", [16, 12], ids=["ring-caches", "ordered-caches"])  # b 8: W % b == 0 or not
+def test_graph_path_equals_plain_path(make_model, meta_ttt, prompt_len, window, monkeypatch):
+    """Prefill then decode over many mini-batch boundaries, past the window (b 8, 56 tokens): logits, inner
+    losses and the final phi equal the plain path's; single tokens went through the decoding graph; the step's
+    caches were rings where W is a multiple of b."""
+    model = make_model(window=window)
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 56), generator=torch.Generator().manual_seed(5))
     ref, ref_state = _decode_all(model, meta_ttt, tokens, prompt_len)
     calls = []
     monkeypatch.setattr("ttt_e2e.inference.engine._decode_graphed",
                         lambda *a: calls.append(1) or _decode_graphed(*a))
-    got, state = _decode_all(model, meta_ttt, tokens, prompt_len, graphs=InferenceGraphs(capture=False))
+    graphs = InferenceGraphs(capture=False)
+    got, state = _decode_all(model, meta_ttt, tokens, prompt_len, graphs=graphs)
+    assert isinstance(graphs.base[0], StepRing) == (window % meta_ttt.mini_batch_size == 0)
     assert len(calls) == tokens.shape[1] - prompt_len
     torch.testing.assert_close(got, ref, **TOL)
     assert len(state.losses) == len(ref_state.losses) == (tokens.shape[1] - 1) // meta_ttt.mini_batch_size
     torch.testing.assert_close(torch.stack(state.losses), torch.stack(ref_state.losses), **TOL)
     for n in ref_state.phi:
         torch.testing.assert_close(state.phi[n], ref_state.phi[n], **TOL)
+
+
+def test_ring_caches_through_the_kernels():
+    """The step's ring caches read in place by the Triton kernels (the interpreter on a CPU, fp32): a prompt past
+    the window, then decoding over step boundaries, against the plain path (caches concatenated)."""
+    cfg = ModelConfig(vocab_size=37, n_layers=3, d_model=32, n_heads=2, mlp_width=48, prime_mlp_width=40,
+                      suffix_len=2, seq_length=64, window=32, attention_backend="triton", compute_dtype="float32",
+                      init_std=0.2)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ttt = TTTConfig(train_mode="meta", mini_batch_size=16, inner_lr=0.5, inner_grad_clip=1.0)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 90), generator=torch.Generator().manual_seed(3))
+    ref, ref_state = _decode_all(model, ttt, tokens, 70)
+    graphs = InferenceGraphs(capture=False)
+    got, state = _decode_all(model, ttt, tokens, 70, graphs=graphs)
+    assert isinstance(graphs.base[0], StepRing)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(state.losses), torch.stack(ref_state.losses), rtol=1e-5, atol=1e-5)
 
 
 def test_graph_prefill_losses_equal_training(make_model, meta_ttt):

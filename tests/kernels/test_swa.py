@@ -204,7 +204,7 @@ def test_cached_attention_forward_and_bad_cache():
         swa_attention_cached(q, kc.double(), vc, k, v, 12, 7, 0)
 
 
-# (B, H, Tq, Tc, D, window, q_pos0): the forward over a cache and a block read where they lie (inference)
+# (B, H, Tq, Tc, D, window, q_pos0): attention over a constant cache and a block read where they lie (inference)
 SPLIT = [
     pytest.param(1, 2, 16, 32, 16, 32, 32, id="aligned-cache-window-W"),  # prefill in chunks of W
     pytest.param(2, 1, 13, 21, 32, 20, 21, id="boundary-inside-a-tile"),
@@ -213,7 +213,15 @@ SPLIT = [
     pytest.param(1, 2, 7, 0, 32, 5, 0, id="empty-cache"),
     pytest.param(1, 2, 1, 23, 16, 9, 23, id="one-query"),
     pytest.param(1, 1, 40, 16, 16, 70, 16, id="window-beyond-everything"),
+    # the inference step's rings (W = Tc, b = 16, a whole number of 16-row tiles): early (positions below 0), later
+    pytest.param(1, 2, 16, 48, 16, 48, 16, id="ring-early"),
+    pytest.param(1, 1, 16, 48, 80, 48, 96, id="ring-D80"),
 ]
+
+
+def _ring(t, rot):
+    """The cache t (position order) stored as a ring whose first key sits at row rot."""
+    return t.roll(rot, 2)
 
 
 @pytest.mark.parametrize("B,H,TQ,TC,D,W,QP", SPLIT)
@@ -221,21 +229,60 @@ SPLIT = [
 def test_split_forward_vs_reference(B, H, TQ, TC, D, W, QP, dtype):
     q, k, v = (fresh_randn(B, H, TQ, D, dtype=dtype) for _ in range(3))
     kc, vc = fresh_randn(B, H, TC, D, dtype=dtype), fresh_randn(B, H, TC, D, dtype=dtype)
-    with torch.no_grad():
-        o = swa_attention_split(q, kc, vc, k, v, W, QP, QP - TC)
     ref = cached_reference(*(t.double() for t in (q, kc, vc, k, v)), W, QP, QP - TC)[0]
     # fp16 operands: inputs rounded to 1e-3 relative, fp32 accumulation; a misplaced key is off by O(1)
-    assert rel_err(o, ref) < (TOL if dtype == torch.float32 else 2e-3)
+    tol = TOL if dtype == torch.float32 else 2e-3
+    # a ring from row rot: rotated in the kernels by whole 16-row tiles (the interpreter's), else rolled first
+    for rot in sorted({0, TC // 3, max(TC - 1, 0)} | set(range(16, TC, 16) if TC % 16 == 0 else [])):
+        with torch.no_grad():
+            o = swa_attention_split(q, _ring(kc, rot), _ring(vc, rot), k, v, W, QP, QP - TC, rot=rot)
+        assert rel_err(o, ref) < tol, rot
 
 
-def test_split_forward_non_contiguous_and_refuses_gradients():
+@pytest.mark.parametrize("B,H,TQ,TC,D,W,QP", SPLIT)
+def test_split_gradient_vs_reference(B, H, TQ, TC, D, W, QP):
+    """The inner gradient's pattern: dq, dk, dv of the block (the cache a constant), for a ring, through torch.func
+    as the inference step takes it."""
+    q, k, v, do = (fresh_randn(B, H, TQ, D) for _ in range(4))
+    kc, vc = fresh_randn(B, H, TC, D), fresh_randn(B, H, TC, D)
+    rot = 16 if TC % 16 == 0 and TC > 16 else TC // 3
+
+    def loss(q, k, v, kc, vc, fn):
+        return (fn(q, kc, vc, k, v) * do.to(q.dtype)).sum()
+
+    ours = lambda q, kc, vc, k, v: swa_attention_split(q, kc, vc, k, v, W, QP, QP - TC, rot=rot)  # noqa: E731
+    theirs = lambda q, kc, vc, k, v: cached_reference(q, kc, vc, k, v, W, QP, QP - TC)[0]  # noqa: E731
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v, _ring(kc, rot), _ring(vc, rot), ours)
+    want = torch.func.grad(loss, argnums=(0, 1, 2))(*(t.double() for t in (q, k, v, kc, vc)), theirs)
+    errs = [rel_err(a, b) for a, b in zip(got, want)]
+    assert all(e < TOL for e in errs), errs
+
+
+def test_ring_rotates_in_the_kernels(monkeypatch):
+    """A ring of whole tiles reaches the kernels unrolled (no copy), else it is rolled first."""
+    from ttt_e2e.kernels.swa import backward, forward
+    seen = []
+    for mod in (forward, backward):
+        real = mod.unroll_ring
+        monkeypatch.setattr(mod, "unroll_ring", lambda k, v, r, n, real=real: seen.append(real(k, v, r, n)[2]) or
+                            real(k, v, r, n))
+    q, k, v, do = (fresh_randn(1, 1, 16, 16).requires_grad_() for _ in range(4))
+    for tc, rot in ((48, 32), (40, 8)):
+        kc, vc = fresh_randn(1, 1, tc, 16), fresh_randn(1, 1, tc, 16)
+        torch.autograd.grad(swa_attention_split(q, kc, vc, k, v, tc, tc, 0, rot=rot), (q, k, v), do)
+    assert seen == [32, 32, 0, 0], seen  # forward, dq: in the kernels; then rolled (8 is not a 16-row tile)
+
+
+def test_split_non_contiguous_and_refuses_a_cache_gradient():
     B, H, TQ, TC, D, W = 1, 3, 11, 26, 32, 15  # the model's (B, T, H, D) layout viewed as (B, H, T, D)
     q, k, v = (fresh_randn(B, TQ, H, D).transpose(1, 2) for _ in range(3))
     kc, vc = (fresh_randn(B, TC, H, D).transpose(1, 2) for _ in range(2))
     o = swa_attention_split(q, kc, vc, k, v, W, TC, 0)
     assert rel_err(o, cached_reference(q, kc, vc, k, v, W, TC, 0)[0]) < TOL
-    with pytest.raises(ValueError, match="no backward"):
-        swa_attention_split(q.requires_grad_(), kc, vc, k, v, W, TC, 0)
+    with pytest.raises(ValueError, match="cache as a constant"):
+        swa_attention_split(q, kc.requires_grad_(), vc, k, v, W, TC, 0)
+    with pytest.raises(ValueError, match="rot must lie"):
+        swa_attention_split(q, kc.detach(), vc, k, v, W, TC, 0, rot=TC)
 
 
 def test_third_order_raises():

@@ -7,8 +7,12 @@ than running them. Both become static once what changes between calls lives in d
 - Inner step. The suffix caches are fixed-size buffers of the W keys/values before the mini-batch, the slots of
   positions below 0 zero-filled and masked by the kernels (k_pos >= 0); RoPE reads the position from a device
   tensor (`DevicePos`); the kernels' masks need positions only relative to the cache, except for which slots are
-  below 0, which differs while the position is below W. So: one graph per mini-batch start t*b < W, and one for
-  every step after. The graph reads and updates in place the inner weights phi and those caches, which this object
+  below 0, which differs while the position is below W. Where W is a multiple of b, each cache is a ring of W
+  slots (`StepRing`) that the kernels read in place and the step writes its b keys into; which slots those are
+  (position mod W) is baked into the graph, so there is one graph per mini-batch start t*b < W and one per
+  start modulo W after that (2 W / b in all). Otherwise the caches are position-ordered buffers, the step
+  concatenates them with its keys and copies the last W back: one graph per start below W and one for every
+  step after. The graph reads and updates in place the inner weights phi and those caches, which this object
   owns while it serves a state.
 - Decoding (one token for every sequence). The ring-buffer slot to write and the slots to read follow the device
   position (`KVCache._attend_in_graph`), and so does the slot of the pending TTT buffer. One graph per set of
@@ -23,6 +27,7 @@ code runs eagerly.
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Callable, Optional
 
 import torch
@@ -30,6 +35,8 @@ import torch
 from ttt_e2e.model.attention import DevicePos
 from ttt_e2e.model.layers import compute_dtype
 from ttt_e2e.ttt.inner import inner_step
+
+from .kv_cache import StepRing
 
 
 def phi_c_or_none(phi_dec: dict, h: torch.Tensor) -> Optional[dict]:
@@ -53,7 +60,7 @@ class InferenceGraphs:
         self._stream = torch.cuda.Stream() if self.capture else None
         self.phi: dict[str, torch.Tensor] = {}
         self.phi_dec: dict[str, torch.Tensor] = {}
-        self.base: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.base: list = []  # per suffix block: a StepRing, or (k, v) in position order (W not a multiple of b)
         self._step_in: Optional[dict] = None
         self._dec_in: Optional[dict] = None
 
@@ -78,9 +85,9 @@ class InferenceGraphs:
         for n in self.phi:
             self.phi[n].copy_(state.phi[n])
             self.phi_dec[n].copy_(state.phi_dec[n])
-        for k, v in self.base:
-            k.zero_()
-            v.zero_()
+        for c in self.base:
+            for t in ((c.k, c.v) if isinstance(c, StepRing) else c):
+                t.zero_()
         state.phi, state.phi_dec = self.phi, self.phi_dec
 
     def _check(self, state) -> None:
@@ -101,8 +108,10 @@ class InferenceGraphs:
         s["targets"].copy_(targets)
         s["mask"].copy_(mask)
         s["pos"].fill_(pos0)
-        key = ("step", pos0 if pos0 < W else W)  # from W on the cache holds no position below 0: one graph
-        # A replayed graph keeps the int it was captured with, which is valid for any later step (see above).
+        rings = isinstance(self.base[0], StepRing)
+        # From W on the cache holds no position below 0: one graph, or one per ring phase. A replayed graph keeps
+        # the int it was captured with, which is valid for any later step of its key (see above).
+        key = ("step", pos0 if pos0 < W else W + (pos0 % W if rings else 0))
         pos = DevicePos(pos0, s["pos"])
         phi_c = phi_c_or_none(self.phi_dec, s["h"])
 
@@ -112,9 +121,12 @@ class InferenceGraphs:
                 state.model.suffix, state.theta, state.model.head_weight(), self.phi, self.base, s["h"],
                 s["targets"], s["mask"], pos, state.eta, state.clip, W, ce_kernel=state.model.ce_kernel,
                 sgd_kernel=state.model.sgd_kernel, phi_c=phi_c, out=(self.phi, self.phi_dec))
-            for (k, v), (k_next, v_next) in zip(self.base, caches_next):
-                k.copy_(k_next)
-                v.copy_(v_next)
+            for c, (k_next, v_next) in zip(self.base, caches_next):
+                if rings:  # the step's own keys (Attention returns those for a cache object)
+                    c.write(k_next, v_next, pos0)
+                else:
+                    c[0].copy_(k_next)
+                    c[1].copy_(v_next)
             s["loss"].copy_(l_t)
             s["tok"].copy_(tok)
 
@@ -123,6 +135,8 @@ class InferenceGraphs:
 
     def suffix_cache(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Suffix block i's keys/values of the last min(n, W) positions before n (after the step ending at n)."""
+        if isinstance(self.base[i], StepRing):
+            return self.base[i].ordered(n)
         k, v = self.base[i]
         held = min(n, k.shape[2])
         return k[:, :, k.shape[2] - held:], v[:, :, v.shape[2] - held:]
@@ -133,8 +147,8 @@ class InferenceGraphs:
         kv_dtype = state.autocast or next(state.model.parameters()).dtype
         out = torch.promote_types(torch.float32, h.dtype)  # the losses are at least fp32
         shape = (B, cfg.n_heads, cfg.window, cfg.d_model // cfg.n_heads)
-        self.base = [(h.new_zeros(shape, dtype=kv_dtype), h.new_zeros(shape, dtype=kv_dtype))
-                     for _ in range(cfg.suffix_len)]
+        pair = lambda: (h.new_zeros(shape, dtype=kv_dtype), h.new_zeros(shape, dtype=kv_dtype))  # noqa: E731
+        self.base = [StepRing(*pair()) if cfg.window % b == 0 else pair() for _ in range(cfg.suffix_len)]
         self._step_in = {"h": torch.empty_like(h), "targets": h.new_empty(B, b, dtype=torch.long),
                          "mask": h.new_empty(B, b, dtype=torch.bool), "pos": h.new_zeros((), dtype=torch.long),
                          "loss": h.new_empty(B, dtype=out), "tok": h.new_empty(B, b, dtype=out)}
@@ -174,7 +188,18 @@ class InferenceGraphs:
         # Autocast's cast cache would hold graph-pool tensors past the capture: off while capturing.
         no_cache = (torch.autocast("cuda", dtype=state.autocast, cache_enabled=False) if state.autocast
                     else contextlib.nullcontext())
-        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream), no_cache:
-            out = fn()  # recorded, not run: the eager call above already did this call's work
+        # No garbage collection while capturing: the step's autograd (torch.func) leaves reference cycles, and a
+        # collection inside the capture could free the eager call's tensors in the middle of it. One bf16 capture
+        # of the GPU test failed once on the H100 ("operation failed due to a previous error during capture"),
+        # after earlier tests in the same process; not reproduced on demand, cause not established. This takes
+        # away the one source of mid-capture work that does not come from the step itself.
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream), no_cache:
+                out = fn()  # recorded, not run: the eager call above already did this call's work
+        finally:
+            if gc_was_on:
+                gc.enable()
         self._graphs[key] = (graph, out)
         return result

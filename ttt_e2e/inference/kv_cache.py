@@ -132,3 +132,32 @@ class KVCache:
         v = self.v.new_zeros(*self.v.shape[:2], slots, self.v.shape[3])
         k[:, :, :self.n], v[:, :, :self.n] = self.k[:, :, :self.n], self.v[:, :, :self.n]
         self.k, self.v = k, v
+
+
+class StepRing:
+    """A suffix block's keys/values for the graphed inner step (graphs.py): the W positions before the mini-batch
+    in a ring of W slots, position p in slot p % W (as KVCache). The attention kernels read it in place, and the
+    step then writes its b keys over the b oldest: no window-long copy nor concatenation per step. The slots of
+    positions below 0 hold zeros (masked by position). W must be a multiple of b, so a mini-batch's slots never
+    wrap around."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v  # (B, H, W, D)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0, backend: str) -> torch.Tensor:
+        W, p = self.k.shape[2], int(pos0)  # a replayed graph keeps its int: only p % W must hold (graphs.py)
+        return attend_over_cache(q, self.k, self.v, k, v, window=W, q_pos0=p, k_pos0=p - W, rot=p % W,
+                                 backend=backend)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, pos0: int) -> None:
+        """After the step: the mini-batch's keys/values (B, H, b, D), positions pos0.., into their slots."""
+        s = pos0 % self.k.shape[2]
+        self.k[:, :, s:s + k.shape[2]].copy_(k)
+        self.v[:, :, s:s + v.shape[2]].copy_(v)
+
+    def ordered(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values of the last min(n, W) positions before n, in position order."""
+        W = self.k.shape[2]
+        if n <= W:
+            return self.k[:, :, :n], self.v[:, :, :n]
+        return self.k.roll(-(n % W), 2), self.v.roll(-(n % W), 2)

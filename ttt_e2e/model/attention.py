@@ -67,13 +67,15 @@ def attend_cached(q, k_cache, v_cache, k, v, *, window: int, q_pos0: int, k_pos0
     return attend(q, keys, values, window=window, q_pos0=q_pos0, k_pos0=k_pos0, backend=backend), keys, values
 
 
-def attend_over_cache(q, k_cache, v_cache, k, v, *, window: int, q_pos0: int, k_pos0: int,
+def attend_over_cache(q, k_cache, v_cache, k, v, *, window: int, q_pos0: int, k_pos0: int, rot: int = 0,
                       backend: str = "auto") -> torch.Tensor:
-    """`attend` over the cache's keys then the block's, forward only (inference). Through the Triton kernels the
-    two are read where they lie: no concatenation of a window-long cache per call."""
+    """`attend` over a constant cache's keys then the block's (inference: differentiable w.r.t. q, k, v only).
+    rot: the cache is a ring whose first key (at k_pos0) sits at row rot. Through the Triton kernels the two are
+    read where they lie: no concatenation of a window-long cache per call."""
     if backend == "triton" or (backend == "auto" and q.is_cuda):
         from ttt_e2e.kernels.swa import swa_attention_split
-        return swa_attention_split(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0)
+        return swa_attention_split(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0, rot=rot)
+    k_cache, v_cache = k_cache.roll(-rot, 2), v_cache.roll(-rot, 2)
     keys, values = torch.cat((k_cache, k), 2), torch.cat((v_cache, v), 2)
     return attend(q, keys, values, window=window, q_pos0=q_pos0, k_pos0=k_pos0, backend=backend)
 
@@ -121,12 +123,12 @@ class Attention(torch.nn.Module):
         """x (B, T, d) at absolute positions pos0.. . cache: None, or the (k, v) of earlier positions, each
         (B, H, Tc, D): then returns the output and the (keys, values) it attended to (the cache then this
         block's, post-RoPE), from which the caller keeps the last W as the next cache. Or an inference cache
-        object (ttt_e2e.inference.kv_cache), which stores the keys itself and attends in its own way (a ring
-        buffer when decoding): then the second output is None."""
+        object (ttt_e2e.inference.kv_cache), which holds the earlier keys itself and attends in its own way (a
+        ring buffer): then the second output is this block's own (k, v)."""
         B, T, _ = x.shape
         q, k, v = self.project(x, pos0)
         if cache is not None and not isinstance(cache, tuple):
-            o, kv = cache.attend(q, k, v, pos0, self.backend), None
+            o, kv = cache.attend(q, k, v, pos0, self.backend), (k, v)
         else:
             pos0 = int(pos0)  # the kernels take plain ints
             if cache is None:
