@@ -267,10 +267,13 @@ def test_ring_rotates_in_the_kernels(monkeypatch):
         monkeypatch.setattr(mod, "unroll_ring", lambda k, v, r, n, real=real: seen.append(real(k, v, r, n)[2]) or
                             real(k, v, r, n))
     q, k, v, do = (fresh_randn(1, 1, 16, 16).requires_grad_() for _ in range(4))
-    for tc, rot in ((48, 32), (40, 8)):
+    tile = max(common.forward_tile(16, 1, 16, q.device, q.dtype).block_n,
+               common.tile_config("bwd_dq", 16, q.device, q.dtype).block_n)  # 16 in the interpreter, 32 on a GPU
+    for tc, rot in ((3 * tile, 2 * tile), (3 * tile, 8)):
         kc, vc = fresh_randn(1, 1, tc, 16), fresh_randn(1, 1, tc, 16)
         torch.autograd.grad(swa_attention_split(q, kc, vc, k, v, tc, tc, 0, rot=rot), (q, k, v), do)
-    assert seen == [32, 32, 0, 0], seen  # forward, dq: in the kernels; then rolled (8 is not a 16-row tile)
+    # forward, dq: rotated in the kernels; then rolled first (8 rows is not a whole tile)
+    assert seen == [2 * tile, 2 * tile, 0, 0], seen
 
 
 def test_split_non_contiguous_and_refuses_a_cache_gradient():
