@@ -25,23 +25,28 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _drstd):
         x, w, rstd = ctx.saved_tensors
-        dx, dw = _RMSNormBackward.apply(x, w, rstd, dy.contiguous(), ctx.eps)
+        # The gain's gradient only where it is asked for: TTT's inner gradient (w.r.t. the inner weights) runs this
+        # backward for every norm of the suffix and mini-batch, and needs dx alone
+        dx, dw = _RMSNormBackward.apply(x, w, rstd, dy.contiguous(), ctx.eps, ctx.needs_input_grad[1])
         return dx, dw, None
 
 
 class _RMSNormBackward(torch.autograd.Function):
     @staticmethod
-    def forward(x, w, rstd, dy, eps):
-        return rms_norm_bwd(x, w, rstd, dy)
+    def forward(x, w, rstd, dy, eps, need_w):
+        return rms_norm_bwd(x, w, rstd, dy, need_w)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, rstd, dy, _eps = inputs
+        x, w, rstd, dy, _eps, _need_w = inputs
         ctx.save_for_backward(x, w, rstd, dy)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_dx, g_dw):
+        if g_dx is None and g_dw is None:
+            return None, None, None, None, None, None
         x, w, rstd, dy = ctx.saved_tensors
         gx, gw, gdy = rms_norm_double_bwd(x, w, rstd, dy, g_dx, g_dw)
-        return gx, gw, None, gdy, None
+        return gx, gw, None, gdy, None, None

@@ -34,8 +34,9 @@ def _row_block(X, DY, RSTD, block, N, D, cols, ROWS: tl.constexpr):
 
 @triton.jit
 def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, N, D, ROWS: tl.constexpr, ITERS: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    # ITERS row blocks per program, their dw summed here: fewer partial rows for the torch sum that follows
+                    BLOCK_D: tl.constexpr, HAS_DW: tl.constexpr):
+    # ITERS row blocks per program, their dw summed here: fewer partial rows for the torch sum that follows.
+    # HAS_DW False: dx only
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
@@ -47,8 +48,10 @@ def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, N, D, ROWS: tl.constexpr, ITERS
         c = tl.sum(wdy * xhat, axis=1) / D
         dx = rstd[:, None] * (wdy - xhat * c[:, None])
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=m)
-        dw += tl.sum(dy * xhat, axis=0)
-    tl.store(DW_PART + pid * D + cols, dw, mask=cols < D)
+        if HAS_DW:
+            dw += tl.sum(dy * xhat, axis=0)
+    if HAS_DW:
+        tl.store(DW_PART + pid * D + cols, dw, mask=cols < D)
 
 
 @triton.jit
@@ -114,14 +117,16 @@ def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Te
     return y, rstd
 
 
-def rms_norm_bwd(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor):
-    """(dx in x's dtype, dw in w's dtype) for the cotangent dy (N, D)."""
+def rms_norm_bwd(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, need_w: bool = True):
+    """(dx in x's dtype, dw in w's dtype) for the cotangent dy (N, D); dw None unless need_w."""
     N, D = x.shape
     dx = torch.empty_like(x)
     block_d, rows, iters, grid = _reducing_geometry(N, D)
-    part = torch.empty(grid, D, dtype=torch.float32, device=x.device)  # one partial dw per program, summed below
-    _rms_bwd_kernel[(grid,)](x, w, rstd, dy, dx, part, N, D, ROWS=rows, ITERS=iters, BLOCK_D=block_d)
-    return dx, part.sum(0).to(w.dtype)
+    # one partial dw per program, summed below
+    part = torch.empty(grid if need_w else 0, D, dtype=torch.float32, device=x.device)
+    _rms_bwd_kernel[(grid,)](x, w, rstd, dy, dx, part, N, D, ROWS=rows, ITERS=iters, BLOCK_D=block_d,
+                             HAS_DW=need_w)
+    return dx, part.sum(0).to(w.dtype) if need_w else None
 
 
 def rms_norm_double_bwd(x, w, rstd, dy, g_dx, g_dw):

@@ -55,6 +55,29 @@ def test_double_backward(shape, probe):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
+def test_inner_gradient_skips_the_gain(monkeypatch):
+    """TTT's pattern: the inner gradient (torch.func) w.r.t. x, for which the gain w is a constant, computes no
+    gain gradient; the outer gradient w.r.t. both, through it, still equals the reference's."""
+    from ttt_e2e.kernels.rmsnorm import function
+    need = []
+    real = function.rms_norm_bwd
+    monkeypatch.setattr(function, "rms_norm_bwd", lambda *a: need.append(a[-1]) or real(*a))
+    x, w, probe = _randn(37, 80, scale=2.0), 1 + _randn(80, scale=0.2), _randn(37, 80)
+
+    def outer(x, w, kernel):  # the meta step's: torch.func inside, autograd outside
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+        def inner(x):
+            y = rms_norm(x, w, 1e-6, use_kernel=True) if kernel else rms_norm_reference(x, w, 1e-6)
+            return (y * y.detach()).sum()  # any loss of y
+        return torch.autograd.grad((torch.func.grad(inner)(x) * probe.to(x.dtype)).sum(), (x, w))
+
+    got, want = outer(x.float(), w.float(), True), outer(x, w, False)
+    assert need == [False], need  # the inner backward, w.r.t. x only
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, **TOL)
+
+
 def test_half_precision_input_keeps_its_dtype():
     x = _randn(9, 64).to(torch.float16)
     w = torch.ones(64, dtype=torch.float32, device=DEVICE)
