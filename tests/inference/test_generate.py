@@ -110,7 +110,7 @@ def test_latency_benchmark_smoke(tmp_path):
     """benchmarks/latency.py --tiny runs end to end on the CPU (the 3B run needs the GPU)."""
     out = tmp_path / "lat.json"
     cmd = [sys.executable, "benchmarks/latency.py", "--tiny", "--methods", "ttt", "swa", "fa-cudnn", "--contexts",
-           "64", "128", "--decode", "16", "--out", str(out)]
+           "64", "128", "--decode", "16", "--short-reps", "3", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=80,
                          cwd=__import__("pathlib").Path(__file__).parents[2])
     assert run.returncode == 0, run.stderr[-2000:]
@@ -118,6 +118,9 @@ def test_latency_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["context"]) for r in rows] == [(m, n) for m in ("ttt", "swa", "fa-cudnn") for n in (64, 128)]
     assert all("error" not in r and r["decode_tokens"] in (8, 16) for r in rows)
+    # short contexts: three prefills (one with decoding), their median reported and the fastest beside it
+    assert all(len(r["prefill_runs_s"]) == 3 and r["prefill_s"] == r["prefill_runs_s"][1] and
+               r["prefill_min_per_token_us"] <= r["prefill_per_token_us"] for r in rows)
     assert "## " not in run.stdout  # the smoke run prints the section body, never writes RESULTS.md
 
 

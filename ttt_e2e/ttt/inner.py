@@ -173,7 +173,8 @@ def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors,
     Returns l_t (B,) computed with phi_t, the per-token losses (B, b), phi_{t+1}, the next KV caches, the
     inner gradient's norm (B,) and phi_{t+1} in the compute dtype. The caches from earlier mini-batches are
     inputs, not functions of phi_t, so the inner gradient treats them as constants while the outer gradient
-    flows through them.
+    flows through them. A cache may also be an object that holds the keys itself (inference's `StepRing`): its
+    entry of the next caches is then the block's own (k, v), for the object's owner to store.
     """
 
     # The gradient is taken w.r.t. phi cast once to the compute dtype: the values autocast would use at every
