@@ -8,7 +8,8 @@ dQ and dK/dV are separate launches rather than one kernel with atomic adds into 
 deterministic (the outer loop differentiates through this op again) at the cost of recomputing S and dP once more.
 Head dims that are not a power of two run as two column blocks, as in the forward (forward.py).
 
-dK, dV can be restricted to the keys from index k_grad_from on: TTT's inner gradient treats the KV cache as a
+dQ reads its keys as the forward does (a cache, possibly a ring, then a block: forward.py). dK, dV can be
+restricted to the keys from index k_grad_from on: TTT's inner gradient treats the KV cache as a
 constant, and the cache's key tiles hold ~15/16 of the visible pairs of a suffix block at W = 8b.
 """
 

@@ -3,6 +3,9 @@
 Saves lse (fp32, base-2 units: log2 of the row's softmax normalizer including the max) for the backward passes,
 which recompute P = exp2(S * log2e * scale - lse) per tile instead of storing P.
 
+The keys may come from two tensors, a KV cache then a block (inference reads both where they lie rather than
+concatenating them), the cache possibly a ring rotated by whole tiles (`_fwd_tiles`).
+
 A head dim that is not a power of two runs as two column blocks, BLOCK_D + TAIL (80 = 64 + 16, 96 = 64 + 32;
 `common.head_split`): tl.dot needs power-of-two sides, and one 128-wide block would spend 37.5% of the MMA work
 of head dim 80 (the 3B model's) on zero padding.
