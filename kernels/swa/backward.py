@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, block_d, dot_precision, head_split, tile_config, unroll_ring
-from .tiles import key_range, query_range, tile_is_full, visible, visible_t
+from .tiles import key_range, query_range, source_tile, source_tile_is_full, tile_is_full, visible, visible_t
 
 
 @triton.jit
@@ -47,15 +47,7 @@ def _dq_tiles(q, q_t, do, do_t, lse, delta, acc, acc_t, K, V, skt, svt, lo, hi, 
               BLOCK_N: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
     """dQ's sum over key tiles [lo, hi) of one key source, addressed as in the forward's `_fwd_tiles`."""
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_valid = (offs_n >= N_LO) & (offs_n < N_HI)
-        # Whole tiles wrap (the host keeps ROT and N_HI multiples of BLOCK_N): rows stay contiguous, so the
-        # loads stay vectorized
-        r0 = n0 + ROT
-        rows = tl.where(r0 >= N_HI, r0 - N_HI, r0) + tl.arange(0, BLOCK_N)
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + rows[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + rows[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        offs_n, n_valid, rows, k, v = source_tile(K, V, skt, svt, n0, N_LO, N_HI, ROT, offs_d, d_valid, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if TAIL > 0:
@@ -64,8 +56,7 @@ def _dq_tiles(q, q_t, do, do_t, lse, delta, acc, acc_t, K, V, skt, svt, lo, hi, 
             s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PREC)
             dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
-        full = tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
-        if not (full & (n0 >= N_LO) & (n0 + BLOCK_N <= N_HI)):
+        if not source_tile_is_full(m0, n0, N_LO, N_HI, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
             # Masked entries (and rows with lse = -inf) may be NaN/inf here; where() makes them 0.
             p = tl.where(visible(q_pos, K_POS0 + offs_n, m_valid, n_valid, WINDOW), p, 0.0)
         ds = p * (dp - delta[:, None])

@@ -16,33 +16,22 @@ import triton
 import triton.language as tl
 
 from .common import LOG2E, dot_precision, forward_tile, head_split, unroll_ring
-from .tiles import key_range, tile_is_full, visible
+from .tiles import key_range, source_tile, source_tile_is_full, visible
 
 
 @triton.jit
 def _fwd_tiles(q, q_t, m_i, l_i, acc, acc_t, K, V, skt, svt, lo, hi, N_LO, N_HI, ROT, m0, q_pos, m_valid, offs_d,
                offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
-    """The online softmax over key tiles [lo, hi) of one key source: keys N_LO..N_HI-1 (global key indices), key j
-    at row (j + ROT) mod N_HI of K (K already offset so that row j is global index j; ROT > 0 only with N_LO = 0
-    and lo, ROT, N_HI multiples of BLOCK_N: a ring whose oldest key sits at row ROT)."""
+    """The online softmax over key tiles [lo, hi) of one key source (tiles.py: source_tile)."""
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_valid = (offs_n >= N_LO) & (offs_n < N_HI)
-        # Whole tiles wrap (the host keeps ROT and N_HI multiples of BLOCK_N): rows stay contiguous, so the
-        # loads stay vectorized
-        r0 = n0 + ROT
-        rows = tl.where(r0 >= N_HI, r0 - N_HI, r0) + tl.arange(0, BLOCK_N)
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + rows[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + rows[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        offs_n, n_valid, rows, k, v = source_tile(K, V, skt, svt, n0, N_LO, N_HI, ROT, offs_d, d_valid, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         if TAIL > 0:
             k_t = tl.load(K + rows[:, None] * skt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
             s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PREC)
         s = s * qk_scale
-        full = tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
-        if not (full & (n0 >= N_LO) & (n0 + BLOCK_N <= N_HI)):
+        if not source_tile_is_full(m0, n0, N_LO, N_HI, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
             s = tl.where(visible(q_pos, K_POS0 + offs_n, m_valid, n_valid, WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible so far has m_new = -inf: subtract 0 instead so exp2 sees -inf, not NaN.

@@ -132,7 +132,7 @@ class _SWASplitBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise NotImplementedError("swa_attention_split: no second derivative (inference's inner step needs one)")
+        raise NotImplementedError("swa_attention_split: no second derivative (inference's inner step needs none)")
 
 
 def _add_from(g, d_out, start):

@@ -208,6 +208,8 @@ def test_cached_attention_forward_and_bad_cache():
 SPLIT = [
     pytest.param(1, 2, 16, 32, 16, 32, 32, id="aligned-cache-window-W"),  # prefill in chunks of W
     pytest.param(2, 1, 13, 21, 32, 20, 21, id="boundary-inside-a-tile"),
+    # a tile across the cache/block boundary that is otherwise wholly visible: each source must still mask it
+    pytest.param(1, 1, 32, 24, 16, 64, 24, id="visible-tile-across-the-boundary"),
     pytest.param(1, 2, 19, 35, 16, 24, 10, id="cache-partly-negative"),
     pytest.param(1, 1, 9, 40, 80, 30, 100, id="D80-split-head"),
     pytest.param(1, 2, 7, 0, 32, 5, 0, id="empty-cache"),

@@ -142,8 +142,6 @@ def loss_and_grad(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi_c: Ten
     w = m / m.sum(-1, keepdim=True).clamp(min=1)  # d l_t / d tok: each sequence's masked mean
     tok, dz = cross_entropy_with_grad(z.flatten(0, 1), targets.flatten(), w.flatten(),
                                       use_kernel=None if ce_kernel else False)
-    # create_graph always, as torch.func.grad does: under no_grad too (remat's forward, inference), so that a
-    # step computes the same numbers whether or not autograd records it
     # create_graph always, as torch.func.grad does, so that a step computes the same numbers whether or not
     # autograd records it (remat's forward and inference run under no_grad; the two modes round differently
     # under autocast); without grad mode nothing outside may keep that graph
