@@ -2,6 +2,7 @@
 
     from ttt_e2e.kernels.rmsnorm import rms_norm
     y = rms_norm(x, w, eps)          # over the last dim; statistics in fp32; y in x's dtype
+    w = shared_gain(w)               # a gain used many times in a step: its gradient added up once (function.py)
 
 One kernel each for the forward, the backward and the double backward instead of the eight, twelve and about
 thirty elementwise/reduction kernels of the PyTorch form (`rms_norm_reference`), which the meta step runs
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from .function import _RMSNorm
+from .function import GainGrad, _RMSNorm, shared_gain
 from .reference import rms_norm_reference
 
-__all__ = ["rms_norm", "rms_norm_reference"]
+__all__ = ["GainGrad", "rms_norm", "rms_norm_reference", "shared_gain"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -27,5 +28,5 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, use_kernel: bool | No
         return rms_norm_reference(x, w, eps)
     if w.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight {tuple(w.shape)} does not match the last dim of x {tuple(x.shape)}")
-    y, _ = _RMSNorm.apply(x.contiguous().view(-1, x.shape[-1]), w.contiguous(), eps)
+    y, _ = _RMSNorm.apply(x.contiguous().view(-1, x.shape[-1]), w.contiguous(), eps, getattr(w, "_gain_grad", None))
     return y.view(x.shape)

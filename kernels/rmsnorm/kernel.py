@@ -117,8 +117,10 @@ def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Te
     return y, rstd
 
 
-def rms_norm_bwd(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, need_w: bool = True):
-    """(dx in x's dtype, dw in w's dtype) for the cotangent dy (N, D); dw None unless need_w."""
+def rms_norm_bwd(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, need_w: bool = True,
+                 reduce: bool = True):
+    """(dx in x's dtype, dw in w's dtype) for the cotangent dy (N, D); dw None unless need_w. reduce False: dw
+    as its fp32 partial sums (P, D), left for the caller to add up (with other uses', function.py: GainGrad)."""
     N, D = x.shape
     dx = torch.empty_like(x)
     block_d, rows, iters, grid = _reducing_geometry(N, D)
@@ -126,12 +128,14 @@ def rms_norm_bwd(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch
     part = torch.empty(grid if need_w else 0, D, dtype=torch.float32, device=x.device)
     _rms_bwd_kernel[(grid,)](x, w, rstd, dy, dx, part, N, D, ROWS=rows, ITERS=iters, BLOCK_D=block_d,
                              HAS_DW=need_w)
-    return dx, part.sum(0).to(w.dtype) if need_w else None
+    if not need_w:
+        return dx, None
+    return dx, part.sum(0).to(w.dtype) if reduce else part
 
 
-def rms_norm_double_bwd(x, w, rstd, dy, g_dx, g_dw):
+def rms_norm_double_bwd(x, w, rstd, dy, g_dx, g_dw, reduce: bool = True):
     """Gradients w.r.t. (x, w, dy) of <g_dx, dx> + <g_dw, dw>, where (dx, dw) is rms_norm_bwd(x, w, rstd, dy);
-    g_dx or g_dw may be None (zero)."""
+    g_dx or g_dw may be None (zero). reduce False: w's as fp32 partial sums (P, D), as in rms_norm_bwd."""
     N, D = x.shape
     gx, gdy = torch.empty_like(x), torch.empty_like(dy)
     block_d, rows, iters, grid = _reducing_geometry(N, D)
@@ -140,4 +144,4 @@ def rms_norm_double_bwd(x, w, rstd, dy, g_dx, g_dw):
     v = g_dw.contiguous() if g_dw is not None else w
     _rms_dbwd_kernel[(grid,)](x, w, rstd, dy, u, v, gx, part, gdy, N, D, ROWS=rows, ITERS=iters, BLOCK_D=block_d,
                               HAS_U=g_dx is not None, HAS_V=g_dw is not None)
-    return gx, part.sum(0).to(w.dtype), gdy
+    return gx, (part.sum(0).to(w.dtype) if reduce else part), gdy

@@ -17,8 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_d, dot_precision, head_split, tile_config, unroll_ring
-from .tiles import key_range, query_range, source_tile, source_tile_is_full, tile_is_full, visible, visible_t
+from .common import LOG2E, block_d, dot_precision, head_split, key_parts, tile_config, unroll_ring
+from .parts import sum_parts
+from .tiles import (key_range, part_range, query_range, source_tile, source_tile_is_full, tile_is_full, visible,
+                    visible_t)
 
 
 @triton.jit
@@ -70,7 +72,7 @@ def _dq_tiles(q, q_t, do, do_t, lse, delta, acc, acc_t, K, V, skt, svt, lo, hi, 
 def _swa_bwd_dq_kernel(
     Q, K, V, K2, V2, DO, LSE, DELTA, DQ,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sk2b, sk2h, sk2t, sv2b, sv2h, sv2t, sdb, sdh, sdt, sgb, sgh, sgt,
-    H, TQ, TK, SPLIT, ROT, WINDOW, Q_POS0, K_POS0, qk_scale, scale,
+    sgp, H, TQ, TK, SPLIT, ROT, WINDOW, Q_POS0, K_POS0, qk_scale, scale, NPARTS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SOURCES: tl.constexpr,
 ):
@@ -78,13 +80,14 @@ def _swa_bwd_dq_kernel(
     # the short ones fill the tail of the launch.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
+    part = tl.program_id(2)  # of NPARTS: with more than one, DQ is this part's fp32 partial sum
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * sqb + h * sqh
     K += b * skb + h * skh
     V += b * svb + h * svh
     DO += b * sdb + h * sdh
-    DQ += b * sgb + h * sgh
+    DQ += b * sgb + h * sgh + part.to(tl.int64) * sgp
     LSE += bh.to(tl.int64) * TQ
     DELTA += bh.to(tl.int64) * TQ
 
@@ -109,6 +112,7 @@ def _swa_bwd_dq_kernel(
 
     # The key sources as in the forward (forward.py): K/V (a ring if ROT > 0), then K2/V2 with TWO_SOURCES
     lo, hi = key_range(m0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
+    lo, hi = part_range(lo, hi, part, NPARTS, BLOCK_N)
     acc, acc_t = _dq_tiles(q, q_t, do, do_t, lse, delta, acc, acc_t, K, V, skt, svt, lo, tl.minimum(hi, SPLIT), 0,
                            SPLIT, ROT, m0, q_pos, m_valid, offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0,
                            qk_scale, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
@@ -237,13 +241,17 @@ def swa_backward_dq(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k2=N
     TK = split + (k2.shape[2] if two else 0)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     main, tail = head_split(D)
-    _swa_bwd_dq_kernel[(triton.cdiv(TQ, cfg.block_m), B * H)](
-        q, k, v, k2, v2, do, lse, delta, dq, *_strides(q, k, v, k2, v2, do, dq),
-        H, TQ, TK, split, rot, window, q_pos0, k_pos0, scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), TWO_SOURCES=two,
+    grid = (triton.cdiv(TQ, cfg.block_m), B * H)
+    nparts = key_parts("bwd_dq", grid[0] * grid[1], min(TK, window + cfg.block_m), cfg.block_n, q.device,
+                       cfg.num_warps)
+    out = dq if nparts == 1 else torch.empty((nparts, B, H, TQ, D), dtype=torch.float32, device=q.device)
+    _swa_bwd_dq_kernel[(*grid, nparts)](
+        q, k, v, k2, v2, do, lse, delta, out, *_strides(q, k, v, k2, v2, do, out[0] if nparts > 1 else out),
+        out.stride(0) if nparts > 1 else 0, H, TQ, TK, split, rot, window, q_pos0, k_pos0, scale * LOG2E, scale,
+        nparts, HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), TWO_SOURCES=two,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return dq
+    return dq if nparts == 1 else sum_parts(out, dq)
 
 
 def swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_from=0):

@@ -168,3 +168,30 @@ def forward_tile(tq: int, bh: int, d: int, device: torch.device, dtype: torch.dt
 
 def default_scale(d: int, scale):
     return 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+
+# Key parts: the forward or dQ kernel (one program per query tile and head) with fewer programs than the GPU has
+# slots for them (12 heads x 16 query tiles of a 1K suffix block = 192 programs on 132 SMs) splits each query
+# tile's key range over NPARTS programs, which write fp32 partial results that one small launch combines
+# (parts.py). _PER_SM is in effect a tuning knob: 2 parts were faster than 1, 3 and 4 for the 125M suffix's forward
+# and dQ (H100, benchmarks/data/swa_key_parts_h100.txt: forward 107 -> 78 us, dQ 93 -> 80 us at 9216 keys). The
+# double backward's row-parallel passes gained nothing consistent from parts and take none.
+_PER_SM = {"fwd": 2, "bwd_dq": 2}
+MAX_KEY_PARTS = 4
+# An override for experiments and tests: an int forces that many parts on every launch (1: never split).
+KEY_PARTS_OVERRIDE: int | None = (int(os.environ["TTT_E2E_SWA_KEY_PARTS"])
+                                  if os.environ.get("TTT_E2E_SWA_KEY_PARTS") else None)
+
+
+def key_parts(kernel: str, programs: int, tk: int, block_n: int, device: torch.device, num_warps: int = 4) -> int:
+    """How many parts to split each query tile's keys into: enough to fill the SMs' slots, at most MAX_KEY_PARTS,
+    and each part at least 4 key tiles of the tk keys. Programs of more warps than 4 take proportionally more of
+    an SM."""
+    if KEY_PARTS_OVERRIDE is not None:
+        return max(1, KEY_PARTS_OVERRIDE)
+    if device.type != "cuda":
+        return 1
+    slots = _num_sms(device.index or 0) * max(1, _PER_SM[kernel] * 4 // num_warps)
+    if programs >= slots:
+        return 1
+    return max(1, min(MAX_KEY_PARTS, triton.cdiv(slots, programs), tk // (4 * block_n)))

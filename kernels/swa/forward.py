@@ -6,6 +6,10 @@ which recompute P = exp2(S * log2e * scale - lse) per tile instead of storing P.
 The keys may come from two tensors, a KV cache then a block (inference reads both where they lie rather than
 concatenating them), the cache possibly a ring rotated by whole tiles (`_fwd_tiles`).
 
+Where the grid (query tiles x heads) would leave SM slots idle (the 125M suffix: 12 heads x 16 tiles), each query
+tile's keys are split over several programs (common.key_parts), whose normalized partial outputs and lse one more
+launch merges (parts.py); dQ (backward.py) does the same with plain partial sums.
+
 A head dim that is not a power of two runs as two column blocks, BLOCK_D + TAIL (80 = 64 + 16, 96 = 64 + 32;
 `common.head_split`): tl.dot needs power-of-two sides, and one 128-wide block would spend 37.5% of the MMA work
 of head dim 80 (the 3B model's) on zero padding.
@@ -15,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, forward_tile, head_split, unroll_ring
-from .tiles import key_range, source_tile, source_tile_is_full, visible
+from .common import LOG2E, dot_precision, forward_tile, head_split, key_parts, unroll_ring
+from .parts import merge_forward
+from .tiles import key_range, part_range, source_tile, source_tile_is_full, visible
 
 
 @triton.jit
@@ -50,8 +55,8 @@ def _fwd_tiles(q, q_t, m_i, l_i, acc, acc_t, K, V, skt, svt, lo, hi, N_LO, N_HI,
 @triton.jit
 def _swa_fwd_kernel(
     Q, K, V, K2, V2, O, LSE,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sk2b, sk2h, sk2t, sv2b, sv2h, sv2t, sob, soh, sot,
-    H, TQ, TK, SPLIT, ROT, WINDOW, Q_POS0, K_POS0, qk_scale,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sk2b, sk2h, sk2t, sv2b, sv2h, sv2t, sob, soh, sot, sop, slp,
+    H, TQ, TK, SPLIT, ROT, WINDOW, Q_POS0, K_POS0, qk_scale, NPARTS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SOURCES: tl.constexpr,
 ):
@@ -59,13 +64,14 @@ def _swa_fwd_kernel(
     # the short ones fill the tail of the launch.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
+    part = tl.program_id(2)  # of NPARTS: with more than one, O and LSE are this part's fp32 partial results
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * sqb + h * sqh
     K += b * skb + h * skh
     V += b * svb + h * svh
-    O += b * sob + h * soh
-    LSE += bh.to(tl.int64) * TQ
+    O += b * sob + h * soh + part.to(tl.int64) * sop
+    LSE += bh.to(tl.int64) * TQ + part.to(tl.int64) * slp
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -88,6 +94,7 @@ def _swa_fwd_kernel(
     # it, read where they lie instead of concatenated). A tile across SPLIT runs in both loops, each masking the
     # other's keys. ROT: K/V is a ring of SPLIT rows whose key 0 sits at row ROT.
     lo, hi = key_range(m0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
+    lo, hi = part_range(lo, hi, part, NPARTS, BLOCK_N)
     m_i, l_i, acc, acc_t = _fwd_tiles(
         q, q_t, m_i, l_i, acc, acc_t, K, V, skt, svt, lo, tl.minimum(hi, SPLIT), 0, SPLIT, ROT, m0, q_pos,
         m_valid, offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
@@ -125,14 +132,22 @@ def swa_forward(q, k, v, window, q_pos0, k_pos0, scale, k2=None, v2=None, rot=0)
     o = torch.empty((B, H, TQ, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
     main, tail = head_split(D)
-    grid = (triton.cdiv(TQ, cfg.block_m), B * H)
-    _swa_fwd_kernel[grid](
-        q, k, v, k2, v2, o, lse,
+    programs = triton.cdiv(TQ, cfg.block_m) * B * H
+    nparts = key_parts("fwd", programs, min(TK, window + cfg.block_m), cfg.block_n, q.device, cfg.num_warps)
+    o_out, lse_out = o, lse
+    if nparts > 1:
+        o_out = torch.empty((nparts, B, H, TQ, D), dtype=torch.float32, device=q.device)
+        lse_out = torch.empty((nparts, B * H, TQ), dtype=torch.float32, device=q.device)
+    _swa_fwd_kernel[(triton.cdiv(TQ, cfg.block_m), B * H, nparts)](
+        q, k, v, k2, v2, o_out, lse_out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), k2.stride(0), k2.stride(1), k2.stride(2),
-        v2.stride(0), v2.stride(1), v2.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, TQ, TK, split, rot, window, q_pos0, k_pos0, scale * LOG2E,
+        v2.stride(0), v2.stride(1), v2.stride(2), o_out.stride(-4), o_out.stride(-3), o_out.stride(-2),
+        o_out.stride(0) if nparts > 1 else 0, lse_out.stride(0) if nparts > 1 else 0,
+        H, TQ, TK, split, rot, window, q_pos0, k_pos0, scale * LOG2E, nparts,
         HEAD_DIM=D, BLOCK_D=main, TAIL=tail, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_PREC=dot_precision(q.dtype), TWO_SOURCES=two, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if nparts > 1:
+        merge_forward(o_out, lse_out, o, lse)
     return o, lse

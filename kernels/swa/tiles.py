@@ -1,8 +1,9 @@
 """Index helpers shared by every SWA kernel: which tiles can hold a visible (query, key) pair, and the mask.
 
 Visibility (absolute positions): q_pos - window < k_pos <= q_pos and k_pos >= 0, with q_pos = q_pos0 + i and
-k_pos = k_pos0 + j. Row-parallel kernels loop over only the key tiles that `key_range` returns, column-parallel
-ones over the query tiles of `query_range`; fully masked tiles (outside the band, or cache positions < 0) are
+k_pos = k_pos0 + j. Row-parallel kernels loop over only the key tiles that `key_range` returns (or a part of them,
+`part_range`, where the key range is split over several programs), column-parallel ones over the query tiles of
+`query_range`; fully masked tiles (outside the band, or cache positions < 0) are
 never visited. Inside a visited tile the element mask `visible` is applied.
 """
 
@@ -20,6 +21,16 @@ def key_range(m0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TQ, TK, WINDOW, 
     hi = tl.minimum(hi, TK)
     lo = (lo // BLOCK_N) * BLOCK_N
     return lo, hi
+
+
+@triton.jit
+def part_range(lo, hi, part, NPARTS, BLOCK_N: tl.constexpr):
+    """Part `part` of NPARTS of the key tiles [lo, hi) (lo a tile start): consecutive whole tiles, the parts as
+    even as whole tiles allow, some possibly empty. NPARTS 1: [lo, hi)."""
+    tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+    per = tl.cdiv(tiles, NPARTS)
+    a = lo + part * per * BLOCK_N
+    return a, tl.minimum(hi, a + per * BLOCK_N)
 
 
 @triton.jit

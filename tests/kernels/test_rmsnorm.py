@@ -90,3 +90,46 @@ def test_bad_weight_shape():
     with pytest.raises(ValueError, match="does not match the last dim"):
         rms_norm(_randn(3, 8).float(), torch.ones(7, device=DEVICE), 1e-6, use_kernel=True)
 
+
+
+def test_shared_gain_adds_up_every_use_once(monkeypatch):
+    """The meta step's pattern with a gain used in several norms, inside and outside an inner gradient: with
+    shared_gain the uses leave partial sums and one node adds them (none reduced per use); the gradients equal the
+    plain kernels' and the reference's. A part that comes after the sum is an error."""
+    from ttt_e2e.kernels.rmsnorm import function, shared_gain
+
+    totals = []
+    real_total = function.GainGrad.total
+    monkeypatch.setattr(function.GainGrad, "total", lambda self: totals.append(len(self.parts)) or real_total(self))
+    xs = [_randn(29, 48, scale=2.0) for _ in range(3)]
+    w, probe = 1 + _randn(48, scale=0.2), _randn(29, 48)
+
+    def outer(xs, w, kernel, share):
+        xs = [x.clone().requires_grad_() for x in xs]
+        w = w.clone().requires_grad_()
+        g = shared_gain(w) if share else w
+
+        def norm(x):
+            return rms_norm(x, g, 1e-6, use_kernel=kernel) if kernel else rms_norm_reference(x, g, 1e-6)
+
+        def inner(x):  # an inner loss through two uses of the gain
+            y = norm(norm(x) * 1.5 + x)
+            return (y * y.detach()).sum()
+        loss = sum((torch.func.grad(inner)(x) * probe.to(x.dtype)).sum() + norm(x).square().sum() for x in xs)
+        return torch.autograd.grad(loss, (*xs, w))
+
+    got = outer([x.float() for x in xs], w.float(), True, True)
+    # Per x: the double backward of the inner gradient's two norm backwards, the outer backward of the first norm
+    # (the second's output reaches the outer loss only detached) and of the plain use
+    assert totals == [3 * (2 + 1 + 1)], totals
+    plain = outer([x.float() for x in xs], w.float(), True, False)
+    want = outer(xs, w, False, False)
+    assert totals == [12], totals  # the plain path defers nothing
+    for a, b, c in zip(got, plain, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.double(), c, **TOL)
+
+    acc = function.GainGrad()
+    acc.total()
+    with pytest.raises(RuntimeError, match="after the gain's gradient was formed"):
+        acc.add(torch.zeros(1, 4))

@@ -367,3 +367,68 @@ def test_forward_tile_rule(monkeypatch):
     assert common.forward_tile(32768, 32, 64, torch.device("cpu"), bf16) == common.tile_config("fwd", 64, torch.device("cpu"))
     monkeypatch.setitem(common.CONFIG_OVERRIDES, "fwd", table)  # a tuning override wins
     assert common.forward_tile(1024, 32, 64, gpu, bf16) == table
+
+
+PARTS_CASES = [c for c in CASES if c.id in ("prefix-W1-diagonal-only", "prefix-T70-W30-D96-interior-tiles",
+                                           "suffix-some-cache-negative", "negative-cache-window-beyond-everything",
+                                           "suffix-D80-ragged", "suffix-full-cache-D64")]
+
+
+@pytest.fixture
+def key_parts_spy(monkeypatch):
+    """Counts the launches that merged or summed key parts (parts.py), so a test knows the parts were in effect."""
+    from ttt_e2e.kernels.swa import backward, forward
+
+    calls = []
+    for mod, name in ((forward, "merge_forward"), (backward, "sum_parts")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _n=f"{mod.__name__}.{name}": calls.append(_n)
+                            or _real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("nparts", [2, 3, 5])
+@pytest.mark.parametrize("B,H,TQ,TK,D,W,QP,KP", PARTS_CASES)
+def test_key_parts_vs_reference(monkeypatch, key_parts_spy, nparts, B, H, TQ, TK, D, W, QP, KP):
+    """Each query tile's keys split over several programs (some parts empty at 5) in the forward and dQ: forward,
+    backward and double backward still equal the reference."""
+    monkeypatch.setattr(common, "KEY_PARTS_OVERRIDE", nparts)
+    test_fwd_bwd_double_bwd_vs_reference(B, H, TQ, TK, D, W, QP, KP)
+    # the forward's merge and dQ's sum (the double backward's own kernels take no parts)
+    assert sorted(set(key_parts_spy)) == ["ttt_e2e.kernels.swa.backward.sum_parts",
+                                          "ttt_e2e.kernels.swa.forward.merge_forward"], key_parts_spy
+
+
+@pytest.mark.parametrize("nparts", [2, 4])
+def test_key_parts_with_rows_that_see_no_key(monkeypatch, nparts):
+    monkeypatch.setattr(common, "KEY_PARTS_OVERRIDE", nparts)
+    test_rows_with_no_visible_key_give_zero_not_nan()
+    test_double_backward_with_missing_cotangents(("q", "v"))
+
+
+@pytest.mark.parametrize("B,H,TQ,TC,D,W,QP", [c for c in SPLIT if c.id in ("ring-early", "ring-D80", "one-query")])
+def test_key_parts_with_two_sources_and_rings(monkeypatch, key_parts_spy, B, H, TQ, TC, D, W, QP):
+    """Parts across the cache/block boundary and a rotated ring (the inference step's kernels)."""
+    monkeypatch.setattr(common, "KEY_PARTS_OVERRIDE", 3)
+    test_split_forward_vs_reference(B, H, TQ, TC, D, W, QP, torch.float32)
+    test_split_gradient_vs_reference(B, H, TQ, TC, D, W, QP)
+    assert "ttt_e2e.kernels.swa.forward.merge_forward" in key_parts_spy
+    assert "ttt_e2e.kernels.swa.backward.sum_parts" in key_parts_spy
+
+
+def test_key_parts_rule(monkeypatch):
+    """Parts only on a GPU, only where the grid leaves SM slots empty: enough to fill them, at most
+    MAX_KEY_PARTS, each at least 4 key tiles."""
+    monkeypatch.setattr(common, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(common, "KEY_PARTS_OVERRIDE", None)
+    gpu = torch.device("cuda", 0)
+    assert common.key_parts("fwd", 192, 9216, 64, gpu) == 2  # 125M suffix: 12 heads x 16 tiles, 264 slots
+    assert common.key_parts("bwd_dq", 192, 9216, 64, gpu) == 2
+    assert common.key_parts("fwd", 512, 9216, 64, gpu) == 1  # 32 heads: full already
+    assert common.key_parts("fwd", 12, 9216, 64, gpu) == common.MAX_KEY_PARTS
+    assert common.key_parts("fwd", 100, 512, 64, gpu) == 2  # 8 key tiles: parts of at least 4
+    assert common.key_parts("fwd", 192, 200, 64, gpu) == 1
+    assert common.key_parts("fwd", 200, 9216, 64, gpu, num_warps=8) == 1  # 8-warp programs: 132 slots
+    assert common.key_parts("fwd", 12, 9216, 64, torch.device("cpu")) == 1
+    monkeypatch.setattr(common, "KEY_PARTS_OVERRIDE", 1)
+    assert common.key_parts("fwd", 12, 9216, 64, gpu) == 1

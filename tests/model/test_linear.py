@@ -120,3 +120,31 @@ def test_seq_linear_gradient_of_a_gradient(second_create_graph):
     got = torch.autograd.grad(outer(lin.seq_linear, w, x), (w, x))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_meta_gradient_with_shared_gains_equals_plain(monkeypatch, remat):
+    """The norms through their kernels (the interpreter on a CPU, fp32: the kernels take no float64) in both runs:
+    with deferral every suffix gain's gradient is added up once, from all its uses' partial sums, and the
+    meta-gradient equals the one with deferral off."""
+    from ttt_e2e.kernels import rmsnorm
+    from ttt_e2e.kernels.rmsnorm import function
+    from ttt_e2e.model import layers
+
+    monkeypatch.setattr(layers, "rms_norm", lambda x, w, eps, use_kernel=None: rmsnorm.rms_norm(
+        x, w, eps, use_kernel=True))
+    parts = []
+    real_total = function.GainGrad.total
+    monkeypatch.setattr(function.GainGrad, "total", lambda self: parts.append(len(self.parts)) or real_total(self))
+    model = tiny_model().float()
+    batch = tiny_batch(model)
+    cfg = meta(remat_inner=remat)
+    got = torch.autograd.grad(sequence_loss(model, *batch, cfg).loss, list(model.parameters()))
+    gains = [n for n, p in model.suffix.named_parameters() if p.dim() == 1 and n not in model.suffix.inner_names()]
+    assert len(parts) == len(gains) and min(parts) >= model.cfg.seq_length // cfg.mini_batch_size, parts
+    _plain(model)
+    parts.clear()
+    want = torch.autograd.grad(sequence_loss(model, *batch, cfg).loss, list(model.parameters()))
+    assert not parts
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)

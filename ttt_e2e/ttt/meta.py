@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ttt_e2e.config import TTTConfig
+from ttt_e2e.kernels.rmsnorm import shared_gain
 from ttt_e2e.model.layers import compute_dtype
 from ttt_e2e.model.linear import shared_weight
 from ttt_e2e.model.transformer import Transformer
@@ -74,10 +75,12 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     # once, not at each of their 2 x T / b uses as autocast would: the same values, one cast and one widening of
     # the gradient per step. Their gradients are formed in the cast's backward, one matmul over all uses
     # (model/linear.py), or, with defer_weight_grads off, add up over the uses in the compute dtype. Vectors (norm
-    # gains) stay as they are, as autocast leaves them.
+    # gains) stay in their dtype, as autocast leaves them; their gradients too are added up once, from the norm
+    # kernels' partial sums (kernels/rmsnorm: shared_gain).
     dtype = compute_dtype(h)
     cast = shared_weight if model.defer_weight_grads else (lambda p, dtype: p.to(dtype))
-    theta = {n: cast(p, dtype) if p.dim() >= 2 else p for n, p in params.items() if n not in inner}
+    gain = shared_gain if model.defer_weight_grads else (lambda p: p)
+    theta = {n: cast(p, dtype) if p.dim() >= 2 else gain(p) for n, p in params.items() if n not in inner}
     phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
     settings = dict(eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip, window=model.cfg.attention_window,
                     recompute_logits=ttt.recompute_logits, ce_kernel=model.ce_kernel, sgd_kernel=model.sgd_kernel)

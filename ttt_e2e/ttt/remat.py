@@ -62,8 +62,9 @@ def remat(fn: Callable, *args: Any):
 
 def _detach(x: torch.Tensor, requires_grad: bool) -> torch.Tensor:
     y = x.detach().requires_grad_(requires_grad)
-    if hasattr(x, "_weight_grad"):  # a shared weight (model/linear.py): the recomputed uses defer to it as well
-        y._weight_grad = x._weight_grad
+    for name in ("_weight_grad", "_gain_grad"):  # a shared weight or gain (model/linear.py, kernels/rmsnorm): the
+        if hasattr(x, name):                     # recomputed uses defer to it as well
+            setattr(y, name, getattr(x, name))
     return y
 
 
