@@ -2,7 +2,9 @@
 
     from ttt_e2e.kernels.rmsnorm import rms_norm
     y = rms_norm(x, w, eps)          # over the last dim; statistics in fp32; y in x's dtype
-    w = shared_gain(w)               # a gain used many times in a step: its gradient added up once (function.py)
+
+A gain that carries a `GainGrad` (`w._gain_grad`, set by model/linear.py: shared_gain) gets its gradient as the
+kernels' partial sums, for the caller to add up once over all its uses (function.py).
 
 One kernel each for the forward, the backward and the double backward instead of the eight, twelve and about
 thirty elementwise/reduction kernels of the PyTorch form (`rms_norm_reference`), which the meta step runs
@@ -12,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .function import GainGrad, _RMSNorm, shared_gain
+from .function import GainGrad, _RMSNorm
 from .reference import rms_norm_reference
 
-__all__ = ["GainGrad", "rms_norm", "rms_norm_reference", "shared_gain"]
+__all__ = ["GainGrad", "rms_norm", "rms_norm_reference"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -3,10 +3,10 @@ inner gradient, so the backward must be differentiable once more); the double ba
 once_differentiable (no third derivative).
 
 A gain used many times in one step (a suffix norm's: the forward and inner backward of every mini-batch) can
-defer its gradient: `shared_gain(w)` gives a view of w whose uses, in the last backward (grad mode off), leave the
-kernels' fp32 partial sums in a `GainGrad` instead of reducing them and handing autograd one (D,) gradient per use
-to add; the view's own node adds up all of them in one reduction once every use is differentiated. At 125M that is
-~650 small reductions and adds per step fewer.
+defer its gradient: given a `GainGrad` (model/linear.py: shared_gain makes a view of the gain that carries one),
+its uses, in the last backward (grad mode off), leave the kernels' fp32 partial sums there instead of reducing them
+and handing autograd one (D,) gradient per use to add; the view's own node adds up all of them in one reduction
+once every use is differentiated. At 125M that is ~650 small reductions and adds per step fewer.
 """
 from __future__ import annotations
 
@@ -42,35 +42,6 @@ class GainGrad:
 def _deferred(acc: GainGrad | None, need_w: bool) -> bool:
     # Only in the last backward: an inner gradient (grad mode on) must stay differentiable
     return need_w and acc is not None and not torch.is_grad_enabled()
-
-
-class _SharedGain(torch.autograd.Function):
-    """w -> a view of w; the backward adds the deferred uses' parts (and any ordinary gradient)."""
-
-    @staticmethod
-    def forward(w, acc):
-        return w.view_as(w)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.acc, ctx.dtype = inputs[1], inputs[0].dtype
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        total = ctx.acc.total()
-        if grad is not None:
-            total = grad if total is None else total + grad
-        return (None if total is None else total.to(ctx.dtype)), None
-
-
-def shared_gain(w: torch.Tensor) -> torch.Tensor:
-    """w (D,) for a step that uses it in many norms: their gradients are added up in one reduction."""
-    acc = GainGrad()
-    v = _SharedGain.apply(w, acc)
-    v._gain_grad = acc
-    return v
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -96,7 +96,8 @@ def test_shared_gain_adds_up_every_use_once(monkeypatch):
     """The meta step's pattern with a gain used in several norms, inside and outside an inner gradient: with
     shared_gain the uses leave partial sums and one node adds them (none reduced per use); the gradients equal the
     plain kernels' and the reference's. A part that comes after the sum is an error."""
-    from ttt_e2e.kernels.rmsnorm import function, shared_gain
+    from ttt_e2e.kernels.rmsnorm import function
+    from ttt_e2e.model.linear import shared_gain
 
     totals = []
     real_total = function.GainGrad.total

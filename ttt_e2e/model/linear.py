@@ -8,6 +8,7 @@ in a `WeightGrad`; one node forms the sum once all uses are differentiated, as o
 factors (K = the uses' rows together) or as matmuls accumulating into one output, whichever moves fewer bytes.
 
     shared_weight(p, dtype)   p cast once per step; the uses of the copy defer their gradients to the cast's node
+    shared_gain(g)            a norm gain likewise, its uses' gradients kept as the norm kernels' partial sums
     linear(x, w)              x w^T (w: (out, in)); deferred where w came from shared_weight
     seq_linear(w, x)          w x for per-sequence weights w (B, out, in), x (B, in, T): the inner weights phi_t,
                               whose two uses (forward, inner backward) are summed in one matmul by the forward's node
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from ttt_e2e.kernels.rmsnorm import GainGrad
 
 
 class WeightGrad:
@@ -141,7 +144,8 @@ class _LinearBackward(torch.autograd.Function):
 
 
 class _SharedCast(torch.autograd.Function):
-    """p -> p in dtype; the backward forms the gradient of every deferred use of the copy (and adds any other)."""
+    """p -> p in dtype; the backward forms the gradient of every deferred use of the copy (and adds any other). acc:
+    a WeightGrad, or a GainGrad for a norm gain (shared_gain)."""
 
     @staticmethod
     def forward(p, dtype, acc):
@@ -168,6 +172,15 @@ def shared_weight(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     w = _SharedCast.apply(p, dtype, acc)
     w._weight_grad = acc
     return w
+
+
+def shared_gain(g: torch.Tensor) -> torch.Tensor:
+    """A norm gain g (D,) for a step that uses it in many norms: the norm kernels leave the partial sums of its
+    gradient in a GainGrad (kernels/rmsnorm), added up in one reduction by the backward of this view."""
+    acc = GainGrad()
+    v = _SharedCast.apply(g, g.dtype, acc)
+    v._gain_grad = acc
+    return v
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,8 @@ from typing import Optional
 import torch
 
 from ttt_e2e.config import TTTConfig
-from ttt_e2e.kernels.rmsnorm import shared_gain
 from ttt_e2e.model.layers import compute_dtype
-from ttt_e2e.model.linear import shared_weight
+from ttt_e2e.model.linear import shared_gain, shared_weight
 from ttt_e2e.model.transformer import Transformer
 
 from .inner import compute_copy, inner_step, minibatch_loss
@@ -76,7 +75,7 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     # the gradient per step. Their gradients are formed in the cast's backward, one matmul over all uses
     # (model/linear.py), or, with defer_weight_grads off, add up over the uses in the compute dtype. Vectors (norm
     # gains) stay in their dtype, as autocast leaves them; their gradients too are added up once, from the norm
-    # kernels' partial sums (kernels/rmsnorm: shared_gain).
+    # kernels' partial sums (model/linear.py: shared_gain).
     dtype = compute_dtype(h)
     cast = shared_weight if model.defer_weight_grads else (lambda p, dtype: p.to(dtype))
     gain = shared_gain if model.defer_weight_grads else (lambda p: p)
