@@ -124,7 +124,7 @@ def test_seq_linear_gradient_of_a_gradient(second_create_graph):
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_meta_gradient_with_shared_gains_equals_plain(monkeypatch, remat):
-    """The norms through their kernels (the interpreter on a CPU, fp32: the kernels take no float64) in both runs:
+    """The norms through their kernels (fp32: the kernels take no float64) in both runs:
     with deferral every suffix gain's gradient is added up once, from all its uses' partial sums, and the
     meta-gradient equals the one with deferral off."""
     from ttt_e2e.kernels import rmsnorm
@@ -136,8 +136,9 @@ def test_meta_gradient_with_shared_gains_equals_plain(monkeypatch, remat):
     parts = []
     real_total = function.GainGrad.total
     monkeypatch.setattr(function.GainGrad, "total", lambda self: parts.append(len(self.parts)) or real_total(self))
-    model = tiny_model().float()
-    batch = tiny_batch(model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels: compiled there, interpreted here
+    model = tiny_model().float().to(device)
+    batch = [t.to(device) for t in tiny_batch(model)]
     cfg = meta(remat_inner=remat)
     got = torch.autograd.grad(sequence_loss(model, *batch, cfg).loss, list(model.parameters()))
     gains = [n for n, p in model.suffix.named_parameters() if p.dim() == 1 and n not in model.suffix.inner_names()]
