@@ -22,13 +22,20 @@ __all__ = ["GainGrad", "rms_norm", "rms_norm_reference"]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, use_kernel: bool | None = None) -> torch.Tensor:
-    """use_kernel None: the kernels for CUDA tensors of fp32/bf16/fp16, the reference otherwise (float64, CPU)."""
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, use_kernel: bool | None = None,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """use_kernel None: the kernels for CUDA tensors of fp32/bf16/fp16, the reference otherwise (float64, CPU).
+    out_dtype: the result's dtype (default x's): the kernels round to it as they store, the same values as a cast
+    after the norm, without the cast's passes over memory (or its backward's)."""
     if use_kernel is None:
         use_kernel = x.is_cuda and x.dtype in _DTYPES and w.dtype in _DTYPES
     if not use_kernel:
-        return rms_norm_reference(x, w, eps)
+        y = rms_norm_reference(x, w, eps)
+        return y if out_dtype is None else y.to(out_dtype)
     if w.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight {tuple(w.shape)} does not match the last dim of x {tuple(x.shape)}")
-    y, _ = _RMSNorm.apply(x.contiguous().view(-1, x.shape[-1]), w.contiguous(), eps, getattr(w, "_gain_grad", None))
+    if out_dtype == x.dtype:
+        out_dtype = None
+    y, _ = _RMSNorm.apply(x.contiguous().view(-1, x.shape[-1]), w.contiguous(), eps, getattr(w, "_gain_grad", None),
+                          out_dtype)
     return y.view(x.shape)

@@ -46,15 +46,16 @@ def _deferred(acc: GainGrad | None, need_w: bool) -> bool:
 
 class _RMSNorm(torch.autograd.Function):
     """acc: w's GainGrad where w came from shared_gain (passed in, not read off w here: inside torch.func, w
-    arrives wrapped, without the attribute)."""
+    arrives wrapped, without the attribute). out_dtype: y's dtype (None: x's); dy then arrives in it, and dx
+    leaves in x's."""
 
     @staticmethod
-    def forward(x, w, eps, acc):
-        return rms_norm_fwd(x, w, eps)
+    def forward(x, w, eps, acc, out_dtype):
+        return rms_norm_fwd(x, w, eps, out_dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, eps, acc = inputs
+        x, w, eps, acc, _ = inputs
         ctx.save_for_backward(x, w, output[1])
         ctx.eps = eps
         ctx.acc = acc
@@ -64,7 +65,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _drstd):
         if dy is None:
-            return None, None, None, None
+            return None, None, None, None, None
         x, w, rstd = ctx.saved_tensors
         # The gain's gradient only where it is asked for: TTT's inner gradient (w.r.t. the inner weights) runs this
         # backward for every norm of the suffix and mini-batch, and needs dx alone
@@ -72,9 +73,9 @@ class _RMSNorm(torch.autograd.Function):
         if _deferred(ctx.acc, need_w):
             dx, part = rms_norm_bwd(x, w, rstd, dy.contiguous(), True, reduce=False)
             ctx.acc.add(part)
-            return dx, None, None, None
+            return dx, None, None, None, None
         dx, dw = _RMSNormBackward.apply(x, w, rstd, dy.contiguous(), ctx.eps, need_w, ctx.acc)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 class _RMSNormBackward(torch.autograd.Function):

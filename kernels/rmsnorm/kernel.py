@@ -107,10 +107,11 @@ def _reducing_geometry(N: int, D: int) -> tuple[int, int, int, int]:
     return block_d, rows, iters, triton.cdiv(blocks, iters)
 
 
-def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, D) contiguous -> y (N, D) in x's dtype, rstd (N,) fp32."""
+def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, D) contiguous -> y (N, D) in out_dtype (default x's), rstd (N,) fp32."""
     N, D = x.shape
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     block_d, rows, grid = _geometry(N, D)
     _rms_fwd_kernel[(grid,)](x, w, y, rstd, N, D, eps, ROWS=rows, BLOCK_D=block_d)

@@ -134,3 +134,34 @@ def test_shared_gain_adds_up_every_use_once(monkeypatch):
     acc.total()
     with pytest.raises(RuntimeError, match="after the gain's gradient was formed"):
         acc.add(torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_out_dtype_equals_norm_then_cast(out_dtype):
+    """A pre-norm's result stored in the matmuls' dtype: the values of the norm in x's dtype followed by a cast,
+    and the same gradients through an inner gradient and an outer one (the kernels widen dy and round grad dy as
+    the cast's backward and double backward would). Bit for bit in the interpreter; compiled, the kernels for a
+    16-bit dy may vectorize the row sums differently, so within fp32 rounding there (a truncating cast or a lost
+    widening would be off by ~1e-3). bf16 on the GPU only: the interpreter's bf16 is not the GPU's."""
+    if out_dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("bf16 conversion in the Triton interpreter")
+    x, w, probe = _randn(37, 80, scale=2.0), 1 + _randn(80, scale=0.2), _randn(37, 80)
+
+    def outer(fused):
+        xs, ws = x.float().requires_grad_(), w.float().requires_grad_()
+
+        def inner(x):
+            if fused:
+                y = rms_norm(x, ws, 1e-6, use_kernel=True, out_dtype=out_dtype)
+            else:
+                y = rms_norm(x, ws, 1e-6, use_kernel=True).to(out_dtype)
+            assert y.dtype == out_dtype
+            return (y.float() * probe.float()).square().sum()
+        g = torch.func.grad(inner)(xs)
+        return (g, *torch.autograd.grad((g * probe.float()).sum(), (xs, ws)))
+
+    for a, b in zip(outer(True), outer(False)):
+        if DEVICE == "cpu":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -131,8 +131,8 @@ def test_meta_gradient_with_shared_gains_equals_plain(monkeypatch, remat):
     from ttt_e2e.kernels.rmsnorm import function
     from ttt_e2e.model import layers
 
-    monkeypatch.setattr(layers, "rms_norm", lambda x, w, eps, use_kernel=None: rmsnorm.rms_norm(
-        x, w, eps, use_kernel=True))
+    monkeypatch.setattr(layers, "rms_norm", lambda x, w, eps, use_kernel=None, out_dtype=None: rmsnorm.rms_norm(
+        x, w, eps, use_kernel=True, out_dtype=out_dtype))
     parts = []
     real_total = function.GainGrad.total
     monkeypatch.setattr(function.GainGrad, "total", lambda self: parts.append(len(self.parts)) or real_total(self))

@@ -33,11 +33,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.kernel = True  # the Triton kernels on CUDA tensors (Transformer.use_fused_kernels)
+        # Whether the result goes straight into matmuls (a block's pre-norms): then it leaves in their compute
+        # dtype, rounded as for_matmuls would cast it, but by the norm's own store (no cast pass, forward or back)
+        self.feeds_matmuls = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in at least fp32 even under bf16 autocast; the result in the input's dtype. On a GPU one
-        # kernel each for forward and backward (the meta step runs thousands of norms and their derivatives).
-        return rms_norm(x, self.weight, self.eps, use_kernel=None if self.kernel else False)
+        # Statistics in at least fp32 even under bf16 autocast; the result in the input's dtype (or the matmuls').
+        # On a GPU one kernel each for forward and backward (the meta step runs thousands of norms and their
+        # derivatives).
+        out_dtype = compute_dtype(x) if self.feeds_matmuls and x.is_floating_point() else None
+        return rms_norm(x, self.weight, self.eps, use_kernel=None if self.kernel else False, out_dtype=out_dtype)
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, kernel: bool = True) -> torch.Tensor:

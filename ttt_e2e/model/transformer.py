@@ -31,6 +31,9 @@ class Block(nn.Module):
             self.pre_prime_norm, self.post_prime_norm = _norm(cfg, cfg.pre_norm), _norm(cfg, cfg.post_norm)
         self.pre_mlp_norm, self.post_mlp_norm = _norm(cfg, cfg.pre_norm), _norm(cfg, cfg.post_norm)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_width)
+        for norm in (self.pre_attn_norm, getattr(self, "pre_prime_norm", None), self.pre_mlp_norm):
+            if isinstance(norm, RMSNorm):  # its output only feeds the projections
+                norm.feeds_matmuls = True
 
     def forward(self, x: torch.Tensor, pos0: int = 0, cache=None):
         a, kv = self.attn(self.pre_attn_norm(x), pos0, cache)
