@@ -1,6 +1,6 @@
 """The second launch of a row-parallel kernel whose key range was split into parts (common.key_parts): each part's
-program wrote fp32 partial results; these add them up (dQ, the double backward's row sums and row outputs: plain
-sums over keys) or merge them by their log-sum-exp (the forward). The parts are added in a fixed order: the result
+program wrote fp32 partial results; these add them up (dQ: a plain sum over keys) or merge them by their
+log-sum-exp (the forward). The parts are added in a fixed order: the result
 is deterministic, as without parts.
 """
 

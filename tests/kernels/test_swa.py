@@ -400,10 +400,11 @@ def test_key_parts_vs_reference(monkeypatch, key_parts_spy, nparts, B, H, TQ, TK
 
 
 @pytest.mark.parametrize("nparts", [2, 4])
-def test_key_parts_with_rows_that_see_no_key(monkeypatch, nparts):
+def test_key_parts_with_rows_that_see_no_key(monkeypatch, key_parts_spy, nparts):
     monkeypatch.setattr(common, "KEY_PARTS_OVERRIDE", nparts)
     test_rows_with_no_visible_key_give_zero_not_nan()
     test_double_backward_with_missing_cotangents(("q", "v"))
+    assert "ttt_e2e.kernels.swa.forward.merge_forward" in key_parts_spy
 
 
 @pytest.mark.parametrize("B,H,TQ,TC,D,W,QP", [c for c in SPLIT if c.id in ("ring-early", "ring-D80", "one-query")])

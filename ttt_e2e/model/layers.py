@@ -41,7 +41,7 @@ class RMSNorm(nn.Module):
         # Statistics in at least fp32 even under bf16 autocast; the result in the input's dtype (or the matmuls').
         # On a GPU one kernel each for forward and backward (the meta step runs thousands of norms and their
         # derivatives).
-        out_dtype = compute_dtype(x) if self.feeds_matmuls and x.is_floating_point() else None
+        out_dtype = compute_dtype(x) if self.feeds_matmuls else None
         return rms_norm(x, self.weight, self.eps, use_kernel=None if self.kernel else False, out_dtype=out_dtype)
 
 
