@@ -174,7 +174,7 @@ def default_scale(d: int, scale):
 # slots for them (12 heads x 16 query tiles of a 1K suffix block = 192 programs on 132 SMs) splits each query
 # tile's key range over NPARTS programs, which write fp32 partial results that one small launch combines
 # (parts.py). _PER_SM is in effect a tuning knob: 2 parts were faster than 1, 3 and 4 for the 125M suffix's forward
-# and dQ (H100, benchmarks/data/swa_key_parts_h100.txt: forward 107 -> 78 us, dQ 93 -> 80 us at 9216 keys). The
+# and dQ (H100, benchmarks/data/swa_key_parts_h100.txt: forward 109 -> 79 us, dQ 95 -> 79 us at 9216 keys). The
 # double backward's row-parallel passes gained nothing consistent from parts and take none.
 _PER_SM = {"fwd": 2, "bwd_dq": 2}
 MAX_KEY_PARTS = 4
