@@ -26,7 +26,7 @@ _MAX_POS = 2**30  # positions and lengths are int32 inside the kernels
 
 def swa_attention(q, k, v, window: int, q_pos0: int = 0, k_pos0: int = 0, scale: float | None = None):
     """Sliding-window attention o = softmax(scale * q k^T + mask) v, differentiable twice (see module doc)."""
-    check_inputs(q, k, v, window, q_pos0, k_pos0)
+    check_inputs(q, k, v, window, q_pos0, k_pos0, scale)
     if not use_triton(q):
         return swa_reference(q, k, v, window, q_pos0, k_pos0, scale)
     window = _kernel_window(q, k.shape[2], window, q_pos0, k_pos0)
@@ -39,7 +39,7 @@ def swa_attention_cached(q, k_cache, v_cache, k, v, window: int, q_pos0: int = 0
     """Attention over cat(k_cache, k), cat(v_cache, v) (key j at k_pos0 + j, the cache first), as
     `swa_attention`; returns (o, keys, values), the concatenations included. When the cache needs no gradient
     (TTT's inner gradient, inference), the backward computes dK, dV of the block's keys only."""
-    check_inputs(q, k, v, window, q_pos0, k_pos0)
+    check_inputs(q, k, v, window, q_pos0, k_pos0, scale)
     check_inputs(q, k_cache, v_cache, window, q_pos0, k_pos0)
     if not use_triton(q):
         keys, values = torch.cat((k_cache, k), 2), torch.cat((v_cache, v), 2)
@@ -56,7 +56,7 @@ def swa_attention_split(q, k_cache, v_cache, k, v, window: int, q_pos0: int = 0,
     block's where they lie, no concatenation (inference: a prefill chunk's cache is a whole window, and so is an
     inner step's). rot: the cache is a ring whose first key (position k_pos0) sits at row rot, key j at row
     (j + rot) mod Tc, so that a step writes only its own b keys into it. Differentiable once, w.r.t. q, k, v."""
-    check_inputs(q, k, v, window, q_pos0, k_pos0)
+    check_inputs(q, k, v, window, q_pos0, k_pos0, scale)
     check_inputs(q, k_cache, v_cache, window, q_pos0, k_pos0)
     tc = k_cache.shape[2]
     if not (0 <= rot < max(tc, 1)):

@@ -32,8 +32,11 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and INTERPRET)
 
 
-def check_inputs(q, k, v, window, q_pos0, k_pos0):
+def check_inputs(q, k, v, window, q_pos0, k_pos0, scale=None):
     """Raise a ValueError naming the problem for any input the kernels do not handle."""
+    # The forward kernel takes each row's max of the unscaled scores: a scale <= 0 would turn it into the min
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+        raise ValueError(f"swa_attention: scale must be a number > 0 (or None: 1/sqrt(head dim)), got {scale!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"swa_attention: {name} must be a torch.Tensor, got {type(t).__name__}")

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttt_e2e.inference import feed, start
+from ttt_e2e.inference import engine, feed, start
 from ttt_e2e.ttt.meta import sequence_loss
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -16,15 +16,23 @@ def _training(model, ttt, tokens, bos_id=None):
     return sequence_loss(model, inputs, targets, mask, ttt)
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "prefix-ahead"])
 @pytest.mark.parametrize("chunk", [8, 24, None])
-def test_prefill_losses_equal_training(make_model, meta_ttt, chunk):
+def test_prefill_losses_equal_training(make_model, meta_ttt, chunk, overlap, monkeypatch):
+    """With overlap_prefix each next chunk's prefix runs before the current chunk's inner steps (on the CPU in
+    the same order as a side stream would, serially): the same losses."""
     model = make_model()
     T, B, bos = 48, 2, 5
     tokens = torch.randint(0, model.cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(1))
     tokens[:, ::7] = bos  # some targets are BOS: they carry no loss, in training and here
     ref = _training(model, meta_ttt, tokens, bos_id=bos)
-    state = start(model, meta_ttt, B, bos_id=bos, prefill_chunk=chunk)
+    ahead = []
+    monkeypatch.setattr(engine._Ahead, "take", lambda self: ahead.append(self.h.shape[1]) or self.h)
+    state = start(model, meta_ttt, B, bos_id=bos, prefill_chunk=chunk, overlap_prefix=overlap)
     feed(state, tokens)
+    # training passes (6 mini-batches; the last token waits): chunk 8 at 0, 8, .., 40; chunk 24 at 0, 24. Every
+    # pass but the first takes its prefix from the look-ahead.
+    assert ahead == ({8: [8] * 5, 24: [24]}.get(chunk, []) if overlap else [])
     assert len(state.losses) == T // meta_ttt.mini_batch_size  # the last token (target unknown) waits
     torch.testing.assert_close(torch.stack(state.losses, 1).mean(0), ref.minibatch_losses, **TOL)
     torch.testing.assert_close(torch.cat(state.token_losses, 1), ref.token_losses, **TOL)
@@ -74,7 +82,7 @@ def test_split_feeds_equal_one_feed(make_model, meta_ttt):
     T = 48
     tokens = torch.randint(0, model.cfg.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(4))
     ref = _training(model, meta_ttt, tokens)
-    state = start(model, meta_ttt, 1, prefill_chunk=16)
+    state = start(model, meta_ttt, 1, prefill_chunk=16, overlap_prefix=True)
     for a, b in ((0, 3), (3, 21), (21, 22), (22, T + 1)):
         feed(state, tokens[:, a:b])
     torch.testing.assert_close(torch.cat(state.token_losses, 1), ref.token_losses, **TOL)

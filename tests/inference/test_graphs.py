@@ -143,3 +143,36 @@ def test_captured_graphs_on_gpu(autocast):
     torch.testing.assert_close(again, got, rtol=0, atol=0)  # replay == the eager first pass, bit for bit
     torch.testing.assert_close(torch.stack(state.losses), torch.stack(ref_state.losses), **tol)
     assert len(graphs._graphs) >= 3  # step graphs below and past W, and the decoding graph
+
+
+@pytest.mark.gpu
+def test_prefix_ahead_on_a_side_stream_gpu(monkeypatch):
+    """A prompt of several prefix chunks on a GPU: each next chunk's prefix runs on the side stream while the
+    inner steps replay on the current one. Same kernels on the same inputs, so the same bits as without."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from ttt_e2e.inference import engine
+    cfg = ModelConfig(vocab_size=512, n_layers=3, d_model=128, n_heads=2, mlp_width=256, prime_mlp_width=192,
+                      suffix_len=2, seq_length=512, window=256, attention_backend="triton",
+                      compute_dtype="bfloat16", init_std=0.1)
+    torch.manual_seed(0)
+    model = Transformer(cfg).cuda().eval()
+    ttt = TTTConfig(train_mode="meta", mini_batch_size=64, inner_lr=0.5, inner_grad_clip=1.0)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 700), device="cuda",
+                           generator=torch.Generator("cuda").manual_seed(11))
+    taken = []
+    take = engine._Ahead.take
+    monkeypatch.setattr(engine._Ahead, "take", lambda self: taken.append(1) or take(self))
+    runs = {}
+    for overlap in (False, True):
+        graphs = InferenceGraphs()
+        for _ in range(2):  # the first prompt captures the step graphs, the second replays them
+            state = start(model, ttt, 2, prefill_chunk=128, graphs=graphs, overlap_prefix=overlap)
+            logits = feed(state, tokens[:, :650])
+            logits = torch.stack([logits, feed(state, tokens[:, 650:651])])  # then a decoded token
+        runs[overlap] = (logits, torch.stack(state.losses), state.phi)
+    assert len(taken) == 2 * 4  # passes at 128, 256, 384, 512 of each prompt (the first: 0..127)
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=0, atol=0)
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=0, atol=0)
+    for n in runs[False][2]:
+        torch.testing.assert_close(runs[True][2][n], runs[False][2][n], rtol=0, atol=0)

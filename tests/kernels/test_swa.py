@@ -89,6 +89,20 @@ def test_fwd_bwd_double_bwd_vs_reference(B, H, TQ, TK, D, W, QP, KP):
     assert all(e < TOL for e in errs.values()), errs
 
 
+@pytest.mark.parametrize("scale", [0.05, 2.3])
+def test_explicit_scale(scale):
+    """A scale other than 1/sqrt(D), far on either side of it: the forward takes each row's max before scaling."""
+    B, H, TQ, TK, D, W, QP, KP = 1, 2, 30, 41, 32, 19, 11, 0
+    q, k, v = fresh_randn(B, H, TQ, D), fresh_randn(B, H, TK, D), fresh_randn(B, H, TK, D)
+    do = fresh_randn(B, H, TQ, D)
+    cot = (fresh_randn(B, H, TQ, D), fresh_randn(B, H, TK, D), fresh_randn(B, H, TK, D))
+    with_scale = lambda f: lambda *a: f(*a, scale=scale)  # noqa: E731
+    got = _run_all(with_scale(swa_attention), q, k, v, do, cot, W, QP, KP, torch.float32)
+    ref = _run_all(with_scale(swa_reference), q, k, v, do, cot, W, QP, KP, torch.float64)
+    errs = {n: rel_err(a, b) for n, a, b in zip(NAMES, got, ref)}
+    assert all(e < TOL for e in errs.values()), errs
+
+
 @pytest.mark.parametrize("used", [("q",), ("k",), ("v",), ("q", "v")])
 def test_double_backward_with_missing_cotangents(used):
     # Only some of dq, dk, dv enter the loss: the unused cotangents reach the kernels as None.
@@ -314,6 +328,9 @@ def test_bad_inputs_raise_value_error():
         swa_attention(q, q, fresh_randn(1, 2, 9, 32), 4)
     with pytest.raises(ValueError, match="4-D"):
         swa_attention(q[0], q[0], q[0], 4)
+    for scale in (0.0, -0.5, "1"):  # the forward takes the row max of the unscaled scores: needs scale > 0
+        with pytest.raises(ValueError, match="scale must be a number > 0"):
+            swa_attention(q, q, q, 4, scale=scale)
 
 
 # --- the reference itself ---------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ Baselines (ttt None or train_mode pretrain): no inner loop, every block runs wit
 None is full attention with a growing KV cache.
 
 With `graphs` (an InferenceGraphs, the default of `generate` on a GPU) the inner steps and the decoding of single
-tokens replay CUDA graphs (graphs.py); the prefix over prompt chunks stays eager (few, large kernels).
+tokens replay CUDA graphs (graphs.py); the prefix over prompt chunks stays eager (few, large kernels). On a GPU
+a prompt of several chunks runs each next chunk's prefix on a second stream while the current chunk's inner steps
+run (`_Ahead`): the prefix never depends on the suffix.
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ class InferenceState:
     graphs: Optional[InferenceGraphs] = None
     stepped_to: Optional[int] = None  # the suffix caches of the inner step ending here, still to be copied into
     # the suffix KVCaches (only the forward-only and decoding passes read those)
+    side: Optional[object] = None  # SideStream (or SerialSide): a long prompt's next prefix chunk runs on it
 
     @property
     def ttt(self) -> bool:
@@ -82,11 +85,15 @@ class InferenceState:
 
 def start(model: Transformer, ttt: Optional[TTTConfig], batch_size: int, *, bos_id: Optional[int] = None,
           ilr_mult: float = 1.0, prefill_chunk: Optional[int] = None, inner_dtype: Optional[torch.dtype] = None,
-          reserve: int = 0, graphs: Optional[InferenceGraphs] = None) -> InferenceState:
+          reserve: int = 0, graphs: Optional[InferenceGraphs] = None,
+          overlap_prefix: Optional[bool] = None) -> InferenceState:
     """A fresh state for `batch_size` sequences. ttt None or train_mode pretrain: a baseline without TTT.
     inner_dtype: dtype of phi; default float32 for half-precision weights (METHOD.md: fp32 inner state), else the
     weights' dtype. reserve: positions to allocate up front in growing (full attention) caches. graphs: replay
-    the inner steps and single-token decoding as CUDA graphs; the state takes them over from any earlier one."""
+    the inner steps and single-token decoding as CUDA graphs; the state takes them over from any earlier one.
+    overlap_prefix: in a prompt of more than one prefix chunk, run each next chunk's prefix on a side stream
+    while the current chunk's inner steps run (default: on a GPU, with TTT; on the CPU the same order of work,
+    serially)."""
     cfg = model.cfg
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -116,6 +123,9 @@ def start(model: Transformer, ttt: Optional[TTTConfig], batch_size: int, *, bos_
         state.theta = {n: p.detach() for n, p in params.items() if n not in inner}
         state.phi = {n: params[n].detach().to(inner_dtype).expand(batch_size, *params[n].shape) for n in inner}
         state.phi_dec = _decode_copy(state)
+    device = next(model.parameters()).device
+    if use_ttt and (device.type == "cuda" if overlap_prefix is None else overlap_prefix):
+        state.side = SideStream(device) if device.type == "cuda" else SerialSide()
     if graphs is not None:
         if graphs.capture and not next(model.parameters()).is_cuda:
             raise ValueError("CUDA graphs need the model on a GPU (or InferenceGraphs(capture=False))")
@@ -140,7 +150,7 @@ def feed(state: InferenceState, ids: torch.Tensor) -> torch.Tensor:
 
 def _feed(state: InferenceState, ids: torch.Tensor) -> torch.Tensor:
     L, P = state.model.cfg.n_layers, state.model.cfg.n_prefix
-    n, b, i, logits = ids.shape[1], state.b, 0, None
+    n, b, i, logits, ahead = ids.shape[1], state.b, 0, None, None
     while i < n:  # each pass handles ids[:, i:j], the tokens at positions state.pos ..
         if state.ttt and state.n_pending == b:  # the pending mini-batch is full and ids[:, i] is its last target
             targets = torch.cat((state.pending_ids[:, 1:], ids[:, i:i + 1]), 1)
@@ -153,8 +163,11 @@ def _feed(state: InferenceState, ids: torch.Tensor) -> torch.Tensor:
             j = min(n, i + state.chunk)
             logits = _logits(state, _blocks(state, state.model.wte(ids[:, i:j]), 0, L))
         elif state.n_pending == 0 and i + b < n:  # whole mini-batches whose targets are all in ids: train on them
-            j = i + min((n - 1 - i) // b, state.chunk // b) * b
-            h = _blocks(state, state.model.wte(ids[:, i:j]), 0, P)
+            j = _train_end(state, i, n)
+            h = ahead.take() if ahead is not None else _blocks(state, state.model.wte(ids[:, i:j]), 0, P)
+            ahead = None
+            if state.side is not None and j + b < n:  # the next pass trains too: its prefix runs meanwhile
+                ahead = _Ahead(state, ids[:, j:_train_end(state, j, n)], state.pos + j - i)
             for m in range(0, j - i, b):
                 _inner_step(state, h[:, m:m + b], ids[:, i + m + 1:i + m + b + 1], state.pos + m)
         else:  # suffix forward only with phi_t; the tokens wait in the pending buffer for their step
@@ -166,6 +179,57 @@ def _feed(state: InferenceState, ids: torch.Tensor) -> torch.Tensor:
         state.pos += j - i
         i = j
     return logits  # the last pass is never a training one (it needs a token after it), so this is set
+
+
+def _train_end(state: InferenceState, i: int, n: int) -> int:
+    """End of the training pass that starts at ids[:, i]: whole mini-batches whose targets (the token after
+    each input) are all in the n ids, at most a prefix chunk of them."""
+    return i + min((n - 1 - i) // state.b, state.chunk // state.b) * state.b
+
+
+class _Ahead:
+    """The prefix blocks over the next training pass's tokens, run on the side stream while the current
+    stream runs this pass's inner steps. The prefix does not depend on the suffix, and each inner step is
+    hundreds of kernels of 1K tokens whose tails and memory-bound stretches leave the SMs part-idle: the
+    prefix's large kernels fill some of that (1.4% of a 128K prefill on an H100, benchmarks/prefill_overlap.py).
+    The prefix KV caches are touched by the side stream only, in order, until the last look-ahead is taken."""
+
+    def __init__(self, state: InferenceState, ids: torch.Tensor, pos: int):
+        with state.side.ahead():
+            self.h = _blocks(state, state.model.wte(ids), 0, state.model.cfg.n_prefix, pos)
+        self.side = state.side
+
+    def take(self) -> torch.Tensor:
+        self.side.join(self.h)
+        return self.h
+
+
+class SideStream:
+    """The second CUDA stream of `_Ahead`."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device=device)
+
+    def ahead(self):
+        # After everything enqueued so far: the previous prefix pass, and every read of memory that the side
+        # stream's allocator may now hand out again
+        self.stream.wait_stream(torch.cuda.current_stream())
+        return torch.cuda.stream(self.stream)
+
+    def join(self, h: torch.Tensor) -> None:
+        main = torch.cuda.current_stream()
+        main.wait_stream(self.stream)
+        h.record_stream(main)  # allocated on the side stream, read on this one
+
+
+class SerialSide:
+    """The same order of work without a second stream (CPU): what the tests of the look-ahead run."""
+
+    def ahead(self):
+        return contextlib.nullcontext()
+
+    def join(self, h: torch.Tensor) -> None:
+        pass
 
 
 def _blocks(state: InferenceState, x: torch.Tensor, lo: int, hi: int, pos: Optional[int] = None) -> torch.Tensor:
