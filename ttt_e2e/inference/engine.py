@@ -208,16 +208,17 @@ class SideStream:
     """The second CUDA stream of `_Ahead`."""
 
     def __init__(self, device: torch.device):
+        self.device = device  # the model's, which need not be the current device
         self.stream = torch.cuda.Stream(device=device)
 
     def ahead(self):
         # After everything enqueued so far: the previous prefix pass, and every read of memory that the side
         # stream's allocator may now hand out again
-        self.stream.wait_stream(torch.cuda.current_stream())
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         return torch.cuda.stream(self.stream)
 
     def join(self, h: torch.Tensor) -> None:
-        main = torch.cuda.current_stream()
+        main = torch.cuda.current_stream(self.device)
         main.wait_stream(self.stream)
         h.record_stream(main)  # allocated on the side stream, read on this one
 
