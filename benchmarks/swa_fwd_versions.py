@@ -14,16 +14,10 @@ import argparse
 import torch
 from triton.testing import do_bench
 
+from attention import visible_pairs  # benchmarks/attention.py (the script's own folder is on sys.path)
 from ttt_e2e.kernels.swa.forward import swa_forward
 
 SHAPES = {"prefix chunk 8K/16K": (8192, 16384, 8192, 8192, 0), "inner step 1K/9K": (1024, 9216, 8192, 8192, 0)}
-
-
-def visible_pairs(tq: int, tk: int, w: int, q0: int, k0: int) -> float:
-    qp = torch.arange(tq, dtype=torch.float64) + q0
-    lo = torch.clamp(qp - w + 1, min=k0)
-    hi = torch.clamp(qp, max=k0 + tk - 1)
-    return float((hi - lo + 1).clamp(min=0).sum())
 
 
 def main():

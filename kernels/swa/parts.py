@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import block_d
+
 
 @triton.jit
 def _sum_parts_kernel(P, OUT, N, NPARTS, BLOCK: tl.constexpr):
@@ -68,4 +70,4 @@ def merge_forward(o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor,
     block_m = 64 if o.is_cuda else 16
     _merge_forward_kernel[(triton.cdiv(TQ, block_m), B * H)](
         o_part, lse_part, o, lse, o.stride(0), o.stride(1), o.stride(2), H, TQ, nparts, o_part.stride(0),
-        lse_part.stride(0), HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m)
+        lse_part.stride(0), HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=block_m)

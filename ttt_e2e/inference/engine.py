@@ -127,7 +127,7 @@ def start(model: Transformer, ttt: Optional[TTTConfig], batch_size: int, *, bos_
     if use_ttt and (device.type == "cuda" if overlap_prefix is None else overlap_prefix):
         state.side = SideStream(device) if device.type == "cuda" else SerialSide()
     if graphs is not None:
-        if graphs.capture and not next(model.parameters()).is_cuda:
+        if graphs.capture and device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a GPU (or InferenceGraphs(capture=False))")
         graphs.claim(state)
         state.graphs = graphs
