@@ -5,7 +5,9 @@ Per row, with p = softmax(z) = exp(z - lse) and y the target:
     dz   = g (p - e_y)                      (backward, for the loss cotangent g)
     for a cotangent u of dz:  grad g = <u, p - e_y>,  grad z = g p (u - <u, p>)   (double backward)
 The loss and dz together (the inner gradient of TTT) take one launch, and their two cotangents one backward
-pass (`ce_fwd_grad`, `ce_double_bwd(..., dl)`).
+pass (`ce_fwd_grad`, `ce_double_bwd(..., dl)`). The double backward reads the row twice, the first time for
+<u, p>; a caller that knows g <u, p> already (ttt/head.py derives it from the head's output) passes it to
+`ce_double_bwd_given`, one pass over (N, V) blocks.
 Every pass reads the logits in their own dtype (bf16 under autocast) and computes in fp32: no fp32 copy of the
 (N, V) logits is ever written. A negative target (ignore_index) gives loss 0 and no gradient.
 """
@@ -97,6 +99,28 @@ def _ce_dbwd_kernel(Z, Y, LSE, G, U, DL, GZ, GG, V, stride_z, stride_u, stride_g
         tl.store(gz_row + c, gz.to(GZ.dtype.element_ty), mask=c < V)
 
 
+@triton.jit
+def _ce_dbwd_given_kernel(Z, Y, LSE, G, U, C, DL, GZ, V, stride_z, stride_u, stride_gz, HAS_DL: tl.constexpr,
+                          BLOCK_V: tl.constexpr):
+    # gz = p (g u - c) [+ dl (p - e_y)], c = g <u, p> given: no pass for the row's reduction, so any block of any
+    # row is independent (a 2-D grid, as the plain backward's)
+    row = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    y = tl.load(Y + row)
+    valid = y >= 0
+    g = tl.where(valid, tl.load(G + row), 0.0)
+    gup = tl.where(valid, tl.load(C + row), 0.0)  # g <u, p>
+    lse = tl.load(LSE + row)
+    z = tl.load(Z + row.to(tl.int64) * stride_z + c, mask=c < V, other=0.0).to(tl.float32)
+    u = tl.load(U + row.to(tl.int64) * stride_u + c, mask=c < V, other=0.0).to(tl.float32)
+    p = tl.exp(z - lse)
+    gz = p * (g * u - gup)
+    if HAS_DL:
+        dl = tl.where(valid, tl.load(DL + row), 0.0)
+        gz += dl * (p - tl.where(c == y, 1.0, 0.0))
+    tl.store(GZ + row.to(tl.int64) * stride_gz + c, gz.to(GZ.dtype.element_ty), mask=c < V)
+
+
 def _block(V: int) -> int:
     return min(4096, triton.next_power_of_2(V))  # a 4096-wide slice of the row per step (8 warps)
 
@@ -121,13 +145,13 @@ def ce_bwd(z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, g: torch.Tensor)
     return dz
 
 
-def ce_fwd_grad(z: torch.Tensor, y: torch.Tensor, g: torch.Tensor):
+def ce_fwd_grad(z: torch.Tensor, y: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None):
     """ce_fwd and ce_bwd in one launch: (loss (N,) fp32, dz (N, V) in z's dtype, lse (N,) fp32) for the loss
-    cotangent g (N,) fp32."""
+    cotangent g (N,) fp32. out: an (N, V) tensor with unit column stride to write dz into."""
     N, V = z.shape
     loss = torch.empty(N, dtype=torch.float32, device=z.device)
     lse = torch.empty(N, dtype=torch.float32, device=z.device)
-    dz = torch.empty((N, V), dtype=z.dtype, device=z.device)
+    dz = torch.empty((N, V), dtype=z.dtype, device=z.device) if out is None else out
     _ce_fwd_kernel[(N,)](z, y, g, loss, lse, dz, V, z.stride(0), dz.stride(0), WITH_GRAD=True, BLOCK_V=_block(V),
                          num_warps=8)
     return loss, dz, lse
@@ -142,3 +166,16 @@ def ce_double_bwd(z, y, lse, g, u, dl=None) -> tuple[torch.Tensor, torch.Tensor]
     _ce_dbwd_kernel[(N,)](z, y, lse, g, u, g if dl is None else dl, gz, gg, V, z.stride(0), u.stride(0),
                           gz.stride(0), HAS_DL=dl is not None, BLOCK_V=_block(V), num_warps=8)
     return gz, gg
+
+
+def ce_double_bwd_given(z, y, lse, g, u, c, dl=None, out=None) -> torch.Tensor:
+    """`ce_double_bwd`'s gz, for a caller that knows c = g <u, p> (N,) fp32: one pass. out: the (N, V) tensor to
+    write gz into, in z's dtype; it may be u itself (each element is read before it is written, by the same
+    program)."""
+    N, V = z.shape
+    gz = torch.empty((N, V), dtype=z.dtype, device=z.device) if out is None else out
+    block = _block(V)
+    _ce_dbwd_given_kernel[(N, triton.cdiv(V, block))](z, y, lse, g, u, c, g if dl is None else dl, gz, V,
+                                                      z.stride(0), u.stride(0), gz.stride(0),
+                                                      HAS_DL=dl is not None, BLOCK_V=block, num_warps=8)
+    return gz

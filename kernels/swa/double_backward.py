@@ -27,20 +27,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_d, dot_precision, tile_config
+from .common import LOG2E, as_kernel_operand, block_d, dot_precision, tile_config
 from .tiles import key_range, query_range, tile_is_full, visible, visible_t
 
 
 @triton.jit
 def _swa_dbwd_ru_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA, R, U,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    # gQ shares q's strides; gK and gV (rows from key KG0 on) share one set (the wrapper makes them alike).
+    # Every input has its own strides (gK and gV: rows from key KG0 on); the outputs are contiguous.
     # Last query tiles first: under a causal mask they see the most keys, so the long programs start early and
     # the short ones fill the tail of the launch.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -48,11 +49,11 @@ def _swa_dbwd_ru_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * sqb + h * sqh
-    GQ += b * sqb + h * sqh
+    GQ += b * sgqb + h * sgqh
     K += b * skb + h * skh
-    GK += b * sgb + h * sgh
+    GK += b * sgkb + h * sgkh
     V += b * svb + h * svh
-    GV += b * sgb + h * sgh
+    GV += b * sgvb + h * sgvh
     DO += b * sdb + h * sdh
     LSE += bh.to(tl.int64) * TQ
     DELTA += bh.to(tl.int64) * TQ
@@ -68,7 +69,7 @@ def _swa_dbwd_ru_kernel(
     q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
     if HAS_GQ:
-        gq = tl.load(GQ + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
+        gq = tl.load(GQ + offs_m[:, None] * sgqt + offs_d[None, :], mask=row_mask, other=0.0)
     lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
     q_pos = Q_POS0 + offs_m
@@ -95,14 +96,14 @@ def _swa_dbwd_ru_kernel(
                 g += tl.dot(gq, tl.trans(k), input_precision=DOT_PREC)
             if HAS_GK:
                 if has_kg:
-                    gk = tl.load(GK + (offs_n - KG0)[:, None] * sgt + offs_d[None, :], mask=g_mask, other=0.0)
+                    gk = tl.load(GK + (offs_n - KG0)[:, None] * sgkt + offs_d[None, :], mask=g_mask, other=0.0)
                     g += tl.dot(q, tl.trans(gk), input_precision=DOT_PREC)
             pg = p * g * scale
             r += tl.sum(pg, 1)
             a += tl.sum(pg * (dp - delta[:, None]), 1)
         if HAS_GV:
             if has_kg:
-                gv = tl.load(GV + (offs_n - KG0)[:, None] * sgt + offs_d[None, :], mask=g_mask, other=0.0)
+                gv = tl.load(GV + (offs_n - KG0)[:, None] * sgvt + offs_d[None, :], mask=g_mask, other=0.0)
                 hh = tl.dot(do, tl.trans(gv), input_precision=DOT_PREC)
                 a += tl.sum(p * hh, 1)
 
@@ -113,7 +114,8 @@ def _swa_dbwd_ru_kernel(
 @triton.jit
 def _swa_dbwd_row_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA, R, U, OUT_Q, OUT_DO,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -127,11 +129,11 @@ def _swa_dbwd_row_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * sqb + h * sqh
-    GQ += b * sqb + h * sqh
+    GQ += b * sgqb + h * sgqh
     K += b * skb + h * skh
-    GK += b * sgb + h * sgh
+    GK += b * sgkb + h * sgkh
     V += b * svb + h * svh
-    GV += b * sgb + h * sgh
+    GV += b * sgvb + h * sgvh
     DO += b * sdb + h * sdh
     OUT_Q += bh.to(tl.int64) * TQ * HEAD_DIM
     OUT_DO += bh.to(tl.int64) * TQ * HEAD_DIM
@@ -149,7 +151,7 @@ def _swa_dbwd_row_kernel(
     q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
     if HAS_GQ:
-        gq = tl.load(GQ + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
+        gq = tl.load(GQ + offs_m[:, None] * sgqt + offs_d[None, :], mask=row_mask, other=0.0)
     lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
     r = tl.load(R + offs_m, mask=m_valid, other=0.0)
@@ -180,7 +182,7 @@ def _swa_dbwd_row_kernel(
                 g += tl.dot(gq, tl.trans(k), input_precision=DOT_PREC)
             if HAS_GK:
                 if has_kg:
-                    gk = tl.load(GK + (offs_n - KG0)[:, None] * sgt + offs_d[None, :], mask=g_mask, other=0.0)
+                    gk = tl.load(GK + (offs_n - KG0)[:, None] * sgkt + offs_d[None, :], mask=g_mask, other=0.0)
                     g += tl.dot(q, tl.trans(gk), input_precision=DOT_PREC)
                     ds = p * dpc
                     acc_q += tl.dot(ds.to(gk.dtype), gk, input_precision=DOT_PREC)
@@ -190,7 +192,7 @@ def _swa_dbwd_row_kernel(
             acc_do += tl.dot(g_dp.to(v.dtype), v, input_precision=DOT_PREC)
         if HAS_GV:
             if has_kg:
-                gv = tl.load(GV + (offs_n - KG0)[:, None] * sgt + offs_d[None, :], mask=g_mask, other=0.0)
+                gv = tl.load(GV + (offs_n - KG0)[:, None] * sgvt + offs_d[None, :], mask=g_mask, other=0.0)
                 g_p += tl.dot(do, tl.trans(gv), input_precision=DOT_PREC)
                 acc_do += tl.dot(p.to(gv.dtype), gv, input_precision=DOT_PREC)
         g_s = p * (g_p - u[:, None])
@@ -204,7 +206,8 @@ def _swa_dbwd_row_kernel(
 @triton.jit
 def _swa_dbwd_col_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA, R, U, OUT_K, OUT_V,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -216,11 +219,11 @@ def _swa_dbwd_col_kernel(
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     Q += b * sqb + h * sqh
-    GQ += b * sqb + h * sqh
+    GQ += b * sgqb + h * sgqh
     K += b * skb + h * skh
-    GK += b * sgb + h * sgh
+    GK += b * sgkb + h * sgkh
     V += b * svb + h * svh
-    GV += b * sgb + h * sgh
+    GV += b * sgvb + h * sgvh
     DO += b * sdb + h * sdh
     OUT_K += bh.to(tl.int64) * TK * HEAD_DIM
     OUT_V += bh.to(tl.int64) * TK * HEAD_DIM
@@ -240,9 +243,9 @@ def _swa_dbwd_col_kernel(
     has_kg = n0 + BLOCK_N > KG0  # this key tile has cotangents gK, gV
     g_mask = col_mask & (offs_n >= KG0)[:, None]
     if HAS_GK:
-        gk = tl.load(GK + (offs_n - KG0)[:, None] * sgt + offs_d[None, :], mask=g_mask, other=0.0)
+        gk = tl.load(GK + (offs_n - KG0)[:, None] * sgkt + offs_d[None, :], mask=g_mask, other=0.0)
     if HAS_GV:
-        gv = tl.load(GV + (offs_n - KG0)[:, None] * sgt + offs_d[None, :], mask=g_mask, other=0.0)
+        gv = tl.load(GV + (offs_n - KG0)[:, None] * sgvt + offs_d[None, :], mask=g_mask, other=0.0)
     k_pos = K_POS0 + offs_n
     acc_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -266,7 +269,7 @@ def _swa_dbwd_col_kernel(
         dpct = dpt - delta[None, :]
         g_pt = -r[None, :] * dpt
         if HAS_GQ:
-            gq = tl.load(GQ + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
+            gq = tl.load(GQ + offs_m[:, None] * sgqt + offs_d[None, :], mask=row_mask, other=0.0)
         if HAS_GQ or HAS_GK:
             gt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             if HAS_GQ:
@@ -296,11 +299,12 @@ def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_p
     """(grad q, grad k, grad v, grad dO) given cotangents gq, gk, gv (any may be None) of (dq, dk, dv), where dk
     and dv were those of the keys k_grad_from.. (gk, gv: (B, H, Tk - k_grad_from, D)).
 
-    The kernels read gQ with q's strides and gK, gV with one shared set, so everything is made contiguous here (a
-    no-op for the usual contiguous inputs); cotangents are cast to the operand dtype.
+    The kernels read every input by its strides (the head dim's must be 1: as_kernel_operand) and write contiguous
+    outputs: the transposed (B, T, H, D) views the model hands in cost no copies. Cotangents are cast to the
+    operand dtype.
     """
-    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
-    gq, gk, gv = (None if g is None else g.to(t.dtype).contiguous() for g, t in ((gq, q), (gk, k), (gv, v)))
+    q, k, v, do = (as_kernel_operand(t) for t in (q, k, v, do))
+    gq, gk, gv = (None if g is None else as_kernel_operand(g.to(t.dtype)) for g, t in ((gq, q), (gk, k), (gv, v)))
     B, H, TQ, D = q.shape
     TK = k.shape[2]
     for name, g in (("gk", gk), ("gv", gv)):
@@ -311,18 +315,17 @@ def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_p
     if not (has_gq or has_gk or has_gv):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(do)
     # Every element is written by the kernels (key tiles of the masked cache store zeros): no memset needed.
-    out_q, out_do = torch.empty_like(q), torch.empty_like(do)
-    out_k, out_v = torch.empty_like(k), torch.empty_like(v)
+    out_q, out_do = (torch.empty((B, H, TQ, D), dtype=t.dtype, device=t.device) for t in (q, do))
+    out_k, out_v = (torch.empty((B, H, TK, D), dtype=t.dtype, device=t.device) for t in (k, v))
     # Absent cotangents are never read (HAS_* flags); any tensor of the right dtype stands in for the pointer.
     gq_ = gq if has_gq else q
     gk_ = gk if has_gk else k
-    gv_ = gv if has_gv else k
-    g = gk if has_gk else gv_  # gk and gv, both contiguous of one shape where present, share these strides
-    g_strides = (g.stride(0), g.stride(1), g.stride(2))
+    gv_ = gv if has_gv else v
     r = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
     u = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
     args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), *g_strides,
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            *(t.stride(i) for t in (gq_, gk_, gv_) for i in range(3)),
             H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale)
     common = dict(HAS_GQ=has_gq, HAS_GK=has_gk, HAS_GV=has_gv, HEAD_DIM=D, BLOCK_D=block_d(D),
                   DOT_PREC=dot_precision(q.dtype))

@@ -22,7 +22,11 @@ cache as a constant, and then dK, dV are computed for the block's keys only (`k_
 cache's key tiles in the backward and its cotangent products in the double backward. It does the concatenation
 itself and returns it (the caller's next cache), so the keys it saves are its own output: the double backward's
 gradient w.r.t. them comes back through this node as the cotangent of that output, i.e. through the concatenation.
+The concatenation appends to a buffer with room for the window (`_append`): mini-batch t writes its block's keys
+after the t blocks already there instead of copying all of them again.
 """
+
+import weakref
 
 import torch
 
@@ -56,10 +60,51 @@ class _SWAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+# The key buffers of the caches in flight, by address. A buffer carries its values buffer and how many rows are
+# filled (`_values`, `_filled`: attributes, so that nothing refers back to it and it dies with its last view).
+_BUFFERS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _holds(kb: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b: int) -> bool:
+    """Whether (k_cache, v_cache) are buffer kb's filled rows, with room for b more after them."""
+    tc = k_cache.shape[2]
+    return tc == kb._filled and tc + b <= kb.shape[2] and all(
+        c.data_ptr() == t.data_ptr() and c.stride() == t.stride() and c.shape[:2] == t.shape[:2]
+        for c, t in ((k_cache, kb), (v_cache, kb._values)))
+
+
+def _new_buffer(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: int) -> torch.Tensor:
+    """A key buffer (and its values) of `rows` rows that starts with the cache."""
+    B, H, tc, D = k_cache.shape
+    kb, vb = k_cache.new_empty((B, H, rows, D)), v_cache.new_empty((B, H, rows, D))
+    kb[:, :, :tc].copy_(k_cache)
+    vb[:, :, :tc].copy_(v_cache)
+    kb._values, kb._filled = vb, tc
+    _BUFFERS[kb.data_ptr()] = kb
+    return kb
+
+
+def _append(k_cache, v_cache, k, v, window):
+    """cat(k_cache, k), cat(v_cache, v) as views of a buffer with room for the window: where the cache is the
+    filled head of one (the previous mini-batch's keys), the block is written after it, not the cache copied
+    again; else a new buffer takes both. The rows past a view's end are only written once, by the next
+    mini-batch: a view already returned never changes (a second call with the same cache gets a new buffer)."""
+    tc, b = k_cache.shape[2], k.shape[2]
+    kb = _BUFFERS.get(k_cache.data_ptr())
+    if kb is None or not _holds(kb, k_cache, v_cache, b):
+        kb = _new_buffer(k_cache, v_cache, max(tc, window) + b)
+    vb = kb._values
+    # .data: written outside autograd's version counters, whose views of the filled rows earlier nodes saved
+    kb.data[:, :, tc:tc + b].copy_(k)
+    vb.data[:, :, tc:tc + b].copy_(v)
+    kb._filled = tc + b
+    return kb[:, :, :tc + b], vb[:, :, :tc + b]
+
+
 class _SWACachedAttention(torch.autograd.Function):
     @staticmethod
     def forward(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0, scale):
-        keys, values = torch.cat((k_cache, k), 2), torch.cat((v_cache, v), 2)
+        keys, values = _append(k_cache, v_cache, k, v, window)
         o, lse = swa_forward(as_kernel_operand(q), keys, values, window, q_pos0, k_pos0, scale)
         return o, lse, keys, values
 

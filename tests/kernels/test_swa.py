@@ -119,11 +119,24 @@ def test_double_backward_with_missing_cotangents(used):
             assert a.abs().max() == 0, n
 
 
-def test_non_contiguous_inputs():
-    # The model's layout: (B, T, H, D) viewed as (B, H, T, D).
-    B, H, T, D, W = 1, 3, 27, 32, 9
-    q, k, v, do = (fresh_randn(B, T, H, D).transpose(1, 2) for _ in range(4))
-    cot = tuple(fresh_randn(B, T, H, D).transpose(1, 2) for _ in range(3))
+def _layout(kind, B, H, T, D):
+    """A (B, H, T, D) tensor laid out as the model's transposed (B, T, H, D) view, contiguous, or rows T of a
+    longer (B, H, T + 5, D) tensor: strides that differ in every dim but the last."""
+    if kind == "bthd":
+        return fresh_randn(B, T, H, D).transpose(1, 2)
+    if kind == "rows":
+        return fresh_randn(B, H, T + 5, D)[:, :, 2:T + 2]
+    return fresh_randn(B, H, T, D)
+
+
+@pytest.mark.parametrize("layouts", [("bthd",) * 7, ("bthd", "plain", "rows", "bthd", "plain", "rows", "bthd"),
+                                     ("rows", "bthd", "plain", "rows", "bthd", "plain", "rows")],
+                         ids=["model", "mixed", "mixed2"])
+def test_non_contiguous_inputs(layouts):
+    # The model's layout: (B, T, H, D) viewed as (B, H, T, D); and every input (q, k, v, dO, and the cotangents
+    # of dq, dk, dv) with strides of its own, which the double backward reads as they are
+    B, H, T, D, W = 2, 3, 27, 32, 9
+    q, k, v, do, *cot = (_layout(kind, B, H, T, D) for kind in layouts)
     got = _run_all(swa_attention, q, k, v, do, cot, W, 0, 0, torch.float32)
     ref = _run_all(swa_reference, q, k, v, do, cot, W, 0, 0, torch.float64)
     errs = {n: rel_err(a, b) for n, a, b in zip(NAMES, got, ref)}
@@ -204,6 +217,49 @@ def test_cached_attention_with_one_inner_gradient_used(used):
     ref = inner_then_outer(cached_reference, *(t.double() for t in (q, k, v, kc, vc)), cot, W, QP)
     errs = [rel_err(a, b) for a, b in zip(got, ref)]
     assert all(e < TOL for e in errs), errs
+
+
+def test_cached_attention_chain_appends_to_one_buffer(monkeypatch):
+    """Mini-batches in a row, each one's keys the next one's cache (the meta step's pattern): a block is written
+    after the cache in the buffer that holds it while there is room (a spy counts the buffers made), a keys view
+    once returned never changes, and the outputs, the returned keys and the gradients (each block's inner
+    gradient, then the outer gradient of everything) match the concatenating reference. A second call with an
+    earlier cache gets a buffer of its own."""
+    made = []
+    real = function._new_buffer
+    monkeypatch.setattr(function, "_new_buffer", lambda *a: made.append(1) or real(*a))
+    B, H, b, D, W, n = 1, 2, 8, 16, 20, 4  # keys grow 8 -> 32 rows; a buffer holds max(cache, W) + b
+    qs, ks, vs = ([fresh_randn(B, H, b, D) for _ in range(n)] for _ in range(3))
+    cot = [[fresh_randn(B, H, b, D) for _ in range(4)] for _ in range(n)]
+    last_cot = fresh_randn(B, H, n * b, D)
+
+    def chain(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in qs + ks + vs]
+        q, k, v = leaves[:n], leaves[n:2 * n], leaves[2 * n:]
+        keys, values, total, seen = k[0], v[0], 0, []
+        for t in range(1, n):
+            o, keys, values = fn(q[t], keys, values, k[t], v[t], W, t * b, 0)
+            seen.append((keys, values))
+            inner = torch.autograd.grad((o * cot[t][0].to(dtype)).sum(), (q[t], k[t], v[t]), create_graph=True)
+            total = total + (o * cot[t][0].to(dtype)).sum()
+            total = total + sum((g * c.to(dtype)).sum() for g, c in zip(inner, cot[t][1:]))
+        total = total + (keys * last_cot.to(dtype)).sum() + (values * last_cot.to(dtype)).sum()
+        grads = torch.autograd.grad(total, leaves[1:])  # q[0]: the first block's queries attend in no call here
+        return [x.detach().clone() for x, _ in seen], grads, (q, k, v, seen)
+
+    got_keys, got_grads, (q, k, v, seen) = chain(swa_attention_cached, torch.float32)
+    assert len(made) == 2, made  # mini-batch 2 appended to mini-batch 1's buffer; 3 found no room
+    ref_keys, ref_grads, _ = chain(lambda *a: cached_reference(*a[:5], *a[5:]), torch.float64)
+    for a, r in zip(got_keys, ref_keys):
+        assert torch.equal(a.double(), r.to(torch.float32).double())
+    errs = [rel_err(a, r) for a, r in zip(got_grads, ref_grads)]
+    assert all(e < TOL for e in errs), errs
+    # mini-batch 2 again, on mini-batch 1's keys (as a recomputation would): a buffer of its own
+    with torch.no_grad():
+        o2, keys2, _ = swa_attention_cached(q[2], *seen[0], fresh_randn(B, H, b, D), v[2], W, 2 * b, 0)
+    assert len(made) == 3 and torch.equal(seen[1][0], got_keys[1]) and torch.equal(keys2[:, :, :2 * b], seen[0][0])
+    del seen, keys2, o2
+    assert not function._BUFFERS  # a buffer dies with its last view (no reference cycle keeps it)
 
 
 def test_cached_attention_forward_and_bad_cache():

@@ -59,9 +59,11 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
     # like w (x @ w^T gives it transposed) and the elementwise work on it and on w together (clip, SGD step,
     # their derivatives) runs vectorized; the hidden activations stay in the (B, hidden, T) layout throughout,
     # contiguous for the gate's kernels.
-    mm = seq_linear if kernel else torch.matmul
     xt = x.mT
-    return mm(w2, gate(mm(w1, xt), mm(w3, xt))).mT
+    if not kernel:
+        return torch.matmul(w2, gate(torch.matmul(w1, xt), torch.matmul(w3, xt))).mT
+    # the output goes back to (B, T, d): written in that layout (the next norm reads it without a copy)
+    return seq_linear(w2, gate(seq_linear(w1, xt), seq_linear(w3, xt)), transposed_out=True).mT
 
 
 class SwiGLU(nn.Module):

@@ -11,7 +11,10 @@ factors (K = the uses' rows together) or as matmuls accumulating into one output
     shared_gain(g)            a norm gain likewise, its uses' gradients kept as the norm kernels' partial sums
     linear(x, w)              x w^T (w: (out, in)); deferred where w came from shared_weight
     seq_linear(w, x)          w x for per-sequence weights w (B, out, in), x (B, in, T): the inner weights phi_t,
-                              whose two uses (forward, inner backward) are summed in one matmul by the forward's node
+                              whose two uses (forward, inner backward) are summed in one matmul by the forward's node.
+                              Activations in these products are often transposed views of (B, T, features) tensors;
+                              each product is written in the layout its consumer reads contiguously (the gradient of
+                              x in x's, of y in y's: `_bmm`), so that no norm or gate kernel has to copy it first
 
 The inner gradient itself (the backward run while the outer graph records it) is computed as usual: deferral
 only happens in the last backward, where no graph is recorded (`torch.is_grad_enabled()` is off).
@@ -70,20 +73,30 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _dx(w: torch.Tensor, gy: torch.Tensor, seq: bool) -> torch.Tensor:
-    return w.mT @ gy if seq else gy @ w
+def _transposed(t: torch.Tensor) -> bool:
+    """Whether t (B, m, n) is the transposed view of a contiguous (B, n, m) tensor (as x.mT of activations)."""
+    return t.stride(-2) == 1 and t.stride(-1) != 1
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """a @ b, batched; transposed: computed as (b^T a^T)^T, the result a transposed view of a contiguous tensor."""
+    return torch.bmm(b.mT, a.mT).mT if transposed else torch.bmm(a, b)
+
+
+def _dx(w: torch.Tensor, gy: torch.Tensor, seq: bool, x: torch.Tensor) -> torch.Tensor:
+    return _bmm(w.mT, gy, _transposed(x)) if seq else gy @ w
 
 
 class _Linear(torch.autograd.Function):
     """y = x w^T (shared w) or w x (per-sequence w)."""
 
     @staticmethod
-    def forward(x, w, acc):
-        return torch.bmm(w, x) if acc.per_sequence else F.linear(x, w)
+    def forward(x, w, acc, transposed_out):
+        return _bmm(w, x, transposed_out) if acc.per_sequence else F.linear(x, w)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, acc = inputs
+        x, w, acc, _ = inputs
         ctx.save_for_backward(x, w)
         ctx.acc = acc
 
@@ -96,14 +109,14 @@ class _Linear(torch.autograd.Function):
             if seq and acc.pairs:
                 raise RuntimeError("seq_linear: a third derivative is not supported")
             dx, dw = _LinearBackward.apply(x, w, gy, acc, need_x, need_w)
-            return dx, dw, None
-        dx = _dx(w, gy, seq) if need_x else None
+            return dx, dw, None, None
+        dx = _dx(w, gy, seq, x) if need_x else None
         dw = None
         if need_w:
             acc.add(gy, x) if seq else acc.add(_rows(gy), _rows(x))
             if seq:  # this node is the inner state's last use in the backward: sum its two uses now
                 dw = acc.total()
-        return dx, dw, None
+        return dx, dw, None, None
 
 
 class _LinearBackward(torch.autograd.Function):
@@ -112,7 +125,7 @@ class _LinearBackward(torch.autograd.Function):
     @staticmethod
     def forward(x, w, gy, acc, need_x, need_w):
         seq = acc.per_sequence
-        dx = _dx(w, gy, seq) if need_x else None
+        dx = _dx(w, gy, seq, x) if need_x else None
         dw = ((gy @ x.mT) if seq else _rows(gy).T @ _rows(x)) if need_w else None
         return dx, dw
 
@@ -131,12 +144,12 @@ class _LinearBackward(torch.autograd.Function):
         need_x, need_w, need_gy = ctx.needs_input_grad[:3]
         gx = ggy = None
         if g_dw is not None and need_x:
-            gx = g_dw.mT @ gy if seq else gy @ g_dw
+            gx = _bmm(g_dw.mT, gy, _transposed(x)) if seq else gy @ g_dw
         if need_gy:
             if g_dx is not None:
-                ggy = w @ g_dx if seq else g_dx @ w.T
+                ggy = _bmm(w, g_dx, _transposed(gy)) if seq else g_dx @ w.T
             if g_dw is not None:
-                term = g_dw @ x if seq else x @ g_dw.T
+                term = _bmm(g_dw, x, _transposed(gy)) if seq else x @ g_dw.T
                 ggy = term if ggy is None else ggy + term
         if g_dx is not None and need_w:
             acc.add(gy, g_dx) if seq else acc.add(_rows(gy), _rows(g_dx))
@@ -188,12 +201,14 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     acc = getattr(w, "_weight_grad", None)
     if acc is None or not torch.is_grad_enabled():
         return F.linear(x, w)
-    return _Linear.apply(x.to(w.dtype), w, acc)  # w is in the compute dtype: the cast autocast would make
+    return _Linear.apply(x.to(w.dtype), w, acc, False)  # w is in the compute dtype: the cast autocast would make
 
 
-def seq_linear(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def seq_linear(w: torch.Tensor, x: torch.Tensor, transposed_out: bool = False) -> torch.Tensor:
     """w (B, out, in) @ x (B, in, T): one weight per sequence. Differentiated twice (the meta step), the
-    gradients of its two uses (this product and the inner backward's w^T gy) come out of one node."""
+    gradients of its two uses (this product and the inner backward's w^T gy) come out of one node.
+    transposed_out: the result (B, out, T) as the transposed view of a contiguous (B, T, out) tensor (for a caller
+    that reads it back in (B, T, out))."""
     if not torch.is_grad_enabled():
-        return torch.matmul(w, x)
-    return _Linear.apply(x.to(w.dtype), w, WeightGrad(per_sequence=True))
+        return _bmm(w, x.to(w.dtype), transposed_out)
+    return _Linear.apply(x.to(w.dtype), w, WeightGrad(per_sequence=True), transposed_out)

@@ -51,6 +51,7 @@ class Suffix(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(cfg, has_prime=cfg.prime_mlp) for _ in range(cfg.suffix_len))
         self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ln_f.feeds_matmuls = True  # its output only feeds the head
 
     def inner_names(self) -> list[str]:
         """Names (as in named_parameters) of the inner weights phi: w1, w2, w3 of every MLP'."""

@@ -9,13 +9,12 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad, vjp
 
-from ttt_e2e.kernels.cross_entropy import cross_entropy_with_grad
 from ttt_e2e.kernels.sgd import clipped_sgd, sgd_update_
 from ttt_e2e.kernels.sgd.clip import clip_scale
 from ttt_e2e.model.layers import compute_dtype
-from ttt_e2e.model.linear import linear
 from ttt_e2e.model.transformer import Suffix
 
+from .head import head_loss_and_grad
 from .loss import masked_mean, token_losses
 
 Tensors = dict[str, torch.Tensor]
@@ -128,25 +127,24 @@ def loss_and_grad(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi_c: Ten
     """`minibatch_loss` and the gradient g of sum_i l_t[i] w.r.t. phi_c: (l_t, tok, g, kvs).
 
     The same function as torch.func.grad of the loss, taken in two parts: the loss and its gradient w.r.t. the
-    logits come from one cross-entropy node (kernels/cross_entropy: cross_entropy_with_grad), the rest is the
-    suffix's vector-Jacobian product with that gradient. The logits then have one node that both the loss and
-    the inner gradient leave from, and the outer backward hands it both of their cotangents at once: one pass
-    writes the logits' gradient (autograd of the loss would take a backward pass, a double-backward pass and
-    their sum)."""
-    def logits(phi_c: Tensors):
-        out, kvs = functional_call(suffix, {**theta, **phi_c}, (h, pos0, caches))
-        return linear(out, head), kvs
+    suffix's output come from one node (ttt/head.py: the head, the cross-entropy and the head's backward), the
+    rest is the suffix's vector-Jacobian product with that gradient. The outer backward hands that node both
+    cotangents at once, and it writes the logits' gradient in one pass (autograd of the loss would take a
+    backward pass, a double-backward pass and their sum, each over the (b, vocab) logits)."""
+    def run(phi_c: Tensors):
+        return functional_call(suffix, {**theta, **phi_c}, (h, pos0, caches))
 
-    z, pullback, kvs = vjp(logits, phi_c, has_aux=True)
-    m = mask.to(torch.promote_types(z.dtype, torch.float32))
+    out, pullback, kvs = vjp(run, phi_c, has_aux=True)
+    m = mask.to(torch.promote_types(out.dtype, torch.float32))
     w = m / m.sum(-1, keepdim=True).clamp(min=1)  # d l_t / d tok: each sequence's masked mean
-    tok, dz = cross_entropy_with_grad(z.flatten(0, 1), targets.flatten(), w.flatten(),
-                                      use_kernel=None if ce_kernel else False)
+    dtype = compute_dtype(out)  # the casts autocast makes for the head's matmuls (the meta step's head is cast)
+    tok, dx = head_loss_and_grad(out.flatten(0, 1).to(dtype), head.to(dtype), targets.flatten(), w.flatten(),
+                                 kernel=None if ce_kernel else False)
     # create_graph always, as torch.func.grad does, so that a step computes the same numbers whether or not
     # autograd records it (remat's forward and inference run under no_grad; the two modes round differently
     # under autocast); without grad mode nothing outside may keep that graph
     recording = torch.is_grad_enabled()
-    (g,) = pullback(dz.view_as(z), create_graph=True)
+    (g,) = pullback(dx.view(out.shape).to(out.dtype), create_graph=True)
     if not recording:
         g = {n: t.detach() for n, t in g.items()}
     tok = tok.view(targets.shape)

@@ -96,9 +96,11 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
 
     head, caches, phi_c = cast(model.head_weight(), dtype), None, None
     losses, toks, norms = [], [], []
+    # split, not slices: the gradient of h is then one concatenation of the mini-batches' gradients, where each
+    # slice's would be a zero-filled (B, T, d) tensor, all of them then added up
+    hs, ys, ms = h.split(b, 1), targets.split(b, 1), mask.split(b, 1)
     for t in range(T // b):
-        sl = slice(t * b, (t + 1) * b)
-        args = (theta, head, phi, phi_c, caches, h[:, sl], targets[:, sl], mask[:, sl], t * b)
+        args = (theta, head, phi, phi_c, caches, hs[t], ys[t], ms[t], t * b)
         fn = last if t == T // b - 1 else step
         out = remat(fn, *args) if ttt.remat_inner else fn(*args)
         if fn is last:
