@@ -44,9 +44,10 @@ def swa_attention_cached(q, k_cache, v_cache, k, v, window: int, q_pos0: int = 0
     if not use_triton(q):
         keys, values = torch.cat((k_cache, k), 2), torch.cat((v_cache, v), 2)
         return swa_reference(q, keys, values, window, q_pos0, k_pos0, scale), keys, values
+    room = window  # the longest cache a caller keeps (it trims to the window): the most rows a buffer needs
     window = _kernel_window(q, k_cache.shape[2] + k.shape[2], window, q_pos0, k_pos0)
     o, _lse, keys, values = _SWACachedAttention.apply(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0,
-                                                      default_scale(q.shape[-1], scale))
+                                                      default_scale(q.shape[-1], scale), room)
     return o, keys, values
 
 

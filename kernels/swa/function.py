@@ -84,15 +84,17 @@ def _new_buffer(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: int) -> torc
     return kb
 
 
-def _append(k_cache, v_cache, k, v, window):
-    """cat(k_cache, k), cat(v_cache, v) as views of a buffer with room for the window: where the cache is the
-    filled head of one (the previous mini-batch's keys), the block is written after it, not the cache copied
-    again; else a new buffer takes both. The rows past a view's end are only written once, by the next
-    mini-batch: a view already returned never changes (a second call with the same cache gets a new buffer)."""
+def _append(k_cache, v_cache, k, v, room):
+    """cat(k_cache, k), cat(v_cache, v) as views of a buffer: where the cache is the filled head of one (the
+    previous mini-batch's keys) with room after it, the block is written there, not the cache copied again; else a
+    new buffer takes both, twice as long as they are (amortized: the keys of T / b mini-batches are copied
+    O(1) times each), at most room + b rows (room: the longest cache the caller keeps). The rows past a view's end
+    are only written once, by the next mini-batch: a view already returned never changes (a second call with the
+    same cache gets a new buffer)."""
     tc, b = k_cache.shape[2], k.shape[2]
     kb = _BUFFERS.get(k_cache.data_ptr())
     if kb is None or not _holds(kb, k_cache, v_cache, b):
-        kb = _new_buffer(k_cache, v_cache, max(tc, window) + b)
+        kb = _new_buffer(k_cache, v_cache, max(tc + b, min(2 * (tc + b), room + b)))
     vb = kb._values
     # .data: written outside autograd's version counters, whose views of the filled rows earlier nodes saved
     kb.data[:, :, tc:tc + b].copy_(k)
@@ -103,14 +105,14 @@ def _append(k_cache, v_cache, k, v, window):
 
 class _SWACachedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0, scale):
-        keys, values = _append(k_cache, v_cache, k, v, window)
+    def forward(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0, scale, room):
+        keys, values = _append(k_cache, v_cache, k, v, room)
         o, lse = swa_forward(as_kernel_operand(q), keys, values, window, q_pos0, k_pos0, scale)
         return o, lse, keys, values
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k_cache, _, _, _, window, q_pos0, k_pos0, scale = inputs
+        q, k_cache, _, _, _, window, q_pos0, k_pos0, scale, _ = inputs
         o, lse, keys, values = output
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
@@ -131,7 +133,7 @@ class _SWACachedAttention(torch.autograd.Function):
         split = lambda g, lo, hi: None if g is None else g[:, :, lo:hi]  # noqa: E731
         return (dq, split(dk, 0, tc - start) if ctx.needs_input_grad[1] else None,
                 split(dv, 0, tc - start) if ctx.needs_input_grad[2] else None,
-                split(dk, tc - start, None), split(dv, tc - start, None), None, None, None, None)
+                split(dk, tc - start, None), split(dv, tc - start, None), None, None, None, None, None)
 
 
 class _SWASplitAttention(torch.autograd.Function):

@@ -228,7 +228,7 @@ def test_cached_attention_chain_appends_to_one_buffer(monkeypatch):
     made = []
     real = function._new_buffer
     monkeypatch.setattr(function, "_new_buffer", lambda *a: made.append(1) or real(*a))
-    B, H, b, D, W, n = 1, 2, 8, 16, 20, 4  # keys grow 8 -> 32 rows; a buffer holds max(cache, W) + b
+    B, H, b, D, W, n = 1, 2, 8, 16, 20, 4  # keys grow 8 -> 32 rows; a buffer holds min(2 (cache + b), W + b)
     qs, ks, vs = ([fresh_randn(B, H, b, D) for _ in range(n)] for _ in range(3))
     cot = [[fresh_randn(B, H, b, D) for _ in range(4)] for _ in range(n)]
     last_cot = fresh_randn(B, H, n * b, D)

@@ -105,3 +105,28 @@ def test_no_inner_step_after_the_last_mini_batch(monkeypatch):
     n_mb = model.cfg.seq_length // ttt.mini_batch_size
     assert calls == [t * ttt.mini_batch_size for t in range(n_mb - 1)]
     assert out.inner_grad_norm.shape == (n_mb - 1,) and out.minibatch_losses.shape == (n_mb,)
+
+
+@pytest.mark.parametrize("window", [48, 20])  # the whole sequence (caches grow in buffers), and a trimmed cache
+@pytest.mark.parametrize("remat", [False, True])
+def test_meta_gradient_with_growing_kv_buffers(monkeypatch, window, remat):
+    """The meta step through the Triton attention kernels (the interpreter here, fp32), whose suffix keys grow in
+    buffers (kernels/swa/function.py: _append), against the PyTorch attention's meta-gradient: 8 mini-batches,
+    so that the buffers are appended to, outgrown and, with a window shorter than the sequence, left for trimmed
+    caches; with remat the recomputation gets buffers of its own. A milder inner rate than the finite-difference
+    test's 0.7: there 8 inner steps amplify fp32 rounding (either backend's) to ~1e-4, here it stays ~2e-6."""
+    from ttt_e2e.kernels.swa import function
+
+    made = []
+    real = function._new_buffer
+    monkeypatch.setattr(function, "_new_buffer", lambda kc, vc, rows: made.append(rows) or real(kc, vc, rows))
+    grads = {}
+    for backend in ("torch", "triton"):
+        model = tiny_model(d_model=32, attention_backend=backend, seq_length=48, window=window).float()
+        ttt = meta(mini_batch_size=6, remat_inner=remat, inner_lr=0.1)
+        loss = sequence_loss(model, *tiny_batch(model), ttt).loss
+        grads[backend] = torch.autograd.grad(loss, list(model.parameters()))
+    cached_calls = 7 * model.cfg.suffix_len  # mini-batches 1..7 attend over a cache, in every suffix block
+    assert 0 < len(made) < cached_calls * (2 if remat else 1), made
+    for (name, _), a, b in zip(model.named_parameters(), grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item(), msg=name)
