@@ -120,11 +120,12 @@ def test_meta_gradient_with_growing_kv_buffers(monkeypatch, window, remat):
     made = []
     real = function._new_buffer
     monkeypatch.setattr(function, "_new_buffer", lambda kc, vc, rows: made.append(rows) or real(kc, vc, rows))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     grads = {}
     for backend in ("torch", "triton"):
-        model = tiny_model(d_model=32, attention_backend=backend, seq_length=48, window=window).float()
+        model = tiny_model(d_model=32, attention_backend=backend, seq_length=48, window=window).float().to(device)
         ttt = meta(mini_batch_size=6, remat_inner=remat, inner_lr=0.1)
-        loss = sequence_loss(model, *tiny_batch(model), ttt).loss
+        loss = sequence_loss(model, *[t.to(device) for t in tiny_batch(model)], ttt).loss
         grads[backend] = torch.autograd.grad(loss, list(model.parameters()))
     cached_calls = 7 * model.cfg.suffix_len  # mini-batches 1..7 attend over a cache, in every suffix block
     assert 0 < len(made) < cached_calls * (2 if remat else 1), made
