@@ -2,7 +2,6 @@
 
     from ttt_e2e.kernels.cross_entropy import cross_entropy
     loss = cross_entropy(logits, targets)   # (N,) fp32; logits stay in their dtype (bf16 under autocast)
-    loss, dz = cross_entropy_with_grad(logits, targets, weights)   # and dz = d(sum weights * loss) / d logits
 
 The PyTorch form upcasts the logits to fp32 and runs log-softmax, its backward and their derivatives as a dozen
 passes over (N, V) tensors; over a 128K vocabulary these were a third of the GPU time of a 125M meta step. The
@@ -12,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .function import _CrossEntropy, _CrossEntropyWithGrad
+from .function import _CrossEntropy
 from .reference import cross_entropy_reference
 
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "cross_entropy_reference"]
+__all__ = ["cross_entropy", "cross_entropy_reference"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -34,23 +33,3 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, use_kernel: bool 
         logits = logits.contiguous()
     loss, _ = _CrossEntropy.apply(logits, targets.contiguous())
     return loss
-
-
-def cross_entropy_with_grad(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
-                            use_kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss (N,), dz (N, V)): `cross_entropy` and its gradient dz = d <weights, loss> / d logits (in the logits'
-    dtype), both differentiable, from one node (TTT's inner loss and the gradient its inner step backpropagates:
-    the outer backward then forms the logits' gradient in one pass). weights (N,); rows with a negative target
-    get loss 0 and dz 0. use_kernel as in `cross_entropy`; otherwise the same formulas in PyTorch ops."""
-    if logits.dim() != 2 or targets.shape != logits.shape[:1] or weights.shape != targets.shape:
-        raise ValueError(f"cross_entropy_with_grad: logits (N, V), targets (N,) and weights (N,) expected, got "
-                         f"{tuple(logits.shape)}, {tuple(targets.shape)} and {tuple(weights.shape)}")
-    if use_kernel is None:
-        use_kernel = logits.is_cuda and logits.dtype in _DTYPES
-    use_kernel = use_kernel and logits.numel() > 0
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    acc = torch.promote_types(logits.dtype, torch.float32)
-    loss, dz, _ = _CrossEntropyWithGrad.apply(logits, targets.contiguous(), weights.to(acc).contiguous(),
-                                              use_kernel)
-    return loss, dz

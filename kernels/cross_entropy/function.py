@@ -1,16 +1,15 @@
-"""Autograd for the cross-entropy kernels: the backward is itself a Function, so the inner gradient of TTT
-(taken with create_graph) can be differentiated by the outer loss; the double backward is once_differentiable.
+"""Autograd for the cross-entropy kernels: the backward is itself a Function, so that a gradient taken with
+create_graph can be differentiated again; the double backward is once_differentiable.
 
-_CrossEntropyWithGrad is the same pair as one node with two outputs, the loss and its gradient for given row
-weights (TTT's inner loss: its value enters the outer loss, its gradient the inner backward). Autograd then hands
-its backward both cotangents together, and the logits' gradient is written in one two-pass kernel, where the
-pair above takes a backward pass, a double-backward pass and a third pass adding the two."""
+TTT's inner loss does not come through here: its head, cross-entropy and inner gradient form one node
+(ttt_e2e/ttt/head.py), which calls the kernels and the PyTorch forms below (`_fwd_grad_torch`, `_bwd_torch`)
+directly."""
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .kernel import ce_bwd, ce_double_bwd, ce_fwd, ce_fwd_grad
+from .kernel import ce_bwd, ce_double_bwd, ce_fwd
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -47,37 +46,6 @@ class _CrossEntropyBackward(torch.autograd.Function):
         z, y, lse, g = ctx.saved_tensors
         gz, gg = ce_double_bwd(z, y, lse, g, u.contiguous())
         return gz, None, None, gg
-
-
-class _CrossEntropyWithGrad(torch.autograd.Function):
-    """(z, y, g) -> (loss, dz, lse), dz = g (p - e_y). use_kernel False: the same formulas in PyTorch ops (CPU,
-    float64)."""
-
-    @staticmethod
-    def forward(z, y, g, use_kernel):
-        return ce_fwd_grad(z, y, g) if use_kernel else _fwd_grad_torch(z, y, g)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        z, y, g, use_kernel = inputs
-        ctx.save_for_backward(z, y, output[2], g)
-        ctx.mark_non_differentiable(output[2])
-        ctx.set_materialize_grads(False)
-        ctx.use_kernel = use_kernel
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dl, u, _dlse):
-        z, y, lse, g = ctx.saved_tensors
-        if u is None and dl is None:
-            return None, None, None, None
-        dl = None if dl is None else dl.to(lse.dtype).contiguous()
-        if u is None:  # only the loss is used: the plain backward
-            gz = ce_bwd(z, y, lse, dl) if ctx.use_kernel else _bwd_torch(z, y, lse, g, None, dl)[0]
-            return gz, None, None, None
-        u = u.contiguous()
-        gz, gg = ce_double_bwd(z, y, lse, g, u, dl) if ctx.use_kernel else _bwd_torch(z, y, lse, g, u, dl)
-        return gz, None, gg if ctx.needs_input_grad[2] else None, None
 
 
 def _probs(z, y, lse):

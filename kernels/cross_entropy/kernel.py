@@ -4,10 +4,10 @@ Per row, with p = softmax(z) = exp(z - lse) and y the target:
     loss = lse - z_y                        (forward; lse kept for the backward)
     dz   = g (p - e_y)                      (backward, for the loss cotangent g)
     for a cotangent u of dz:  grad g = <u, p - e_y>,  grad z = g p (u - <u, p>)   (double backward)
-The loss and dz together (the inner gradient of TTT) take one launch, and their two cotangents one backward
-pass (`ce_fwd_grad`, `ce_double_bwd(..., dl)`). The double backward reads the row twice, the first time for
-<u, p>; a caller that knows g <u, p> already (ttt/head.py derives it from the head's output) passes it to
-`ce_double_bwd_given`, one pass over (N, V) blocks.
+The loss and dz together (the inner gradient of TTT) take one launch (`ce_fwd_grad`). The double backward reads
+the row twice, the first time for <u, p>; a caller that knows g <u, p> already (ttt/head.py derives it from the
+head's output) passes it to `ce_double_bwd_given`, one pass over (N, V) blocks that also adds the backward of a
+loss cotangent dl, dl (p - e_y): TTT's inner loss enters the outer loss too.
 Every pass reads the logits in their own dtype (bf16 under autocast) and computes in fp32: no fp32 copy of the
 (N, V) logits is ever written. A negative target (ignore_index) gives loss 0 and no gradient.
 """
@@ -64,9 +64,7 @@ def _ce_bwd_kernel(Z, Y, LSE, G, DZ, V, stride_z, stride_dz, BLOCK_V: tl.constex
 
 
 @triton.jit
-def _ce_dbwd_kernel(Z, Y, LSE, G, U, DL, GZ, GG, V, stride_z, stride_u, stride_gz, HAS_DL: tl.constexpr,
-                    BLOCK_V: tl.constexpr):
-    # HAS_DL: also add dl (p - e_y), the backward for the loss cotangent dl, into gz (the fused node's backward)
+def _ce_dbwd_kernel(Z, Y, LSE, G, U, GZ, GG, V, stride_z, stride_u, stride_gz, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
     z_row = Z + row.to(tl.int64) * stride_z
     u_row = U + row.to(tl.int64) * stride_u
@@ -85,17 +83,11 @@ def _ce_dbwd_kernel(Z, Y, LSE, G, U, DL, GZ, GG, V, stride_z, stride_u, stride_g
     u_y = tl.load(u_row + tl.where(valid, y, 0)).to(tl.float32)
     tl.store(GG + row, tl.where(valid, up - u_y, 0.0))
     gz_row = GZ + row.to(tl.int64) * stride_gz
-    dl = 0.0
-    if HAS_DL:
-        dl = tl.where(valid, tl.load(DL + row), 0.0)
-    for start in range(0, V, BLOCK_V):  # second pass: g p (u - <u, p>) [+ dl (p - e_y)]
+    for start in range(0, V, BLOCK_V):  # second pass: g p (u - <u, p>)
         c = start + cols
         z = tl.load(z_row + c, mask=c < V, other=0.0).to(tl.float32)
         u = tl.load(u_row + c, mask=c < V, other=0.0).to(tl.float32)
-        p = tl.exp(z - lse)
-        gz = g * p * (u - up)
-        if HAS_DL:
-            gz += dl * (p - tl.where(c == y, 1.0, 0.0))
+        gz = g * tl.exp(z - lse) * (u - up)
         tl.store(gz_row + c, gz.to(GZ.dtype.element_ty), mask=c < V)
 
 
@@ -157,19 +149,19 @@ def ce_fwd_grad(z: torch.Tensor, y: torch.Tensor, g: torch.Tensor, out: torch.Te
     return loss, dz, lse
 
 
-def ce_double_bwd(z, y, lse, g, u, dl=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. (z, g) of <u, dz>, where dz = ce_bwd(z, y, lse, g): (gz (N, V) in z's dtype, gg (N,) fp32).
-    dl (N,) fp32: a cotangent of the loss as well; gz then also holds its backward, dl (p - e_y)."""
+def ce_double_bwd(z, y, lse, g, u) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. (z, g) of <u, dz>, where dz = ce_bwd(z, y, lse, g): (gz (N, V) in z's dtype, gg (N,) fp32)."""
     N, V = z.shape
     gz = torch.empty((N, V), dtype=z.dtype, device=z.device)
     gg = torch.empty(N, dtype=torch.float32, device=z.device)
-    _ce_dbwd_kernel[(N,)](z, y, lse, g, u, g if dl is None else dl, gz, gg, V, z.stride(0), u.stride(0),
-                          gz.stride(0), HAS_DL=dl is not None, BLOCK_V=_block(V), num_warps=8)
+    _ce_dbwd_kernel[(N,)](z, y, lse, g, u, gz, gg, V, z.stride(0), u.stride(0), gz.stride(0), BLOCK_V=_block(V),
+                          num_warps=8)
     return gz, gg
 
 
 def ce_double_bwd_given(z, y, lse, g, u, c, dl=None, out=None) -> torch.Tensor:
-    """`ce_double_bwd`'s gz, for a caller that knows c = g <u, p> (N,) fp32: one pass. out: the (N, V) tensor to
+    """`ce_double_bwd`'s gz, plus dl (p - e_y) for a loss cotangent dl (N,) fp32 if given, for a caller that knows
+    c = g <u, p> (N,) fp32: one pass. out: the (N, V) tensor to
     write gz into, in z's dtype; it may be u itself (each element is read before it is written, by the same
     program)."""
     N, V = z.shape

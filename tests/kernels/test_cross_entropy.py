@@ -5,7 +5,8 @@ targets (the interpreter on a CPU, compiled on a GPU)."""
 import pytest
 import torch
 
-from ttt_e2e.kernels.cross_entropy import cross_entropy, cross_entropy_reference, cross_entropy_with_grad
+from ttt_e2e.kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from ttt_e2e.kernels.cross_entropy.kernel import ce_fwd_grad
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=2e-5, atol=2e-5)  # fp32 kernels against float64; a wrong index or a missed lane is O(1e-2) or more
@@ -64,44 +65,21 @@ def test_double_backward(N, V, ignore):
 
 
 @pytest.mark.parametrize("N,V", SHAPES)
-@pytest.mark.parametrize("ignore", [False, True])
-@pytest.mark.parametrize("used", ["both", "loss", "grad"])
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "torch"])
-def test_loss_with_grad_node(N, V, ignore, used, kernel):
-    """(loss, dz) from one node against the reference's loss and its create_graph gradient; then the gradient
-    w.r.t. the logits and the row weights of <dl, loss> + <u, dz>, with either cotangent left out."""
-    z, y, g = _randn(N, V, scale=4.0), _targets(N, V, ignore), _randn(N)
-    dl = _randn(N) if used in ("both", "loss") else None
-    u = _randn(N, V) if used in ("both", "grad") else None
-
-    def run(z, g, ours):
-        z, g = z.clone().requires_grad_(), g.clone().requires_grad_()
-        if ours:
-            loss, dz = cross_entropy_with_grad(z, y, g, use_kernel=kernel)
-        else:
-            loss = cross_entropy_reference(z, y)
-            (dz,) = torch.autograd.grad(loss, z, g, create_graph=True)
-        obj = sum((a * b.to(a.dtype)).sum() for a, b in ((loss, dl), (dz, u)) if b is not None)
-        return (loss, dz) + torch.autograd.grad(obj, (z, g), allow_unused=True)
-
-    got, want = run(z.float(), g.float(), True), run(z, g, False)
-    for name, a, b in zip(("loss", "dz", "grad z", "grad g"), got, want):
-        if b is None:  # the reference has no path from the weights to <dl, loss>
-            assert a is None or a.abs().max() == 0, name
-        else:
-            torch.testing.assert_close(a.double(), b, **TOL, msg=name)
-
-
-def test_loss_with_grad_half_logits_and_bad_shapes():
-    N, V = 6, 1000
-    z, y, g = _randn(N, V, scale=3.0).to(torch.float16), _targets(N, V), _randn(N)
-    loss, dz = cross_entropy_with_grad(z, y, g, use_kernel=True)
-    ref_loss, ref_dz = cross_entropy_with_grad(z.double(), y, g, use_kernel=False)
-    assert loss.dtype == torch.float32 and dz.dtype == torch.float16
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dz.double(), ref_dz, rtol=1e-3, atol=1e-3)  # one fp16 rounding
-    with pytest.raises(ValueError, match="weights \\(N,\\)"):
-        cross_entropy_with_grad(z, y, g[:-1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_loss_and_gradient_in_one_launch(N, V, dtype):
+    """ce_fwd_grad (TTT's inner loss and its gradient for row weights g, ttt/head.py) against the reference's loss
+    and autograd gradient, ignored targets included; dz in the logits' dtype, written into `out` when given."""
+    z, y, g = _randn(N, V, scale=3.0), _targets(N, V, ignore=True), _randn(N)
+    z64 = z.clone().requires_grad_()
+    ref = cross_entropy_reference(z64, y)
+    (ref_dz,) = torch.autograd.grad(ref, z64, g)
+    out = torch.empty(N, V, dtype=dtype, device=DEVICE)
+    loss, dz, lse = ce_fwd_grad(z.to(dtype), y, g.float(), out=out)
+    assert dz.data_ptr() == out.data_ptr() and dz.dtype == dtype and loss.dtype == lse.dtype == torch.float32
+    tol = TOL if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)  # fp16: the logits' and dz's rounding
+    torch.testing.assert_close(loss.double(), ref, **tol)
+    torch.testing.assert_close(dz.double(), ref_dz, **tol)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(z.to(dtype).double(), -1), **TOL)
 
 
 def test_large_logits_do_not_overflow():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ttt_e2e.kernels.cross_entropy import cross_entropy_reference
-from ttt_e2e.kernels.cross_entropy.kernel import ce_double_bwd, ce_double_bwd_given
+from ttt_e2e.kernels.cross_entropy.kernel import ce_bwd, ce_double_bwd, ce_double_bwd_given
 from ttt_e2e.model.linear import shared_weight
 from ttt_e2e.ttt.head import _HeadLossAndGrad, head_loss_and_grad
 
@@ -78,12 +78,13 @@ def test_head_node_matches_autograd(N, V, d, ignore, used, kernel, shared, paire
 @pytest.mark.parametrize("N,V", [(5, 37), (4, 5000)])
 @pytest.mark.parametrize("with_dl", [False, True])
 def test_given_kernel_equals_the_two_pass_kernel(N, V, with_dl):
-    """One pass with c = g <u, p> given vs the kernel that reduces <u, p> itself; out=u overwrites u in place."""
+    """One pass with c = g <u, p> given vs the kernel that reduces <u, p> itself (plus the plain backward for a
+    loss cotangent dl); out=u overwrites u in place."""
     z, y, g, u = _randn(N, V, scale=4.0).float(), _targets(N, V, True), _randn(N).float(), _randn(N, V).float()
     dl = _randn(N).float() if with_dl else None
     lse = torch.logsumexp(z.double(), -1).float()
     c = g * (u.double() * torch.softmax(z.double(), -1)).sum(-1).float()
-    want, _ = ce_double_bwd(z, y, lse, g, u, dl)
+    want = ce_double_bwd(z, y, lse, g, u)[0] + (0 if dl is None else ce_bwd(z, y, lse, dl))
     got = ce_double_bwd_given(z, y, lse, g, u, c, dl, out=u)
     assert got.data_ptr() == u.data_ptr()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
