@@ -14,9 +14,14 @@ import torch
 from .function import _CrossEntropy
 from .reference import cross_entropy_reference
 
-__all__ = ["cross_entropy", "cross_entropy_reference"]
+__all__ = ["cross_entropy", "cross_entropy_reference", "kernels_apply"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernels_apply(t: torch.Tensor) -> bool:
+    """Whether the kernels take tensors like t by default: CUDA, fp32/bf16/fp16 (else the PyTorch forms)."""
+    return t.is_cuda and t.dtype in _DTYPES
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, use_kernel: bool | None = None) -> torch.Tensor:
@@ -26,7 +31,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, use_kernel: bool 
         raise ValueError(f"cross_entropy: logits (N, V) and targets (N,) expected, got {tuple(logits.shape)} "
                          f"and {tuple(targets.shape)}")
     if use_kernel is None:
-        use_kernel = logits.is_cuda and logits.dtype in _DTYPES
+        use_kernel = kernels_apply(logits)
     if not use_kernel or logits.numel() == 0:  # an empty batch launches nothing
         return cross_entropy_reference(logits, targets)
     if logits.stride(-1) != 1:

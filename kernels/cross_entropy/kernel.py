@@ -161,9 +161,8 @@ def ce_double_bwd(z, y, lse, g, u) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ce_double_bwd_given(z, y, lse, g, u, c, dl=None, out=None) -> torch.Tensor:
     """`ce_double_bwd`'s gz, plus dl (p - e_y) for a loss cotangent dl (N,) fp32 if given, for a caller that knows
-    c = g <u, p> (N,) fp32: one pass. out: the (N, V) tensor to
-    write gz into, in z's dtype; it may be u itself (each element is read before it is written, by the same
-    program)."""
+    c = g <u, p> (N,) fp32: one pass. out: the (N, V) tensor to write gz into, in z's dtype; it may be u itself
+    (each element is read before it is written, by the same program)."""
     N, V = z.shape
     gz = torch.empty((N, V), dtype=z.dtype, device=z.device) if out is None else out
     block = _block(V)

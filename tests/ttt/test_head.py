@@ -49,7 +49,8 @@ def _ours(x, W, y, w, dl, v, kernel, shared, paired):
     if paired:
         loss, dx = head_loss_and_grad(x, Wc, y, w, kernel=kernel)
     else:  # the node as a caller with no backward to come builds it: W's gradient from two products
-        loss, dx, *_ = _HeadLossAndGrad.apply(x, Wc, y, w, kernel, False)
+        g = w.to(torch.promote_types(x.dtype, torch.float32))  # as head_loss_and_grad hands the weights on
+        loss, dx, *_ = _HeadLossAndGrad.apply(x, Wc, y, g, kernel, False)
     obj = sum((a * b.to(a.dtype)).sum() for a, b in ((loss, dl), (dx, v)) if b is not None)
     return (loss, dx) + torch.autograd.grad(obj, (x, W))
 

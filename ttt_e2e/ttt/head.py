@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ttt_e2e.kernels.cross_entropy.function import _bwd_torch, _fwd_grad_torch
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ttt_e2e.kernels.cross_entropy import kernels_apply
+from ttt_e2e.kernels.cross_entropy.function import _bwd_torch, _fwd_grad_torch, _probs
+from ttt_e2e.kernels.cross_entropy.kernel import ce_bwd, ce_double_bwd_given, ce_fwd_grad
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,6 @@ class _HeadLossAndGrad(torch.autograd.Function):
         both = z.new_empty((2 * N if paired else N, z.shape[1]))
         dz = both[:N]
         if kernel:
-            from ttt_e2e.kernels.cross_entropy.kernel import ce_fwd_grad
             loss, _, lse = ce_fwd_grad(z, y, g, out=dz)
         else:
             loss, dz_, lse = _fwd_grad_torch(z, y, g)
@@ -76,7 +75,6 @@ class _HeadLossAndGrad(torch.autograd.Function):
             W_y = W.index_select(0, y.clamp(min=0))
             c = torch.where(valid, _row_dot(v, dx) + g * _row_dot(v, W_y), 0.0).to(lse.dtype)
             if ctx.kernel:
-                from ttt_e2e.kernels.cross_entropy.kernel import ce_double_bwd_given
                 gz = ce_double_bwd_given(z, y, lse, g, u, c, dl, out=u)
             else:
                 gz = u.copy_(_given_torch(z, y, lse, g, u, c, dl))
@@ -94,22 +92,16 @@ class _HeadLossAndGrad(torch.autograd.Function):
 
 
 def _plain_bwd(z, y, lse, dl, kernel):
-    if kernel:
-        from ttt_e2e.kernels.cross_entropy.kernel import ce_bwd
-        return ce_bwd(z, y, lse, dl)
-    return _bwd_torch(z, y, lse, None, None, dl)[0]
+    return ce_bwd(z, y, lse, dl) if kernel else _bwd_torch(z, y, lse, None, None, dl)[0]
 
 
 def _given_torch(z, y, lse, g, u, c, dl):
     """The kernel's formula in PyTorch ops: p (g u - c) + dl (p - e_y), rows with a negative target 0."""
-    valid = (y >= 0)[:, None]
-    p = torch.exp(z.to(lse.dtype) - lse[:, None])
+    p, q = _probs(z, y, lse)
     gz = p * (g[:, None] * u.to(p.dtype) - c[:, None])
     if dl is not None:
-        q = p.clone()
-        q[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1
         gz += dl[:, None] * q
-    return torch.where(valid, gz, 0.0).to(z.dtype)
+    return torch.where((y >= 0)[:, None], gz, 0.0).to(z.dtype)
 
 
 def head_loss_and_grad(x: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
@@ -128,7 +120,7 @@ def head_loss_and_grad(x: torch.Tensor, W: torch.Tensor, targets: torch.Tensor, 
     if weights.requires_grad:
         raise ValueError("head_loss_and_grad: the row weights must be constants (they do not require grad)")
     if kernel is None:
-        kernel = x.is_cuda and x.dtype in _KERNEL_DTYPES
+        kernel = kernels_apply(x)
     kernel = kernel and x.shape[0] > 0  # an empty batch launches nothing
     acc = torch.promote_types(x.dtype, torch.float32)
     paired = torch.is_grad_enabled() and (x.requires_grad or W.requires_grad)  # a backward will come
