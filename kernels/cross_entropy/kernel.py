@@ -113,6 +113,33 @@ def _ce_dbwd_given_kernel(Z, Y, LSE, G, U, C, DL, GZ, V, stride_z, stride_u, str
     tl.store(GZ + row.to(tl.int64) * stride_gz + c, gz.to(GZ.dtype.element_ty), mask=c < V)
 
 
+@triton.jit
+def _given_c_kernel(V, DX, W, Y, G, C, D, stride_v, stride_dx, stride_w, BLOCK_D: tl.constexpr):
+    # c = <v, dx> + g <v, W_y> per row, 0 where the target is ignored (ce_given_c)
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    m = cols < D
+    y = tl.load(Y + row)
+    valid = y >= 0
+    v = tl.load(V + row.to(tl.int64) * stride_v + cols, mask=m, other=0.0).to(tl.float32)
+    dx = tl.load(DX + row.to(tl.int64) * stride_dx + cols, mask=m, other=0.0).to(tl.float32)
+    w_y = tl.load(W + tl.where(valid, y, 0).to(tl.int64) * stride_w + cols, mask=m, other=0.0).to(tl.float32)
+    c = tl.sum(v * dx, 0) + tl.load(G + row) * tl.sum(v * w_y, 0)
+    tl.store(C + row, tl.where(valid, c, 0.0))
+
+
+def ce_given_c(v: torch.Tensor, dx: torch.Tensor, W: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """c = <v, dx> + g <v, W_y> (N,) fp32, each row's g <u, p> for `ce_double_bwd_given` when dx = g (p - e_y) W
+    (ttt/head.py derives it), 0 where y < 0: v, dx (N, d) and W (V, d) with unit column stride, g (N,) fp32. One
+    launch, in place of the casts, gather and row dots it takes in PyTorch ops."""
+    N, D = v.shape
+    c = torch.empty(N, dtype=torch.float32, device=v.device)
+    if N:
+        _given_c_kernel[(N,)](v, dx, W, y, g, c, D, v.stride(0), dx.stride(0), W.stride(0),
+                              BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+    return c
+
+
 def _block(V: int) -> int:
     return min(4096, triton.next_power_of_2(V))  # a 4096-wide slice of the row per step (8 warps)
 

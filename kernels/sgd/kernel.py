@@ -23,7 +23,7 @@ def _sgd_fwd_kernel(PHI, G, OUT, OUT_C, SCALE, N, s_phi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sgd_bwd_sum_kernel(D_NEXT, D_COPY, G, D, PART, N, HAS_NEXT: tl.constexpr, HAS_COPY: tl.constexpr,
+def _sgd_bwd_sum_kernel(D_NEXT, D_COPY, G, D, PART, N, s_part, HAS_NEXT: tl.constexpr, HAS_COPY: tl.constexpr,
                         BLOCK: tl.constexpr):
     # d = d_next + d_copy (phi_t's cotangent: both outputs are phi_t + scale g) and this block's sum of d * g,
     # the block's share of the scale's cotangent (fixed-order partial sums: deterministic).
@@ -37,7 +37,7 @@ def _sgd_bwd_sum_kernel(D_NEXT, D_COPY, G, D, PART, N, HAS_NEXT: tl.constexpr, H
         d += tl.load(D_COPY + b * N + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(D + b * N + offs, d, mask=mask)
     g = tl.load(G + b * N + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(PART + b * tl.num_programs(0) + pid, tl.sum(d * g, 0))
+    tl.store(PART + b * s_part + pid, tl.sum(d * g, 0))  # PART: this tensor's columns of a (B, all parts) buffer
 
 
 @triton.jit

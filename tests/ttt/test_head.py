@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ttt_e2e.kernels.cross_entropy import cross_entropy_reference
-from ttt_e2e.kernels.cross_entropy.kernel import ce_bwd, ce_double_bwd, ce_double_bwd_given
+from ttt_e2e.kernels.cross_entropy.kernel import ce_bwd, ce_double_bwd, ce_double_bwd_given, ce_given_c
 from ttt_e2e.model.linear import shared_weight
 from ttt_e2e.ttt.head import _HeadLossAndGrad, head_loss_and_grad
 
@@ -89,6 +89,17 @@ def test_given_kernel_equals_the_two_pass_kernel(N, V, with_dl):
     got = ce_double_bwd_given(z, y, lse, g, u, c, dl, out=u)
     assert got.data_ptr() == u.data_ptr()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("N,V,d", [(7, 50, 24), (3, 9, 16)])
+def test_given_c_kernel(N, V, d):
+    """c = <v, dx> + g <v, W_y> per row (0 for an ignored target), in one launch, against float64; d not a
+    power of two (masked columns), and dx, v as strided row views."""
+    v, dx, W = _randn(N, 2 * d).float()[:, :d], _randn(N, d + 3).float()[:, 3:], _randn(V, d).float()
+    y, g = _targets(N, V, True), _randn(N).float()
+    want = (v.double() * dx.double()).sum(1) + g.double() * (v.double() * W.double()[y.clamp(min=0)]).sum(1)
+    want = torch.where(y >= 0, want, 0.0)
+    torch.testing.assert_close(ce_given_c(v, dx, W, y, g).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_input_is_named():

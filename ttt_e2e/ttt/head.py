@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from ttt_e2e.kernels.cross_entropy import kernels_apply
 from ttt_e2e.kernels.cross_entropy.function import _bwd_torch, _fwd_grad_torch, _probs
-from ttt_e2e.kernels.cross_entropy.kernel import ce_bwd, ce_double_bwd_given, ce_fwd_grad
+from ttt_e2e.kernels.cross_entropy.kernel import ce_bwd, ce_double_bwd_given, ce_fwd_grad, ce_given_c
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -72,11 +72,12 @@ class _HeadLossAndGrad(torch.autograd.Function):
         else:
             v = v.contiguous()
             u = torch.matmul(v, W.T, out=both[N:]) if paired else v @ W.T
-            W_y = W.index_select(0, y.clamp(min=0))
-            c = torch.where(valid, _row_dot(v, dx) + g * _row_dot(v, W_y), 0.0).to(lse.dtype)
             if ctx.kernel:
+                c = ce_given_c(v, dx, W, y, g.to(lse.dtype).contiguous())
                 gz = ce_double_bwd_given(z, y, lse, g, u, c, dl, out=u)
             else:
+                W_y = W.index_select(0, y.clamp(min=0))
+                c = torch.where(valid, _row_dot(v, dx) + g * _row_dot(v, W_y), 0.0).to(lse.dtype)
                 gz = u.copy_(_given_torch(z, y, lse, g, u, c, dl))
             pairs = [(both, torch.cat((v, x)))] if paired else [(dz, v), (gz, x)]
         gx = gz @ W if ctx.needs_input_grad[0] else None

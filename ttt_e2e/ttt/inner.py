@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad, vjp
 
-from ttt_e2e.kernels.sgd import clipped_sgd, sgd_update_
+from ttt_e2e.kernels.sgd import clipped_sgd, sgd_update_, sum_of_squares
 from ttt_e2e.kernels.sgd.clip import clip_scale
 from ttt_e2e.model.layers import compute_dtype
 from ttt_e2e.model.transformer import Suffix
@@ -94,7 +94,10 @@ def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float,
         names = list(grads)
         nxt, nxt_c, norm = clipped_sgd([phi[n] for n in names], [grads[n] for n in names], eta, max_norm)
         return dict(zip(names, nxt)), dict(zip(names, nxt_c)), norm
-    sq = torch.stack([_SumOfSquares.apply(g) for g in grads.values()]).sum(0)
+    if out is not None and kernel:  # no graph through the norm: one launch for every tensor
+        sq = sum_of_squares([g.flatten(1) for g in grads.values()])
+    else:
+        sq = torch.stack([_SumOfSquares.apply(g) for g in grads.values()]).sum(0)
     scale = clip_scale(sq, eta, max_norm)[0].to(next(iter(phi.values())).dtype)
     nxt, nxt_c = ({}, {}) if out is None else out
     for n, g in grads.items():
