@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, block_d, dot_precision, head_split, key_parts, tile_config, unroll_ring
+from .common import (LOG2E, block_d, dot_precision, empty_like_layout, head_split, key_parts, tile_config,
+                     unroll_ring)
 from .parts import sum_parts
 from .tiles import (key_range, part_range, query_range, source_tile, source_tile_is_full, tile_is_full, visible,
                     visible_t)
@@ -220,7 +221,8 @@ def swa_backward_delta(o, do):
 
 
 def swa_backward(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_from=0):
-    """(dq, dk, dv), contiguous, in their inputs' dtypes; dk and dv of the keys k_grad_from.. only."""
+    """(dq, dk, dv) in their inputs' dtypes and q's layout (common.empty_like_layout); dk and dv of the keys
+    k_grad_from.. only."""
     dq = swa_backward_dq(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale)
     dk, dv = swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_from)
     return dq, dk, dv
@@ -231,7 +233,7 @@ def _strides(*ts):
 
 
 def swa_backward_dq(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k2=None, v2=None, rot=0):
-    """dq (contiguous, q's dtype) over the keys cat(k, k2) (k, v a ring from row rot: as in swa_forward)."""
+    """dq (q's dtype and layout) over the keys cat(k, k2) (k, v a ring from row rot: as in swa_forward)."""
     B, H, TQ, D = q.shape
     cfg = tile_config("bwd_dq", D, q.device, q.dtype)
     k, v, rot = unroll_ring(k, v, rot, cfg.block_n)
@@ -239,12 +241,13 @@ def swa_backward_dq(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k2=N
     two = k2 is not None
     k2, v2 = (k2, v2) if two else (k, v)
     TK = split + (k2.shape[2] if two else 0)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dq = empty_like_layout(q, q.shape)
     main, tail = head_split(D)
     grid = (triton.cdiv(TQ, cfg.block_m), B * H)
     nparts = key_parts("bwd_dq", grid[0] * grid[1], min(TK, window + cfg.block_m), cfg.block_n, q.device,
                        cfg.num_warps)
-    out = dq if nparts == 1 else torch.empty((nparts, B, H, TQ, D), dtype=torch.float32, device=q.device)
+    # the parts in dq's memory order: sum_parts adds them element by element in that order
+    out = dq if nparts == 1 else empty_like_layout(q, q.shape, torch.float32, parts=nparts)
     _swa_bwd_dq_kernel[(*grid, nparts)](
         q, k, v, k2, v2, do, lse, delta, out, *_strides(q, k, v, k2, v2, do, out[0] if nparts > 1 else out),
         out.stride(0) if nparts > 1 else 0, H, TQ, TK, split, rot, window, q_pos0, k_pos0, scale * LOG2E, scale,
@@ -255,11 +258,12 @@ def swa_backward_dq(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k2=N
 
 
 def swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_from=0):
-    """(dk, dv) of the keys k_grad_from.. (contiguous, in k's and v's dtypes)."""
+    """(dk, dv) of the keys k_grad_from.. (in k's and v's dtypes, q's layout)."""
     B, H, TQ, D = q.shape
     TK = k.shape[2]
-    dk = torch.empty((B, H, TK - k_grad_from, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, H, TK - k_grad_from, D), dtype=v.dtype, device=v.device)
+    # in q's layout (the model's k and v come out of the projections as q does); dv takes dk's strides
+    dk = empty_like_layout(q, (B, H, TK - k_grad_from, D), k.dtype)
+    dv = empty_like_layout(q, (B, H, TK - k_grad_from, D), v.dtype)
     main, tail = head_split(D)
     cfg = tile_config("bwd_dkdv", D, q.device, q.dtype)
     _swa_bwd_dkdv_kernel[(triton.cdiv(TK - k_grad_from, cfg.block_n), B * H)](

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, as_kernel_operand, block_d, dot_precision, tile_config
+from .common import LOG2E, as_kernel_operand, block_d, dot_precision, empty_like_layout, tile_config
 from .tiles import key_range, query_range, tile_is_full, visible, visible_t
 
 
@@ -115,13 +115,13 @@ def _swa_dbwd_ru_kernel(
 def _swa_dbwd_row_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA, R, U, OUT_Q, OUT_DO,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
+    sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt, sob, soh, sot,
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    # grad Q = scale * (dS gK + g_S K) and grad dO = P gV + g_dP V; outputs are contiguous (B, H, Tq, D).
+    # grad Q = scale * (dS gK + g_S K) and grad dO = P gV + g_dP V; both outputs with strides (sob, soh, sot).
     # Last query tiles first: under a causal mask they see the most keys, so the long programs start early and
     # the short ones fill the tail of the launch.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -135,8 +135,8 @@ def _swa_dbwd_row_kernel(
     V += b * svb + h * svh
     GV += b * sgvb + h * sgvh
     DO += b * sdb + h * sdh
-    OUT_Q += bh.to(tl.int64) * TQ * HEAD_DIM
-    OUT_DO += bh.to(tl.int64) * TQ * HEAD_DIM
+    OUT_Q += b * sob + h * soh
+    OUT_DO += b * sob + h * soh
     LSE += bh.to(tl.int64) * TQ
     DELTA += bh.to(tl.int64) * TQ
     R += bh.to(tl.int64) * TQ
@@ -198,7 +198,7 @@ def _swa_dbwd_row_kernel(
         g_s = p * (g_p - u[:, None])
         acc_q += tl.dot(g_s.to(k.dtype), k, input_precision=DOT_PREC)
 
-    out_offs = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    out_offs = offs_m[:, None] * sot + offs_d[None, :]
     tl.store(OUT_Q + out_offs, (acc_q * scale).to(OUT_Q.dtype.element_ty), mask=row_mask)
     tl.store(OUT_DO + out_offs, acc_do.to(OUT_DO.dtype.element_ty), mask=row_mask)
 
@@ -207,7 +207,7 @@ def _swa_dbwd_row_kernel(
 def _swa_dbwd_col_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA, R, U, OUT_K, OUT_V,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt,
+    sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt, sob, soh, sot,
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -225,8 +225,8 @@ def _swa_dbwd_col_kernel(
     V += b * svb + h * svh
     GV += b * sgvb + h * sgvh
     DO += b * sdb + h * sdh
-    OUT_K += bh.to(tl.int64) * TK * HEAD_DIM
-    OUT_V += bh.to(tl.int64) * TK * HEAD_DIM
+    OUT_K += b * sob + h * soh
+    OUT_V += b * sob + h * soh
     LSE += bh.to(tl.int64) * TQ
     DELTA += bh.to(tl.int64) * TQ
     R += bh.to(tl.int64) * TQ
@@ -290,7 +290,7 @@ def _swa_dbwd_col_kernel(
         g_st = pt * (g_pt - u[None, :])
         acc_k += tl.dot(g_st.to(q.dtype), q, input_precision=DOT_PREC)
 
-    out_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    out_offs = offs_n[:, None] * sot + offs_d[None, :]
     tl.store(OUT_K + out_offs, (acc_k * scale).to(OUT_K.dtype.element_ty), mask=col_mask)
     tl.store(OUT_V + out_offs, acc_v.to(OUT_V.dtype.element_ty), mask=col_mask)
 
@@ -299,8 +299,8 @@ def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_p
     """(grad q, grad k, grad v, grad dO) given cotangents gq, gk, gv (any may be None) of (dq, dk, dv), where dk
     and dv were those of the keys k_grad_from.. (gk, gv: (B, H, Tk - k_grad_from, D)).
 
-    The kernels read every input by its strides (the head dim's must be 1: as_kernel_operand) and write contiguous
-    outputs: the transposed (B, T, H, D) views the model hands in cost no copies. Cotangents are cast to the
+    The kernels read every input by its strides (the head dim's must be 1: as_kernel_operand) and write the outputs
+    in q's layout: the transposed (B, T, H, D) views the model hands in cost no copies, in or out. Cotangents are cast to the
     operand dtype.
     """
     q, k, v, do = (as_kernel_operand(t) for t in (q, k, v, do))
@@ -314,9 +314,10 @@ def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_p
     has_gq, has_gk, has_gv = gq is not None, gk is not None, gv is not None
     if not (has_gq or has_gk or has_gv):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(do)
-    # Every element is written by the kernels (key tiles of the masked cache store zeros): no memset needed.
-    out_q, out_do = (torch.empty((B, H, TQ, D), dtype=t.dtype, device=t.device) for t in (q, do))
-    out_k, out_v = (torch.empty((B, H, TK, D), dtype=t.dtype, device=t.device) for t in (k, v))
+    # Every element is written by the kernels (key tiles of the masked cache store zeros): no memset needed. All
+    # four in q's layout (common.empty_like_layout), as the backward's.
+    out_q, out_do = (empty_like_layout(q, (B, H, TQ, D), t.dtype) for t in (q, do))
+    out_k, out_v = (empty_like_layout(q, (B, H, TK, D), t.dtype) for t in (k, v))
     # Absent cotangents are never read (HAS_* flags); any tensor of the right dtype stands in for the pointer.
     gq_ = gq if has_gq else q
     gk_ = gk if has_gk else k
@@ -336,10 +337,10 @@ def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_p
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     cfg = tile_config("dbwd_row", D, q.device, q.dtype)
     _swa_dbwd_row_kernel[(triton.cdiv(TQ, cfg.block_m), B * H)](
-        q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, out_q, out_do, *args,
+        q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, out_q, out_do, *args[:21], *out_q.stride()[:3], *args[21:],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     cfg = tile_config("dbwd_col", D, q.device, q.dtype)
     _swa_dbwd_col_kernel[(triton.cdiv(TK, cfg.block_n), B * H)](
-        q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, out_k, out_v, *args,
+        q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, out_k, out_v, *args[:21], *out_k.stride()[:3], *args[21:],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     return out_q, out_k, out_v, out_do

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, dot_precision, forward_tile, head_split, key_parts, unroll_ring
+from .common import LOG2E, dot_precision, empty_like_layout, forward_tile, head_split, key_parts, unroll_ring
 from .parts import merge_forward
 from .tiles import key_range, part_range, source_tile, source_tile_is_full, visible
 
@@ -121,7 +121,7 @@ def _swa_fwd_kernel(
 
 
 def swa_forward(q, k, v, window, q_pos0, k_pos0, scale, k2=None, v2=None, rot=0):
-    """o (like q, contiguous) and lse (B*H, Tq) fp32 in base-2 units. Inputs already checked, head dim stride 1.
+    """o (q's shape, in q's layout: common.empty_like_layout) and lse (B*H, Tq) fp32 in base-2 units. Inputs already checked, head dim stride 1.
     k2, v2: more keys/values after k, v (the keys are cat(k, k2), read in place: no concatenation). rot: k, v
     are a ring whose first key sits at row rot (the keys are cat(k.roll(-rot, 2), k2))."""
     B, H, TQ, D = q.shape
@@ -131,7 +131,7 @@ def swa_forward(q, k, v, window, q_pos0, k_pos0, scale, k2=None, v2=None, rot=0)
     two = k2 is not None
     k2, v2 = (k2, v2) if two else (k, v)
     TK = split + (k2.shape[2] if two else 0)
-    o = torch.empty((B, H, TQ, D), dtype=q.dtype, device=q.device)
+    o = empty_like_layout(q, (B, H, TQ, D))
     lse = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
     main, tail = head_split(D)
     programs = triton.cdiv(TQ, cfg.block_m) * B * H

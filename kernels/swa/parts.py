@@ -56,7 +56,8 @@ def _merge_forward_kernel(OP, LSEP, O, LSE, sob, soh, sot, H, TQ, NPARTS, sop, s
 
 
 def sum_parts(part: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out (contiguous) = part.sum(0) in out's dtype; part (NPARTS, *out.shape) fp32, contiguous."""
+    """out = part.sum(0) in out's dtype; part (NPARTS, *out.shape) fp32; out and each part[p] dense in one
+    memory order, part[p] right after part[p - 1] (the sum runs over memory, element by element)."""
     n = out.numel()
     block = 1024 if out.is_cuda else 256
     _sum_parts_kernel[(triton.cdiv(n, block),)](part, out, n, part.shape[0], BLOCK=block)

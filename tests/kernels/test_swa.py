@@ -143,6 +143,30 @@ def test_non_contiguous_inputs(layouts):
     assert all(e < TOL for e in errs.values()), errs
 
 
+@pytest.mark.parametrize("nparts", [1, 3])
+@pytest.mark.parametrize("kind", ["bthd", "plain"])
+def test_outputs_in_the_layout_of_q(monkeypatch, nparts, kind):
+    """o, dq, dk, dv and the double backward's four outputs come out in q's memory order (the model's (B, T, H, D)
+    one: its reshape to (B, T, H * D) is then a view), with key parts too (their partial dq in the same order), and
+    equal the reference."""
+    monkeypatch.setattr(common, "KEY_PARTS_OVERRIDE", nparts)
+    B, H, T, D, W = 2, 3, 40, 32, 25
+    q, k, v, do = (_layout(kind, B, H, T, D).requires_grad_() for _ in range(4))
+    cot = [fresh_randn(B, H, T, D) for _ in range(3)]
+
+    def run(attn, dtype):
+        q_, k_, v_, do_ = (t.to(dtype) for t in (q, k, v, do))
+        o = attn(q_, k_, v_, W)
+        grads = torch.autograd.grad(o, (q, k, v), do_, create_graph=True)
+        # the double backward's outputs: gradients of <cot, (dq, dk, dv)> w.r.t. q, k, v, dO
+        return (o, *grads, *torch.autograd.grad(grads, (q, k, v, do), [c.to(dtype) for c in cot]))
+
+    got, want = run(swa_attention, torch.float32), run(swa_reference, torch.float64)
+    for name, a, b in zip(("o", "dq", "dk", "dv", "gq", "gk", "gv", "gdo"), got, want):
+        assert a.stride() == q.stride(), (name, a.stride(), q.stride())
+        assert rel_err(a, b) < TOL, name
+
+
 def test_rows_with_no_visible_key_give_zero_not_nan():
     # Keys start at position 5: queries 0..4 see nothing. Output 0 there, all gradients finite and correct.
     B, H, TQ, TK, D, W = 1, 2, 12, 12, 16, 4
