@@ -79,20 +79,15 @@ def as_kernel_operand(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def time_major(t: torch.Tensor) -> bool:
-    """Whether t (B, H, T, D) lies in (B, T, H, D) order: the transposed view of the model's projections."""
-    return t.stride(1) < t.stride(2)
-
-
 def empty_like_layout(t: torch.Tensor, shape, dtype=None, parts: int = 0) -> torch.Tensor:
     """An empty (B, H, T, D) tensor of `shape` (with a leading (parts,) dim if parts) in t's order: (B, T, H, D) in
-    memory where t is the model's transposed view (time_major), else contiguous. The kernels write by strides; the
-    outputs (o, dQ, dK, dV) then come back in the layout the projections read them in, where a contiguous
-    (B, H, T, D) result would cost a copy at every reshape to (B, T, H * D)."""
+    memory where t has its heads inside time (the model's transposed view), else contiguous. The kernels write by
+    strides; the outputs (o, dQ, dK, dV) then come back in the layout the projections read them in, where a
+    contiguous (B, H, T, D) result would cost a copy at every reshape to (B, T, H * D)."""
     dtype = dtype or t.dtype
     B, H, T, D = shape
     lead = (parts,) if parts else ()
-    if not time_major(t):
+    if t.stride(1) >= t.stride(2):
         return torch.empty((*lead, B, H, T, D), dtype=dtype, device=t.device)
     n = len(lead)
     return torch.empty((*lead, B, T, H, D), dtype=dtype, device=t.device).transpose(n + 1, n + 2)

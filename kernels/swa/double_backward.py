@@ -300,8 +300,8 @@ def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_p
     and dv were those of the keys k_grad_from.. (gk, gv: (B, H, Tk - k_grad_from, D)).
 
     The kernels read every input by its strides (the head dim's must be 1: as_kernel_operand) and write the outputs
-    in q's layout: the transposed (B, T, H, D) views the model hands in cost no copies, in or out. Cotangents are cast to the
-    operand dtype.
+    in q's layout: the transposed (B, T, H, D) views the model hands in cost no copies, in or out. Cotangents are
+    cast to the operand dtype.
     """
     q, k, v, do = (as_kernel_operand(t) for t in (q, k, v, do))
     gq, gk, gv = (None if g is None else as_kernel_operand(g.to(t.dtype)) for g, t in ((gq, q), (gk, k), (gv, v)))
@@ -324,23 +324,21 @@ def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_p
     gv_ = gv if has_gv else v
     r = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
     u = torch.empty((B * H, TQ), dtype=torch.float32, device=q.device)
-    args = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            *(t.stride(i) for t in (gq_, gk_, gv_) for i in range(3)),
-            H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale)
+    strides = [t.stride(i) for t in (q, k, v, do, gq_, gk_, gv_) for i in range(3)]
+    sizes = (H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale)
     common = dict(HAS_GQ=has_gq, HAS_GK=has_gk, HAS_GV=has_gv, HEAD_DIM=D, BLOCK_D=block_d(D),
                   DOT_PREC=dot_precision(q.dtype))
 
     cfg = tile_config("dbwd_ru", D, q.device, q.dtype)
     _swa_dbwd_ru_kernel[(triton.cdiv(TQ, cfg.block_m), B * H)](
-        q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, *args,
+        q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, *strides, *sizes,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     cfg = tile_config("dbwd_row", D, q.device, q.dtype)
     _swa_dbwd_row_kernel[(triton.cdiv(TQ, cfg.block_m), B * H)](
-        q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, out_q, out_do, *args[:21], *out_q.stride()[:3], *args[21:],
+        q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, out_q, out_do, *strides, *out_q.stride()[:3], *sizes,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     cfg = tile_config("dbwd_col", D, q.device, q.dtype)
     _swa_dbwd_col_kernel[(triton.cdiv(TK, cfg.block_n), B * H)](
-        q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, out_k, out_v, *args[:21], *out_k.stride()[:3], *args[21:],
+        q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, out_k, out_v, *strides, *out_k.stride()[:3], *sizes,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     return out_q, out_k, out_v, out_do

@@ -121,7 +121,8 @@ def _swa_fwd_kernel(
 
 
 def swa_forward(q, k, v, window, q_pos0, k_pos0, scale, k2=None, v2=None, rot=0):
-    """o (q's shape, in q's layout: common.empty_like_layout) and lse (B*H, Tq) fp32 in base-2 units. Inputs already checked, head dim stride 1.
+    """o (q's shape, in q's layout: common.empty_like_layout) and lse (B*H, Tq) fp32 in base-2 units. Inputs
+    already checked, head dim stride 1.
     k2, v2: more keys/values after k, v (the keys are cat(k, k2), read in place: no concatenation). rot: k, v
     are a ring whose first key sits at row rot (the keys are cat(k.roll(-rot, 2), k2))."""
     B, H, TQ, D = q.shape

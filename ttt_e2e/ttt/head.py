@@ -64,7 +64,6 @@ class _HeadLossAndGrad(torch.autograd.Function):
         dz, paired = both[:N], len(both) == 2 * N
         if dl is None and v is None:
             return None, None, None, None, None, None
-        valid = y >= 0
         dl = None if dl is None else dl.to(lse.dtype).contiguous()
         if v is None:
             gz = _plain_bwd(z, y, lse, dl, ctx.kernel)
@@ -77,7 +76,7 @@ class _HeadLossAndGrad(torch.autograd.Function):
                 gz = ce_double_bwd_given(z, y, lse, g, u, c, dl, out=u)
             else:
                 W_y = W.index_select(0, y.clamp(min=0))
-                c = torch.where(valid, _row_dot(v, dx) + g * _row_dot(v, W_y), 0.0).to(lse.dtype)
+                c = torch.where(y >= 0, _row_dot(v, dx) + g * _row_dot(v, W_y), 0.0).to(lse.dtype)
                 gz = u.copy_(_given_torch(z, y, lse, g, u, c, dl))
             pairs = [(both, torch.cat((v, x)))] if paired else [(dz, v), (gz, x)]
         gx = gz @ W if ctx.needs_input_grad[0] else None
