@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .function import GainGrad, _RMSNorm
+from .kernel import row_layout
 from .reference import rms_norm_reference
 
 __all__ = ["GainGrad", "rms_norm", "rms_norm_reference"]
@@ -36,6 +37,9 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, use_kernel: bool | No
         raise ValueError(f"rms_norm: weight {tuple(w.shape)} does not match the last dim of x {tuple(x.shape)}")
     if out_dtype == x.dtype:
         out_dtype = None
-    y, _ = _RMSNorm.apply(x.contiguous().view(-1, x.shape[-1]), w.contiguous(), eps, getattr(w, "_gain_grad", None),
-                          out_dtype)
+    if row_layout(x) is None:
+        x = x.contiguous()
+    # a strided view of heads (a fused QKV projection's q or k) is read where it lies: kernel.py
+    rows = x.view(-1, x.shape[-1]) if x.is_contiguous() else x
+    y, _ = _RMSNorm.apply(rows, w.contiguous(), eps, getattr(w, "_gain_grad", None), out_dtype)
     return y.view(x.shape)

@@ -1,4 +1,8 @@
-"""RMSNorm forward and backward Triton kernels over rows of a (N, D) tensor, statistics in fp32."""
+"""RMSNorm forward and backward Triton kernels over rows of a (N, D) tensor, statistics in fp32.
+
+x may also be a (..., G, D) view whose G rows of each leading index are contiguous and the leading indices s_outer
+apart: the heads of one projection of a fused QKV output (B, T, H, D), read where they lie. Row r of x then sits at
+(r // G) s_outer + (r % G) D; every other operand and result is a contiguous (N, D)."""
 from __future__ import annotations
 
 import torch
@@ -7,12 +11,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_fwd_kernel(X, W, Y, RSTD, N, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _x_offsets(rows, cols, D, G, s_outer):
+    r = rows.to(tl.int64)
+    return ((r // G) * s_outer + (r % G) * D)[:, None] + cols[None, :]
+
+
+@triton.jit
+def _rms_fwd_kernel(X, W, Y, RSTD, N, D, G, s_outer, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     m = (rows[:, None] < N) & (cols[None, :] < D)
     offs = rows[:, None] * D + cols[None, :]
-    x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(X + _x_offsets(rows, cols, D, G, s_outer), mask=m, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     y = x * rstd[:, None] * w[None, :]
@@ -21,19 +31,20 @@ def _rms_fwd_kernel(X, W, Y, RSTD, N, D, eps, ROWS: tl.constexpr, BLOCK_D: tl.co
 
 
 @triton.jit
-def _row_block(X, DY, RSTD, block, N, D, cols, ROWS: tl.constexpr):
-    """Row block `block` of the backward kernels: (rows, mask, offsets, x, dy in fp32, rstd (ROWS,))."""
+def _row_block(X, DY, RSTD, block, N, D, G, s_outer, cols, ROWS: tl.constexpr):
+    """Row block `block` of the backward kernels: (mask, offsets of the contiguous operands, x and dy in fp32, rstd
+    (ROWS,))."""
     rows = block * ROWS + tl.arange(0, ROWS)
     m = (rows[:, None] < N) & (cols[None, :] < D)
     offs = rows[:, None] * D + cols[None, :]
-    x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(X + _x_offsets(rows, cols, D, G, s_outer), mask=m, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + rows, mask=rows < N, other=0.0)
     return m, offs, x, dy, rstd
 
 
 @triton.jit
-def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, N, D, ROWS: tl.constexpr, ITERS: tl.constexpr,
+def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, N, D, G, s_outer, ROWS: tl.constexpr, ITERS: tl.constexpr,
                     BLOCK_D: tl.constexpr, HAS_DW: tl.constexpr):
     # ITERS row blocks per program, their dw summed here: fewer partial rows for the torch sum that follows.
     # HAS_DW False: dx only
@@ -42,7 +53,7 @@ def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, N, D, ROWS: tl.constexpr, ITERS
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_D], dtype=tl.float32)
     for it in range(ITERS):
-        m, offs, x, dy, rstd = _row_block(X, DY, RSTD, pid * ITERS + it, N, D, cols, ROWS)
+        m, offs, x, dy, rstd = _row_block(X, DY, RSTD, pid * ITERS + it, N, D, G, s_outer, cols, ROWS)
         xhat = x * rstd[:, None]
         wdy = dy * w[None, :]
         c = tl.sum(wdy * xhat, axis=1) / D
@@ -55,7 +66,7 @@ def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, N, D, ROWS: tl.constexpr, ITERS
 
 
 @triton.jit
-def _rms_dbwd_kernel(X, W, RSTD, DY, U, V, GX, GW_PART, GDY, N, D, ROWS: tl.constexpr, ITERS: tl.constexpr,
+def _rms_dbwd_kernel(X, W, RSTD, DY, U, V, GX, GW_PART, GDY, N, D, G, s_outer, ROWS: tl.constexpr, ITERS: tl.constexpr,
                      BLOCK_D: tl.constexpr, HAS_U: tl.constexpr, HAS_V: tl.constexpr):
     # Gradients of L = <u, dx> + <v, dw> w.r.t. x, w, dy (reference.py gives dx, dw); per row, with
     # xh = x r, a = w dy, c = mean(a xh):
@@ -71,7 +82,7 @@ def _rms_dbwd_kernel(X, W, RSTD, DY, U, V, GX, GW_PART, GDY, N, D, ROWS: tl.cons
         v = tl.zeros([1, BLOCK_D], dtype=tl.float32)
     gw = tl.zeros([BLOCK_D], dtype=tl.float32)
     for it in range(ITERS):
-        m, offs, x, dy, r = _row_block(X, DY, RSTD, pid * ITERS + it, N, D, cols, ROWS)
+        m, offs, x, dy, r = _row_block(X, DY, RSTD, pid * ITERS + it, N, D, G, s_outer, cols, ROWS)
         r = r[:, None]
         xh = x * r
         a = w * dy
@@ -107,27 +118,50 @@ def _reducing_geometry(N: int, D: int) -> tuple[int, int, int, int]:
     return block_d, rows, iters, triton.cdiv(blocks, iters)
 
 
+def row_layout(x: torch.Tensor) -> tuple[int, int] | None:
+    """(G, s_outer) where the kernels can read x's rows of D where they lie (module docstring): x contiguous (G = 1),
+    or a (..., G, D) view with contiguous rows of D in each group of G and the groups evenly s_outer apart (the
+    leading dims collapse into one); else None (the caller makes x contiguous)."""
+    D = x.shape[-1]
+    if x.is_contiguous():
+        return 1, D
+    if x.dim() < 3 or x.stride(-1) != 1 or x.stride(-2) != D:
+        return None
+    outer = [(n, st) for n, st in zip(x.shape[:-2], x.stride()[:-2]) if n != 1]
+    if any(outer[i][1] != outer[i + 1][1] * outer[i + 1][0] for i in range(len(outer) - 1)):
+        return None
+    return x.shape[-2], (outer[-1][1] if outer else x.shape[-2] * D)
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(N, D, G, s_outer) of x, which row_layout accepts."""
+    D = x.shape[-1]
+    return x.numel() // D, D, *row_layout(x)
+
+
 def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float,
                  out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, D) contiguous -> y (N, D) in out_dtype (default x's), rstd (N,) fp32."""
-    N, D = x.shape
-    y = torch.empty_like(x, dtype=out_dtype or x.dtype)
+    """x (N, D) contiguous, or any (..., D) view row_layout accepts -> y (N, D) contiguous in out_dtype (default
+    x's), rstd (N,) fp32."""
+    N, D, G, s_outer = _rows(x)
+    y = torch.empty((N, D), dtype=out_dtype or x.dtype, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     block_d, rows, grid = _geometry(N, D)
-    _rms_fwd_kernel[(grid,)](x, w, y, rstd, N, D, eps, ROWS=rows, BLOCK_D=block_d)
+    _rms_fwd_kernel[(grid,)](x, w, y, rstd, N, D, G, s_outer, eps, ROWS=rows, BLOCK_D=block_d)
     return y, rstd
 
 
 def rms_norm_bwd(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, need_w: bool = True,
                  reduce: bool = True):
-    """(dx in x's dtype, dw in w's dtype) for the cotangent dy (N, D); dw None unless need_w. reduce False: dw
-    as its fp32 partial sums (P, D), left for the caller to add up (with other uses', function.py: GainGrad)."""
-    N, D = x.shape
-    dx = torch.empty_like(x)
+    """(dx in x's dtype and shape, contiguous; dw in w's dtype) for the cotangent dy (N, D) contiguous; dw None
+    unless need_w. reduce False: dw as its fp32 partial sums (P, D), left for the caller to add up (with other
+    uses', function.py: GainGrad)."""
+    N, D, G, s_outer = _rows(x)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_d, rows, iters, grid = _reducing_geometry(N, D)
     # one partial dw per program, summed below
     part = torch.empty(grid if need_w else 0, D, dtype=torch.float32, device=x.device)
-    _rms_bwd_kernel[(grid,)](x, w, rstd, dy, dx, part, N, D, ROWS=rows, ITERS=iters, BLOCK_D=block_d,
+    _rms_bwd_kernel[(grid,)](x, w, rstd, dy, dx, part, N, D, G, s_outer, ROWS=rows, ITERS=iters, BLOCK_D=block_d,
                              HAS_DW=need_w)
     if not need_w:
         return dx, None
@@ -136,13 +170,14 @@ def rms_norm_bwd(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch
 
 def rms_norm_double_bwd(x, w, rstd, dy, g_dx, g_dw, reduce: bool = True):
     """Gradients w.r.t. (x, w, dy) of <g_dx, dx> + <g_dw, dw>, where (dx, dw) is rms_norm_bwd(x, w, rstd, dy);
-    g_dx or g_dw may be None (zero). reduce False: w's as fp32 partial sums (P, D), as in rms_norm_bwd."""
-    N, D = x.shape
-    gx, gdy = torch.empty_like(x), torch.empty_like(dy)
+    g_dx or g_dw may be None (zero). reduce False: w's as fp32 partial sums (P, D), as in rms_norm_bwd. x as there;
+    gx in x's shape, contiguous."""
+    N, D, G, s_outer = _rows(x)
+    gx, gdy = torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(dy)
     block_d, rows, iters, grid = _reducing_geometry(N, D)
     part = torch.empty(grid, D, dtype=torch.float32, device=x.device)
     u = g_dx.contiguous() if g_dx is not None else x  # a dummy pointer when absent (never read)
     v = g_dw.contiguous() if g_dw is not None else w
-    _rms_dbwd_kernel[(grid,)](x, w, rstd, dy, u, v, gx, part, gdy, N, D, ROWS=rows, ITERS=iters, BLOCK_D=block_d,
-                              HAS_U=g_dx is not None, HAS_V=g_dw is not None)
+    _rms_dbwd_kernel[(grid,)](x, w, rstd, dy, u, v, gx, part, gdy, N, D, G, s_outer, ROWS=rows, ITERS=iters,
+                              BLOCK_D=block_d, HAS_U=g_dx is not None, HAS_V=g_dw is not None)
     return gx, (part.sum(0).to(w.dtype) if reduce else part), gdy

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from .function import _ClippedSGD, _phi_rows, _rows, sum_of_squares, update
+from .function import _ClippedSGD, _phi_rows, _rows, clipped_scale, update
 from .reference import clipped_sgd_reference
 
-__all__ = ["clipped_sgd", "clipped_sgd_reference", "sgd_update_", "sum_of_squares"]
+__all__ = ["clipped_scale", "clipped_sgd", "clipped_sgd_reference", "sgd_update_"]
 
 
 def clipped_sgd(phi: list[torch.Tensor], g: list[torch.Tensor], eta, max_norm: float):

@@ -1,7 +1,7 @@
 """The autograd node of the clipped SGD update: every inner tensor of one step in one node.
 
-Forward: the squared norms of all g (one read, one multi-tensor launch: sum_of_squares), the clip's scale, then
-per tensor one kernel writing phi_{t+1} and its compute-dtype copy. Backward, per tensor: one pass adding the two
+Forward: the norms of all g (one read, one multi-tensor launch), the clip's scale from them (one launch: clip),
+then per tensor one kernel writing phi_{t+1} and its compute-dtype copy. Backward, per tensor: one pass adding the two
 outputs' cotangents (phi_t's cotangent) and summing d * g (the scale's cotangent; every tensor's partial sums in
 one buffer, reduced once), then, once that is known, one pass writing g's cotangent through both the update and
 the norm. Autograd of the same update (addcmul, a cast, the
@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .clip import clip_scale
-from .kernel import _sgd_bwd_g_kernel, _sgd_bwd_sum_kernel, _sgd_fwd_kernel
+from .kernel import _clip_kernel, _sgd_bwd_g_kernel, _sgd_bwd_sum_kernel, _sgd_fwd_kernel
 
 
 def _block(t: torch.Tensor) -> tuple[int, int]:
@@ -40,22 +39,34 @@ def update(phi: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, out: torch.T
         phi, g, out, out_c, scale, g.shape[1], phi.stride(0), BLOCK=block, num_warps=warps)
 
 
-def sum_of_squares(g: list[torch.Tensor]) -> torch.Tensor:
-    """Per-sequence sum of squares over all of g (each (B, N)) -> (B,) fp32: one multi-tensor launch (and its
+def _norms(g: list[torch.Tensor]) -> torch.Tensor:
+    """(len(g), B) fp32: the 2-norm of each tensor's row (each g (B, N)), by one multi-tensor launch (and its
     finishing one) for every tensor and sequence, where a norm per tensor is a launch each, ~7 us apiece for the
-    125M inner state's 1.3M-element tensors (9 per step at 125M, 24 at 3B). Summed over tensors in their order."""
+    125M inner state's 1.3M-element tensors (9 per step at 125M, 24 at 3B)."""
     rows = [r for x in g for r in x.unbind(0)]  # tensor-major
-    norms = torch.stack(torch._foreach_norm(rows, 2, dtype=torch.float32))
-    return norms.view(len(g), -1).square().sum(0)
+    return torch.stack(torch._foreach_norm(rows, 2, dtype=torch.float32)).view(len(g), -1)
+
+
+def clipped_scale(g: list[torch.Tensor], eta, max_norm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, d scale / d sq, ||g||), each (B,) fp32, of the clip over all of g (each (B, N)): clip.clip_scale's
+    values from the norms in one more launch, where its elementwise ops take a dozen per inner step. eta: a float
+    or a 0-d tensor; max_norm <= 0: no clip."""
+    norms = _norms(g)
+    nt, B = norms.shape
+    scale, coef, norm = torch.empty((3, B), dtype=torch.float32, device=norms.device).unbind(0)
+    eta_t = eta.reshape(1) if isinstance(eta, torch.Tensor) else norms  # a pointer, read only if ETA_IS_PTR
+    _clip_kernel[(1,)](norms, eta_t, scale, coef, norm, nt, B, 0.0 if isinstance(eta, torch.Tensor) else float(eta),
+                       float(max_norm), torch.finfo(torch.float32).tiny, ETA_IS_PTR=isinstance(eta, torch.Tensor),
+                       CLIP=max_norm > 0, BLOCK_T=max(2, triton.next_power_of_2(nt)),
+                       BLOCK_B=max(2, triton.next_power_of_2(B)))
+    return scale, coef, norm
 
 
 class _ClippedSGD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eta, max_norm, n, *tensors):
         phi, g = tensors[:n], [_rows(x) for x in tensors[n:]]
-        sq = sum_of_squares(g)
-        scale, coef = clip_scale(sq, eta, max_norm)
-        scale = scale.float().contiguous()
+        scale, coef, norm_out = clipped_scale(g, eta, max_norm)
         nxt, nxt_c = [], []
         for p, x, shape in zip(phi, g, (t.shape for t in tensors[n:])):
             out, out_c = torch.empty(x.shape, dtype=p.dtype, device=x.device), torch.empty_like(x)
@@ -63,9 +74,8 @@ class _ClippedSGD(torch.autograd.Function):
             nxt.append(out.view(shape))
             nxt_c.append(out_c.view(shape))
         ctx.n, ctx.shapes = n, [t.shape for t in tensors[n:]]
-        ctx.save_for_backward(*g, scale, coef.float())
+        ctx.save_for_backward(*g, scale, coef)
         ctx.set_materialize_grads(False)
-        norm_out = sq.sqrt()
         ctx.mark_non_differentiable(norm_out)
         return (*nxt, *nxt_c, norm_out)
 

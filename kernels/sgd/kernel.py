@@ -51,3 +51,27 @@ def _sgd_bwd_g_kernel(D, G, DG, SCALE, TWO_DSQ, N, BLOCK: tl.constexpr):
     d = tl.load(D + b * N + offs, mask=mask, other=0.0)
     g = tl.load(G + b * N + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DG + b * N + offs, (s * d + t * g).to(DG.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _clip_kernel(NORMS, ETA, SCALE, COEF, NORM, NT, B, eta, max_norm, tiny, ETA_IS_PTR: tl.constexpr,
+                 CLIP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr):
+    # NORMS (NT, B): each tensor's 2-norm per sequence. Per sequence: sq = sum of their squares, the clip's scale
+    # -eta min(1, max_norm / ||g||), its derivative d scale / d sq, and ||g||: what clip.clip_scale computes in a
+    # dozen launches, in one.
+    t = tl.arange(0, BLOCK_T)
+    b = tl.arange(0, BLOCK_B)
+    x = tl.load(NORMS + t[:, None] * B + b[None, :], mask=(t[:, None] < NT) & (b[None, :] < B), other=0.0)
+    sq = tl.sum(x * x, 0)
+    e = tl.load(ETA).to(tl.float32) if ETA_IS_PTR else eta
+    if CLIP:
+        norm = tl.sqrt(sq + tiny)
+        nc = tl.maximum(norm, max_norm)  # = norm where the clip acts; no overflow in the lanes where it does not
+        scale = -e * (max_norm / nc)
+        coef = tl.where(norm >= max_norm, e * max_norm / (2.0 * nc * nc * nc), 0.0)
+    else:
+        scale = tl.zeros([BLOCK_B], dtype=tl.float32) - e
+        coef = tl.zeros([BLOCK_B], dtype=tl.float32)
+    tl.store(SCALE + b, scale, mask=b < B)
+    tl.store(COEF + b, coef, mask=b < B)
+    tl.store(NORM + b, tl.sqrt(sq), mask=b < B)

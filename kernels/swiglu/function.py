@@ -12,35 +12,38 @@ from .kernel import gate_bwd, gate_double_bwd, gate_fwd
 
 class _Gate(torch.autograd.Function):
     @staticmethod
-    def forward(a, b):
-        return gate_fwd(a, b)
+    def forward(ab, dim):
+        return gate_fwd(ab, dim)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, b = inputs
-        ctx.save_for_backward(a, b)
+        ab, dim = inputs
+        ctx.save_for_backward(ab)
+        ctx.dim = dim
 
     @staticmethod
     def backward(ctx, dy):
-        a, b = ctx.saved_tensors
-        return _GateBackward.apply(a, b, dy.contiguous())
+        (ab,) = ctx.saved_tensors
+        return _GateBackward.apply(ab, dy.contiguous(), ctx.dim), None
 
 
 class _GateBackward(torch.autograd.Function):
     @staticmethod
-    def forward(a, b, dy):
-        return gate_bwd(a, b, dy)
+    def forward(ab, dy, dim):
+        return gate_bwd(ab, dy, dim)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a, b, dy = inputs
-        ctx.save_for_backward(a, b, dy)
-        ctx.set_materialize_grads(False)  # an unused da or db (None) skips its load in the kernel
+        ab, dy, dim = inputs
+        ctx.save_for_backward(ab, dy)
+        ctx.dim = dim
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, ua, ub):
-        if ua is None and ub is None:
+    def backward(ctx, u):
+        if u is None:
             return None, None, None
-        a, b, dy = ctx.saved_tensors
-        return gate_double_bwd(a, b, dy, ua, ub)
+        ab, dy = ctx.saved_tensors
+        gab, gdy = gate_double_bwd(ab, dy, u.contiguous(), ctx.dim)
+        return gab, gdy, None

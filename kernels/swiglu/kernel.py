@@ -1,4 +1,9 @@
-"""SwiGLU gate forward and backward Triton kernels, elementwise over flat contiguous tensors, math in fp32.
+"""SwiGLU gate forward and backward Triton kernels, elementwise, math in fp32.
+
+The gate reads both halves of one tensor ab, the output of a fused (W1; W3) projection: ab is a contiguous
+(outer, 2, inner) block, a = ab[:, 0], b = ab[:, 1] (halves along the last dim: outer = rows, inner = hidden;
+along dim 1 of a per-sequence (B, 2 hidden, T) product: outer = B, inner = hidden T). y, dy are (outer, inner);
+the gradient of ab is written as one (outer, 2, inner) tensor, with no concatenation of da and db.
 
 With s = sigmoid(a): silu(a) = a s, silu'(a) = s (1 + a (1 - s)), silu''(a) = s (1 - s) (2 + a (1 - 2 s)).
 """
@@ -12,93 +17,94 @@ BLOCK = 1024
 
 
 @triton.jit
-def _offsets(N, BLOCK: tl.constexpr):
-    # int64: a (batch, seq, hidden) activation can pass 2^31 elements
+def _offsets(N, INNER, BLOCK: tl.constexpr):
+    # int64: a (batch, seq, hidden) activation can pass 2^31 elements. offs indexes y (outer, inner); a_offs the
+    # matching element of ab's first half (its second half is INNER further).
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    return offs, offs < N
+    a_offs = offs + (offs // INNER) * INNER
+    return offs, a_offs, offs < N
 
 
 @triton.jit
-def _gate_fwd_kernel(A, B, Y, N, BLOCK: tl.constexpr):
-    offs, m = _offsets(N, BLOCK)
-    a = tl.load(A + offs, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(B + offs, mask=m, other=0.0).to(tl.float32)
+def _gate_fwd_kernel(AB, Y, N, INNER, BLOCK: tl.constexpr):
+    offs, a_offs, m = _offsets(N, INNER, BLOCK)
+    a = tl.load(AB + a_offs, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(AB + a_offs + INNER, mask=m, other=0.0).to(tl.float32)
     s = tl.sigmoid(a)
     tl.store(Y + offs, (a * s * b).to(Y.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _gate_bwd_kernel(A, B, DY, DA, DB, N, BLOCK: tl.constexpr):
+def _gate_bwd_kernel(AB, DY, DAB, N, INNER, BLOCK: tl.constexpr):
     # da = dy b silu'(a), db = dy silu(a)
-    offs, m = _offsets(N, BLOCK)
-    a = tl.load(A + offs, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(B + offs, mask=m, other=0.0).to(tl.float32)
+    offs, a_offs, m = _offsets(N, INNER, BLOCK)
+    a = tl.load(AB + a_offs, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(AB + a_offs + INNER, mask=m, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
     s = tl.sigmoid(a)
     d1 = s * (1.0 + a * (1.0 - s))
-    tl.store(DA + offs, (dy * b * d1).to(DA.dtype.element_ty), mask=m)
-    tl.store(DB + offs, (dy * a * s).to(DB.dtype.element_ty), mask=m)
+    tl.store(DAB + a_offs, (dy * b * d1).to(DAB.dtype.element_ty), mask=m)
+    tl.store(DAB + a_offs + INNER, (dy * a * s).to(DAB.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _gate_dbwd_kernel(A, B, DY, UA, UB, GA, GB, GDY, N, BLOCK: tl.constexpr,
-                      HAS_UA: tl.constexpr, HAS_UB: tl.constexpr):
-    # Gradients of L = <ua, da> + <ub, db> w.r.t. a, b, dy, with da = dy b silu'(a), db = dy silu(a):
+def _gate_dbwd_kernel(AB, DY, U, GAB, GDY, N, INNER, BLOCK: tl.constexpr):
+    # Gradients of L = <ua, da> + <ub, db> w.r.t. a, b, dy, with da = dy b silu'(a), db = dy silu(a) and (ua, ub)
+    # the halves of U, the cotangent of dab:
     #   grad dy = ua b silu'(a) + ub silu(a),  grad b = ua dy silu'(a),  grad a = ua dy b silu''(a) + ub dy silu'(a)
-    offs, m = _offsets(N, BLOCK)
-    a = tl.load(A + offs, mask=m, other=0.0).to(tl.float32)
-    b = tl.load(B + offs, mask=m, other=0.0).to(tl.float32)
+    offs, a_offs, m = _offsets(N, INNER, BLOCK)
+    a = tl.load(AB + a_offs, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(AB + a_offs + INNER, mask=m, other=0.0).to(tl.float32)
     dy = tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
+    ua = tl.load(U + a_offs, mask=m, other=0.0).to(tl.float32)
+    ub = tl.load(U + a_offs + INNER, mask=m, other=0.0).to(tl.float32)
     s = tl.sigmoid(a)
     d1 = s * (1.0 + a * (1.0 - s))
-    ga = tl.zeros([BLOCK], dtype=tl.float32)
-    gb = tl.zeros([BLOCK], dtype=tl.float32)
-    gdy = tl.zeros([BLOCK], dtype=tl.float32)
-    if HAS_UA:
-        ua = tl.load(UA + offs, mask=m, other=0.0).to(tl.float32)
-        d2 = s * (1.0 - s) * (2.0 + a * (1.0 - 2.0 * s))
-        gdy += ua * b * d1
-        gb += ua * dy * d1
-        ga += ua * dy * b * d2
-    if HAS_UB:
-        ub = tl.load(UB + offs, mask=m, other=0.0).to(tl.float32)
-        gdy += ub * a * s
-        ga += ub * dy * d1
-    tl.store(GA + offs, ga.to(GA.dtype.element_ty), mask=m)
-    tl.store(GB + offs, gb.to(GB.dtype.element_ty), mask=m)
-    tl.store(GDY + offs, gdy.to(GDY.dtype.element_ty), mask=m)
+    d2 = s * (1.0 - s) * (2.0 + a * (1.0 - 2.0 * s))
+    tl.store(GAB + a_offs, (ua * dy * b * d2 + ub * dy * d1).to(GAB.dtype.element_ty), mask=m)
+    tl.store(GAB + a_offs + INNER, (ua * dy * d1).to(GAB.dtype.element_ty), mask=m)
+    tl.store(GDY + offs, (ua * b * d1 + ub * a * s).to(GDY.dtype.element_ty), mask=m)
 
 
 def _grid(N: int) -> tuple[int]:
     return (triton.cdiv(N, BLOCK),)
 
 
-def gate_fwd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a, b contiguous of one shape and dtype -> y = silu(a) b in a's dtype."""
-    y = torch.empty_like(a)
-    N = a.numel()
+def halves(ab: torch.Tensor, dim: int) -> tuple[tuple[int, ...], int]:
+    """(y's shape, inner) for ab split in two along dim."""
+    shape = list(ab.shape)
+    shape[dim] //= 2
+    inner = shape[dim]
+    for n in shape[dim:][1:]:
+        inner *= n
+    return tuple(shape), inner
+
+
+def gate_fwd(ab: torch.Tensor, dim: int) -> torch.Tensor:
+    """ab contiguous, its two halves along dim a and b -> y = silu(a) b in ab's dtype (contiguous)."""
+    shape, inner = halves(ab, dim)
+    y = torch.empty(shape, dtype=ab.dtype, device=ab.device)
+    N = y.numel()
     if N:
-        _gate_fwd_kernel[_grid(N)](a, b, y, N, BLOCK=BLOCK)
+        _gate_fwd_kernel[_grid(N)](ab, y, N, inner, BLOCK=BLOCK)
     return y
 
 
-def gate_bwd(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(da, db) for the cotangent dy (contiguous, a's shape)."""
-    da, db = torch.empty_like(a), torch.empty_like(b)
-    N = a.numel()
+def gate_bwd(ab: torch.Tensor, dy: torch.Tensor, dim: int) -> torch.Tensor:
+    """dab (ab's shape) for the cotangent dy (contiguous, y's shape)."""
+    _, inner = halves(ab, dim)
+    dab = torch.empty_like(ab)
+    N = dy.numel()
     if N:
-        _gate_bwd_kernel[_grid(N)](a, b, dy, da, db, N, BLOCK=BLOCK)
-    return da, db
+        _gate_bwd_kernel[_grid(N)](ab, dy, dab, N, inner, BLOCK=BLOCK)
+    return dab
 
 
-def gate_double_bwd(a, b, dy, ua, ub):
-    """Gradients w.r.t. (a, b, dy) of <ua, da> + <ub, db>, where (da, db) is gate_bwd(a, b, dy); ua or ub may be
-    None (zero)."""
-    ga, gb, gdy = torch.empty_like(a), torch.empty_like(b), torch.empty_like(dy)
-    N = a.numel()
+def gate_double_bwd(ab: torch.Tensor, dy: torch.Tensor, u: torch.Tensor, dim: int):
+    """Gradients w.r.t. (ab, dy) of <u, dab>, where dab is gate_bwd(ab, dy, dim); u contiguous, ab's shape."""
+    _, inner = halves(ab, dim)
+    gab, gdy = torch.empty_like(ab), torch.empty_like(dy)
+    N = dy.numel()
     if N:
-        u = ua.contiguous() if ua is not None else a  # a dummy pointer when absent (never read)
-        v = ub.contiguous() if ub is not None else b
-        _gate_dbwd_kernel[_grid(N)](a, b, dy, u, v, ga, gb, gdy, N, BLOCK=BLOCK,
-                                    HAS_UA=ua is not None, HAS_UB=ub is not None)
-    return ga, gb, gdy
+        _gate_dbwd_kernel[_grid(N)](ab, dy, u, gab, gdy, N, inner, BLOCK=BLOCK)
+    return gab, gdy

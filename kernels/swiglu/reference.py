@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 
-def swiglu_gate_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """y = silu(a) * b elementwise."""
+def swiglu_gate_reference(ab: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """y = silu(a) * b elementwise, a and b the two halves of ab along dim."""
+    a, b = ab.chunk(2, dim)
     return F.silu(a) * b

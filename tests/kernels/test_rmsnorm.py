@@ -165,3 +165,51 @@ def test_out_dtype_equals_norm_then_cast(out_dtype):
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4, 16), (1, 9, 3, 2, 80)])  # (B, T, 3, H, D): a fused QKV output
+@pytest.mark.parametrize("part", [0, 1])
+def test_heads_of_a_fused_projection_read_in_place(shape, part):
+    """x = the q (or k) heads of a (B, T, 3, H, D) fused projection: rows of D, H of them contiguous per time
+    step, the steps 3 H D apart. The kernels read it where it lies (no copy: checked by the pointer they get) and
+    give the values, gradients and double-backward gradients of the reference on the same numbers; the gradient of
+    x comes back in x's shape, contiguous."""
+    from ttt_e2e.kernels.rmsnorm import function
+
+    qkv, w = _randn(*shape, scale=2.0), 1 + _randn(shape[-1], scale=0.2)
+    dy, probe = _randn(*shape[:2], *shape[3:]), _randn(*shape[:2], *shape[3:])
+    seen = []
+    real = function.rms_norm_fwd
+    function_fwd = lambda x, *a: seen.append(x.data_ptr()) or real(x, *a)  # noqa: E731
+
+    def second(qkv, w, kernel):
+        qkv, w = qkv.clone().requires_grad_(), w.clone().requires_grad_()
+        x = qkv[:, :, part]
+        y = rms_norm(x, w, 1e-6, use_kernel=True) if kernel else rms_norm_reference(x, w, 1e-6)
+        gx, gw = torch.autograd.grad(y, (qkv, w), dy.to(y.dtype), create_graph=True)
+        outer = (gx[:, :, part] * probe.to(gx.dtype)).sum() + gw.square().sum()
+        return (y, gx, gw, *torch.autograd.grad(outer, (qkv, w))), x.data_ptr()
+
+    function.rms_norm_fwd = function_fwd
+    try:
+        got, ptr = second(qkv.float(), w.float(), True)
+    finally:
+        function.rms_norm_fwd = real
+    assert seen == [ptr]  # the view itself, not a contiguous copy
+    want, _ = second(qkv, w, False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+    assert got[1][:, :, 1 - part].abs().max() == 0  # the other part of the projection gets nothing
+
+
+def test_row_layout():
+    from ttt_e2e.kernels.rmsnorm.kernel import row_layout
+
+    qkv = torch.empty(2, 5, 3, 4, 16)
+    assert row_layout(qkv) == (1, 16)
+    assert row_layout(qkv[:, :, 1]) == (4, 3 * 4 * 16)
+    assert row_layout(qkv[:1, :, 2]) == (4, 3 * 4 * 16)
+    assert row_layout(qkv[:, :1, 0]) == (4, 5 * 3 * 4 * 16)  # one time step: the batch's stride
+    assert row_layout(qkv[:, :, 1, :, :8]) is None  # rows not contiguous
+    assert row_layout(qkv.transpose(0, 1)[:, :, 1]) is None  # the leading dims do not collapse
+    assert row_layout(qkv[:, :, 1].transpose(1, 2)) is None  # heads inside time: groups not contiguous

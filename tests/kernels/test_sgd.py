@@ -110,3 +110,29 @@ def test_update_in_place(in_place):
     assert ((out_c.double() - want.double()).abs() <= _quantum(torch.bfloat16) * want.double().abs()).all()
     with pytest.raises(ValueError, match="contiguous fp32 out"):
         sgd_update_(phi, g, scale, out.transpose(1, 2), out_c)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("max_norm", [0.0, 1e6, 2.0])  # off, inactive, active
+@pytest.mark.parametrize("eta_tensor", [False, True])  # the trainer's schedule hands a 0-d tensor
+def test_clip_kernel_against_clip_scale(B, max_norm, eta_tensor):
+    """clipped_scale: (scale, d scale / d sq, norm) per sequence from the norms of every tensor, in one launch, as
+    clip_scale gives them from the summed squares (here rows whose norms straddle the threshold)."""
+    from ttt_e2e.kernels.sgd.clip import clip_scale
+    from ttt_e2e.kernels.sgd import clipped_scale
+
+    g = [_randn(B, n, dtype=torch.bfloat16, scale=s) for n, s in ((5, 0.3), (4097, 0.02), (70, 0.2), (1, 1.0),
+                                                                   (300, 0.05))]
+    for x in g:
+        x[0] *= 0.01  # sequence 0 well below the threshold where the clip is on
+    g[3][-1] = 3.0  # the last one above it
+    eta = torch.tensor(0.7, device=DEVICE) if eta_tensor else 0.7
+    scale, coef, norm = clipped_scale(g, eta, max_norm)
+    sq = sum(x.double().square().sum(1) for x in g)
+    want_scale, want_coef = clip_scale(sq, 0.7, max_norm)
+    torch.testing.assert_close(norm.double(), sq.sqrt(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(scale.double(), want_scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(coef.double(), want_coef, rtol=1e-5, atol=0)
+    if max_norm == 2.0:
+        assert (coef[-1] != 0) and scale[-1].abs() < 0.7 * 2 / 3 + 1e-6
+        assert B == 1 or (coef[0] == 0 and scale[0] == -0.7)

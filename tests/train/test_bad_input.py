@@ -75,14 +75,14 @@ def test_incompatible_checkpoint_names_keys_and_shapes(compose, tmp_path):
         train(compose(**wider, **{"training.init_from": pre, "training.load_part": "params"}), tmp_path / "new")
     msg = _one_line(e)
     assert "does not fit this model" in msg and "shape mismatches [" in msg
-    assert "prefix.0.attn.wk.weight: checkpoint (32, 32) vs model (48, 48)" in msg and "(+29 more)" in msg
+    assert "prefix.0.attn.wqkv.weight: checkpoint (96, 32) vs model (144, 48)" in msg and "(+22 more)" in msg
     # ... and when resuming its own run dir with another architecture (or prime MLP removed: missing keys).
     with pytest.raises(CheckpointError, match="does not fit this model"):
         train(compose(**wider), pre)
     with pytest.raises(CheckpointError) as e:
         train(compose(**{"model.prime_mlp": "false", "ttt.train_mode": "pretrain"}), pre)
     assert "unexpected keys [suffix.blocks.0.post_prime_norm.weight, suffix.blocks.0.pre_prime_norm.weight, " \
-           "suffix.blocks.0.prime.w1, suffix.blocks.0.prime.w2 (+1 more)]" in _one_line(e)
+           "suffix.blocks.0.prime.w13, suffix.blocks.0.prime.w2]" in _one_line(e)
     assert _snapshot(pre) == before
 
 

@@ -22,7 +22,7 @@ def test_meta_gradient_matches_finite_differences(remat):
     assert norms.max() > ttt.inner_grad_clip > norms.min(), norms
 
     params = dict(model.named_parameters())
-    assert {"suffix.blocks.0.prime.w1", "prefix.0.attn.wq.weight", "wte.weight"} <= params.keys()
+    assert {"suffix.blocks.0.prime.w13", "prefix.0.attn.wqkv.weight", "wte.weight"} <= params.keys()
     grads = dict(zip(params, torch.autograd.grad(out.loss, list(params.values()))))
     g = torch.Generator().manual_seed(7)
     eps = 1e-6
@@ -131,3 +131,45 @@ def test_meta_gradient_with_growing_kv_buffers(monkeypatch, window, remat):
     assert 0 < len(made) < cached_calls * (2 if remat else 1), made
     for (name, _), a, b in zip(model.named_parameters(), grads["triton"], grads["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item(), msg=name)
+
+
+def _meta_loss_every_block_in_the_loop(model, ids, targets, mask, ttt):
+    """The meta loss with the whole suffix inside the loop (the first block's attention too, over its KV cache):
+    what ttt/meta.py computed before it ran that attention once over the sequence."""
+    from ttt_e2e.ttt.inner import inner_step, minibatch_loss
+
+    B, T = ids.shape
+    b = ttt.mini_batch_size
+    h = model.run_prefix(model.wte(ids))
+    inner = model.suffix.inner_names()
+    theta = {n: p for n, p in model.suffix.named_parameters() if n not in inner}
+    phi = {n: p.expand(B, *p.shape) for n, p in model.suffix.named_parameters() if n in inner}
+    head, caches, losses = model.head_weight(), None, []
+    for t in range(T // b):
+        args = (theta, head, phi)
+        sl = slice(t * b, (t + 1) * b)
+        if t < T // b - 1:
+            l_t, _, phi, caches, _, _ = inner_step(model.suffix, *args, caches, h[:, sl], targets[:, sl], mask[:, sl],
+                                                   t * b, ttt.inner_lr, ttt.inner_grad_clip,
+                                                   model.cfg.attention_window)
+        else:
+            l_t, _, _ = minibatch_loss(model.suffix, theta, head, phi, caches, h[:, sl], targets[:, sl],
+                                       mask[:, sl], t * b)
+        losses.append(l_t)
+    return torch.stack(losses, 1).mean()
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_first_attention_outside_the_loop_is_the_same_function(remat):
+    """The first suffix block's attention half runs once over the whole sequence (it never depends on phi): the
+    same loss and meta-gradient as running it per mini-batch over the KV cache, with the window spanning
+    mini-batch boundaries (10 > b = 6) and the clip active."""
+    model = tiny_model(seed=5)
+    batch = tiny_batch(model, seed=6)
+    ttt = meta(remat_inner=remat, inner_grad_clip=2.5)
+    params = list(model.parameters())
+    got = sequence_loss(model, *batch, ttt).loss
+    want = _meta_loss_every_block_in_the_loop(model, *batch, ttt)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for p, a, b in zip(model.named_parameters(), torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13, msg=p[0])

@@ -97,9 +97,9 @@ class Attention(torch.nn.Module):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.window, self.rope_theta, self.backend = window, rope_theta, backend
-        self.wq = torch.nn.Linear(d_model, d_model, bias=False)
-        self.wk = torch.nn.Linear(d_model, d_model, bias=False)
-        self.wv = torch.nn.Linear(d_model, d_model, bias=False)
+        # q, k, v from one (3 d, d) matrix: one matmul and, in the backward, one for x's gradient (in place of three
+        # and two adds): at the suffix's 1K rows a d x d product fills a third of an H100's SMs
+        self.wqkv = torch.nn.Linear(d_model, 3 * d_model, bias=False)
         self.wo = torch.nn.Linear(d_model, d_model, bias=False)
         # One scale of size head_dim shared by all heads.
         self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else torch.nn.Identity()
@@ -110,21 +110,21 @@ class Attention(torch.nn.Module):
     def project(self, x: torch.Tensor, pos0: int):
         """q, k, v (B, H, T, D) of x (B, T, d) at absolute positions pos0.., QK-normed and rotated."""
         B, T, _ = x.shape
-        # QK-norm and RoPE in the projections' own (B, T, H, D) layout, where their elementwise ops run on
-        # contiguous memory; the kernels take the (B, H, T, D) views by their strides.
-        split = lambda t: t.view(B, T, self.n_heads, self.head_dim)  # noqa: E731
+        # QK-norm and RoPE in the projection's own (B, T, 3, H, D) layout: the norm kernels read q's and k's heads
+        # where they lie, the attention kernels take v (and the rotated q, k) by their strides.
         x = for_matmuls(x)
-        q, k, v = (split(linear(x, w.weight)) for w in (self.wq, self.wk, self.wv))
+        q, k, v = linear(x, self.wqkv.weight).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
         cos, sin = rope_angles(positions(pos0, T, x.device), self.head_dim, self.rope_theta)
         q, k = apply_rope(self.q_norm(q), cos, sin, self.kernel), apply_rope(self.k_norm(k), cos, sin, self.kernel)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, pos0: int = 0, cache=None):
+    def forward(self, x: torch.Tensor, pos0: int = 0, cache=None, first_order: bool | None = None):
         """x (B, T, d) at absolute positions pos0.. . cache: None, or the (k, v) of earlier positions, each
         (B, H, Tc, D): then returns the output and the (keys, values) it attended to (the cache then this
         block's, post-RoPE), from which the caller keeps the last W as the next cache. Or an inference cache
         object (ttt_e2e.inference.kv_cache), which holds the earlier keys itself and attends in its own way (a
-        ring buffer): then the second output is this block's own (k, v)."""
+        ring buffer): then the second output is this block's own (k, v). first_order: overrides self.first_order
+        for this call (a caller that knows nothing differentiates it twice)."""
         B, T, _ = x.shape
         q, k, v = self.project(x, pos0)
         if cache is not None and not isinstance(cache, tuple):
@@ -133,7 +133,7 @@ class Attention(torch.nn.Module):
             pos0 = int(pos0)  # the kernels take plain ints
             if cache is None:
                 o = attend(q, k, v, window=self.window, q_pos0=pos0, k_pos0=pos0, backend=self.backend,
-                           first_order=self.first_order)
+                           first_order=self.first_order if first_order is None else first_order)
                 kv = (k, v)
             else:
                 o, keys, values = attend_cached(q, *cache, k, v, window=self.window, q_pos0=pos0,

@@ -45,37 +45,37 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, use_kernel=None if self.kernel else False, out_dtype=out_dtype)
 
 
-def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, kernel: bool = True) -> torch.Tensor:
-    """w2( silu(w1 x) * (w3 x) ). Weights are (out, in) like nn.Linear, or carry a leading batch dimension
-    (B, out, in) when each sequence has its own copy (the inner weights during TTT). kernel: the gate
-    silu(a) * b through its Triton kernels on CUDA tensors (one kernel per derivative instead of a dozen), and
-    the per-sequence products through seq_linear (their weight gradients in the meta step: one matmul per use
-    pair)."""
-    gate = lambda a, b: swiglu_gate(a, b, use_kernel=None if kernel else False)  # noqa: E731
+def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, kernel: bool = True) -> torch.Tensor:
+    """w2( silu(w1 x) * (w3 x) ) with w13 = cat(w1, w3): both products in one matmul, whose output the gate reads
+    in halves (and its gradient comes back as one tensor, x's gradient from one matmul). Weights are (out, in) like
+    nn.Linear, or carry a leading batch dimension (B, out, in) when each sequence has its own copy (the inner
+    weights during TTT). kernel: the gate silu(a) * b through its Triton kernels on CUDA tensors (one kernel per
+    derivative instead of a dozen), and the per-sequence products through seq_linear (their weight gradients in the
+    meta step: one matmul per use pair)."""
+    gate = lambda ab, dim: swiglu_gate(ab, dim, use_kernel=None if kernel else False)  # noqa: E731
     x = for_matmuls(x)
-    if w1.dim() == 2:
-        return linear(gate(linear(x, w1), linear(x, w3)), w2)
+    if w13.dim() == 2:
+        return linear(gate(linear(x, w13), -1), w2)
     # Per-sequence weights: computed transposed, (w @ x^T)^T, so that the gradient w.r.t. w comes out contiguous
     # like w (x @ w^T gives it transposed) and the elementwise work on it and on w together (clip, SGD step,
     # their derivatives) runs vectorized; the hidden activations stay in the (B, hidden, T) layout throughout,
-    # contiguous for the gate's kernels.
+    # contiguous for the gate's kernels (its halves along dim 1).
     xt = x.mT
     if not kernel:
-        return torch.matmul(w2, gate(torch.matmul(w1, xt), torch.matmul(w3, xt))).mT
+        return torch.matmul(w2, gate(torch.matmul(w13, xt), 1)).mT
     # the output goes back to (B, T, d): written in that layout (the next norm reads it without a copy)
-    return seq_linear(w2, gate(seq_linear(w1, xt), seq_linear(w3, xt)), transposed_out=True).mT
+    return seq_linear(w2, gate(seq_linear(w13, xt), 1), transposed_out=True).mT
 
 
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(hidden, dim))
+        self.w13 = nn.Parameter(torch.empty(2 * hidden, dim))  # cat(w1, w3): the gate's and the value's rows
         self.w2 = nn.Parameter(torch.empty(dim, hidden))
-        self.w3 = nn.Parameter(torch.empty(hidden, dim))
         self.kernel = True  # the gate's Triton kernels on CUDA tensors (Transformer.use_fused_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.w1, self.w2, self.w3, self.kernel)
+        return swiglu(x, self.w13, self.w2, self.kernel)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,9 +35,20 @@ class Block(nn.Module):
             if isinstance(norm, RMSNorm):  # its output only feeds the projections
                 norm.feeds_matmuls = True
 
-    def forward(self, x: torch.Tensor, pos0: int = 0, cache=None):
-        a, kv = self.attn(self.pre_attn_norm(x), pos0, cache)
-        x = x + self.post_attn_norm(a)
+    # The modules of the attention half (attention_half), which come before the block's MLP' and MLP
+    ATTENTION_HALF = ("pre_attn_norm", "attn", "post_attn_norm")
+
+    def attention_half(self, x: torch.Tensor, pos0: int = 0, cache=None, first_order: bool | None = None):
+        """x + post_norm(attention(pre_norm(x))) and the (k, v) it attended to (see Attention.forward)."""
+        a, kv = self.attn(self.pre_attn_norm(x), pos0, cache, first_order)
+        return x + self.post_attn_norm(a), kv
+
+    def forward(self, x: torch.Tensor, pos0: int = 0, cache=None, after_attention: bool = False):
+        """after_attention: x is already attention_half's output (the caller ran it); then kv is () (no tensors:
+        torch.func's auxiliary outputs hold nothing else)."""
+        kv = ()
+        if not after_attention:
+            x, kv = self.attention_half(x, pos0, cache)
         if self.prime is not None:
             x = x + self.post_prime_norm(self.prime(self.pre_prime_norm(x)))
         x = x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
@@ -54,14 +65,23 @@ class Suffix(nn.Module):
         self.ln_f.feeds_matmuls = True  # its output only feeds the head
 
     def inner_names(self) -> list[str]:
-        """Names (as in named_parameters) of the inner weights phi: w1, w2, w3 of every MLP'."""
+        """Names (as in named_parameters) of the inner weights phi: w13 (w1 and w3) and w2 of every MLP'."""
         return [n for n, _ in self.named_parameters() if ".prime." in n]
 
-    def forward(self, x: torch.Tensor, pos0: int = 0, caches=None):
+    def hoisted_names(self) -> list[str]:
+        """Names (as in named_parameters) of the first block's attention half: what `forward(..., first_attended=
+        True)` does not run. It never depends on phi (every MLP' comes after it), so the meta step runs it once
+        over the whole sequence instead of once per mini-batch (ttt/meta.py)."""
+        return [f"blocks.0.{n}" for n, _ in self.blocks[0].named_parameters()
+                if n.split(".")[0] in Block.ATTENTION_HALF]
+
+    def forward(self, x: torch.Tensor, pos0: int = 0, caches=None, first_attended: bool = False):
+        """first_attended: x is already the first block's attention_half output (its cache entry then unused, its
+        kv ())."""
         caches = caches if caches is not None else [None] * len(self.blocks)
         kvs = []
-        for block, cache in zip(self.blocks, caches):
-            x, kv = block(x, pos0, cache)
+        for i, (block, cache) in enumerate(zip(self.blocks, caches)):
+            x, kv = block(x, pos0, cache, after_attention=first_attended and i == 0)
             kvs.append(kv)
         return self.ln_f(x), kvs
 

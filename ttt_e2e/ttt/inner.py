@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad, vjp
 
-from ttt_e2e.kernels.sgd import clipped_sgd, sgd_update_, sum_of_squares
+from ttt_e2e.kernels.sgd import clipped_scale, clipped_sgd, sgd_update_
 from ttt_e2e.kernels.sgd.clip import clip_scale
 from ttt_e2e.model.layers import compute_dtype
 from ttt_e2e.model.transformer import Suffix
@@ -94,11 +94,12 @@ def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float,
         names = list(grads)
         nxt, nxt_c, norm = clipped_sgd([phi[n] for n in names], [grads[n] for n in names], eta, max_norm)
         return dict(zip(names, nxt)), dict(zip(names, nxt_c)), norm
-    if out is not None and kernel:  # no graph through the norm: one launch for every tensor
-        sq = sum_of_squares([g.flatten(1) for g in grads.values()])
+    if out is not None and kernel:  # no graph through the norm: the norms and the clip in two launches
+        scale, _, gnorm = clipped_scale([g.flatten(1) for g in grads.values()], eta, max_norm)
     else:
         sq = torch.stack([_SumOfSquares.apply(g) for g in grads.values()]).sum(0)
-    scale = clip_scale(sq, eta, max_norm)[0].to(next(iter(phi.values())).dtype)
+        scale, gnorm = clip_scale(sq, eta, max_norm)[0], sq.detach().sqrt()
+    scale = scale.to(next(iter(phi.values())).dtype)
     nxt, nxt_c = ({}, {}) if out is None else out
     for n, g in grads.items():
         s = scale.view(-1, *[1] * (g.dim() - 1))
@@ -112,21 +113,23 @@ def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float,
             nxt[n] = nxt_c[n] = torch.addcmul(phi[n], s, g)
         else:
             nxt[n], nxt_c[n] = _SGDStep.apply(phi[n], g, s)
-    return nxt, nxt_c, sq.detach().sqrt()
+    return nxt, nxt_c, gnorm
 
 
 def minibatch_loss(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi_c: Tensors, caches, h: torch.Tensor,
                    targets: torch.Tensor, mask: torch.Tensor, pos0: int, recompute_logits: bool = False,
-                   ce_kernel: bool = True):
+                   ce_kernel: bool = True, first_attended: bool = False):
     """l_t (B,) and the per-token losses (B, b) of the suffix with inner weights phi_c (in the compute dtype) on
-    the mini-batch at pos0, and the KV caches it leaves ((keys, values) per block, the earlier ones included)."""
-    out, kvs = functional_call(suffix, {**theta, **phi_c}, (h, pos0, caches))
+    the mini-batch at pos0, and the KV caches it leaves ((keys, values) per block, the earlier ones included).
+    first_attended: h is already the first block's attention_half output (Suffix.forward)."""
+    out, kvs = functional_call(suffix, {**theta, **phi_c}, (h, pos0, caches), {"first_attended": first_attended})
     tok = token_losses(out, head, targets, recompute_logits, ce_kernel)
     return masked_mean(tok, mask), tok, kvs
 
 
 def loss_and_grad(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi_c: Tensors, caches, h: torch.Tensor,
-                  targets: torch.Tensor, mask: torch.Tensor, pos0: int, ce_kernel: bool = True):
+                  targets: torch.Tensor, mask: torch.Tensor, pos0: int, ce_kernel: bool = True,
+                  first_attended: bool = False):
     """`minibatch_loss` and the gradient g of sum_i l_t[i] w.r.t. phi_c: (l_t, tok, g, kvs).
 
     The same function as torch.func.grad of the loss, taken in two parts: the loss and its gradient w.r.t. the
@@ -135,7 +138,7 @@ def loss_and_grad(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi_c: Ten
     cotangents at once, and it writes the logits' gradient in one pass (autograd of the loss would take a
     backward pass, a double-backward pass and their sum, each over the (b, vocab) logits)."""
     def run(phi_c: Tensors):
-        return functional_call(suffix, {**theta, **phi_c}, (h, pos0, caches))
+        return functional_call(suffix, {**theta, **phi_c}, (h, pos0, caches), {"first_attended": first_attended})
 
     out, pullback, kvs = vjp(run, phi_c, has_aux=True)
     m = mask.to(torch.promote_types(out.dtype, torch.float32))
@@ -163,11 +166,13 @@ def compute_copy(phi: Tensors, like: torch.Tensor) -> Tensors:
 def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors, caches, h: torch.Tensor,
                targets: torch.Tensor, mask: torch.Tensor, pos0: int, eta: float, clip: float, window: int,
                recompute_logits: bool = False, ce_kernel: bool = True, phi_c: Tensors | None = None,
-               out: tuple[Tensors, Tensors] | None = None, sgd_kernel: bool = False):
+               out: tuple[Tensors, Tensors] | None = None, sgd_kernel: bool = False, first_attended: bool = False):
     """Mini-batch t at absolute position pos0: h (B, b, d) is the prefix's output for it. phi_c: phi_t in the
     compute dtype, as the previous step returned it (None: cast here). out: buffers for phi_{t+1} and its
     compute-dtype copy, updated in place (inference only: see sgd_step); they may be phi and phi_c themselves.
-    sgd_kernel: the update through its Triton kernels where they apply (see sgd_step).
+    sgd_kernel: the update through its Triton kernels where they apply (see sgd_step). first_attended: h is
+    already the first suffix block's attention_half output (Suffix.forward); that block's cache entry is then
+    unused, and () in the next caches.
 
     Returns l_t (B,) computed with phi_t, the per-token losses (B, b), phi_{t+1}, the next KV caches, the
     inner gradient's norm (B,) and phi_{t+1} in the compute dtype. The caches from earlier mini-batches are
@@ -184,15 +189,17 @@ def inner_step(suffix: Suffix, theta: Tensors, head: torch.Tensor, phi: Tensors,
     if recompute_logits:  # the head and the loss as one node that keeps no logits (linear_ce.py)
         def loss(phi_c: Tensors):
             l_t, tok, kvs = minibatch_loss(suffix, theta, head, phi_c, caches, h, targets, mask, pos0, True,
-                                           ce_kernel)
+                                           ce_kernel, first_attended)
             return l_t.sum(), (l_t, tok, kvs)  # the sum over sequences: each phi[i] sees only its own l_t[i]
 
         g, (l_t, tok, kvs) = grad(loss, has_aux=True)(phi_c)
     else:
-        l_t, tok, g, kvs = loss_and_grad(suffix, theta, head, phi_c, caches, h, targets, mask, pos0, ce_kernel)
+        l_t, tok, g, kvs = loss_and_grad(suffix, theta, head, phi_c, caches, h, targets, mask, pos0, ce_kernel,
+                                         first_attended)
     # out may hold phi_c itself: the gradient is done with it
     phi_next, phi_next_c, gnorm = sgd_step(phi, g, eta, clip, out, sgd_kernel)
     # The last W keys; a cache that holds no more is passed on as it is (a full-length slice would still cost, in
     # the outer backward, a zero-filled copy of its whole gradient)
-    caches_next = [(k, v) if k.shape[2] <= window else (k[:, :, -window:], v[:, :, -window:]) for k, v in kvs]
+    caches_next = [kv if not kv or kv[0].shape[2] <= window else (kv[0][:, :, -window:], kv[1][:, :, -window:])
+                   for kv in kvs]
     return l_t, tok.detach(), phi_next, caches_next, gnorm.detach(), phi_next_c

@@ -68,6 +68,12 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     B, T = input_ids.shape
     b = ttt.mini_batch_size
     h = model.run_prefix(model.wte(input_ids), ttt.prefix_remat_blocks(model.cfg))
+    # The first suffix block's attention half comes before every MLP', so it never depends on phi: it runs once
+    # over the whole sequence like a prefix block (first derivatives only, the full-causal window through cuDNN),
+    # not once per mini-batch inside the loop, where each call is a dozen small kernels and three times that in
+    # the backward. The same function: the per-mini-batch form attends over the same cached keys.
+    h, _ = model.suffix.blocks[0].attention_half(h, first_order=True)
+    hoisted = set(model.suffix.hoisted_names())
     inner = model.suffix.inner_names()  # a list: the order fixes the summation order of the inner grad norm
     params = dict(model.suffix.named_parameters())
     # The matrices every mini-batch uses (the head, and the suffix's outside MLP') are cast to the compute dtype
@@ -79,10 +85,12 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     dtype = compute_dtype(h)
     cast = shared_weight if model.defer_weight_grads else (lambda p, dtype: p.to(dtype))
     gain = shared_gain if model.defer_weight_grads else (lambda p: p)
-    theta = {n: cast(p, dtype) if p.dim() >= 2 else gain(p) for n, p in params.items() if n not in inner}
+    theta = {n: cast(p, dtype) if p.dim() >= 2 else gain(p) for n, p in params.items()
+             if n not in inner and n not in hoisted}
     phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
     settings = dict(eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip, window=model.cfg.attention_window,
-                    recompute_logits=ttt.recompute_logits, ce_kernel=model.ce_kernel, sgd_kernel=model.sgd_kernel)
+                    recompute_logits=ttt.recompute_logits, ce_kernel=model.ce_kernel, sgd_kernel=model.sgd_kernel,
+                    first_attended=True)
 
     def step(theta, head, phi, phi_c, caches, h, y, m, pos0):
         return inner_step(model.suffix, theta, head, phi, caches, h, y, m, pos0, **settings, phi_c=phi_c)
@@ -91,7 +99,7 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
         # The last mini-batch's update would reach no loss: its loss only, no inner gradient
         phi_c = compute_copy(phi, h) if phi_c is None else phi_c
         l_t, tok, _ = minibatch_loss(model.suffix, theta, head, phi_c, caches, h, y, m, pos0,
-                                     settings["recompute_logits"], settings["ce_kernel"])
+                                     settings["recompute_logits"], settings["ce_kernel"], first_attended=True)
         return l_t, tok.detach()
 
     head, caches, phi_c = cast(model.head_weight(), dtype), None, None
