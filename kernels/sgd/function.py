@@ -1,12 +1,12 @@
 """The autograd node of the clipped SGD update: every inner tensor of one step in one node.
 
-Forward: the norms of all g (one read, one multi-tensor launch), the clip's scale from them (one launch: clip),
-then per tensor one kernel writing phi_{t+1} and its compute-dtype copy. Backward, per tensor: one pass adding the two
-outputs' cotangents (phi_t's cotangent) and summing d * g (the scale's cotangent; every tensor's partial sums in
-one buffer, reduced once), then, once that is known, one pass writing g's cotangent through both the update and
-the norm. Autograd of the same update (addcmul, a cast, the
-norm's own node) made about twice the passes over the inner state, the loop's largest tensors. Differentiable
-once: the meta-gradient needs the update's first derivative only (the second derivatives are the inner loss's).
+Forward: the norms of all g (one read, one multi-tensor launch), the clip's scale from them (one launch:
+clipped_scale), then per tensor one kernel writing phi_{t+1} and its compute-dtype copy. Backward, per tensor: one
+pass adding the two outputs' cotangents (phi_t's cotangent) and summing d * g (the scale's cotangent; every tensor's
+partial sums in one buffer, reduced once), then, once that is known, one pass writing g's cotangent through both the
+update and the norm. Autograd of the same update (addcmul, a cast, the norm's own node) made about twice the passes
+over the inner state, the loop's largest tensors. Differentiable once: the meta-gradient needs the update's first
+derivative only (the second derivatives are the inner loss's).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The loss of a batch of sequences, in either train mode (METHOD.md sections 2-3).
 
-meta:     tokens -> embed -> prefix blocks (once, whole sequence)
+meta:     tokens -> embed -> prefix blocks, then the first suffix block's attention half (once, whole sequence:
+                    no phi in them)
                  -> for each mini-batch t: suffix with phi_t and the KV caches -> l_t; phi_{t+1} = phi_t - eta clip(g_t)
                     (no update after the last mini-batch: nothing would read it)
                  -> outer loss = mean_t l_t, differentiated through every g_t
