@@ -1,4 +1,5 @@
-"""The clip's scale of the inner SGD step, shared by the kernels' node and the PyTorch path of ttt/inner.py."""
+"""The clip's scale of the inner SGD step in PyTorch ops: the PyTorch path of ttt/inner.py, and what the kernel of
+function.clipped_scale computes in one launch (its test's oracle)."""
 from __future__ import annotations
 
 import torch

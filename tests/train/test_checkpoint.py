@@ -93,3 +93,59 @@ def test_truncated_checkpoint_file_is_reported(tmp_path):
     (path / "state.pt").write_bytes((path / "state.pt").read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"cannot read checkpoint file .*state.pt"):
         load_checkpoint(path, model, opt, sched, sampler)
+
+
+def _split_like_the_old_format(path):
+    """Rewrite a checkpoint as the code before the fused projections saved it: wq, wk, wv and w1, w3 as separate
+    matrices (model and optimizer moments), in the order named_parameters gave them then."""
+    model_sd = torch.load(path / "model.pt", weights_only=True)
+    state = torch.load(path / "state.pt", weights_only=True)
+    osd = state["optimizer"]
+
+    def split(key):
+        if key.endswith("attn.wqkv.weight"):
+            return [key[:-len("wqkv.weight")] + f"w{c}.weight" for c in "qkv"]
+        if key.endswith(".w13"):
+            return [key[:-3] + "w1", key[:-3] + "w3"]
+        return None
+
+    new_sd, new_state = {}, {}
+    for key, t in model_sd.items():
+        names = split(key)
+        new_sd.update(zip(names, t.chunk(len(names))) if names else [(key, t)])
+    for key, st in osd["state"].items():
+        names = split(key)
+        if not names:
+            new_state[key] = st
+            continue
+        for i, n in enumerate(names):
+            new_state[n] = {k: v.chunk(len(names))[i] if torch.is_tensor(v) and v.dim() else v for k, v in st.items()}
+    for g in osd["param_groups"]:
+        names = [n for key in g["params"] for n in (split(key) or [key])]
+        for n in [n for n in names if n.endswith(".w3")]:  # the old order: w1, w2, w3
+            names.remove(n)
+            names.insert(names.index(n[:-1] + "2") + 1, n)
+        g["params"] = names
+    osd["state"] = new_state
+    torch.save(new_sd, path / "model.pt")
+    torch.save(state, path / "state.pt")
+    return new_sd
+
+
+def test_checkpoint_from_before_the_fused_projections_resumes_exactly(tmp_path):
+    """A checkpoint with separate wq, wk, wv and w1, w3 (the format before they were fused) loads: the fused
+    matrices and their AdamW moments are the parts joined, so the next optimizer step gives the same weights."""
+    cfg, model, opt, sched, sampler = _state(seed=0)
+    path = Checkpointer(tmp_path, 2, True).save(1, model, opt, sched, sampler, cfg)
+    old = _split_like_the_old_format(path)
+    assert "prefix.0.attn.wk.weight" in old and "suffix.blocks.0.mlp.w3" in old and not any("w13" in k for k in old)
+    _, model2, opt2, sched2, sampler2 = _state(seed=1)
+    load_checkpoint(path, model2, opt2, sched2, sampler2, part="all")
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+    for m, o in ((model, opt), (model2, opt2)):  # one more step from the same state: the same weights
+        o.zero_grad(set_to_none=True)
+        m(torch.randint(0, 258, (1, 64), generator=torch.Generator().manual_seed(5))).sum().backward()
+        o.step()
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name

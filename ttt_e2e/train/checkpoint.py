@@ -188,6 +188,49 @@ def _shape_mismatch(path: Path, ckpt: dict, model) -> Optional[str]:
             + "; ".join(p for p in parts if p))
 
 
+# Checkpoints written before q, k, v (and each MLP's W1, W3) became one matrix hold the parts. They are joined on
+# load: the same function and, AdamW being elementwise, the same optimizer moments, so such a run resumes exactly.
+_FUSED = (("attn.wqkv.weight", ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight")), ("w13", ("w1", "w3")))
+
+
+def _old_parts(key: str, have) -> Optional[list[str]]:
+    """The names of the parts of fused matrix `key` where `have` holds them all instead of it, else None."""
+    for fused, parts in _FUSED:
+        if key.endswith("." + fused) and key not in have:
+            names = [key[:-len(fused)] + p for p in parts]
+            if all(n in have for n in names):
+                return names
+    return None
+
+
+def _fuse_model_state(sd: dict, keys) -> dict:
+    """The model state dict sd with the parts of each of the model's fused matrices (keys) joined, as saved by
+    the code before the fusion; a current checkpoint comes back as it is."""
+    out = dict(sd)
+    for key in keys:
+        names = _old_parts(key, sd)
+        if names:
+            out[key] = torch.cat([out.pop(n) for n in names])
+    return out
+
+
+def _fuse_optimizer_state(osd: dict, keys) -> dict:
+    """The same for a full optimizer state dict (keyed by parameter names): each part's moments joined (the step
+    count is the parts' common one), the parts' names replaced by the fused one in its parameter group."""
+    state, groups = dict(osd["state"]), [dict(g, params=list(g["params"])) for g in osd["param_groups"]]
+    for key in keys:
+        names = _old_parts(key, state)
+        if not names:
+            continue
+        parts = [state.pop(n) for n in names]
+        state[key] = {k: torch.cat([p[k] for p in parts]) if torch.is_tensor(v) and v.dim() else v
+                      for k, v in parts[0].items()}
+        for g in groups:
+            if names[0] in g["params"]:
+                g["params"] = [key if n == names[0] else n for n in g["params"] if n not in names[1:]]
+    return {**osd, "state": state, "param_groups": groups}
+
+
 def _load(path: Path, name: str) -> dict:
     try:
         return torch.load(path / name, map_location="cpu", weights_only=True)
@@ -199,7 +242,8 @@ def _load(path: Path, name: str) -> dict:
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, sampler=None, part: str = "all") -> dict:
     """Load into the (possibly wrapped-in-place) model; part=params loads the weights only. Returns the saved
     state (step, config, ...) for the caller; with part=all also restores optimizer, scheduler, sampler, RNG."""
-    model_sd = _load(path, "model.pt")
+    keys = list(model.state_dict())
+    model_sd = _fuse_model_state(_load(path, "model.pt"), keys)
     problem = _shape_mismatch(path, model_sd, model)
     if problem:
         raise CheckpointError(problem)
@@ -208,7 +252,8 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, sampler=N
         raise CheckpointError(f"checkpoint {path} has format {state.get('format')}, this code reads {FORMAT}")
     set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True, strict=True))
     if part == "all":
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, _fuse_optimizer_state(state["optimizer"], keys),
+                                 options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"])
