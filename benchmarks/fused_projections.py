@@ -7,29 +7,13 @@ replays of 50 calls each).
 """
 import torch
 
+from timing import graph_us  # benchmarks/ is the script's own folder
+
 dev, bf = "cuda", torch.bfloat16
 
 
-def graphed_time(fn, reps=50, runs=7):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    ts = []
-    for _ in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / reps)
-    return sorted(ts)[runs // 2]
+def us(fn):
+    return graph_us(fn, inner=50, reps=7)
 
 
 for M, d, h in ((1024, 768, 1664), (8192, 768, 1664), (1024, 2048, 5504), (8192, 2048, 5504)):
@@ -44,15 +28,15 @@ for M, d, h in ((1024, 768, 1664), (8192, 768, 1664), (1024, 2048, 5504), (8192,
     g2f = torch.cat(g2, 1)
     xt = x.T.unsqueeze(0)
     r = {}
-    r["qkv fwd sep"] = graphed_time(lambda: [x @ w.T for w in Wq])
-    r["qkv fwd fused"] = graphed_time(lambda: x @ Wqkv.T)
-    r["qkv dx sep"] = graphed_time(lambda: (g3[0] @ Wq[0]) + (g3[1] @ Wq[1]) + (g3[2] @ Wq[2]))
-    r["qkv dx fused"] = graphed_time(lambda: gqkv @ Wqkv)
-    r["w13 fwd sep"] = graphed_time(lambda: [x @ w.T for w in W13])
-    r["w13 fwd fused"] = graphed_time(lambda: x @ W13f.T)
-    r["w13 dx sep"] = graphed_time(lambda: (g2[0] @ W13[0]) + (g2[1] @ W13[1]))
-    r["w13 dx fused"] = graphed_time(lambda: g2f @ W13f)
-    r["prime bmm sep"] = graphed_time(lambda: [torch.bmm(w.unsqueeze(0), xt) for w in W13])
-    r["prime bmm fused"] = graphed_time(lambda: torch.bmm(W13f.unsqueeze(0), xt))
-    r["cat qkv grads"] = graphed_time(lambda: torch.cat(g3, 1))
+    r["qkv fwd sep"] = us(lambda: [x @ w.T for w in Wq])
+    r["qkv fwd fused"] = us(lambda: x @ Wqkv.T)
+    r["qkv dx sep"] = us(lambda: (g3[0] @ Wq[0]) + (g3[1] @ Wq[1]) + (g3[2] @ Wq[2]))
+    r["qkv dx fused"] = us(lambda: gqkv @ Wqkv)
+    r["w13 fwd sep"] = us(lambda: [x @ w.T for w in W13])
+    r["w13 fwd fused"] = us(lambda: x @ W13f.T)
+    r["w13 dx sep"] = us(lambda: (g2[0] @ W13[0]) + (g2[1] @ W13[1]))
+    r["w13 dx fused"] = us(lambda: g2f @ W13f)
+    r["prime bmm sep"] = us(lambda: [torch.bmm(w.unsqueeze(0), xt) for w in W13])
+    r["prime bmm fused"] = us(lambda: torch.bmm(W13f.unsqueeze(0), xt))
+    r["cat qkv grads"] = us(lambda: torch.cat(g3, 1))
     print(f"M={M} d={d} h={h}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)

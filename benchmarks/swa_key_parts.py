@@ -5,7 +5,6 @@ parts) for scale, and the results with 3 parts against one part's.
 
     python benchmarks/swa_key_parts.py      # H100 output: benchmarks/data/swa_key_parts_h100.txt
 """
-import statistics
 
 import torch
 
@@ -13,33 +12,9 @@ from ttt_e2e.kernels.swa import common
 from ttt_e2e.kernels.swa.backward import swa_backward_delta, swa_backward_dq
 from ttt_e2e.kernels.swa.double_backward import swa_double_backward
 from ttt_e2e.kernels.swa.forward import swa_forward
+from timing import graph_us  # benchmarks/ is the script's own folder
 
 W, TQ = 8192, 1024
-
-
-def graph_us(fn, inner: int = 10, reps: int = 15) -> float:
-    """us per call of fn, from a CUDA graph of `inner` calls (launch overhead out of the figure)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (compilation) outside the capture
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / inner)
-    return statistics.median(times) * 1e3
 
 
 def main():

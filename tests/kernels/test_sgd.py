@@ -128,8 +128,11 @@ def test_clip_kernel_against_clip_scale(B, max_norm, eta_tensor):
     g[3][-1] = 3.0  # the last one above it
     eta = torch.tensor(0.7, device=DEVICE) if eta_tensor else 0.7
     scale, coef, norm = clipped_scale(g, eta, max_norm)
-    sq = sum(x.double().square().sum(1) for x in g)
-    want_scale, want_coef = clip_scale(sq, 0.7, max_norm)
+    sq = sum(x.double().square().sum(1) for x in g).requires_grad_()
+    want_scale = clip_scale(sq, 0.7, max_norm)
+    # d scale / d sq by autograd (each sequence's scale depends on its own sq only)
+    want_coef = torch.autograd.grad(want_scale.sum(), sq)[0] if max_norm > 0 else torch.zeros_like(sq)
+    sq, want_scale = sq.detach(), want_scale.detach()
     torch.testing.assert_close(norm.double(), sq.sqrt(), rtol=1e-6, atol=0)
     torch.testing.assert_close(scale.double(), want_scale, rtol=1e-6, atol=0)
     torch.testing.assert_close(coef.double(), want_coef, rtol=1e-5, atol=0)

@@ -242,7 +242,7 @@ def _blocks(state: InferenceState, x: torch.Tensor, lo: int, hi: int, pos: Optio
         block, cache = blocks[layer], state.caches[layer]
         if state.ttt and layer >= state.model.cfg.n_prefix:  # the current inner weights phi replace MLP'
             name = f"blocks.{layer - state.model.cfg.n_prefix}.prime."
-            phi = {f"prime.{w}": state.phi_dec[name + w] for w in ("w13", "w2")}
+            phi = {f"prime.{w}": state.phi_dec[name + w] for w, _ in block.prime.named_parameters()}
             x = functional_call(block, phi, (x, pos, cache))[0]
         else:
             x = block(x, pos, cache)[0]

@@ -98,7 +98,7 @@ def sgd_step(phi: Tensors, grads: Tensors, eta: float, max_norm: float,
         scale, _, gnorm = clipped_scale([g.flatten(1) for g in grads.values()], eta, max_norm)
     else:
         sq = torch.stack([_SumOfSquares.apply(g) for g in grads.values()]).sum(0)
-        scale, gnorm = clip_scale(sq, eta, max_norm)[0], sq.detach().sqrt()
+        scale, gnorm = clip_scale(sq, eta, max_norm), sq.detach().sqrt()
     scale = scale.to(next(iter(phi.values())).dtype)
     nxt, nxt_c = ({}, {}) if out is None else out
     for n, g in grads.items():
