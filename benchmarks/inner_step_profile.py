@@ -1,6 +1,7 @@
-"""Where the time of one inference TTT inner step goes (3B, b = 1024, steady state past W), kernel by kernel.
+"""Where the time of one inference TTT inner step goes (3B, b = 1024, steady state past W), kernel by kernel; or,
+with --prefix, the time of one prefill chunk's pass through the prefix blocks (W tokens, the caches full).
 
-    python benchmarks/inner_step_profile.py [--size 3b] [--top 25] [--ops]
+    python benchmarks/inner_step_profile.py [--size 3b] [--top 25] [--ops] [--prefix]
 
 Builds the paper config with random bf16 weights, prefills 3 W tokens through `feed` with CUDA graphs (so the
 step graphs exist), then times (a) one replayed step graph, CUDA events, median of 20, and (b) one eager step
@@ -17,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from ttt_e2e.config import TTTConfig
 from ttt_e2e.inference import InferenceGraphs, feed, start
-from ttt_e2e.inference.engine import _autocast
+from ttt_e2e.inference.engine import _autocast, _blocks
 from ttt_e2e.model.sizes import paper_config
 from ttt_e2e.model.transformer import Transformer
 
@@ -27,40 +28,16 @@ def main():
     p.add_argument("--size", default="3b")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--ops", action="store_true", help="also the ATen ops (with shapes) by their kernels' time")
+    p.add_argument("--prefix", action="store_true", help="profile a prefill chunk's prefix pass instead")
     args = p.parse_args()
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = Transformer(paper_config(args.size, "e2e")).eval()
     torch.set_default_dtype(torch.float32)
     ttt = TTTConfig(train_mode="meta", mini_batch_size=1024)
-    W, b = model.cfg.window, 1024
-    ids = torch.randint(0, model.cfg.vocab_size, (1, 3 * W + 1), device="cuda")
-    graphs = InferenceGraphs()
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.ops else [])
     with torch.no_grad():
-        state = start(model, ttt, 1, graphs=graphs)
-        feed(state, ids)
-        h = torch.randn(1, b, model.cfg.d_model, device="cuda", dtype=torch.bfloat16)
-        tgt = ids[:, 1:b + 1]
-        mask = torch.ones_like(tgt, dtype=torch.bool)
-        pos0 = state.pos - state.pos % b + b  # past W: the steady-state graph
-        with _autocast(state):
-            graphs.inner_step(state, h, tgt, mask, pos0)
-            times = []
-            for _ in range(20):
-                a, z = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                graphs.inner_step(state, h, tgt, mask, pos0)
-                z.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(z))
-            print(f"replayed steady-state step: {statistics.median(times):.2f} ms (median of 20, incl. input copies)")
-            graphs.capture = False  # the same code, eagerly, for the profiler
-            graphs.inner_step(state, h, tgt, mask, pos0)
-            torch.cuda.synchronize()
-            activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.ops else [])
-            with profile(activities=activities, record_shapes=args.ops) as prof:
-                graphs.inner_step(state, h, tgt, mask, pos0)
-                torch.cuda.synchronize()
+        prof = (_profile_prefix if args.prefix else _profile_step)(model, ttt, activities, args.ops)
     total, groups, count = 0.0, defaultdict(float), defaultdict(int)
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
@@ -68,7 +45,7 @@ def main():
             groups[name] += e.device_time
             count[name] += 1
             total += e.device_time
-    print(f"eager step: {sum(count.values())} kernels, {total / 1e3:.2f} ms of GPU time")
+    print(f"profiled (eager): {sum(count.values())} kernels, {total / 1e3:.2f} ms of GPU time")
     for name, t in sorted(groups.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"{t / 1e3:8.2f} ms {100 * t / total:5.1f}% {count[name]:5d}x  {name}")
     if args.ops:
@@ -78,6 +55,64 @@ def main():
         for e in sorted(ops, key=lambda e: -e.self_device_time_total)[:args.top]:
             shapes = str(e.input_shapes)[:110]
             print(f"{e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key[:32]:32s} {shapes}")
+
+
+def _profile_step(model, ttt, activities, ops):
+    W, b = model.cfg.window, ttt.mini_batch_size
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 3 * W + 1), device="cuda")
+    graphs = InferenceGraphs()
+    state = start(model, ttt, 1, graphs=graphs)
+    feed(state, ids)
+    h = torch.randn(1, b, model.cfg.d_model, device="cuda", dtype=torch.bfloat16)
+    tgt = ids[:, 1:b + 1]
+    mask = torch.ones_like(tgt, dtype=torch.bool)
+    pos0 = state.pos - state.pos % b + b  # past W: the steady-state graph
+    with _autocast(state):
+        graphs.inner_step(state, h, tgt, mask, pos0)
+        _report_ms("replayed steady-state step", lambda: graphs.inner_step(state, h, tgt, mask, pos0))
+        graphs.capture = False  # the same code, eagerly, for the profiler
+        graphs.inner_step(state, h, tgt, mask, pos0)
+        torch.cuda.synchronize()
+        with profile(activities=activities, record_shapes=ops) as prof:
+            graphs.inner_step(state, h, tgt, mask, pos0)
+            torch.cuda.synchronize()
+    return prof
+
+
+def _profile_prefix(model, ttt, activities, ops):
+    """The prefix blocks over a chunk of W tokens whose caches hold a whole window, as in a long prompt's prefill
+    (chunks of W at positions that are multiples of W)."""
+    W, P = model.cfg.window, model.cfg.n_prefix
+    state = start(model, ttt, 1, overlap_prefix=False)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, W), device="cuda")
+    x = model.wte(ids)
+    with _autocast(state):
+        for c in range(2):  # fill the caches: positions 0 .. 2W-1
+            _blocks(state, x, 0, P, c * W)
+        pos = [2 * W]
+
+        def chunk():
+            _blocks(state, x, 0, P, pos[0])
+            pos[0] += W
+
+        chunk()
+        _report_ms("prefix pass over one chunk", chunk)
+        with profile(activities=activities, record_shapes=ops) as prof:
+            chunk()
+            torch.cuda.synchronize()
+    return prof
+
+
+def _report_ms(what, fn, reps=20):
+    times = []
+    for _ in range(reps):
+        a, z = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        z.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(z))
+    print(f"{what}: {statistics.median(times):.2f} ms (median of {reps})")
 
 
 if __name__ == "__main__":

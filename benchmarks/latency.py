@@ -128,7 +128,7 @@ def measure(args, device, dtype):
                     # prefill-only runs; the median and the fastest are both kept (the flatness target divides
                     # by the shortest context's time)
                     prefill, decode = run_one(model, ttt, method, n, n_decode, device, args.chunk, graphs)
-                    extra = args.short_reps - 1 if n <= 32 * K else 0
+                    extra = (args.short_reps if n <= 32 * K else args.long_reps) - 1
                     runs = sorted([prefill] + [run_one(model, ttt, method, n, 0, device, args.chunk, graphs)[0]
                                                for _ in range(extra)])
                     prefill = runs[len(runs) // 2]
@@ -298,6 +298,7 @@ def main():
     p.add_argument("--no-graphs", action="store_true", help="eager inference, no CUDA graphs")
     p.add_argument("--short-reps", type=int, default=15,
                    help="prefills of each context up to 32K (one of them with decoding), median and fastest kept")
+    p.add_argument("--long-reps", type=int, default=1, help="the same for the contexts above 32K")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if device == "cpu" and not args.tiny:

@@ -14,7 +14,7 @@ import torch
 
 from torch.autograd.function import once_differentiable
 
-from .kernel import rms_norm_bwd, rms_norm_double_bwd, rms_norm_fwd
+from .kernel import rms_norm_bwd, rms_norm_double_bwd, rms_norm_fwd, rms_norm_residual_fwd
 
 
 class GainGrad:
@@ -102,3 +102,49 @@ class _RMSNormBackward(torch.autograd.Function):
             ctx.acc.add(gw)
             gw = None
         return gx, gw, None, gdy, None, None, None
+
+
+class _RMSNormResidual(torch.autograd.Function):
+    """res + norm(x) by one kernel, differentiable once (the inference inner step's, which nothing differentiates
+    twice): the backward is res's cotangent as it is and the norm's dx kernel (dw where asked for), the same
+    kernels and roundings as the backward of the two separate ops."""
+
+    @staticmethod
+    def forward(res, x, w, eps):
+        return rms_norm_residual_fwd(res, x, w, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _res, x, w, _eps = inputs
+        ctx.save_for_backward(x, w, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, dy, _drstd):
+        if dy is None:
+            return None, None, None, None
+        x, w, rstd = ctx.saved_tensors
+        # the separate norm's output, in x's dtype, gets dy rounded to that dtype (the add's backward casts it)
+        dx, dw = _FirstOrderNormBackward.apply(x, w, rstd, dy.to(x.dtype).contiguous(), ctx.needs_input_grad[2])
+        return dy, dx, (dw if ctx.needs_input_grad[2] else None), None
+
+
+class _FirstOrderNormBackward(torch.autograd.Function):
+    """The norm's backward of a first-order node, as a node of its own: inside torch.func (the inner step's
+    pullback, create_graph on) a backward sees wrapped tensors, a Function's forward plain ones, which the kernels
+    need. dw is an empty tensor unless need_w. No second derivative."""
+
+    @staticmethod
+    def forward(x, w, rstd, dy, need_w):
+        dx, dw = rms_norm_bwd(x, w, rstd, dy, need_w)
+        return dx, (dw if need_w else dx.new_empty(0))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("a first-order fused norm (rms_norm_residual / qk_norm_rope with first_order=True) "
+                                  "has no second derivative: use first_order=False where one is needed")

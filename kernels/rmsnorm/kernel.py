@@ -17,7 +17,9 @@ def _x_offsets(rows, cols, D, G, s_outer):
 
 
 @triton.jit
-def _rms_fwd_kernel(X, W, Y, RSTD, N, D, G, s_outer, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rms_fwd_kernel(X, W, Y, RSTD, RES, N, D, G, s_outer, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                    HAS_RES: tl.constexpr):
+    # HAS_RES: y = res + norm(x), the norm rounded to x's dtype first, as the separate norm's output would be
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     m = (rows[:, None] < N) & (cols[None, :] < D)
@@ -26,6 +28,8 @@ def _rms_fwd_kernel(X, W, Y, RSTD, N, D, G, s_outer, eps, ROWS: tl.constexpr, BL
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
     y = x * rstd[:, None] * w[None, :]
+    if HAS_RES:
+        y = y.to(X.dtype.element_ty).to(tl.float32) + tl.load(RES + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
     tl.store(RSTD + rows, rstd, mask=rows < N)
 
@@ -147,7 +151,19 @@ def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float,
     y = torch.empty((N, D), dtype=out_dtype or x.dtype, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     block_d, rows, grid = _geometry(N, D)
-    _rms_fwd_kernel[(grid,)](x, w, y, rstd, N, D, G, s_outer, eps, ROWS=rows, BLOCK_D=block_d)
+    _rms_fwd_kernel[(grid,)](x, w, y, rstd, y, N, D, G, s_outer, eps, ROWS=rows, BLOCK_D=block_d, HAS_RES=False)
+    return y, rstd
+
+
+def rms_norm_residual_fwd(res: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(res + norm(x), rstd) in one pass: res (N, D) contiguous, x as in rms_norm_fwd; the norm rounded to x's
+    dtype, the sum in fp32, stored in the promoted dtype of res and x."""
+    N, D, G, s_outer = _rows(x)
+    y = torch.empty((N, D), dtype=torch.promote_types(res.dtype, x.dtype), device=x.device)
+    rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    block_d, rows, grid = _geometry(N, D)
+    _rms_fwd_kernel[(grid,)](x, w, y, rstd, res, N, D, G, s_outer, eps, ROWS=rows, BLOCK_D=block_d, HAS_RES=True)
     return y, rstd
 
 
@@ -158,7 +174,11 @@ def rms_norm_bwd(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch
     uses', function.py: GainGrad)."""
     N, D, G, s_outer = _rows(x)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_d, rows, iters, grid = _reducing_geometry(N, D)
+    if need_w:
+        block_d, rows, iters, grid = _reducing_geometry(N, D)
+    else:  # no sum over rows: one row block per program (inference's inner step: 1K rows in 1K programs, not 128)
+        block_d, rows, grid = _geometry(N, D)
+        iters = 1
     # one partial dw per program, summed below
     part = torch.empty(grid if need_w else 0, D, dtype=torch.float32, device=x.device)
     _rms_bwd_kernel[(grid,)](x, w, rstd, dy, dx, part, N, D, G, s_outer, ROWS=rows, ITERS=iters, BLOCK_D=block_d,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .kernel import _clip_kernel, _sgd_bwd_g_kernel, _sgd_bwd_sum_kernel, _sgd_fwd_kernel
+from .kernel import _clip_kernel, _sgd_bwd_g_kernel, _sgd_bwd_sum_kernel, _sgd_fwd_kernel, _sumsq_kernel
 
 
 def _block(t: torch.Tensor) -> tuple[int, int]:
@@ -39,12 +39,31 @@ def update(phi: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, out: torch.T
         phi, g, out, out_c, scale, g.shape[1], phi.stride(0), BLOCK=block, num_warps=warps)
 
 
+# Rows at least this long get their norm from _sumsq_kernel, shorter ones from the multi-tensor launch
+WIDE_ROWS = 1 << 22
+
+
 def _norms(g: list[torch.Tensor]) -> torch.Tensor:
-    """(len(g), B) fp32: the 2-norm of each tensor's row (each g (B, N)), by one multi-tensor launch (and its
-    finishing one) for every tensor and sequence, where a norm per tensor is a launch each, ~7 us apiece for the
-    125M inner state's 1.3M-element tensors (9 per step at 125M, 24 at 3B)."""
-    rows = [r for x in g for r in x.unbind(0)]  # tensor-major
-    return torch.stack(torch._foreach_norm(rows, 2, dtype=torch.float32)).view(len(g), -1)
+    """(len(g), B) fp32: the 2-norm of each tensor's row (each g (B, N), contiguous). Short rows by one multi-tensor
+    launch (and its finishing one) for all of them, where a norm per tensor is a launch each, ~7 us apiece for the
+    125M inner state's 1.3M-element tensors. Long rows (the 3B state's 14-29M) by a kernel each at HBM bandwidth,
+    which that launch reached only two thirds of (a 3B inner step's 0.69 GB: 0.26 ms, was 0.33)."""
+    B = g[0].shape[0]
+    wide = [i for i, x in enumerate(g) if x.shape[1] >= WIDE_ROWS]
+    narrow = [i for i in range(len(g)) if i not in wide]
+    norms = {}  # tensor index -> (B,); stacked in order below (no index tensor: this runs in CUDA graph captures)
+    if narrow:
+        rows = [r for i in narrow for r in g[i].unbind(0)]  # tensor-major
+        each = torch.stack(torch._foreach_norm(rows, 2, dtype=torch.float32)).view(len(narrow), B)
+        norms.update(zip(narrow, each.unbind(0)))
+    if wide:
+        block = 2048 if g[0].is_cuda else 256  # 2048 x 4 warps: the fastest of 24 geometries at 3B (H100)
+        parts = [triton.cdiv(g[i].shape[1], block) for i in wide]
+        part = torch.zeros((len(wide), B, max(parts)), dtype=torch.float32, device=g[0].device)
+        for j, (i, n) in enumerate(zip(wide, parts)):
+            _sumsq_kernel[(n, B)](g[i], part[j], g[i].shape[1], part.shape[2], BLOCK=block, num_warps=4)
+        norms.update(zip(wide, part.sum(2).sqrt().unbind(0)))
+    return torch.stack([norms[i] for i in range(len(g))])
 
 
 def clipped_scale(g: list[torch.Tensor], eta, max_norm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -54,6 +54,17 @@ def _sgd_bwd_g_kernel(D, G, DG, SCALE, TWO_DSQ, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _sumsq_kernel(G, PART, N, s_part, BLOCK: tl.constexpr):
+    # One block's share of one sequence's sum of g^2: fixed-order partial sums, summed after in a fixed order too
+    # (deterministic, unlike atomics). Many small programs: the loads of one block in flight per program, and
+    # enough programs to cover the latency (a loop of 8 blocks per program ran at two thirds of the bandwidth).
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(G + b * N + offs, mask=offs < N, other=0.0).to(tl.float32)
+    tl.store(PART + b * s_part + pid, tl.sum(x * x, 0))
+
+
+@triton.jit
 def _clip_kernel(NORMS, ETA, SCALE, COEF, NORM, NT, B, eta, max_norm, tiny, ETA_IS_PTR: tl.constexpr,
                  CLIP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr):
     # NORMS (NT, B): each tensor's 2-norm per sequence. Per sequence: sq = sum of their squares, the clip's scale

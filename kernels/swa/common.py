@@ -192,9 +192,12 @@ def default_scale(d: int, scale):
 # tile's key range over NPARTS programs, which write fp32 partial results that one small launch combines
 # (parts.py). _PER_SM is in effect a tuning knob: 2 parts were faster than 1, 3 and 4 for the 125M suffix's forward
 # and dQ (H100, benchmarks/data/swa_key_parts_h100.txt: forward 109 -> 79 us, dQ 95 -> 79 us at 9216 keys). The
-# double backward's row-parallel passes gained nothing consistent from parts and take none.
+# double backward's row-parallel passes gained nothing consistent from parts and take none. Programs that fill the
+# slots nearly (FULL_ENOUGH) take no parts either: the 3B inner step's forward, 256 programs for 264 slots, ran
+# 233 us in 2 parts and 220 us in one (H100; the partial outputs and their merge cost more than 8 idle slots).
 _PER_SM = {"fwd": 2, "bwd_dq": 2}
 MAX_KEY_PARTS = 4
+FULL_ENOUGH = 0.9
 # An override for experiments and tests: an int forces that many parts on every launch (1: never split).
 KEY_PARTS_OVERRIDE: int | None = (int(os.environ["TTT_E2E_SWA_KEY_PARTS"])
                                   if os.environ.get("TTT_E2E_SWA_KEY_PARTS") else None)
@@ -202,13 +205,13 @@ KEY_PARTS_OVERRIDE: int | None = (int(os.environ["TTT_E2E_SWA_KEY_PARTS"])
 
 def key_parts(kernel: str, programs: int, tk: int, block_n: int, device: torch.device, num_warps: int = 4) -> int:
     """How many parts to split each query tile's keys into: enough to fill the SMs' slots, at most MAX_KEY_PARTS,
-    and each part at least 4 key tiles of the tk keys. Programs of more warps than 4 take proportionally more of
-    an SM."""
+    and each part at least 4 key tiles of the tk keys; none where the programs fill FULL_ENOUGH of the slots.
+    Programs of more warps than 4 take proportionally more of an SM."""
     if KEY_PARTS_OVERRIDE is not None:
         return max(1, KEY_PARTS_OVERRIDE)
     if device.type != "cuda":
         return 1
     slots = _num_sms(device.index or 0) * max(1, _PER_SM[kernel] * 4 // num_warps)
-    if programs >= slots:
+    if programs >= FULL_ENOUGH * slots:
         return 1
     return max(1, min(MAX_KEY_PARTS, triton.cdiv(slots, programs), tk // (4 * block_n)))

@@ -21,6 +21,8 @@ def test_ring_holds_last_window(window):
         ok, ov = cache.ordered()
         assert torch.equal(ok, allk[:, :, -window:]) and torch.equal(ov, allv[:, :, -window:].to(ov.dtype))
         assert cache.length == min(allk.shape[2], window)
+    for buf in (cache.k, cache.v):  # token-major memory: a chunk's keys are stored as whole rows of H x D
+        assert buf.transpose(1, 2).is_contiguous()
 
 
 @pytest.mark.parametrize("window", [None, 6])
@@ -67,3 +69,17 @@ def test_chunked_prefill_attention_equals_recompute(chunks):
         p += T
     ref = swa_reference(*(t.double() for t in (q, k, v)), W)
     torch.testing.assert_close(torch.cat(out, 2).double(), ref, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("D", [16, 6])  # whole 8-byte words per row, and not: the plain copy
+def test_keys_copied_as_words_are_the_same_bits(D):
+    from ttt_e2e.inference.kv_cache import copy_keys_, token_major_zeros
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, 7, 3, 4, D, generator=g).to(torch.bfloat16)
+    qkv.view(torch.int16)[0, 0, 2, 0, :2] = torch.tensor([0x7FC1, -1], dtype=torch.int16)  # NaN payloads kept
+    ring = token_major_zeros(qkv, 2, 4, 12, D)
+    for part in (1, 2):  # k's and v's rows of the fused projection, strided
+        src = qkv[:, :, part].transpose(1, 2)
+        copy_keys_(ring[:, :, 3:10], src)
+        assert torch.equal(ring[:, :, 3:10].view(torch.int16), src.view(torch.int16))
+        assert not ring[:, :, :3].any() and not ring[:, :, 10:].any()

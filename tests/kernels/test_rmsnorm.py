@@ -3,7 +3,7 @@ with ragged row counts and non-power-of-two widths (the interpreter on a CPU, co
 import pytest
 import torch
 
-from ttt_e2e.kernels.rmsnorm import rms_norm, rms_norm_reference
+from ttt_e2e.kernels.rmsnorm import rms_norm, rms_norm_reference, rms_norm_residual
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=2e-5, atol=2e-5)  # fp32 kernels against a float64 reference; an indexing slip gives O(1) errors
@@ -30,6 +30,17 @@ def test_forward_and_backward(shape):
     want = torch.autograd.grad(ref, (x64, w64), dy)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, **TOL)
+
+
+@pytest.mark.parametrize("shape", [(37, 16), (3, 7, 4, 96), (1027, 1000)])
+def test_backward_of_x_alone(shape):
+    """A constant gain (inference's inner step): dx alone, from a launch of one row block per program, not the
+    dw-reducing launch's few programs that loop over row blocks."""
+    x, w, dy = _randn(*shape, scale=3.0), 1 + _randn(shape[-1], scale=0.2), _randn(*shape)
+    x32, x64 = x.float().requires_grad_(), x.clone().requires_grad_()
+    got, = torch.autograd.grad(rms_norm(x32, w.float(), 1e-6, use_kernel=True), x32, dy.float())
+    want, = torch.autograd.grad(rms_norm_reference(x64, w, 1e-6), x64, dy)
+    torch.testing.assert_close(got.double(), want, **TOL)
 
 
 @pytest.mark.parametrize("shape", [(37, 16), (2, 5, 80), (1027, 1000)])
@@ -210,3 +221,51 @@ def test_row_layout():
     assert row_layout(qkv[:, :, 1, :, :8]) is None  # rows not contiguous
     assert row_layout(qkv.transpose(0, 1)[:, :, 1]) is None  # the leading dims do not collapse
     assert row_layout(qkv[:, :, 1].transpose(1, 2)) is None  # heads inside time: groups not contiguous
+
+
+@pytest.mark.parametrize("shape", [(37, 16), (2, 5, 80), (3, 1000)])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.float16),
+                                    (torch.float16, torch.float16)])
+def test_residual_add_in_one_pass(shape, dtypes):
+    """res + rms_norm(x) where nothing is differentiated: one kernel, the same values as the two ops (the norm
+    rounded to x's dtype, the sum in the promoted dtype), and the float64 reference's up to that rounding."""
+    res_dtype, x_dtype = dtypes
+    res, x, w = _randn(*shape), _randn(*shape, scale=3.0), 1 + _randn(shape[-1], scale=0.2)
+    res, x, w = res.to(res_dtype), x.to(x_dtype), w.float()
+    with torch.no_grad():
+        got = rms_norm_residual(res, x, w, 1e-6, use_kernel=True)
+        two_ops = res + rms_norm(x, w, 1e-6, use_kernel=True)
+    assert got.dtype == two_ops.dtype == torch.promote_types(res_dtype, x_dtype)
+    tol = TOL if x_dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got, two_ops, **tol)
+    ref = res.double() + rms_norm_reference(x.double(), w.double(), 1e-6)
+    torch.testing.assert_close(got.double(), ref, **tol)
+
+
+def test_residual_add_of_strided_heads_and_under_grad():
+    qkv = _randn(2, 5, 3, 4, 16, scale=2.0)
+    x, res, w = qkv[:, :, 1], _randn(2, 5, 4, 16), 1 + _randn(16, scale=0.2)
+    with torch.no_grad():
+        got = rms_norm_residual(res.float(), x.float(), w.float(), 1e-6, use_kernel=True)
+    torch.testing.assert_close(got.double(), res + rms_norm_reference(x, w, 1e-6), **TOL)
+    # grad mode on: the differentiable ops, whose gradient reaches x
+    xg = x.float().requires_grad_()
+    (gx,) = torch.autograd.grad(rms_norm_residual(res.float(), xg, w.float(), 1e-6, use_kernel=True).sum(), xg)
+    x64 = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad((res + rms_norm_reference(x64, w, 1e-6)).sum(), x64)
+    torch.testing.assert_close(gx.double(), want, **TOL)
+
+
+def test_residual_add_first_order_backward():
+    """first_order: one kernel forward, and the gradients w.r.t. res, x and w of res + rms_norm(x) (those of the
+    reference); no second derivative."""
+    res, x, w, dy = _randn(37, 80), _randn(37, 80, scale=3.0), 1 + _randn(80, scale=0.2), _randn(37, 80)
+    ins = [t.float().requires_grad_() for t in (res, x, w)]
+    y = rms_norm_residual(*ins, 1e-6, use_kernel=True, first_order=True)
+    got = torch.autograd.grad(y, ins, dy.float(), create_graph=True)
+    ref = [t.clone().requires_grad_() for t in (res, x, w)]
+    want = torch.autograd.grad(ref[0] + rms_norm_reference(ref[1], ref[2], 1e-6), ref, dy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, **TOL)
+    with pytest.raises(NotImplementedError, match="no second derivative"):
+        torch.autograd.grad(got[1].sum(), ins[1])

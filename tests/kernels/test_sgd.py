@@ -115,11 +115,16 @@ def test_update_in_place(in_place):
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("max_norm", [0.0, 1e6, 2.0])  # off, inactive, active
 @pytest.mark.parametrize("eta_tensor", [False, True])  # the trainer's schedule hands a 0-d tensor
-def test_clip_kernel_against_clip_scale(B, max_norm, eta_tensor):
+@pytest.mark.parametrize("wide", [False, True])  # the long rows' norms by the sum-of-squares kernel (3B's), or not
+def test_clip_kernel_against_clip_scale(monkeypatch, B, max_norm, eta_tensor, wide):
     """clipped_scale: (scale, d scale / d sq, norm) per sequence from the norms of every tensor, in one launch, as
     clip_scale gives them from the summed squares (here rows whose norms straddle the threshold)."""
+    from ttt_e2e.kernels.sgd import function
     from ttt_e2e.kernels.sgd.clip import clip_scale
     from ttt_e2e.kernels.sgd import clipped_scale
+
+    if wide:  # rows of 64 and more: 4097 spans several programs, the last one ragged
+        monkeypatch.setattr(function, "WIDE_ROWS", 64)
 
     g = [_randn(B, n, dtype=torch.bfloat16, scale=s) for n, s in ((5, 0.3), (4097, 0.02), (70, 0.2), (1, 1.0),
                                                                    (300, 0.05))]

@@ -515,14 +515,16 @@ def test_key_parts_with_two_sources_and_rings(monkeypatch, key_parts_spy, B, H, 
 
 
 def test_key_parts_rule(monkeypatch):
-    """Parts only on a GPU, only where the grid leaves SM slots empty: enough to fill them, at most
-    MAX_KEY_PARTS, each at least 4 key tiles."""
+    """Parts only on a GPU, only where the grid leaves more than a tenth of the SM slots empty: enough to fill
+    them, at most MAX_KEY_PARTS, each at least 4 key tiles."""
     monkeypatch.setattr(common, "_num_sms", lambda index: 132)
     monkeypatch.setattr(common, "KEY_PARTS_OVERRIDE", None)
     gpu = torch.device("cuda", 0)
     assert common.key_parts("fwd", 192, 9216, 64, gpu) == 2  # 125M suffix: 12 heads x 16 tiles, 264 slots
     assert common.key_parts("bwd_dq", 192, 9216, 64, gpu) == 2
     assert common.key_parts("fwd", 512, 9216, 64, gpu) == 1  # 32 heads: full already
+    assert common.key_parts("fwd", 256, 9216, 64, gpu) == 1  # 3B inner step: 97% of the slots, full enough
+    assert common.key_parts("fwd", 237, 9216, 64, gpu) == 2  # just under 90%
     assert common.key_parts("fwd", 12, 9216, 64, gpu) == common.MAX_KEY_PARTS
     assert common.key_parts("fwd", 100, 512, 64, gpu) == 2  # 8 key tiles: parts of at least 4
     assert common.key_parts("fwd", 192, 200, 64, gpu) == 1

@@ -48,3 +48,20 @@ def test_sdpa_backend_serves_full_causal_only():
                                attend(q, k, v, window=q.shape[2], backend="torch"), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="supports only full causal"):
         attend(q, k, v, window=4, backend="sdpa")
+
+
+def test_shared_rope_angles_within_one_pass_only():
+    """Inside shared_rope_angles() layers at the same positions get the first one's cos/sin (the same tensors),
+    other positions their own; outside, every call computes them (no memo outlives its pass)."""
+    from ttt_e2e.model.attention import Attention, DevicePos, shared_rope_angles
+    a, b = (Attention(32, 4, 16, 10000.0, True, 1e-6, "torch") for _ in range(2))
+    with shared_rope_angles():
+        first = a.angles(5, 7, "cpu")
+        assert b.angles(5, 7, "cpu") is first
+        assert b.angles(6, 7, "cpu") is not first
+        dev = DevicePos(5, torch.tensor(5))  # a device position: its own entry, never the int's
+        assert a.angles(dev, 7, "cpu") is not first
+        torch.testing.assert_close(a.angles(dev, 7, "cpu")[0], first[0])
+    again = a.angles(5, 7, "cpu")
+    assert again is not first and a.angles(5, 7, "cpu") is not again
+    torch.testing.assert_close(again, first)

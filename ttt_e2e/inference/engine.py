@@ -37,7 +37,8 @@ import torch
 from torch.func import functional_call
 
 from ttt_e2e.config import TTTConfig
-from ttt_e2e.model.attention import DevicePos
+from ttt_e2e.model.attention import DevicePos, shared_rope_angles
+from ttt_e2e.model.layers import first_order_only
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.inner import inner_step
 
@@ -238,14 +239,15 @@ def _blocks(state: InferenceState, x: torch.Tensor, lo: int, hi: int, pos: Optio
     phi."""
     pos = state.pos if pos is None else pos
     blocks = [*state.model.prefix, *state.model.suffix.blocks]
-    for layer in range(lo, hi):
-        block, cache = blocks[layer], state.caches[layer]
-        if state.ttt and layer >= state.model.cfg.n_prefix:  # the current inner weights phi replace MLP'
-            name = f"blocks.{layer - state.model.cfg.n_prefix}.prime."
-            phi = {f"prime.{w}": state.phi_dec[name + w] for w, _ in block.prime.named_parameters()}
-            x = functional_call(block, phi, (x, pos, cache))[0]
-        else:
-            x = block(x, pos, cache)[0]
+    with shared_rope_angles():
+        for layer in range(lo, hi):
+            block, cache = blocks[layer], state.caches[layer]
+            if state.ttt and layer >= state.model.cfg.n_prefix:  # the current inner weights phi replace MLP'
+                name = f"blocks.{layer - state.model.cfg.n_prefix}.prime."
+                phi = {f"prime.{w}": state.phi_dec[name + w] for w, _ in block.prime.named_parameters()}
+                x = functional_call(block, phi, (x, pos, cache))[0]
+            else:
+                x = block(x, pos, cache)[0]
     return x
 
 
@@ -290,10 +292,11 @@ def _inner_step(state: InferenceState, h: torch.Tensor, targets: torch.Tensor, p
     else:
         # In place from the second step on: before the first, phi is a view of the model's weights (never written)
         out = (state.phi, state.phi_dec) if state.losses else None
-        l_t, tok, phi, state.base, _, _ = inner_step(
-            state.model.suffix, state.theta, state.model.head_weight(), state.phi, state.base, h, targets, mask,
-            pos0, state.eta, state.clip, state.model.cfg.window, ce_kernel=state.model.ce_kernel,
-            sgd_kernel=state.model.sgd_kernel, phi_c=phi_c_or_none(state.phi_dec, h), out=out)
+        with shared_rope_angles(), first_order_only():
+            l_t, tok, phi, state.base, _, _ = inner_step(
+                state.model.suffix, state.theta, state.model.head_weight(), state.phi, state.base, h, targets,
+                mask, pos0, state.eta, state.clip, state.model.cfg.window, ce_kernel=state.model.ce_kernel,
+                sgd_kernel=state.model.sgd_kernel, phi_c=phi_c_or_none(state.phi_dec, h), out=out)
         if out is None:
             state.phi = phi
             state.phi_dec = _decode_copy(state)

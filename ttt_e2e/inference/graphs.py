@@ -32,11 +32,11 @@ from typing import Callable, Optional
 
 import torch
 
-from ttt_e2e.model.attention import DevicePos
-from ttt_e2e.model.layers import compute_dtype
+from ttt_e2e.model.attention import DevicePos, shared_rope_angles
+from ttt_e2e.model.layers import compute_dtype, first_order_only
 from ttt_e2e.ttt.inner import inner_step
 
-from .kv_cache import StepRing
+from .kv_cache import StepRing, token_major_zeros
 
 
 def phi_c_or_none(phi_dec: dict, h: torch.Tensor) -> Optional[dict]:
@@ -117,10 +117,11 @@ class InferenceGraphs:
 
         def step():
             # phi and phi_dec updated in place: no cast of phi nor copies of the new one into these buffers
-            l_t, tok, _, caches_next, _, _ = inner_step(
-                state.model.suffix, state.theta, state.model.head_weight(), self.phi, self.base, s["h"],
-                s["targets"], s["mask"], pos, state.eta, state.clip, W, ce_kernel=state.model.ce_kernel,
-                sgd_kernel=state.model.sgd_kernel, phi_c=phi_c, out=(self.phi, self.phi_dec))
+            with shared_rope_angles(), first_order_only():
+                l_t, tok, _, caches_next, _, _ = inner_step(
+                    state.model.suffix, state.theta, state.model.head_weight(), self.phi, self.base, s["h"],
+                    s["targets"], s["mask"], pos, state.eta, state.clip, W, ce_kernel=state.model.ce_kernel,
+                    sgd_kernel=state.model.sgd_kernel, phi_c=phi_c, out=(self.phi, self.phi_dec))
             for c, (k_next, v_next) in zip(self.base, caches_next):
                 if rings:  # the step's own keys (Attention returns those for a cache object)
                     c.write(k_next, v_next, pos0)
@@ -146,8 +147,9 @@ class InferenceGraphs:
         # The keys' dtype is what the attention projections give under the state's autocast.
         kv_dtype = state.autocast or next(state.model.parameters()).dtype
         out = torch.promote_types(torch.float32, h.dtype)  # the losses are at least fp32
+        like = h.new_empty((), dtype=kv_dtype)
         shape = (B, cfg.n_heads, cfg.window, cfg.d_model // cfg.n_heads)
-        pair = lambda: (h.new_zeros(shape, dtype=kv_dtype), h.new_zeros(shape, dtype=kv_dtype))  # noqa: E731
+        pair = lambda: (token_major_zeros(like, *shape), token_major_zeros(like, *shape))  # noqa: E731
         self.base = [StepRing(*pair()) if cfg.window % b == 0 else pair() for _ in range(cfg.suffix_len)]
         self._step_in = {"h": torch.empty_like(h), "targets": h.new_empty(B, b, dtype=torch.long),
                          "mask": h.new_empty(B, b, dtype=torch.bool), "pos": h.new_zeros((), dtype=torch.long),

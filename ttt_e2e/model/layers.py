@@ -1,10 +1,13 @@
 """The small pieces of a block: RMSNorm, SwiGLU, rotary embeddings (METHOD.md section 1)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
-from ttt_e2e.kernels.rmsnorm import rms_norm
+from ttt_e2e.kernels.rmsnorm import rms_norm, rms_norm_residual
+from ttt_e2e.kernels.qk_norm_rope import qk_norm_rope
 from ttt_e2e.kernels.rope import rope
 from ttt_e2e.kernels.swiglu import swiglu_gate
 
@@ -43,6 +46,34 @@ class RMSNorm(nn.Module):
         # derivatives).
         out_dtype = compute_dtype(x) if self.feeds_matmuls else None
         return rms_norm(x, self.weight, self.eps, use_kernel=None if self.kernel else False, out_dtype=out_dtype)
+
+
+_FIRST_ORDER = [0]  # how many first_order_only() are open
+
+
+@contextlib.contextmanager
+def first_order_only():
+    """Within it nothing is differentiated twice (inference's inner step: one gradient, no meta-gradient): the
+    norms fused with their neighbours (add_normed, norm_rope) then run as one kernel with a first-order backward
+    even with grad mode on. Outside, with grad mode on, they stay the ops that the meta step differentiates twice."""
+    _FIRST_ORDER[0] += 1
+    try:
+        yield
+    finally:
+        _FIRST_ORDER[0] -= 1
+
+
+def _fused(norm: nn.Module) -> bool:
+    return isinstance(norm, RMSNorm) and (not torch.is_grad_enabled() or _FIRST_ORDER[0] > 0)
+
+
+def add_normed(x: torch.Tensor, norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """x + norm(h), a sandwich block's residual add: one kernel for an RMSNorm where nothing differentiates it twice
+    (kernels/rmsnorm: rms_norm_residual), the same values as the two ops."""
+    if _fused(norm):
+        return rms_norm_residual(x, h, norm.weight, norm.eps, use_kernel=None if norm.kernel else False,
+                                 first_order=True)
+    return x + norm(h)
 
 
 def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, kernel: bool = True) -> torch.Tensor:
@@ -91,3 +122,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: bo
     and sin (T, D/2) from rope_angles: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). kernel: one Triton kernel
     per derivative on CUDA tensors (kernels/rope), else the PyTorch form."""
     return rope(x, cos, sin, use_kernel=None if kernel else False)
+
+
+def norm_rope(x: torch.Tensor, norm: nn.Module, cos: torch.Tensor, sin: torch.Tensor, kernel: bool = True):
+    """apply_rope(norm(x), cos, sin): QK-norm then RoPE, as one kernel for an RMSNorm where nothing differentiates
+    it twice (kernels/qk_norm_rope), the same values as the two ops."""
+    if _fused(norm):
+        return qk_norm_rope(x, norm.weight, cos, sin, norm.eps, use_kernel=None if kernel and norm.kernel else False,
+                            first_order=True)
+    return apply_rope(norm(x), cos, sin, kernel)

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from ttt_e2e.config import ModelConfig, TTTConfig
 
 from .attention import Attention
-from .layers import RMSNorm, SwiGLU
+from .layers import RMSNorm, SwiGLU, add_normed
 
 
 def _norm(cfg: ModelConfig, on: bool) -> nn.Module:
@@ -41,7 +41,7 @@ class Block(nn.Module):
     def attention_half(self, x: torch.Tensor, pos0: int = 0, cache=None, first_order: bool | None = None):
         """x + post_norm(attention(pre_norm(x))) and the (k, v) it attended to (see Attention.forward)."""
         a, kv = self.attn(self.pre_attn_norm(x), pos0, cache, first_order)
-        return x + self.post_attn_norm(a), kv
+        return add_normed(x, self.post_attn_norm, a), kv
 
     def forward(self, x: torch.Tensor, pos0: int = 0, cache=None, after_attention: bool = False):
         """after_attention: x is already attention_half's output (the caller ran it); then kv is () (no tensors:
@@ -50,8 +50,8 @@ class Block(nn.Module):
         if not after_attention:
             x, kv = self.attention_half(x, pos0, cache)
         if self.prime is not None:
-            x = x + self.post_prime_norm(self.prime(self.pre_prime_norm(x)))
-        x = x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+            x = add_normed(x, self.post_prime_norm, self.prime(self.pre_prime_norm(x)))
+        x = add_normed(x, self.post_mlp_norm, self.mlp(self.pre_mlp_norm(x)))
         return x, kv
 
 
