@@ -17,7 +17,7 @@ def _training(model, ttt, tokens, bos_id=None):
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["serial", "prefix-ahead"])
-@pytest.mark.parametrize("chunk", [8, 24, None])
+@pytest.mark.parametrize("chunk", [8, 16, 24, None])  # 16 = W: the prefix caches adopt each chunk's k and v
 def test_prefill_losses_equal_training(make_model, meta_ttt, chunk, overlap, monkeypatch):
     """With overlap_prefix each next chunk's prefix runs before the current chunk's inner steps (on the CPU in
     the same order as a side stream would, serially): the same losses."""
@@ -32,7 +32,7 @@ def test_prefill_losses_equal_training(make_model, meta_ttt, chunk, overlap, mon
     feed(state, tokens)
     # training passes (6 mini-batches; the last token waits): chunk 8 at 0, 8, .., 40; chunk 24 at 0, 24. Every
     # pass but the first takes its prefix from the look-ahead.
-    assert ahead == ({8: [8] * 5, 24: [24]}.get(chunk, []) if overlap else [])
+    assert ahead == ({8: [8] * 5, 16: [16] * 2, 24: [24]}.get(chunk, []) if overlap else [])
     assert len(state.losses) == T // meta_ttt.mini_batch_size  # the last token (target unknown) waits
     torch.testing.assert_close(torch.stack(state.losses, 1).mean(0), ref.minibatch_losses, **TOL)
     torch.testing.assert_close(torch.cat(state.token_losses, 1), ref.token_losses, **TOL)
@@ -60,6 +60,23 @@ def test_decode_equals_training_across_steps(make_model, meta_ttt, prompt_len):
         torch.testing.assert_close(_token_losses(logits, tokens[:, p + 1]), ref[:, p], **TOL)
         logits = feed(state, tokens[:, p + 1:p + 2])
     assert len(state.losses) == T // meta_ttt.mini_batch_size  # every full mini-batch stepped once
+
+
+def test_decode_after_adopted_chunks_equals_training(make_model, meta_ttt):
+    """Prefill chunks of exactly W (the prefix caches take the chunk's own k and v as their rings, no copy), then
+    decoding, which writes into those tensors: every logit still gives the training-time loss of its token."""
+    model = make_model()
+    T, W = 48, model.cfg.window
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(6))
+    ref = _training(model, meta_ttt, tokens).token_losses
+    state = start(model, meta_ttt, 2, prefill_chunk=W)
+    logits = feed(state, tokens[:, :2 * W + 1])
+    d = model.cfg.d_model
+    for cache in state.caches[:model.cfg.n_prefix]:  # adopted: v is the chunk's, a view of the fused QKV output
+        assert cache.v.shape[2] == W and cache.v.stride(2) == 3 * d
+    for p in range(2 * W, T):
+        torch.testing.assert_close(_token_losses(logits, tokens[:, p + 1]), ref[:, p], **TOL)
+        logits = feed(state, tokens[:, p + 1:p + 2])
 
 
 def test_decode_logits_equal_prefill_logits(make_model, meta_ttt):

@@ -165,9 +165,13 @@ class InferenceGraphs:
         s = self._dec_in
         s["ids"].copy_(ids)
         s["pos"].fill_(state.pos)
-        buffers = tuple(c.k.data_ptr() for c in state.caches)
+        # Every cache buffer's address and layout: a prefill chunk may have put new tensors in place of a ring
+        # (KVCache.attend adopts a W-long chunk's k and v), whose graph must not be one naming freed memory
+        buffers = tuple((t.data_ptr(), t.stride()) for c in state.caches for t in (c.k, c.v))
         if state.ttt:
             buffers += (state.pending_h.data_ptr(), state.pending_ids.data_ptr())
+        if ("decode", buffers) not in self._graphs:  # the earlier decoding graphs name buffers no longer in use
+            self._graphs = {k: g for k, g in self._graphs.items() if k[0] != "decode"}
         pos = DevicePos(state.pos, s["pos"])
 
         return self._run(("decode", buffers), lambda: forward(s["ids"], pos), state).clone()

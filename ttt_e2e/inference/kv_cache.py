@@ -37,6 +37,12 @@ def copy_keys_(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
+def _token_major(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether k and v (B, H, T, D) are token-major with whole rows of H D, as the ring's buffers are."""
+    return all(t.stride(-1) == 1 and t.stride(1) == t.shape[-1] and t.stride(2) >= t.shape[1] * t.shape[-1]
+               for t in (k, v))
+
+
 def token_major_zeros(like: torch.Tensor, B: int, H: int, slots: int, D: int) -> torch.Tensor:
     """Zeros of shape (B, H, slots, D) laid out as (B, slots, H, D), in like's dtype and device."""
     return like.new_zeros(B, slots, H, D).transpose(1, 2)
@@ -127,6 +133,7 @@ class KVCache:
             self.append(k, v)
             return F.scaled_dot_product_attention(q, *self.visible())
         ck, cv = self.ordered()
+        adopt = self.window is not None and T == self.window and self.n % T == 0 and _token_major(k, v)
         if ck is None and self.window is None:
             # Full attention from position 0: plain causal SDPA (the cuDNN / FlashAttention baselines).
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -135,7 +142,14 @@ class KVCache:
         else:
             o = attend_over_cache(q, ck, cv, k, v, window=self.window or FULL, q_pos0=pos0,
                                   k_pos0=pos0 - ck.shape[2], backend=backend)
-        self.append(k, v)
+        if adopt:
+            # A chunk of exactly W positions from a multiple of W fills every slot in order (position p in slot
+            # p % W): its own k and v become the ring, no copy (1.3 ms of a 3B prefill chunk's 93). v is a view of
+            # the fused QKV output, which it keeps alive (a window's q and k more per layer).
+            self.k, self.v = k, v
+            self.n += T
+        else:
+            self.append(k, v)
         return o
 
     def _attend_in_graph(self, q, k, v, pos: torch.Tensor) -> torch.Tensor:
