@@ -116,3 +116,33 @@ def test_baseline_decode_equals_forward(make_model, window):
     logits = [feed(state, tokens[:, :11])]
     logits += [feed(state, tokens[:, p:p + 1]) for p in range(11, 40)]
     torch.testing.assert_close(torch.stack(logits, 1), ref[:, 10:], **TOL)
+
+
+def test_fused_norm_kernels_in_prefill_equal_training(make_model, meta_ttt, monkeypatch):
+    """The fused QK-norm + RoPE and post-norm + residual kernels (forced here: the interpreter on a CPU) where
+    inference uses them: no-grad in the prefix and forward-only passes, first order (torch.func's pullback) inside
+    the inner steps. The losses equal the training computation's, which runs the separate ops (float32: the
+    kernels take no float64)."""
+    from ttt_e2e.kernels import qk_norm_rope, rmsnorm
+    from ttt_e2e.model import layers
+    calls = {"residual": 0, "rope": 0}
+
+    def residual(*a, use_kernel=None, first_order=False):
+        calls["residual"] += 1
+        return rmsnorm.rms_norm_residual(*a, use_kernel=True, first_order=first_order)
+
+    def norm_rope(*a, use_kernel=None, first_order=False):
+        calls["rope"] += 1
+        return qk_norm_rope.qk_norm_rope(*a, use_kernel=True, first_order=first_order)
+
+    import dataclasses
+    model = make_model().float()
+    model.cfg = dataclasses.replace(model.cfg, compute_dtype="float32")
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(7))
+    ref = _training(model, meta_ttt, tokens)
+    monkeypatch.setattr(layers, "rms_norm_residual", residual)
+    monkeypatch.setattr(layers, "qk_norm_rope", norm_rope)
+    state = start(model, meta_ttt, 2, prefill_chunk=16)
+    feed(state, tokens)
+    assert calls["residual"] > 0 and calls["rope"] > 0
+    torch.testing.assert_close(torch.cat(state.token_losses, 1), ref.token_losses, rtol=1e-4, atol=1e-4)
