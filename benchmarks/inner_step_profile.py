@@ -16,6 +16,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from timing import cuda_event_ms
 from ttt_e2e.config import TTTConfig
 from ttt_e2e.inference import InferenceGraphs, feed, start
 from ttt_e2e.inference.engine import _autocast, _blocks
@@ -104,15 +105,7 @@ def _profile_prefix(model, ttt, activities, ops):
 
 
 def _report_ms(what, fn, reps=20):
-    times = []
-    for _ in range(reps):
-        a, z = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        z.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(z))
-    print(f"{what}: {statistics.median(times):.2f} ms (median of {reps})")
+    print(f"{what}: {statistics.median(cuda_event_ms(fn, reps)):.2f} ms (median of {reps})")
 
 
 if __name__ == "__main__":

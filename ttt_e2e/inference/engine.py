@@ -38,11 +38,10 @@ from torch.func import functional_call
 
 from ttt_e2e.config import TTTConfig
 from ttt_e2e.model.attention import DevicePos, shared_rope_angles
-from ttt_e2e.model.layers import first_order_only
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.inner import inner_step
 
-from .graphs import InferenceGraphs, phi_c_or_none
+from .graphs import InferenceGraphs, phi_c_or_none, step_scope
 from .kv_cache import KVCache
 
 DEFAULT_CHUNK = 8192  # prefix tokens per forward in prefill: bounds activation memory independently of context
@@ -292,7 +291,7 @@ def _inner_step(state: InferenceState, h: torch.Tensor, targets: torch.Tensor, p
     else:
         # In place from the second step on: before the first, phi is a view of the model's weights (never written)
         out = (state.phi, state.phi_dec) if state.losses else None
-        with shared_rope_angles(), first_order_only():
+        with step_scope():
             l_t, tok, phi, state.base, _, _ = inner_step(
                 state.model.suffix, state.theta, state.model.head_weight(), state.phi, state.base, h, targets,
                 mask, pos0, state.eta, state.clip, state.model.cfg.window, ce_kernel=state.model.ce_kernel,

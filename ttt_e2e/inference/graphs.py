@@ -39,6 +39,14 @@ from ttt_e2e.ttt.inner import inner_step
 from .kv_cache import StepRing, token_major_zeros
 
 
+@contextlib.contextmanager
+def step_scope():
+    """What an inference inner step runs under, graphed or eager: its blocks share one set of RoPE angles, and
+    nothing differentiates it twice (the fused norm kernels with their first-order backward)."""
+    with shared_rope_angles(), first_order_only():
+        yield
+
+
 def phi_c_or_none(phi_dec: dict, h: torch.Tensor) -> Optional[dict]:
     """phi_dec as the inner step's phi_c where it holds phi in the dtype the step computes in (saving the step a
     cast of phi), else None (the step casts). They differ only without autocast when phi's dtype is not the
@@ -117,7 +125,7 @@ class InferenceGraphs:
 
         def step():
             # phi and phi_dec updated in place: no cast of phi nor copies of the new one into these buffers
-            with shared_rope_angles(), first_order_only():
+            with step_scope():
                 l_t, tok, _, caches_next, _, _ = inner_step(
                     state.model.suffix, state.theta, state.model.head_weight(), self.phi, self.base, s["h"],
                     s["targets"], s["mask"], pos, state.eta, state.clip, W, ce_kernel=state.model.ce_kernel,
