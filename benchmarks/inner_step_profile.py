@@ -1,7 +1,9 @@
 """Where the time of one inference TTT inner step goes (3B, b = 1024, steady state past W), kernel by kernel; or,
-with --prefix, the time of one prefill chunk's pass through the prefix blocks (W tokens, the caches full).
+with --prefix, the time of one prefill chunk's pass through the prefix blocks (W tokens, the caches full); or,
+with --feed N, a whole N-token prompt through `feed` as latency.py runs it (graphs, look-ahead), where it also says
+how long the GPU sat idle: wall clock against the union of the kernels' intervals over both streams.
 
-    python benchmarks/inner_step_profile.py [--size 3b] [--top 25] [--ops] [--prefix]
+    python benchmarks/inner_step_profile.py [--size 3b] [--top 25] [--ops] [--prefix | --feed 65536]
 
 Builds the paper config with random bf16 weights, prefills 3 W tokens through `feed` with CUDA graphs (so the
 step graphs exist), then times (a) one replayed step graph, CUDA events, median of 20, and (b) one eager step
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from collections import defaultdict
 
 import torch
@@ -30,6 +33,7 @@ def main():
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--ops", action="store_true", help="also the ATen ops (with shapes) by their kernels' time")
     p.add_argument("--prefix", action="store_true", help="profile a prefill chunk's prefix pass instead")
+    p.add_argument("--feed", type=int, default=0, help="profile a whole prompt of this many tokens instead")
     args = p.parse_args()
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
@@ -38,7 +42,8 @@ def main():
     ttt = TTTConfig(train_mode="meta", mini_batch_size=1024)
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.ops else [])
     with torch.no_grad():
-        prof = (_profile_prefix if args.prefix else _profile_step)(model, ttt, activities, args.ops)
+        prof = (_profile_feed if args.feed else _profile_prefix if args.prefix else _profile_step)(
+            model, ttt, activities, args.ops, args.feed)
     total, groups, count = 0.0, defaultdict(float), defaultdict(int)
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
@@ -58,7 +63,7 @@ def main():
             print(f"{e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key[:32]:32s} {shapes}")
 
 
-def _profile_step(model, ttt, activities, ops):
+def _profile_step(model, ttt, activities, ops, _n=0):
     W, b = model.cfg.window, ttt.mini_batch_size
     ids = torch.randint(0, model.cfg.vocab_size, (1, 3 * W + 1), device="cuda")
     graphs = InferenceGraphs()
@@ -80,7 +85,7 @@ def _profile_step(model, ttt, activities, ops):
     return prof
 
 
-def _profile_prefix(model, ttt, activities, ops):
+def _profile_prefix(model, ttt, activities, ops, _n=0):
     """The prefix blocks over a chunk of W tokens whose caches hold a whole window, as in a long prompt's prefill
     (chunks of W at positions that are multiples of W)."""
     W, P = model.cfg.window, model.cfg.n_prefix
@@ -101,6 +106,36 @@ def _profile_prefix(model, ttt, activities, ops):
         with profile(activities=activities, record_shapes=ops) as prof:
             chunk()
             torch.cuda.synchronize()
+    return prof
+
+
+def _profile_feed(model, ttt, activities, ops, n):
+    W = model.cfg.window
+    graphs = InferenceGraphs()
+    warm = torch.randint(0, model.cfg.vocab_size, (1, 3 * W + 1), device="cuda")
+    ids = torch.randint(0, model.cfg.vocab_size, (1, n), device="cuda")
+
+    def prompt():
+        feed(start(model, ttt, 1, graphs=graphs), ids)
+
+    feed(start(model, ttt, 1, graphs=graphs), warm)  # captures the step graphs
+    prompt()
+    _report_ms(f"prefill of {n} tokens", prompt, reps=3)
+    torch.cuda.synchronize()
+    with profile(activities=activities, record_shapes=ops) as prof:
+        t0 = time.perf_counter()
+        prompt()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for a, z in spans:  # the union of the kernels' intervals (us)
+        busy += max(0.0, z - max(a, end))
+        end = max(end, z)
+    span = spans[-1][1] - spans[0][0]
+    print(f"profiled prompt: wall {1e3 * wall:.1f} ms (under the profiler), first kernel to last {span / 1e3:.1f} ms,"
+          f" GPU busy (union over streams) {busy / 1e3:.1f} ms, idle {(span - busy) / 1e3:.1f} ms")
     return prof
 
 

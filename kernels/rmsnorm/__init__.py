@@ -3,6 +3,7 @@
     from ttt_e2e.kernels.rmsnorm import rms_norm
     y = rms_norm(x, w, eps)          # over the last dim; statistics in fp32; y in x's dtype
     y = rms_norm_residual(r, x, w, eps)   # r + rms_norm(x, w, eps), one pass where nothing is differentiated
+    y, z = rms_norm_residual(r, x, w, eps, then=(w2, eps2, dtype))   # and z = rms_norm(y, w2, eps2) in the pass
 
 A gain that carries a `GainGrad` (`w._gain_grad`, set by model/linear.py: shared_gain) gets its gradient as the
 kernels' partial sums, for the caller to add up once over all its uses (function.py).
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .function import GainGrad, _RMSNorm, _RMSNormResidual
+from .function import GainGrad, _RMSNorm, _RMSNormResidual, _RMSNormResidualNorm
 from .kernel import row_layout
 from .reference import rms_norm_reference
 
@@ -47,20 +48,29 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, use_kernel: bool | No
 
 
 def rms_norm_residual(res: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float,
-                      use_kernel: bool | None = None, first_order: bool = False) -> torch.Tensor:
+                      use_kernel: bool | None = None, first_order: bool = False, then=None):
     """res + rms_norm(x, w, eps): a sandwich block's residual add after its post-norm. Where grad mode is off
     (inference), or first_order promises that nothing differentiates the result twice, one kernel reads x and res
     and writes the sum: the norm's output never goes to memory (a 3B prefill chunk's residual adds were 2.1 ms of
-    98). Otherwise the two ops, differentiable twice."""
+    98). Otherwise the two ops, differentiable twice.
+    then = (w2, eps2, out_dtype2): the next sublayer's pre-norm too; returns (s, rms_norm(s, w2, eps2) in out_dtype2,
+    None: s's dtype), in the same kernel where that runs (s is then read once, and in the backward the pre-norm's
+    dx kernel adds s's other cotangent: no separate add)."""
     if use_kernel is None:
         use_kernel = x.is_cuda and x.dtype in _DTYPES and w.dtype in _DTYPES and res.dtype in _DTYPES
     if not use_kernel or (torch.is_grad_enabled() and not first_order):
-        return res + rms_norm(x, w, eps, use_kernel=use_kernel)
-    if w.shape != x.shape[-1:] or res.shape != x.shape:
-        raise ValueError(f"rms_norm_residual: weight {tuple(w.shape)} and residual {tuple(res.shape)} do not match "
-                         f"x {tuple(x.shape)}")
+        s = res + rms_norm(x, w, eps, use_kernel=use_kernel)
+        return s if then is None else (s, rms_norm(s, then[0], then[1], use_kernel=use_kernel, out_dtype=then[2]))
+    if w.shape != x.shape[-1:] or res.shape != x.shape or (then is not None and then[0].shape != w.shape):
+        raise ValueError(f"rms_norm_residual: weight {tuple(w.shape)}, residual {tuple(res.shape)} or next weight "
+                         f"{None if then is None else tuple(then[0].shape)} do not match x {tuple(x.shape)}")
     if row_layout(x) is None:
         x = x.contiguous()
     rows = x.view(-1, x.shape[-1]) if x.is_contiguous() else x
-    y, _ = _RMSNormResidual.apply(res.contiguous().view(-1, x.shape[-1]), rows, w.contiguous(), eps)
-    return y.view(x.shape)
+    res = res.contiguous().view(-1, x.shape[-1])
+    if then is None:
+        s, _ = _RMSNormResidual.apply(res, rows, w.contiguous(), eps)
+        return s.view(x.shape)
+    w2, eps2, out_dtype2 = then
+    s, _, y2, _ = _RMSNormResidualNorm.apply(res, rows, w.contiguous(), eps, w2.contiguous(), eps2, out_dtype2)
+    return s.view(x.shape), y2.view(x.shape)

@@ -130,14 +130,47 @@ class _RMSNormResidual(torch.autograd.Function):
         return dy, dx, (dw if ctx.needs_input_grad[2] else None), None
 
 
+class _RMSNormResidualNorm(torch.autograd.Function):
+    """(s, norm2(s)) with s = res + norm(x) by one kernel, differentiable once: a sandwich block's residual add and
+    the next sublayer's pre-norm (gain w2, result in out_dtype2). The backward adds s's two cotangents (the residual
+    stream's and the pre-norm's dx) in the pre-norm's dx kernel, then runs the post-norm's: the same kernels,
+    roundings and sum as autograd's over the separate ops."""
+
+    @staticmethod
+    def forward(res, x, w, eps, w2, eps2, out_dtype2):
+        return rms_norm_residual_fwd(res, x, w, eps, w2, eps2, out_dtype2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _res, x, w, _eps, w2, _eps2, _ = inputs
+        s, rstd, _y2, rstd2 = output
+        ctx.save_for_backward(x, w, rstd, s, w2, rstd2)
+        ctx.mark_non_differentiable(rstd, rstd2)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, ds, _drstd, dy2, _drstd2):
+        x, w, rstd, s, w2, rstd2 = ctx.saved_tensors
+        need_w, need_w2 = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+        dw2 = None
+        if dy2 is not None:
+            add = None if ds is None else ds.contiguous()
+            ds, dw2 = _FirstOrderNormBackward.apply(s, w2, rstd2, dy2.contiguous(), need_w2, add)
+        if ds is None:
+            return None, None, None, None, dw2 if need_w2 else None, None, None
+        dx, dw = _FirstOrderNormBackward.apply(x, w, rstd, ds.to(x.dtype).contiguous(), need_w)
+        return ds, dx, (dw if need_w else None), None, (dw2 if need_w2 else None), None, None
+
+
 class _FirstOrderNormBackward(torch.autograd.Function):
     """The norm's backward of a first-order node, as a node of its own: inside torch.func (the inner step's
     pullback, create_graph on) a backward sees wrapped tensors, a Function's forward plain ones, which the kernels
-    need. dw is an empty tensor unless need_w. No second derivative."""
+    need. dw is an empty tensor unless need_w. add: dx + add (another use's cotangent of x). No second
+    derivative."""
 
     @staticmethod
-    def forward(x, w, rstd, dy, need_w):
-        dx, dw = rms_norm_bwd(x, w, rstd, dy, need_w)
+    def forward(x, w, rstd, dy, need_w, add=None):
+        dx, dw = rms_norm_bwd(x, w, rstd, dy, need_w, add=add)
         return dx, (dw if need_w else dx.new_empty(0))
 
     @staticmethod

@@ -17,9 +17,10 @@ def _x_offsets(rows, cols, D, G, s_outer):
 
 
 @triton.jit
-def _rms_fwd_kernel(X, W, Y, RSTD, RES, N, D, G, s_outer, eps, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                    HAS_RES: tl.constexpr):
-    # HAS_RES: y = res + norm(x), the norm rounded to x's dtype first, as the separate norm's output would be
+def _rms_fwd_kernel(X, W, Y, RSTD, RES, W2, Y2, RSTD2, N, D, G, s_outer, eps, eps2, ROWS: tl.constexpr,
+                    BLOCK_D: tl.constexpr, HAS_RES: tl.constexpr, HAS_NEXT: tl.constexpr):
+    # HAS_RES: y = res + norm(x), the norm rounded to x's dtype first, as the separate norm's output would be.
+    # HAS_NEXT: also y2 = norm2(y) (gain W2, eps2; RSTD2) from y as stored, as the separate norm would read it
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     m = (rows[:, None] < N) & (cols[None, :] < D)
@@ -30,8 +31,15 @@ def _rms_fwd_kernel(X, W, Y, RSTD, RES, N, D, G, s_outer, eps, ROWS: tl.constexp
     y = x * rstd[:, None] * w[None, :]
     if HAS_RES:
         y = y.to(X.dtype.element_ty).to(tl.float32) + tl.load(RES + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
+    y = y.to(Y.dtype.element_ty)
+    tl.store(Y + offs, y, mask=m)
     tl.store(RSTD + rows, rstd, mask=rows < N)
+    if HAS_NEXT:
+        y = y.to(tl.float32)
+        w2 = tl.load(W2 + cols, mask=cols < D, other=0.0).to(tl.float32)
+        rstd2 = 1.0 / tl.sqrt(tl.sum(y * y, axis=1) / D + eps2)
+        tl.store(Y2 + offs, (y * rstd2[:, None] * w2[None, :]).to(Y2.dtype.element_ty), mask=m)
+        tl.store(RSTD2 + rows, rstd2, mask=rows < N)
 
 
 @triton.jit
@@ -48,10 +56,11 @@ def _row_block(X, DY, RSTD, block, N, D, G, s_outer, cols, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, N, D, G, s_outer, ROWS: tl.constexpr, ITERS: tl.constexpr,
-                    BLOCK_D: tl.constexpr, HAS_DW: tl.constexpr):
+def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, ADD, N, D, G, s_outer, ROWS: tl.constexpr, ITERS: tl.constexpr,
+                    BLOCK_D: tl.constexpr, HAS_DW: tl.constexpr, HAS_ADD: tl.constexpr):
     # ITERS row blocks per program, their dw summed here: fewer partial rows for the torch sum that follows.
-    # HAS_DW False: dx only
+    # HAS_DW False: dx only. HAS_ADD: dx + add (contiguous, DX's dtype), dx rounded to its dtype first: autograd's
+    # sum of the norm's dx and another use's cotangent of x
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
@@ -61,8 +70,10 @@ def _rms_bwd_kernel(X, W, RSTD, DY, DX, DW_PART, N, D, G, s_outer, ROWS: tl.cons
         xhat = x * rstd[:, None]
         wdy = dy * w[None, :]
         c = tl.sum(wdy * xhat, axis=1) / D
-        dx = rstd[:, None] * (wdy - xhat * c[:, None])
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=m)
+        dx = (rstd[:, None] * (wdy - xhat * c[:, None])).to(DX.dtype.element_ty)
+        if HAS_ADD:
+            dx = (dx.to(tl.float32) + tl.load(ADD + offs, mask=m, other=0.0).to(tl.float32)).to(DX.dtype.element_ty)
+        tl.store(DX + offs, dx, mask=m)
         if HAS_DW:
             dw += tl.sum(dy * xhat, axis=0)
     if HAS_DW:
@@ -151,27 +162,33 @@ def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float,
     y = torch.empty((N, D), dtype=out_dtype or x.dtype, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     block_d, rows, grid = _geometry(N, D)
-    _rms_fwd_kernel[(grid,)](x, w, y, rstd, y, N, D, G, s_outer, eps, ROWS=rows, BLOCK_D=block_d, HAS_RES=False)
+    _rms_fwd_kernel[(grid,)](x, w, y, rstd, y, w, y, rstd, N, D, G, s_outer, eps, eps, ROWS=rows, BLOCK_D=block_d,
+                             HAS_RES=False, HAS_NEXT=False)
     return y, rstd
 
 
-def rms_norm_residual_fwd(res: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_residual_fwd(res: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float, w2=None, eps2: float = 0.0,
+                          out_dtype2: torch.dtype | None = None):
     """(res + norm(x), rstd) in one pass: res (N, D) contiguous, x as in rms_norm_fwd; the norm rounded to x's
-    dtype, the sum in fp32, stored in the promoted dtype of res and x."""
+    dtype, the sum in fp32, stored in the promoted dtype of res and x. With w2: (sum, rstd, norm2(sum), rstd2),
+    norm2 the next norm (gain w2, eps2) of the sum as stored, in out_dtype2 (default the sum's dtype)."""
     N, D, G, s_outer = _rows(x)
     y = torch.empty((N, D), dtype=torch.promote_types(res.dtype, x.dtype), device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    nxt = w2 is not None
+    y2 = torch.empty((N, D), dtype=out_dtype2 or y.dtype, device=x.device) if nxt else y
+    rstd2 = torch.empty(N, dtype=torch.float32, device=x.device) if nxt else rstd
     block_d, rows, grid = _geometry(N, D)
-    _rms_fwd_kernel[(grid,)](x, w, y, rstd, res, N, D, G, s_outer, eps, ROWS=rows, BLOCK_D=block_d, HAS_RES=True)
-    return y, rstd
+    _rms_fwd_kernel[(grid,)](x, w, y, rstd, res, w2 if nxt else w, y2, rstd2, N, D, G, s_outer, eps, eps2, ROWS=rows,
+                             BLOCK_D=block_d, HAS_RES=True, HAS_NEXT=nxt)
+    return (y, rstd, y2, rstd2) if nxt else (y, rstd)
 
 
 def rms_norm_bwd(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, need_w: bool = True,
-                 reduce: bool = True):
+                 reduce: bool = True, add: torch.Tensor | None = None):
     """(dx in x's dtype and shape, contiguous; dw in w's dtype) for the cotangent dy (N, D) contiguous; dw None
     unless need_w. reduce False: dw as its fp32 partial sums (P, D), left for the caller to add up (with other
-    uses', function.py: GainGrad)."""
+    uses', function.py: GainGrad). add: dx + add instead (add contiguous, in x's dtype)."""
     N, D, G, s_outer = _rows(x)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if need_w:
@@ -181,8 +198,8 @@ def rms_norm_bwd(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch
         iters = 1
     # one partial dw per program, summed below
     part = torch.empty(grid if need_w else 0, D, dtype=torch.float32, device=x.device)
-    _rms_bwd_kernel[(grid,)](x, w, rstd, dy, dx, part, N, D, G, s_outer, ROWS=rows, ITERS=iters, BLOCK_D=block_d,
-                             HAS_DW=need_w)
+    _rms_bwd_kernel[(grid,)](x, w, rstd, dy, dx, part, dx if add is None else add, N, D, G, s_outer, ROWS=rows,
+                             ITERS=iters, BLOCK_D=block_d, HAS_DW=need_w, HAS_ADD=add is not None)
     if not need_w:
         return dx, None
     return dx, part.sum(0).to(w.dtype) if reduce else part

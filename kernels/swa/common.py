@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Decided once, when this package is imported: `triton.jit` itself picks interpreter or compiler at decoration
 # time, so setting TRITON_INTERPRET later would not turn the already-built kernels into interpreted ones.
@@ -101,6 +102,27 @@ def unroll_ring(k, v, rot: int, block_n: int):
     return k, v, rot
 
 
+def key_descriptors(tensors, block_n: int, main: int, tail: int):
+    """TMA tensor descriptors of the (B, H, rows, D) key/value tensors, blocks of (1, 1, block_n, main) then, with
+    a tail, (1, 1, block_n, tail): 8 with tail, the tail ones are the main ones' otherwise. None where a descriptor
+    cannot take them: fp32 (the accuracy path keeps its pointer loads), strides or addresses not multiples of 16
+    bytes (the TMA's rule), an empty tensor (an empty cache), or no Hopper-class GPU (the interpreter reads
+    descriptors too)."""
+    if not all(t.dtype in (torch.float16, torch.bfloat16) and t.numel() for t in tensors):
+        return None
+    if not INTERPRET and torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return None
+    for t in tensors:
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+            return None
+    main_d = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, main]) for t in tensors]
+    tail_d = ([TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, tail]) for t in tensors]
+              if tail else main_d)
+    k, v, k2, v2 = main_d
+    kt, vt, k2t, v2t = tail_d
+    return k, v, kt, vt, k2, v2, k2t, v2t
+
+
 def block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -136,8 +158,9 @@ class TileConfig:
 _GPU_CONFIGS = {
     # kernel: {padded head dim: TileConfig}; block_m = query rows, block_n = key rows in every kernel. 80: the
     # 64 + 16 column split of the forward and backward (head_split), from a sweep at the 3B shapes
-    # (benchmarks/data/swa_d80_tiles_h100.txt).
-    "fwd": {64: TileConfig(64, 64, 4, 3), 80: TileConfig(128, 64, 4, 3), 128: TileConfig(64, 64, 4, 3)},
+    # (benchmarks/data/swa_d80_tiles_h100.txt); the forward's 4 stages since its loads go through TMA descriptors
+    # (round 20, benchmarks/swa_fwd_versions.py: 3 stages took 268 us at the inner step's two key sources, 4: 226).
+    "fwd": {64: TileConfig(64, 64, 4, 3), 80: TileConfig(128, 64, 4, 4), 128: TileConfig(64, 64, 4, 3)},
     "bwd_dq": {64: TileConfig(64, 64, 4, 3), 80: TileConfig(64, 32, 4, 3), 128: TileConfig(64, 32, 4, 3)},
     "bwd_dkdv": {64: TileConfig(32, 64, 4, 3), 80: TileConfig(64, 64, 4, 3), 128: TileConfig(32, 64, 4, 3)},
     "dbwd_ru": {64: TileConfig(64, 64, 4, 3), 128: TileConfig(128, 64, 8, 2)},

@@ -99,3 +99,18 @@ def source_tile_is_full(m0, n0, N_LO, N_HI, BLOCK_M: tl.constexpr, BLOCK_N: tl.c
     """`tile_is_full` for a tile of one key source: also wholly inside that source's keys N_LO..N_HI-1."""
     full = tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
     return full & (n0 >= N_LO) & (n0 + BLOCK_N <= N_HI)
+
+
+@triton.jit
+def source_tile_desc(KD, VD, b, h, n0, N_LO, N_HI, ROT, BASE, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`source_tile` through TMA tensor descriptors KD, VD of (B, H, rows, D) tensors, block (1, 1, BLOCK_N,
+    BLOCK_D): key j of this source at row (j - BASE + ROT) mod N_HI (BASE: the source's first global index, the
+    ring as in `source_tile`). Rows outside the tensor, negative ones included, load as zeros. Returns (offs_n,
+    n_valid, row, k, v), row the first row of the tile (a tail's columns are loaded by the caller at it)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_valid = (offs_n >= N_LO) & (offs_n < N_HI)
+    r0 = n0 + ROT
+    row = tl.where(r0 >= N_HI, r0 - N_HI, r0) - BASE
+    k = tl.reshape(KD.load([b, h, row, 0]), [BLOCK_N, BLOCK_D])
+    v = tl.reshape(VD.load([b, h, row, 0]), [BLOCK_N, BLOCK_D])
+    return offs_n, n_valid, row, k, v

@@ -118,6 +118,8 @@ def test_baseline_decode_equals_forward(make_model, window):
     torch.testing.assert_close(torch.stack(logits, 1), ref[:, 10:], **TOL)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="forces the kernels on CPU tensors: the interpreter's case (on "
+                    "a GPU the inference tests run them on the model's own device)")
 def test_fused_norm_kernels_in_prefill_equal_training(make_model, meta_ttt, monkeypatch):
     """The fused QK-norm + RoPE and post-norm + residual kernels (forced here: the interpreter on a CPU) where
     inference uses them: no-grad in the prefix and forward-only passes, first order (torch.func's pullback) inside
@@ -125,11 +127,11 @@ def test_fused_norm_kernels_in_prefill_equal_training(make_model, meta_ttt, monk
     kernels take no float64)."""
     from ttt_e2e.kernels import qk_norm_rope, rmsnorm
     from ttt_e2e.model import layers
-    calls = {"residual": 0, "rope": 0}
+    calls = {"residual": 0, "residual_norm": 0, "rope": 0}
 
-    def residual(*a, use_kernel=None, first_order=False):
-        calls["residual"] += 1
-        return rmsnorm.rms_norm_residual(*a, use_kernel=True, first_order=first_order)
+    def residual(*a, use_kernel=None, first_order=False, then=None):
+        calls["residual_norm" if then is not None else "residual"] += 1
+        return rmsnorm.rms_norm_residual(*a, use_kernel=True, first_order=first_order, then=then)
 
     def norm_rope(*a, use_kernel=None, first_order=False):
         calls["rope"] += 1
@@ -144,5 +146,5 @@ def test_fused_norm_kernels_in_prefill_equal_training(make_model, meta_ttt, monk
     monkeypatch.setattr(layers, "qk_norm_rope", norm_rope)
     state = start(model, meta_ttt, 2, prefill_chunk=16)
     feed(state, tokens)
-    assert calls["residual"] > 0 and calls["rope"] > 0
+    assert calls["residual"] > 0 and calls["residual_norm"] > 0 and calls["rope"] > 0
     torch.testing.assert_close(torch.cat(state.token_losses, 1), ref.token_losses, rtol=1e-4, atol=1e-4)

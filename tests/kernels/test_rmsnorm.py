@@ -269,3 +269,38 @@ def test_residual_add_first_order_backward():
         torch.testing.assert_close(a.double(), b, **TOL)
     with pytest.raises(NotImplementedError, match="no second derivative"):
         torch.autograd.grad(got[1].sum(), ins[1])
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                    (torch.float16, torch.float32)])
+def test_residual_add_then_next_norm(dtypes):
+    """then: s = res + rms_norm(x) and z = rms_norm(s, w2) (in out_dtype2) in one kernel: the values of the three
+    ops (eps2 large enough to matter), and the first-order gradients w.r.t. res, x, w and w2 for cotangents of both
+    s and z, or of z alone (the pre-norm's dx kernel adds s's two cotangents); no second derivative."""
+    x_dtype, out2 = dtypes
+    res, x, dy, dz = _randn(37, 80), _randn(37, 80, scale=3.0), _randn(37, 80), _randn(37, 80)
+    w, w2 = 1 + _randn(80, scale=0.2), 1 + _randn(80, scale=0.2)
+    tol = TOL if x_dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    gtol = TOL if x_dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # fp16 gradients through two norms
+    with torch.no_grad():
+        s, z = rms_norm_residual(res.to(x_dtype), x.to(x_dtype), w.float(), 1e-6, use_kernel=True,
+                                 then=(w2.float(), 0.3, out2))
+        s_ops = res.to(x_dtype) + rms_norm(x.to(x_dtype), w.float(), 1e-6, use_kernel=True)
+        z_ops = rms_norm(s_ops, w2.float(), 0.3, use_kernel=True, out_dtype=out2)
+    assert s.dtype == x_dtype and z.dtype == out2
+    torch.testing.assert_close(s, s_ops, **tol)
+    torch.testing.assert_close(z, z_ops, **tol)
+    for cot_s in (dy, None):
+        ins = [t.to(x_dtype).requires_grad_() for t in (res, x)] + [t.float().requires_grad_() for t in (w, w2)]
+        s, z = rms_norm_residual(*ins[:3], 1e-6, use_kernel=True, first_order=True, then=(ins[3], 0.3, out2))
+        outs, cots = ((s, z), (cot_s.to(x_dtype), dz.to(out2))) if cot_s is not None else ((z,), (dz.to(out2),))
+        got = torch.autograd.grad(outs, ins, cots, create_graph=True)
+        ref = [t.clone().requires_grad_() for t in (res, x, w, w2)]
+        s64 = ref[0] + rms_norm_reference(ref[1], ref[2], 1e-6)
+        z64 = rms_norm_reference(s64, ref[3], 0.3)
+        want = torch.autograd.grad((s64, z64) if cot_s is not None else (z64,), ref,
+                                   (cot_s, dz) if cot_s is not None else (dz,))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, **gtol)
+    with pytest.raises(NotImplementedError, match="no second derivative"):
+        torch.autograd.grad(got[1].sum(), ins[1])

@@ -532,3 +532,25 @@ def test_key_parts_rule(monkeypatch):
     assert common.key_parts("fwd", 12, 9216, 64, torch.device("cpu")) == 1
     monkeypatch.setattr(common, "KEY_PARTS_OVERRIDE", 1)
     assert common.key_parts("fwd", 12, 9216, 64, gpu) == 1
+
+
+@pytest.mark.parametrize("B,H,TQ,TC,D,W,QP", SPLIT)
+def test_descriptor_loads_equal_pointer_loads(monkeypatch, B, H, TQ, TC, D, W, QP):
+    """The forward's key/value tiles through TMA descriptors (16-bit inputs, aligned layouts: the default) and
+    through pointers: the same bits, for a cache (a ring where it is whole tiles) then a block, in the model's
+    (B, T, H, D) layout; fp32 and a misaligned layout take no descriptors."""
+    from ttt_e2e.kernels.swa import forward
+    qkv = fresh_randn(B, TQ, 3, H, D, dtype=torch.float16)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    kc, vc = (fresh_randn(B, TC, H, D, dtype=torch.float16).transpose(1, 2) for _ in range(2))
+    rot = 16 if TC % 16 == 0 and TC > 16 else 0
+    kc, vc = _ring(kc, rot), _ring(vc, rot)
+    assert (common.key_descriptors((kc, vc, k, v), 16, *common.head_split(D)) is None) == (TC == 0)
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(forward, "USE_DESCRIPTORS", on)
+        outs.append(forward.swa_forward(q, kc, vc, W, QP, QP - TC, D ** -0.5, k, v, rot))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    odd = fresh_randn(B, H, TQ, D + 1, dtype=torch.float16)[..., 1:]  # 2 bytes off, rows 2 (D + 1) bytes apart
+    assert common.key_descriptors((k.float(), v, k, v), 16, *common.head_split(D)) is None
+    assert common.key_descriptors((odd, v, k, v), 16, *common.head_split(D)) is None

@@ -204,12 +204,22 @@ class _Ahead:
         return self.h
 
 
+_SIDE_STREAMS: dict = {}  # device -> the one side stream of all states on it
+
+
 class SideStream:
-    """The second CUDA stream of `_Ahead`."""
+    """The second CUDA stream of `_Ahead`: one per device, shared by every state. The caching allocator reuses a
+    freed block only on the stream it was allocated on, so a new stream per prompt (torch hands out its pooled
+    streams in turn) left each prompt's look-ahead memory unusable to the next: a 3B 32K prompt reserved 4.9 GB
+    more every time, until the allocator ran out and emptied its cache (and a 128K prompt after that stalled for
+    minutes in the graph replays)."""
 
     def __init__(self, device: torch.device):
         self.device = device  # the model's, which need not be the current device
-        self.stream = torch.cuda.Stream(device=device)
+        key = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
+        if key not in _SIDE_STREAMS:
+            _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+        self.stream = _SIDE_STREAMS[key]
 
     def ahead(self):
         # After everything enqueued so far: the previous prefix pass, and every read of memory that the side

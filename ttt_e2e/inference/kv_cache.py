@@ -132,7 +132,12 @@ class KVCache:
             # unmasked attention: SDPA's flash/cuDNN decoding kernels on a GPU.
             self.append(k, v)
             return F.scaled_dot_product_attention(q, *self.visible())
-        ck, cv = self.ordered()
+        rot = 0
+        if self.window is not None and self.n > self.window and self.n % self.window:
+            # A wrapped ring: the kernels read it in place from its oldest slot (no position-ordered copy)
+            ck, cv, rot = self.k, self.v, self.n % self.window
+        else:
+            ck, cv = self.ordered()
         adopt = self.window is not None and T == self.window and self.n % T == 0 and _token_major(k, v)
         if ck is None and self.window is None:
             # Full attention from position 0: plain causal SDPA (the cuDNN / FlashAttention baselines).
@@ -141,7 +146,7 @@ class KVCache:
             o = attend(q, k, v, window=self.window or FULL, q_pos0=pos0, k_pos0=pos0, backend=backend)
         else:
             o = attend_over_cache(q, ck, cv, k, v, window=self.window or FULL, q_pos0=pos0,
-                                  k_pos0=pos0 - ck.shape[2], backend=backend)
+                                  k_pos0=pos0 - ck.shape[2], rot=rot, backend=backend)
         if adopt:
             # A chunk of exactly W positions from a multiple of W fills every slot in order (position p in slot
             # p % W): its own k and v become the ring, no copy (1.3 ms of a 3B prefill chunk's 93). v is a view of

@@ -14,12 +14,13 @@ from ttt_e2e.kernels.swiglu import swiglu_gate
 from .linear import linear, seq_linear
 
 
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on t runs in: autocast's where it is on, else t's own."""
-    device = t.device.type
+def compute_dtype(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a matmul on t (or on a tensor of t's device and `dtype`) runs in: autocast's where it is on, else
+    the tensor's own."""
+    device, dtype = t.device.type, dtype or t.dtype
     if not torch.amp.is_autocast_available(device):  # the meta device (FLOP counting): no autocast there
-        return t.dtype
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+        return dtype
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
 
 
 def for_matmuls(x: torch.Tensor) -> torch.Tensor:
@@ -67,13 +68,19 @@ def _fused(norm: nn.Module) -> bool:
     return isinstance(norm, RMSNorm) and (not torch.is_grad_enabled() or _FIRST_ORDER[0] > 0)
 
 
-def add_normed(x: torch.Tensor, norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def add_normed(x: torch.Tensor, norm: nn.Module, h: torch.Tensor, then: nn.Module | None = None):
     """x + norm(h), a sandwich block's residual add: one kernel for an RMSNorm where nothing differentiates it twice
-    (kernels/rmsnorm: rms_norm_residual), the same values as the two ops."""
-    if _fused(norm):
+    (kernels/rmsnorm: rms_norm_residual), the same values as the two ops. then: the next sublayer's pre-norm,
+    returns (s, then(s)) for s = x + norm(h), in the same kernel where both norms are fused."""
+    if _fused(norm) and (then is None or (_fused(then) and then.kernel == norm.kernel)):
+        nxt = None
+        if then is not None:
+            out = compute_dtype(x, torch.promote_types(x.dtype, h.dtype)) if then.feeds_matmuls else None
+            nxt = (then.weight, then.eps, out)
         return rms_norm_residual(x, h, norm.weight, norm.eps, use_kernel=None if norm.kernel else False,
-                                 first_order=True)
-    return x + norm(h)
+                                 first_order=True, then=nxt)
+    s = x + norm(h)
+    return s if then is None else (s, then(s))
 
 
 def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, kernel: bool = True) -> torch.Tensor:

@@ -38,20 +38,26 @@ class Block(nn.Module):
     # The modules of the attention half (attention_half), which come before the block's MLP' and MLP
     ATTENTION_HALF = ("pre_attn_norm", "attn", "post_attn_norm")
 
-    def attention_half(self, x: torch.Tensor, pos0: int = 0, cache=None, first_order: bool | None = None):
-        """x + post_norm(attention(pre_norm(x))) and the (k, v) it attended to (see Attention.forward)."""
+    def attention_half(self, x: torch.Tensor, pos0: int = 0, cache=None, first_order: bool | None = None,
+                       then: nn.Module | None = None):
+        """x + post_norm(attention(pre_norm(x))) and the (k, v) it attended to (see Attention.forward); with then
+        (the next pre-norm), (that sum, then(sum)) in place of the sum (layers.add_normed)."""
         a, kv = self.attn(self.pre_attn_norm(x), pos0, cache, first_order)
-        return add_normed(x, self.post_attn_norm, a), kv
+        return add_normed(x, self.post_attn_norm, a, then), kv
 
     def forward(self, x: torch.Tensor, pos0: int = 0, cache=None, after_attention: bool = False):
         """after_attention: x is already attention_half's output (the caller ran it); then kv is () (no tensors:
-        torch.func's auxiliary outputs hold nothing else)."""
+        torch.func's auxiliary outputs hold nothing else). Each residual add also gives the next sublayer's
+        pre-norm of its sum (u): one kernel for both where the norms are fused."""
         kv = ()
-        if not after_attention:
-            x, kv = self.attention_half(x, pos0, cache)
+        pre = self.pre_prime_norm if self.prime is not None else self.pre_mlp_norm
+        if after_attention:
+            u = pre(x)
+        else:
+            (x, u), kv = self.attention_half(x, pos0, cache, then=pre)
         if self.prime is not None:
-            x = add_normed(x, self.post_prime_norm, self.prime(self.pre_prime_norm(x)))
-        x = add_normed(x, self.post_mlp_norm, self.mlp(self.pre_mlp_norm(x)))
+            x, u = add_normed(x, self.post_prime_norm, self.prime(u), then=self.pre_mlp_norm)
+        x = add_normed(x, self.post_mlp_norm, self.mlp(u))
         return x, kv
 
 
