@@ -461,7 +461,8 @@ def test_forward_tile_rule(monkeypatch):
     assert common.forward_tile(1024, 32, 80, gpu, bf16) == common.forward_tile(32768, 32, 80, gpu, bf16) == split
     assert common.tile_config("dbwd_row", 80, gpu, bf16) == common.tile_config("dbwd_row", 128, gpu, bf16)  # padded
     assert common.forward_tile(32768, 32, 64, gpu, torch.float32) == common.tile_config("fwd", 64, gpu, torch.float32)
-    assert common.forward_tile(32768, 32, 64, torch.device("cpu"), bf16) == common.tile_config("fwd", 64, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    assert common.forward_tile(32768, 32, 64, cpu, bf16) == common.tile_config("fwd", 64, cpu)
     monkeypatch.setitem(common.CONFIG_OVERRIDES, "fwd", table)  # a tuning override wins
     assert common.forward_tile(1024, 32, 64, gpu, bf16) == table
 
