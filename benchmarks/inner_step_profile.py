@@ -42,8 +42,10 @@ def main():
     ttt = TTTConfig(train_mode="meta", mini_batch_size=1024)
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.ops else [])
     with torch.no_grad():
-        prof = (_profile_feed if args.feed else _profile_prefix if args.prefix else _profile_step)(
-            model, ttt, activities, args.ops, args.feed)
+        if args.feed:
+            prof = _profile_feed(model, ttt, activities, args.ops, args.feed)
+        else:
+            prof = (_profile_prefix if args.prefix else _profile_step)(model, ttt, activities, args.ops)
     total, groups, count = 0.0, defaultdict(float), defaultdict(int)
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
@@ -63,7 +65,7 @@ def main():
             print(f"{e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}x  {e.key[:32]:32s} {shapes}")
 
 
-def _profile_step(model, ttt, activities, ops, _n=0):
+def _profile_step(model, ttt, activities, ops):
     W, b = model.cfg.window, ttt.mini_batch_size
     ids = torch.randint(0, model.cfg.vocab_size, (1, 3 * W + 1), device="cuda")
     graphs = InferenceGraphs()
@@ -85,7 +87,7 @@ def _profile_step(model, ttt, activities, ops, _n=0):
     return prof
 
 
-def _profile_prefix(model, ttt, activities, ops, _n=0):
+def _profile_prefix(model, ttt, activities, ops):
     """The prefix blocks over a chunk of W tokens whose caches hold a whole window, as in a long prompt's prefill
     (chunks of W at positions that are multiples of W)."""
     W, P = model.cfg.window, model.cfg.n_prefix

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .function import GainGrad, _RMSNorm, _RMSNormResidual, _RMSNormResidualNorm
+from .function import GainGrad, _RMSNorm, _RMSNormResidual
 from .kernel import row_layout
 from .reference import rms_norm_reference
 
@@ -67,10 +67,7 @@ def rms_norm_residual(res: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: 
     if row_layout(x) is None:
         x = x.contiguous()
     rows = x.view(-1, x.shape[-1]) if x.is_contiguous() else x
-    res = res.contiguous().view(-1, x.shape[-1])
-    if then is None:
-        s, _ = _RMSNormResidual.apply(res, rows, w.contiguous(), eps)
-        return s.view(x.shape)
-    w2, eps2, out_dtype2 = then
-    s, _, y2, _ = _RMSNormResidualNorm.apply(res, rows, w.contiguous(), eps, w2.contiguous(), eps2, out_dtype2)
-    return s.view(x.shape), y2.view(x.shape)
+    w2, eps2, out_dtype2 = (None, 0.0, None) if then is None else (then[0].contiguous(), *then[1:])
+    s, _, y2, _ = _RMSNormResidual.apply(res.contiguous().view(-1, x.shape[-1]), rows, w.contiguous(), eps, w2, eps2,
+                                         out_dtype2)
+    return s.view(x.shape) if then is None else (s.view(x.shape), y2.view(x.shape))

@@ -105,36 +105,11 @@ class _RMSNormBackward(torch.autograd.Function):
 
 
 class _RMSNormResidual(torch.autograd.Function):
-    """res + norm(x) by one kernel, differentiable once (the inference inner step's, which nothing differentiates
-    twice): the backward is res's cotangent as it is and the norm's dx kernel (dw where asked for), the same
-    kernels and roundings as the backward of the two separate ops."""
-
-    @staticmethod
-    def forward(res, x, w, eps):
-        return rms_norm_residual_fwd(res, x, w, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _res, x, w, _eps = inputs
-        ctx.save_for_backward(x, w, output[1])
-        ctx.mark_non_differentiable(output[1])
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def backward(ctx, dy, _drstd):
-        if dy is None:
-            return None, None, None, None
-        x, w, rstd = ctx.saved_tensors
-        # the separate norm's output, in x's dtype, gets dy rounded to that dtype (the add's backward casts it)
-        dx, dw = _FirstOrderNormBackward.apply(x, w, rstd, dy.to(x.dtype).contiguous(), ctx.needs_input_grad[2])
-        return dy, dx, (dw if ctx.needs_input_grad[2] else None), None
-
-
-class _RMSNormResidualNorm(torch.autograd.Function):
-    """(s, norm2(s)) with s = res + norm(x) by one kernel, differentiable once: a sandwich block's residual add and
-    the next sublayer's pre-norm (gain w2, result in out_dtype2). The backward adds s's two cotangents (the residual
-    stream's and the pre-norm's dx) in the pre-norm's dx kernel, then runs the post-norm's: the same kernels,
-    roundings and sum as autograd's over the separate ops."""
+    """(s, norm2(s)) with s = res + norm(x) by one kernel, differentiable once (the inference inner step's, which
+    nothing differentiates twice): a sandwich block's residual add and, given w2, the next sublayer's pre-norm
+    (result in out_dtype2; without w2 norm2(s) is an empty tensor). The backward adds s's two cotangents (the
+    residual stream's and the pre-norm's dx) in the pre-norm's dx kernel, then runs the post-norm's dx kernel (dw
+    where asked for): the same kernels, roundings and sum as autograd's over the separate ops."""
 
     @staticmethod
     def forward(res, x, w, eps, w2, eps2, out_dtype2):
@@ -158,6 +133,7 @@ class _RMSNormResidualNorm(torch.autograd.Function):
             ds, dw2 = _FirstOrderNormBackward.apply(s, w2, rstd2, dy2.contiguous(), need_w2, add)
         if ds is None:
             return None, None, None, None, dw2 if need_w2 else None, None, None
+        # the separate norm's output, in x's dtype, gets ds rounded to that dtype (the add's backward casts it)
         dx, dw = _FirstOrderNormBackward.apply(x, w, rstd, ds.to(x.dtype).contiguous(), need_w)
         return ds, dx, (dw if need_w else None), None, (dw2 if need_w2 else None), None, None
 

@@ -169,19 +169,20 @@ def rms_norm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float,
 
 def rms_norm_residual_fwd(res: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float, w2=None, eps2: float = 0.0,
                           out_dtype2: torch.dtype | None = None):
-    """(res + norm(x), rstd) in one pass: res (N, D) contiguous, x as in rms_norm_fwd; the norm rounded to x's
-    dtype, the sum in fp32, stored in the promoted dtype of res and x. With w2: (sum, rstd, norm2(sum), rstd2),
-    norm2 the next norm (gain w2, eps2) of the sum as stored, in out_dtype2 (default the sum's dtype)."""
+    """(sum, rstd, norm2(sum), rstd2) in one pass, sum = res + norm(x): res (N, D) contiguous, x as in rms_norm_fwd;
+    the norm rounded to x's dtype, the sum in fp32, stored in the promoted dtype of res and x. norm2, the next norm
+    (gain w2, eps2) of the sum as stored, in out_dtype2 (default the sum's dtype); without w2, norm2(sum) and rstd2
+    are empty tensors."""
     N, D, G, s_outer = _rows(x)
     y = torch.empty((N, D), dtype=torch.promote_types(res.dtype, x.dtype), device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     nxt = w2 is not None
-    y2 = torch.empty((N, D), dtype=out_dtype2 or y.dtype, device=x.device) if nxt else y
-    rstd2 = torch.empty(N, dtype=torch.float32, device=x.device) if nxt else rstd
+    y2 = torch.empty((N, D) if nxt else 0, dtype=out_dtype2 or y.dtype, device=x.device)
+    rstd2 = torch.empty(N if nxt else 0, dtype=torch.float32, device=x.device)
     block_d, rows, grid = _geometry(N, D)
     _rms_fwd_kernel[(grid,)](x, w, y, rstd, res, w2 if nxt else w, y2, rstd2, N, D, G, s_outer, eps, eps2, ROWS=rows,
                              BLOCK_D=block_d, HAS_RES=True, HAS_NEXT=nxt)
-    return (y, rstd, y2, rstd2) if nxt else (y, rstd)
+    return y, rstd, y2, rstd2
 
 
 def rms_norm_bwd(x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor, need_w: bool = True,
