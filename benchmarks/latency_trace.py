@@ -1,6 +1,8 @@
-"""latency.py with a trace: every feed's time and the CUDA allocator's memory after it, and every thread's Python
-stack every 45 s (faulthandler), written to $OUT/latency_trace.txt (or ./latency_trace.txt). For a run that stalls
-or slows down: where it waits, and whether memory grows from prompt to prompt.
+"""latency.py with a trace: every feed's time, the GPU's mean SM clock and power draw over it (nvidia-smi sampled
+every 50 ms), the CUDA allocator's memory after it, and every thread's Python stack every 45 s (faulthandler),
+written to $OUT/latency_trace.txt (or ./latency_trace.txt). For a run that stalls or slows down: where it waits,
+whether memory grows from prompt to prompt, and whether the clock does not hold (a long prefill runs at the
+board's power limit, a short one after an idle stretch may not reach it).
 
     python benchmarks/latency_trace.py --methods ttt --contexts 8192 32768 131072 --long-reps 2 --out t.json
 
@@ -14,26 +16,32 @@ import time
 import torch
 
 import latency  # benchmarks/latency.py: the script's own folder is on sys.path
+from timing import ClockSampler
 
 log = open(os.path.join(os.environ.get("OUT", "."), "latency_trace.txt"), "w", buffering=1)
 faulthandler.dump_traceback_later(45, repeat=True, file=log)
 _feed = latency.feed
+clocks = None  # timing.ClockSampler, from main
 
 
 def feed(state, ids):
-    t0 = time.perf_counter()
+    t0, w0 = time.perf_counter(), time.time()
     logits = _feed(state, ids)
     torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    dt, w1 = time.perf_counter() - t0, time.time()
     if ids.shape[1] > 1 or dt > 0.5:  # prompts, and any decoded token that took long
         free, _ = torch.cuda.mem_get_info()
+        clk = clocks.over(w0, w1)
+        clk = f"SM {clk[0]:.0f} MHz, {clk[1]:.0f} W; " if clk else ""
         log.write(f"{time.strftime('%H:%M:%S')} feed {ids.shape[1]} tokens at pos {state.pos - ids.shape[1]}: "
-                  f"{dt:.3f} s; free {free / 2**30:.1f} GiB, allocated {torch.cuda.memory_allocated() / 2**30:.1f}, "
-                  f"reserved {torch.cuda.memory_reserved() / 2**30:.1f}\n")
+                  f"{dt:.3f} s; {clk}free {free / 2**30:.1f} GiB, allocated "
+                  f"{torch.cuda.memory_allocated() / 2**30:.1f}, reserved {torch.cuda.memory_reserved() / 2**30:.1f}"
+                  "\n")
     return logits
 
 
 if __name__ == "__main__":
     latency.feed = feed
+    clocks = ClockSampler()
     sys.argv[0] = "latency.py"
     latency.main()

@@ -1,7 +1,11 @@
-"""CUDA-event timing shared by the benchmarks (the latency benchmark times whole calls on the wall clock instead)."""
+"""CUDA-event timing shared by the benchmarks (the latency benchmark times whole calls on the wall clock instead),
+and the GPU clock sampler that says at what clock a figure ran."""
 from __future__ import annotations
 
 import statistics
+import subprocess
+import threading
+import time
 
 import torch
 
@@ -35,3 +39,35 @@ def cuda_event_ms(fn, reps: int) -> list[float]:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+class ClockSampler:
+    """The GPU's SM clock (MHz) and power draw (W), sampled by `nvidia-smi -lms` on a thread, for the figures of a
+    run that the board's power limit can slow: an H100 at its ~700 W limit drops from 1980 to ~1650 MHz within
+    about a second of sustained load, so a short call after an idle stretch runs faster than a long one.
+    Without nvidia-smi it samples nothing and `over` returns None."""
+
+    def __init__(self, every_ms: int = 50):
+        self.samples: list[tuple[float, float, float]] = []  # (time.time(), MHz, W)
+        try:
+            self._smi = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw",
+                                          "--format=csv,noheader,nounits", "-lms", str(every_ms)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self._smi.stdout:
+            try:
+                mhz, watts = (float(x) for x in line.split(",")[:2])
+            except ValueError:
+                continue
+            self.samples.append((time.time(), mhz, watts))
+
+    def over(self, t0: float, t1: float):
+        """Mean (MHz, W) of the samples taken between time.time() values t0 and t1, or None."""
+        xs = [(mhz, w) for t, mhz, w in list(self.samples) if t0 <= t <= t1]
+        if not xs:
+            return None
+        return sum(x[0] for x in xs) / len(xs), sum(x[1] for x in xs) / len(xs)

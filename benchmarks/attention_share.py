@@ -1,0 +1,174 @@
+"""How much of a TTT prefill token is attention, in the first window and in the steady state, and what attention
+speed the flatness target (prefill us/token max/min <= 1.15) would need.
+
+The first W tokens of a prompt attend over half a window on average, later tokens over a whole one; everything
+else costs the same per token. So prompts of n1 = W and n2 > W tokens give, per token,
+  first window: a (attention kernels), o (the rest: other kernels and idle time), wall = a + o
+  steady:       A, O from the difference of the two prompts, (T(n2) - T(n1)) / (n2 - n1)
+and the attention speed-up x that would make steady / first = `--target` with o and O unchanged:
+  (O + A / x) / (o + a / x) = target  =>  x = (A - target a) / (target o - O)   (none when target o <= O).
+
+Each prompt runs serially (no look-ahead stream: every kernel's time is its own, not shared with a concurrent
+one) under torch.profiler, after warm-up, with the inner steps replayed as CUDA graphs; wall times are medians of
+`--reps` prompts without the profiler, with and without the look-ahead.
+
+    python benchmarks/attention_share.py [--size 3b] [--contexts 8192 40960] [--reps 5] [--out share.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from timing import ClockSampler  # benchmarks/timing.py (the script's own folder is on sys.path)
+from ttt_e2e.config import TTTConfig
+from ttt_e2e.inference import InferenceGraphs, feed, start
+from ttt_e2e.model.sizes import paper_config
+from ttt_e2e.model.transformer import Transformer
+
+ATTENTION = ("_swa_", "_sum_parts_kernel", "_merge_forward_kernel")  # kernels/swa (forward, backward, parts)
+
+
+def is_attention(kernel_name: str) -> bool:
+    return kernel_name.startswith(ATTENTION)
+
+
+def kernel_times(prof) -> tuple[dict[str, list], dict[str, list]]:
+    """[launches, GPU time (us)] by kernel name, and each attention kernel's launch times (us)."""
+    out, launches = defaultdict(lambda: [0, 0.0]), defaultdict(list)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name.split("<")[0][:90]
+            out[name][0] += 1
+            out[name][1] += e.device_time
+            if is_attention(name):
+                launches[name].append(e.device_time)
+    return dict(out), dict(launches)
+
+
+def percentiles(xs):
+    xs = sorted(xs)
+    return {f"p{q}": xs[min(len(xs) - 1, q * len(xs) // 100)] for q in (10, 50, 90)}
+
+
+def required_speedup(first: dict, steady: dict, target: float):
+    """Attention speed-up x with (O + A/x) / (o + a/x) = target; None when no x reaches it."""
+    a, o = first["attention_us"], first["wall_us"] - first["attention_us"]
+    A, O = steady["attention_us"], steady["wall_us"] - steady["attention_us"]
+    if target * o <= O:
+        return None
+    return max((A - target * a) / (target * o - O), 0.0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="3b")
+    p.add_argument("--contexts", nargs=2, type=int, default=[8192, 40960])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--target", type=float, default=1.15)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--split-us", type=float, default=1000.0,
+                   help="attention launches above this many us (at 3B: the prefix chunks' forward) are summarized "
+                        "apart from the shorter ones (the inner steps')")
+    p.add_argument("--out")
+    args = p.parse_args()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = Transformer(paper_config(args.size, "e2e")).eval()
+    torch.set_default_dtype(torch.float32)
+    W = model.cfg.window
+    n1, n2 = args.contexts
+    if n1 != W or n2 <= n1 or n2 % W:
+        raise SystemExit(f"--contexts: the first must be the window ({W}), the second a larger multiple of it")
+    ttt = TTTConfig(train_mode="meta", mini_batch_size=1024)
+    graphs = InferenceGraphs()
+    clocks = ClockSampler()
+    rows = {}
+    with torch.no_grad():
+        feed(start(model, ttt, 1, graphs=graphs), torch.randint(0, model.cfg.vocab_size, (1, 3 * W + 1),
+                                                                device="cuda"))  # captures the step graphs
+        for n in (n1, n2):
+            ids = torch.randint(0, model.cfg.vocab_size, (1, n), device="cuda")
+
+            def prompt(overlap):
+                feed(start(model, ttt, 1, graphs=graphs, overlap_prefix=overlap), ids)
+                torch.cuda.synchronize()
+
+            walls, clock = {}, {}
+            for overlap in (False, True):
+                prompt(overlap)
+                ts, w0 = [], time.time()
+                for _ in range(args.reps):
+                    t0 = time.perf_counter()
+                    prompt(overlap)
+                    ts.append(time.perf_counter() - t0)
+                walls[overlap] = statistics.median(ts)
+                clock[overlap] = clocks.over(w0, time.time())
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                prompt(False)
+            k, launches = kernel_times(prof)
+            att = sum(t for name, (_, t) in k.items() if is_attention(name))
+            rows[n] = {"tokens": n, "wall_us": 1e6 * walls[False], "wall_overlap_us": 1e6 * walls[True],
+                       "sm_mhz_watts": {"serial": clock[False], "look-ahead": clock[True]},
+                       "attention_us": att, "other_kernels_us": sum(t for _, t in k.values()) - att,
+                       "kernels": k,
+                       "attention_launches_us": {
+                           name: {part: percentiles(sel) | {"n": len(sel)}
+                                  for part, sel in ((f"> {args.split_us:g}", [t for t in ts if t > args.split_us]),
+                                                    (f"<= {args.split_us:g}", [t for t in ts if t <= args.split_us]))
+                                  if sel}
+                           for name, ts in launches.items()}}
+    per_token = {}
+    r1, r2 = rows[n1], rows[n2]
+    for name, scale in (("first", lambda key: r1[key] / n1),
+                        ("steady", lambda key: (r2[key] - r1[key]) / (n2 - n1))):
+        per_token[name] = {key: scale(key) for key in ("wall_us", "wall_overlap_us", "attention_us",
+                                                      "other_kernels_us")}
+    print(f"{args.size}, window {W}, prompts {n1} and {n2} tokens; us per token "
+          f"(first window: the {n1}-token prompt; steady: the difference of the two)")
+    print(f"{'':8s} {'wall serial':>12s} {'wall look-ahead':>16s} {'attention':>10s} {'other kernels':>14s} "
+          f"{'idle':>6s} {'attention share':>16s}")
+    for name, r in per_token.items():
+        idle = r["wall_us"] - r["attention_us"] - r["other_kernels_us"]
+        print(f"{name:8s} {r['wall_us']:12.2f} {r['wall_overlap_us']:16.2f} {r['attention_us']:10.2f} "
+              f"{r['other_kernels_us']:14.2f} {idle:6.2f} {r['attention_us'] / r['wall_us']:16.1%}")
+    s, f = per_token["steady"], per_token["first"]
+    print(f"steady / first: serial {s['wall_us'] / f['wall_us']:.3f}, look-ahead "
+          f"{s['wall_overlap_us'] / f['wall_overlap_us']:.3f}; non-attention per token: first "
+          f"{f['wall_us'] - f['attention_us']:.2f}, steady {s['wall_us'] - s['attention_us']:.2f}")
+    x = required_speedup(f, s, args.target)
+    print(f"attention speed-up for steady / first = {args.target}: "
+          + ("none reaches it" if x is None else f"{x:.2f}x (all attention kernels, the rest unchanged)"))
+    for n, r in rows.items():
+        c = r["sm_mhz_watts"]
+        print(f"{n}-token prompts: mean SM clock / power over the timed prompts: " + ", ".join(
+            f"{mode} {v[0]:.0f} MHz / {v[1]:.0f} W" if v else f"{mode} n/a" for mode, v in c.items()))
+    print(f"attention launches of the {n2}-token prompt (us):")
+    for name, parts in r2["attention_launches_us"].items():
+        for part, st in parts.items():
+            print(f"  {name:24s} {part:>8s}: {st['n']:5d} launches, p10 {st['p10']:7.1f}, p50 {st['p50']:7.1f}, "
+                  f"p90 {st['p90']:7.1f}")
+    print(f"kernels by us per token, first window and steady state (the {args.top} largest differences):")
+    k1, k2 = r1["kernels"], r2["kernels"]
+    diff = {}
+    for name in set(k1) | set(k2):
+        c1, t1 = k1.get(name, (0, 0.0))
+        c2, t2 = k2.get(name, (0, 0.0))
+        diff[name] = (t1 / n1, (t2 - t1) / (n2 - n1), c1, c2)
+    for name, (f_us, s_us, c1, c2) in sorted(diff.items(), key=lambda kv: -abs(kv[1][1] - kv[1][0]))[:args.top]:
+        print(f"  {f_us:7.3f} {s_us:7.3f}  launches {c1:6d} {c2:6d}  {name}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"size": args.size, "window": W, "device": torch.cuda.get_device_name(),
+                       "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "prompts": rows, "per_token": per_token, "target": args.target,
+                       "required_attention_speedup": x}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
