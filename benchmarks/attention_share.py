@@ -20,12 +20,11 @@ import argparse
 import json
 import statistics
 import time
-from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from timing import ClockSampler  # benchmarks/timing.py (the script's own folder is on sys.path)
+from timing import ClockSampler, kernel_launches  # benchmarks/timing.py (the script's own folder is on sys.path)
 from ttt_e2e.config import TTTConfig
 from ttt_e2e.inference import InferenceGraphs, feed, start
 from ttt_e2e.model.sizes import paper_config
@@ -36,19 +35,6 @@ ATTENTION = ("_swa_", "_sum_parts_kernel", "_merge_forward_kernel")  # kernels/s
 
 def is_attention(kernel_name: str) -> bool:
     return kernel_name.startswith(ATTENTION)
-
-
-def kernel_times(prof) -> tuple[dict[str, list], dict[str, list]]:
-    """[launches, GPU time (us)] by kernel name, and each attention kernel's launch times (us)."""
-    out, launches = defaultdict(lambda: [0, 0.0]), defaultdict(list)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            name = e.name.split("<")[0][:90]
-            out[name][0] += 1
-            out[name][1] += e.device_time
-            if is_attention(name):
-                launches[name].append(e.device_time)
-    return dict(out), dict(launches)
 
 
 def percentiles(xs):
@@ -111,7 +97,8 @@ def main():
                 clock[overlap] = clocks.over(w0, time.time())
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 prompt(False)
-            k, launches = kernel_times(prof)
+            launches = kernel_launches(prof)
+            k = {name: [len(ts), sum(ts)] for name, ts in launches.items()}  # [launches, GPU us]
             att = sum(t for name, (_, t) in k.items() if is_attention(name))
             rows[n] = {"tokens": n, "wall_us": 1e6 * walls[False], "wall_overlap_us": 1e6 * walls[True],
                        "sm_mhz_watts": {"serial": clock[False], "look-ahead": clock[True]},
@@ -122,7 +109,7 @@ def main():
                                   for part, sel in ((f"> {args.split_us:g}", [t for t in ts if t > args.split_us]),
                                                     (f"<= {args.split_us:g}", [t for t in ts if t <= args.split_us]))
                                   if sel}
-                           for name, ts in launches.items()}}
+                           for name, ts in launches.items() if is_attention(name)}}
     per_token = {}
     r1, r2 = rows[n1], rows[n2]
     for name, scale in (("first", lambda key: r1[key] / n1),

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from timing import cuda_event_ms
+from timing import cuda_event_ms, kernel_launches
 from ttt_e2e.config import TTTConfig
 from ttt_e2e.inference import InferenceGraphs, feed, start
 from ttt_e2e.inference.engine import _autocast, _blocks
@@ -46,16 +45,12 @@ def main():
             prof = _profile_feed(model, ttt, activities, args.ops, args.feed)
         else:
             prof = (_profile_prefix if args.prefix else _profile_step)(model, ttt, activities, args.ops)
-    total, groups, count = 0.0, defaultdict(float), defaultdict(int)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            name = e.name.split("<")[0][:90]
-            groups[name] += e.device_time
-            count[name] += 1
-            total += e.device_time
-    print(f"profiled (eager): {sum(count.values())} kernels, {total / 1e3:.2f} ms of GPU time")
+    launches = kernel_launches(prof)
+    groups = {name: sum(ts) for name, ts in launches.items()}
+    total = sum(groups.values())
+    print(f"profiled (eager): {sum(map(len, launches.values()))} kernels, {total / 1e3:.2f} ms of GPU time")
     for name, t in sorted(groups.items(), key=lambda kv: -kv[1])[:args.top]:
-        print(f"{t / 1e3:8.2f} ms {100 * t / total:5.1f}% {count[name]:5d}x  {name}")
+        print(f"{t / 1e3:8.2f} ms {100 * t / total:5.1f}% {len(launches[name]):5d}x  {name}")
     if args.ops:
         ops = [e for e in prof.key_averages(group_by_input_shape=True)
                if e.device_type == torch.autograd.DeviceType.CPU and e.self_device_time_total > 0]

@@ -1,5 +1,5 @@
 """CUDA-event timing shared by the benchmarks (the latency benchmark times whole calls on the wall clock instead),
-and the GPU clock sampler that says at what clock a figure ran."""
+the profiler's kernels by name, and the GPU clock sampler that says at what clock a figure ran."""
 from __future__ import annotations
 
 import statistics
@@ -39,6 +39,15 @@ def cuda_event_ms(fn, reps: int) -> list[float]:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+def kernel_launches(prof) -> dict[str, list[float]]:
+    """Each GPU kernel's launch times (us) in a torch.profiler run, by kernel name (template arguments dropped)."""
+    out: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            out.setdefault(e.name.split("<")[0][:90], []).append(e.device_time)
+    return out
 
 
 class ClockSampler:

@@ -3,6 +3,9 @@ as attention."""
 import importlib.util
 import re
 from pathlib import Path
+from types import SimpleNamespace
+
+import torch
 
 ROOT = Path(__file__).parents[2]
 
@@ -41,3 +44,16 @@ def test_attention_is_every_swa_kernel_and_nothing_else(monkeypatch):
     assert sum(op == "swa" for op in kernels.values()) >= 6 and len(kernels) > 12, kernels
     for name, op in kernels.items():
         assert share.is_attention(name) == (op == "swa"), (name, op)
+
+
+def test_kernel_launches_groups_gpu_kernels_by_name(monkeypatch):
+    _load(monkeypatch)
+    from timing import kernel_launches  # benchmarks/timing.py, on the path that _load sets
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(device_type=cuda, name="_swa_fwd_kernel", device_time=2.0),
+              SimpleNamespace(device_type=cuda, name="gemm<bf16, 128>", device_time=1.0),
+              SimpleNamespace(device_type=cpu, name="aten::mm", device_time=9.0),
+              SimpleNamespace(device_type=cuda, name="gemm<bf16, 64>", device_time=3.0),
+              SimpleNamespace(device_type=cuda, name="_swa_fwd_kernel", device_time=4.0)]
+    launches = kernel_launches(SimpleNamespace(events=lambda: events))
+    assert launches == {"_swa_fwd_kernel": [2.0, 4.0], "gemm": [1.0, 3.0]}
