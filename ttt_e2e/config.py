@@ -181,9 +181,13 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available else cpu | cpu | cuda. Precision: model.compute_dtype
     compile: bool = False  # torch.compile the blocks that run as plain modules (see ttt_e2e/train/parallel.py)
     cuda_graph: Optional[bool] = None  # capture each micro-batch's forward + backward once and replay it (see
-    # ttt_e2e/train/graphed.py; 3x faster meta steps at 125M). None: on for one CUDA rank without compile
-    distributed: str = "ddp"  # with >1 rank: ddp | fsdp (FSDP2 fully_shard; pretrain mode only)
+    # ttt_e2e/train/graphed.py), on one GPU and under DDP. None: on for CUDA without compile or fsdp
+    distributed: str = "ddp"  # with a process group: ddp | fsdp (FSDP2 fully_shard, pretrain and meta mode;
+    # also in one process: a 1-rank group)
+    fsdp_cpu_offload: bool = False  # with fsdp: parameters, gradients and AdamW state in CPU memory (FSDP2's
+    # CPUOffloadPolicy; the optimizer runs on the CPU): one GPU can then meta-train 3B
     checkpoint_every: int = 50  # steps; the last step is always saved; 0: only the last step
+    save_checkpoints: bool = True  # false: write none at all (benchmarks)
     keep_last: int = 2  # checkpoints kept in the run dir (older ones deleted after a newer one is complete)
     resume: Optional[bool] = None  # None: resume if the run dir has a checkpoint | true: must resume | false: fresh
     init_from: Optional[str] = None  # a checkpoint (step dir, or a run/checkpoints dir: its latest) to start from
@@ -207,6 +211,13 @@ class TrainConfig:
             raise ConfigError(f"training.device must be auto, cpu or cuda, got {self.device!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ConfigError(f"training.distributed must be ddp or fsdp, got {self.distributed!r}")
+        if self.fsdp_cpu_offload and self.distributed != "fsdp":
+            raise ConfigError("training.fsdp_cpu_offload=true needs training.distributed=fsdp")
+        if self.distributed == "fsdp" and self.cuda_graph:
+            raise ConfigError("training.cuda_graph=true does not compose with training.distributed=fsdp (FSDP2's "
+                              "all-gathers and hooks are not captured); drop cuda_graph or use training.distributed=ddp")
+        if self.cuda_graph and self.compile:
+            raise ConfigError("training.cuda_graph=true does not compose with training.compile=true; choose one")
         if self.load_part not in ("all", "params"):
             raise ConfigError(f"training.load_part must be all or params, got {self.load_part!r}")
         if self.load_part == "params" and not self.init_from:

@@ -87,12 +87,6 @@ def test_wandb_offline_run_is_written(compose, tmp_path, monkeypatch):
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
 
 
-def test_fsdp_with_meta_mode_is_refused(compose, tmp_path):
-    with pytest.raises(ConfigError, match="fsdp does not compose with ttt.train_mode=meta"):
-        train(compose(**{"training.distributed": "fsdp"}), tmp_path / "x")
-    assert not (tmp_path / "x").exists()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["meta", "pretrain"])
 def test_torch_compile_matches_eager(compose, tmp_path, metrics, mode):

@@ -2,7 +2,12 @@
 
 torchrun (single or multi node) sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. A Slurm job
 launched by hydra-submitit-launcher (one task per GPU) sets only SLURM_* variables; submitit's helper turns them
-into the torchrun ones, so both launchers reach the same init_process_group. Backend: nccl on CUDA, gloo on CPU.
+into the torchrun ones, so both launchers reach the same init_process_group. Backend: nccl on CUDA, gloo on CPU
+(both, nccl for CUDA tensors and gloo for CPU ones, where FSDP2 offloads to the CPU).
+
+A process group is made whenever a launcher started the process (torchrun sets RANK, even for one rank: that job
+then runs the same DDP code as a job of many), and for FSDP2 in a plain one-process run (a 1-rank group in
+memory: `python train.py training.distributed=fsdp` shards nothing, but offloads to the CPU where asked).
 """
 from __future__ import annotations
 
@@ -50,15 +55,19 @@ def pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str) -> DistInfo:
+def init_distributed(device: str, need_group: bool = False, cpu_and_cuda: bool = False) -> DistInfo:
+    """need_group: make a 1-rank group when no launcher set one up (FSDP2 needs one). cpu_and_cuda: on CUDA, a
+    gloo backend beside nccl for CPU tensors (FSDP2's CPU offload)."""
     _export_slurm_env()
+    launched = "RANK" in os.environ
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                device_id=dev if dev.type == "cuda" else None)
+    if (launched or world > 1 or need_group) and not dist.is_initialized():
+        backend = ("cuda:nccl,cpu:gloo" if cpu_and_cuda else "nccl") if dev.type == "cuda" else "gloo"
+        kwargs = {} if launched or world > 1 else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None, **kwargs)
     return DistInfo(rank, world, local_rank, dev)
 
 

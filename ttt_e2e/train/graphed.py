@@ -1,24 +1,46 @@
-"""training.cuda_graph: one micro-batch's forward and backward captured as a CUDA graph and replayed every step.
+"""training.cuda_graph: one micro-batch's forward and backward captured as a CUDA graph and replayed every step,
+on one GPU and under DDP.
 
 A meta-mode step launches tens of thousands of small kernels (every op of every inner step, its backward and
 double backward) and is host-bound on an H100; its shapes are static and it has no host syncs, so one capture
-serves the whole run. What changes between steps lives in device memory: the micro-batch (copied into static
-buffers) and the inner-lr multiplier (a 0-d tensor; the outer lr is the optimizer's, which stays eager with the
-clip and the non-finite checks). The gradients are allocated before capture, so the captured backward
-accumulates into them (gradient accumulation works unchanged; the trainer zeroes them in place each step).
+(ttt_e2e/cuda_graph.py) serves the whole run. What changes between steps lives in device memory: the micro-batch
+(copied into static buffers) and the inner-lr multiplier (a 0-d tensor; the outer lr is the optimizer's, which
+stays eager with the clip and the non-finite checks).
+
+Gradients: every parameter's .grad is a view into a few flat fp32 buckets allocated before capture, so the
+captured backward accumulates into them (gradient accumulation works unchanged; `zero_grad` zeroes the buckets
+in place). Data parallelism is done here, not by DDP: the graph holds the UNWRAPPED LossModule's forward and
+backward, and after the last micro-batch of a step `sync_gradients` all-reduces each bucket once, outside the
+graph (each bucket divided by the world size, then summed: DDP's own order, so the mean is the same). Why not DDP
+inside the graph: DDP's hooks run Python bookkeeping per bucket during the backward and its bucket rebuild and
+unused-parameter search break a static capture; NCCL could be captured, but the reduction would then be replayed
+after every micro-batch instead of once per step, and its overlap with the backward buys little for a step that
+is compute-bound once graphed (the all-reduce of a 125M model's buckets is a small part of a meta step; see
+benchmarks/RESULTS.md for the measured DDP-graphed vs single-GPU-graphed step). Rank 0's parameters are
+broadcast at the start, as DDP's constructor does.
 
 The warm-up calls (kernel compilation, allocator sizing) run the real forward/backward on the first batch and
-their gradients are zeroed: they change no state, so a graphed run computes what an eager one computes.
+their gradients are zeroed: they change no state, so a graphed run computes what an eager one computes. A capture
+that fails (an op that syncs with the host, out of memory, ...) falls back to the same unwrapped module run
+eagerly, with a warning that says why: the run stays correct, and is visibly slower, never silently so.
 """
 from __future__ import annotations
 
-from typing import Callable
+import logging
+import warnings
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 from ttt_e2e.config import Config, ConfigError
+from ttt_e2e.cuda_graph import GraphedStep
 
 from .distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+BUCKET_BYTES = 256 * 2**20  # per flat gradient buffer (NCCL reaches full bandwidth well below this)
 
 
 def use_fused_kernels(cfg: Config, graph: bool) -> tuple[bool, bool]:
@@ -26,75 +48,120 @@ def use_fused_kernels(cfg: Config, graph: bool) -> tuple[bool, bool]:
     (benchmarks/RESULTS.md): the kernels cut the GPU time of every step, but an eager meta step is host-bound, and
     each small kernel call under torch.func costs more host time than the PyTorch ops it replaces; so None turns
     the elementwise ones off exactly there. The cross-entropy kernels replace a dozen passes over (tokens,
-    vocabulary) tensors per call and stay on. Eager 125M meta trainer: 0.672 s/step so, 0.736 with every op in
-    PyTorch, 0.946 with every kernel."""
+    vocabulary) tensors per call and stay on."""
     if cfg.model.fused_kernels is not None:
         return cfg.model.fused_kernels, cfg.model.fused_kernels
     return graph or cfg.ttt.train_mode != "meta", True
 
 
 def use_cuda_graph(cfg: Config, info: DistInfo) -> bool:
-    """training.cuda_graph resolved: None is on for one CUDA rank without training.compile; an explicit true that
-    cannot work is a ConfigError."""
-    if cfg.training.cuda_graph is None:
-        return info.device.type == "cuda" and info.world_size == 1 and not cfg.training.compile
-    if not cfg.training.cuda_graph:
+    """training.cuda_graph resolved: None is on for CUDA ranks (one or many, DDP) without training.compile and
+    without FSDP2 (under which the step runs eagerly); an explicit true that cannot work is a ConfigError."""
+    tc = cfg.training
+    if tc.cuda_graph is None:
+        return info.device.type == "cuda" and not tc.compile and tc.distributed == "ddp"
+    if not tc.cuda_graph:
         return False
     if info.device.type != "cuda":
         raise ConfigError("training.cuda_graph=true needs a CUDA device (training.device resolved to "
                           f"{info.device.type})")
-    if info.world_size > 1:
-        raise ConfigError("training.cuda_graph=true is single-GPU only: the DDP/FSDP2 gradient reductions are not "
-                          f"captured; got {info.world_size} ranks (drop cuda_graph, or run one rank)")
-    return True
+    return True  # with fsdp or compile, refused by TrainConfig.validate
+
+
+class FlatGrads:
+    """Every parameter's .grad as a view into a few flat buffers (one dtype each, at most BUCKET_BYTES unless a
+    single parameter is larger), and their mean over ranks."""
+
+    def __init__(self, params: list[torch.nn.Parameter], bucket_bytes: int = BUCKET_BYTES):
+        self.buckets: list[torch.Tensor] = []
+        groups: list[list[torch.nn.Parameter]] = []
+        size = 0
+        for p in params:
+            nbytes = p.numel() * p.element_size()
+            if not groups or groups[-1][0].dtype != p.dtype or groups[-1][0].device != p.device \
+                    or size + nbytes > bucket_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(p)
+            size += nbytes
+        for group in groups:
+            flat = torch.zeros(sum(p.numel() for p in group), dtype=group[0].dtype, device=group[0].device)
+            offset = 0
+            for p in group:
+                p.grad = flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+            self.buckets.append(flat)
+
+    def zero_(self) -> None:
+        for b in self.buckets:
+            b.zero_()
+
+    def all_reduce_mean(self) -> None:
+        """The mean over the process group's ranks, in place (a no-op without a process group)."""
+        if not dist.is_initialized():
+            return
+        world = dist.get_world_size()
+        for b in self.buckets:
+            b.div_(world)
+            dist.all_reduce(b, op=dist.ReduceOp.SUM)
+
+
+def broadcast_parameters(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP's constructor does)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for t in (*module.parameters(), *module.buffers()):
+            dist.broadcast(t.data, src=0)
 
 
 class GraphedMicroStep:
-    """Called like the eager micro-step; captures at the first call (with that micro-batch as the example)."""
+    """Called like the eager micro-step, on the unwrapped LossModule; captures at the first call (with that
+    micro-batch as the example). `sync_gradients()` after the last micro-batch of a step, `zero_grad()` after the
+    optimizer step. capture=False runs the same step eagerly (the fallback, and the CPU tests of this path)."""
 
-    def __init__(self, wrapped: torch.nn.Module, params: list[torch.nn.Parameter], amp: Callable, n_micro: int,
-                 warmup: int = 2):
-        self.wrapped, self.amp, self.n_micro, self.warmup = wrapped, amp, n_micro, warmup
-        self.params = [p for p in params if p.requires_grad]
-        self.graph = None
-        for p in self.params:
-            p.grad = torch.zeros_like(p)
+    def __init__(self, module: torch.nn.Module, params: list[torch.nn.Parameter], amp: Callable, n_micro: int,
+                 warmup: int = 2, capture: bool = True):
+        self.module, self.amp, self.n_micro, self.warmup = module, amp, n_micro, warmup
+        self.grads = FlatGrads([p for p in params if p.requires_grad])
+        self.graph: Optional[GraphedStep] = None
+        self.capture = capture
+        self.fallback_reason: Optional[str] = None
+        self._ilr: Optional[torch.Tensor] = None
 
-    def _forward_backward(self) -> dict:
+    def _forward_backward(self, x, y, m, ilr) -> dict:
         with self.amp():
-            out = self.wrapped(self.x, self.y, self.m, self.ilr)
+            out = self.module(x, y, m, ilr)
         (out["loss"] / self.n_micro).backward()
         return {k: v.detach() for k, v in out.items()}
 
-    def _capture(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> None:
-        self.x, self.y, self.m = x.clone(), y.clone(), m.clone()
-        self.ilr = torch.zeros((), dtype=torch.float32, device=x.device)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self._forward_backward()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.zero_grad()
-        torch.cuda.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._forward_backward()
+    def _capture(self, x, y, m, ilr) -> GraphedStep:
+        return GraphedStep(self._forward_backward, x, y, m, ilr, warmup=self.warmup, zero_grad=self.grads.zero_)
 
     def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad.zero_()
+        self.grads.zero_()
+
+    def sync_gradients(self) -> None:
+        self.grads.all_reduce_mean()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, ilr: float) -> dict:
-        """The micro-batch's outputs (static tensors: read them before the next call); its gradient is added."""
+        """The micro-batch's outputs (when graphed, static tensors: read them before the next call); its gradient
+        is added to the buckets."""
+        if self._ilr is None:
+            self._ilr = torch.zeros((), dtype=torch.float32, device=x.device)
+        ilr_t = self._ilr.fill_(ilr)  # a device-side fill: no host sync (a tensor made from the float would wait)
+        if self.capture and self.graph is None:
+            try:
+                self.graph = self._capture(x, y, m, ilr_t)
+            except Exception as e:  # noqa: BLE001 -- any capture failure: run eagerly, and say so
+                self.capture = False
+                self.fallback_reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}"
+                warnings.warn(f"training.cuda_graph: the capture failed ({self.fallback_reason}); this run continues "
+                              "EAGERLY (correct, but several times slower in meta mode); set "
+                              "training.cuda_graph=false to silence this", RuntimeWarning, stacklevel=2)
+                log.warning("CUDA graph capture failed, running eagerly: %s", self.fallback_reason)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                self.grads.zero_()  # whatever the failed warm-up or capture added
         if self.graph is None:
-            self._capture(x, y, m)
-        if x.shape != self.x.shape:
-            raise ValueError(f"training.cuda_graph: micro-batch of shape {tuple(x.shape)}, captured "
-                             f"{tuple(self.x.shape)} (every micro-batch must have the same shape)")
-        self.x.copy_(x, non_blocking=True)
-        self.y.copy_(y, non_blocking=True)
-        self.m.copy_(m, non_blocking=True)
-        self.ilr.fill_(ilr)
-        self.graph.replay()
-        return self.out
+            return self._forward_backward(x, y, m, ilr)  # the float, as the eager path passes it
+        return self.graph(x, y, m, ilr_t)

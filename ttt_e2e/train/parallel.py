@@ -4,17 +4,27 @@
 `Transformer.forward`, so the wrappers must wrap a module whose forward *is* the loss: `LossModule`. Its
 forward is where DDP prepares gradient reduction and where FSDP2's root unit gathers wte and ln_f.
 
-FSDP2 (`torch.distributed.fsdp.fully_shard`, one unit per block plus the root) is offered for
-train_mode=pretrain only. In meta mode the inner loop calls the suffix through `torch.func.functional_call`
-with per-sequence MLP' weights phi_t; FSDP2's pre-forward hook then installs its own all-gathered parameters
-in each block, overriding the substitution, so every inner update is silently dropped (checked on 2 CPU ranks:
-the "meta" loss came out equal to the pretrain loss, and the gradients wrong). `check_parallel_config`
-refuses the combination with a ConfigError instead.
+FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters, gradients and optimizer state sharded over the ranks.
+Pretrain mode: one unit per block (gathered just before it runs, freed after), then the root unit (wte, ln_f).
+Meta mode: the inner loop calls the suffix through `torch.func.functional_call` with per-sequence MLP' weights
+phi_t; a suffix block that were its own unit would have its pre-forward hook install the all-gathered parameters,
+overriding the substitution, and every inner update would be silently dropped (seen on 2 CPU ranks: the "meta"
+loss came out equal to the pretrain loss). So in meta mode only the PREFIX blocks are units; the suffix blocks stay
+in the root unit with wte and ln_f, which gathers them once per step at LossModule.forward, before the inner loop,
+and reduce-scatters their gradients after the outer backward. No hook fires inside functional_call. The suffix
+(a quarter of the blocks at 3B) and the embedding are then whole on every GPU for the step; the prefix is
+gathered block by block. tests/train/test_fsdp_meta.py checks FSDP2 meta against one process and DDP.
+
+training.fsdp_cpu_offload: FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and the AdamW
+state in (pinned) CPU memory and runs the optimizer there; each unit is copied to the GPU when gathered. This is
+what lets one GPU meta-train the 3B model (`python train.py training.distributed=fsdp training.fsdp_cpu_offload=true`).
+Mixed precision is autocast as without FSDP (parameters fp32).
 """
 from __future__ import annotations
 
 import warnings
 
+import torch.distributed as dist
 import torch.nn as nn
 
 from ttt_e2e.config import Config, ConfigError, TTTConfig
@@ -22,6 +32,7 @@ from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
 
 from .distributed import DistInfo
+from .graphed import broadcast_parameters
 
 _FIELDS = ("loss", "minibatch_losses", "token_losses", "inner_grad_norm")
 
@@ -39,10 +50,11 @@ class LossModule(nn.Module):
 
 
 def check_parallel_config(cfg: Config) -> None:
-    if cfg.training.distributed == "fsdp" and cfg.ttt.train_mode == "meta":
-        raise ConfigError("training.distributed=fsdp does not compose with ttt.train_mode=meta: FSDP2's all-gather "
-                          "hooks override the inner loop's torch.func.functional_call substitution of MLP', which "
-                          "would silently drop every inner update; use training.distributed=ddp")
+    """Combinations refused before any work (the single-setting checks are TrainConfig.validate's)."""
+    tc = cfg.training
+    if tc.distributed == "fsdp" and tc.compile and cfg.ttt.train_mode == "meta":
+        raise ConfigError("training.compile=true with training.distributed=fsdp is offered in pretrain mode only "
+                          "(not tested with the meta-mode sharding); drop training.compile")
 
 
 def compile_blocks(model: Transformer, train_mode: str) -> None:
@@ -56,23 +68,28 @@ def compile_blocks(model: Transformer, train_mode: str) -> None:
             block.compile()
 
 
-def parallelize(loss_module: LossModule, cfg: Config, info: DistInfo) -> nn.Module:
-    """The module the loop calls: loss_module itself (one process), DDP around it, or FSDP2-sharded in place."""
+def parallelize(loss_module: LossModule, cfg: Config, info: DistInfo, graph: bool = False) -> nn.Module:
+    """The module the loop calls: loss_module itself (no process group, or graph=True: the graphed micro-step
+    reduces the gradients itself, train/graphed.py), DDP around it, or FSDP2-sharded in place."""
     if cfg.training.compile:
         compile_blocks(loss_module.model, cfg.ttt.train_mode)
-    if info.world_size == 1 and cfg.training.distributed == "ddp":
-        return loss_module
     if cfg.training.distributed == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
         # Blocks return their (keys, values) as views; nothing modifies them in place, which is what the warning
         # is about.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        offload = CPUOffloadPolicy() if cfg.training.fsdp_cpu_offload else OffloadPolicy()
         model = loss_module.model
-        # One unit per block (gathered just before it runs, freed after), then the root for wte and ln_f.
-        for block in (*model.prefix, *model.suffix.blocks):
-            fully_shard(block)
-        fully_shard(loss_module)
+        units = model.prefix if cfg.ttt.train_mode == "meta" else (*model.prefix, *model.suffix.blocks)
+        for block in units:
+            fully_shard(block, offload_policy=offload)
+        fully_shard(loss_module, offload_policy=offload)
+        return loss_module
+    if not dist.is_initialized():
+        return loss_module
+    if graph:
+        broadcast_parameters(loss_module)
         return loss_module
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -1,8 +1,8 @@
 """The outer training loop (METHOD.md section 3), for either train mode.
 
-One step: the rank's share of the global batch, in micro-batches (gradient accumulation; DDP/FSDP2 reduce
-only on the last) -> sequence_loss (the inner loop lives there) -> backward (the meta-gradient in meta mode)
--> stop on a non-finite loss or gradient -> clip -> AdamW -> schedule. The inner-lr multiplier of step s is
+One step: the rank's share of the global batch, in micro-batches (gradient accumulation; DDP/FSDP2, or the
+graphed micro-step's own all-reduce, reduce only on the last) -> sequence_loss (the inner loop lives there) ->
+backward (the meta-gradient in meta mode) -> stop on a non-finite loss or gradient -> clip -> AdamW -> schedule. The inner-lr multiplier of step s is
 ttt.ilr_multiplier(s), s = optimizer steps already taken.
 """
 from __future__ import annotations
@@ -66,7 +66,8 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     check_parallel_config(cfg)
     if cfg.log.logger == "wandb":
         require_wandb()  # fail before any work, not after the data is tokenized
-    info = init_distributed(cfg.training.device)
+    info = init_distributed(cfg.training.device, need_group=cfg.training.distributed == "fsdp",
+                            cpu_and_cuda=cfg.training.fsdp_cpu_offload)
     try:
         result = _train(cfg, Path(broadcast_object(str(run_dir))), info)
         # Every rank done before any tears its process group down: a gloo rank whose peer had already left was
@@ -154,7 +155,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
     model.use_fused_kernels(fused_kernels, ce_kernel)
     n_params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(model, cfg.ttt.train_mode)
-    wrapped = parallelize(LossModule(model, cfg.ttt), cfg, info)
+    loss_module = LossModule(model, cfg.ttt)
+    wrapped = parallelize(loss_module, cfg, info, graph)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, tc.steps, cfg.optim)
     ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_last, info.is_main)
@@ -179,7 +181,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
                      tc.eval_batches * tc.global_batch_size, cfg.ttt.ilr_multiplier(step), info, amp)
         return r.loss
 
-    graphed = (GraphedMicroStep(wrapped, list(model.parameters()), amp, data.accumulation)
+    graphed = (GraphedMicroStep(loss_module, list(model.parameters()), amp, data.accumulation)
                if graph else None)  # captured at the first micro-batch
     result = TrainResult(info.is_main, run_dir, start, None, None, None, None, ckpt.latest())
     bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (info.is_main and tc.progress),
@@ -204,7 +206,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
                 record["val_loss"] = result.last_val_loss = run_eval(step)
             if last or step % tc.log_every == 0 or "val_loss" in record:
                 loggers.log(record)
-            if last or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+            if tc.save_checkpoints and (last or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
                 result.checkpoint = ckpt.save(step, model, optimizer, scheduler, data.sampler, cfg)
             bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val": f"{record['val_loss']:.3f}"}
                                                              if record.get("val_loss") is not None else {}))
@@ -234,6 +236,8 @@ def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, 
                 with amp():
                     out = wrapped(x, y, m, ilr)
                 (out["loss"] / len(micro_batches)).backward()
+        if graphed is not None and i == len(micro_batches) - 1:
+            graphed.sync_gradients()  # the mean over ranks, once per step (a no-op without a process group)
         stats[0] += out["loss"].detach().double()
         stats[1:1 + n_mb] += out["minibatch_losses"].double()
         if "inner_grad_norm" in out:
