@@ -76,3 +76,90 @@ def test_fsdp2_resume_from_a_mid_run_checkpoint_is_exact(tmp_path, tiny_args, ru
     assert [r.get("loss") for r in metrics(resumed)] == [r.get("loss") for r in metrics(full)]
     a, b = (torch.load(d / "checkpoints" / "step_00000004" / "model.pt") for d in (full, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_ranks_match_one_process_meta(tmp_path, tiny_args, run_cli, metrics):
+    """FSDP2 in meta mode (prefix blocks sharded per block, the suffix gathered once per step by the root unit,
+    ttt_e2e/train/parallel.py) trains the same model as one process, which is the same as DDP meta (the DDP test
+    above). Were the inner updates dropped (FSDP2's hooks overriding functional_call's substitution of MLP'), the
+    losses would be the pretrain losses, ~1e-2 away, and the weights ~1e-3. Tolerance as for FSDP2 pretrain."""
+    _compare(tmp_path, tiny_args, run_cli, metrics, "2 rank(s) x 1 micro-batch x 2 accumulation", {},
+             {"training.distributed": "fsdp", "training.micro_batch_size": 1}, 1e-6)
+    inner = [r["inner_grad_norm"] for r in metrics(tmp_path / "two") if "loss" in r]
+    assert all(x > 0 for x in inner)  # the inner loop took its steps
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(c) for c in (task / "children").read_text().split()]
+    return kids
+
+
+def _train_py_worker(torchrun_pid: int) -> int:
+    """The pid of a rank that torchrun started (a child running train.py)."""
+    from pathlib import Path
+
+    for pid in _children(torchrun_pid):
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if any(c.endswith(b"train.py") for c in cmd):
+            return pid
+    raise AssertionError("no train.py worker under torchrun")
+
+
+@pytest.mark.slow
+def test_two_node_run_and_a_rank_killed_then_resumed_end_identical(tmp_path, tiny_args, run_cli, popen_cli,
+                                                                    metrics):
+    """The reference run is launched as 2 "nodes" on localhost (two torchrun agents, --nnodes 2, the c10d
+    rendezvous), the way a multi-node job is. The other run (torchrun --standalone, 2 ranks) has one rank
+    SIGKILLed after its first checkpoint; torchrun then ends the job, and the same command again resumes it.
+    The two end bitwise equal: losses, metrics history and weights (CPU, one thread per rank)."""
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    args = {**COMMON, "training.steps": 9, "training.checkpoint_every": 3, "training.eval_every": 0}
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    nodes = [popen_cli(["-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                        f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=ttt-test", "train.py",
+                        *tiny_args(ref, **args)]) for _ in range(2)]
+    outs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), "\n".join(o[-2000:] for o in outs)
+    assert "2 rank(s) x 2 micro-batch x 1 accumulation" in "".join(outs)
+
+    proc = popen_cli([*TORCHRUN, "train.py", *tiny_args(killed, **args)])
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    try:
+        victim = _train_py_worker(proc.pid)
+    except (AssertionError, FileNotFoundError):
+        out = proc.communicate()[0]
+        raise AssertionError(f"the job ended before a rank could be killed:\n{out[-2000:]}") from None
+    import os
+
+    os.kill(victim, signal.SIGKILL)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode != 0, f"the job finished although a rank was killed:\n{out[-2000:]}"
+    killed_at = int(latest.read_text().strip().split("_")[-1])
+    assert 3 <= killed_at < 9
+
+    p = run_cli([*TORCHRUN, "train.py", *tiny_args(killed, **args)])
+    assert "resumed from" in p.stdout + p.stderr
+    hist = lambda d: [{k: r[k] for k in ("step", "loss", "grad_norm", "lr", "inner_grad_norm")}  # noqa: E731
+                      for r in metrics(d) if "loss" in r]
+    assert hist(killed) == hist(ref)
+    a, b = (torch.load(d / "checkpoints" / "step_00000009" / "model.pt") for d in (ref, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
