@@ -1,0 +1,146 @@
+"""GPU evidence for issue 23 on one GPU: graphed DDP = eager DDP, DDP-graphed vs single-GPU-graphed step time, 3B
+meta-training under FSDP2 with CPU offload, and what eager FSDP2 costs. Every figure comes from the trainer's own
+metrics of a real `python train.py` / `torchrun train.py` job (benchmarks/scaling.py's worker: Hydra composition
+of conf/experiment/<size>/pretrain/<mode>, stdlib bytes as data, no eval, no checkpoints, batch 1 x T = 8192).
+
+    python benchmarks/parallel_gpu.py --out DIR [--parts a b c d] [--steps 25]
+    python benchmarks/parallel_gpu.py --out DIR --device cpu --tiny          # every code path, CPU, small model
+
+Parts:
+  a  correctness: a small model (fp32, the same Triton kernels), torchrun with 1 rank (NCCL): the graphed DDP
+     steps (own bucketed all-reduce) against eager DDP: losses and gradient norms, 8 steps with accumulation.
+  b  125M and 1B, fa and e2e: the single-GPU graphed step (plain python, no process group) against the torchrun
+     1-rank DDP graphed step; DDP/single ratio (target <= 1.05) and meta/pretrain ratio on the DDP path
+     (target <= 1.8).
+  c  3B e2e meta-training under FSDP2 on one GPU with CPU offload (and without, last: it may not fit):
+     step time and peak GPU memory.
+  d  125M e2e: eager FSDP2 (1 rank) against graphed DDP (from b): what FSDP2 costs.
+Writes parallel_gpu.json under --out; prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scaling import overrides, run_job  # noqa: E402
+
+TINY_MODEL = ["model.n_layers=2", "model.suffix_len=1", "model.d_model=64", "model.n_heads=2", "model.mlp_width=128",
+              "model.prime_mlp_width=128", "model.vocab_size=258", "model.seq_length=256",
+              "ttt.mini_batch_size=64"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
+    ap.add_argument("--sizes", nargs="+", default=["125m", "1b"], help="part b")
+    ap.add_argument("--steps", type=int, default=25, help="steps per 125M job (1B: 2/3 of it, 3B: 5)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--tiny", action="store_true", help="a small model everywhere (CPU check of the script)")
+    ap.add_argument("--timeout", type=float, default=240, help="per job, seconds")
+    ap.add_argument("--no-3b-without-offload", action="store_true", help="part c: only the offloaded run")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = out / "token_cache"
+    dev = [f"training.device={args.device}"]
+    tiny = TINY_MODEL if args.tiny else []
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "parts": {}}
+    try:
+        import torch
+
+        results["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        results["torch"] = torch.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    t_start = time.time()
+
+    def job(name, size, mode, dist, launcher, steps, extra, skip=3):
+        r = run_job(overrides(size, mode, dist, 1, steps, cache, dev + tiny + extra), 1, out / "jobs" / name,
+                    launcher=launcher, timeout=args.timeout, skip=skip)
+        r["name"] = name
+        print(json.dumps({k: v for k, v in r.items() if k not in ("ms_all", "losses", "grad_norms", "args")}),
+              f"[{time.time() - t_start:.0f} s]", flush=True)
+        return r
+
+    if "a" in args.parts:
+        small = ["model.n_layers=2", "model.suffix_len=1", "model.d_model=64", "model.n_heads=2",
+                 "model.mlp_width=128", "model.prime_mlp_width=128", "model.vocab_size=258", "model.seq_length=512",
+                 "ttt.mini_batch_size=128", "model.compute_dtype=float32", "model.fused_kernels=true",
+                 "training.global_batch_size=4", "training.micro_batch_size=2"]
+        if args.device == "cuda":
+            small.append("model.attention_backend=triton")
+        runs = {g: job(f"a_{g}", "125m", "e2e", "ddp", "torchrun", 8,
+                       small + [f"training.cuda_graph={'true' if g == 'graphed' else 'false'}"], skip=0)
+                for g in (("eager", "graphed") if args.device == "cuda" else ("eager",))}
+        part = {"runs": runs}
+        if all("losses" in r for r in runs.values()) and len(runs) == 2:
+            e, g = runs["eager"], runs["graphed"]
+            part["max_rel_diff_loss"] = max(abs(a - b) / abs(a) for a, b in zip(e["losses"], g["losses"]))
+            part["max_rel_diff_grad_norm"] = max(abs(a - b) / abs(a) for a, b in zip(e["grad_norms"], g["grad_norms"]))
+            part["equal"] = part["max_rel_diff_loss"] < 1e-5 and part["max_rel_diff_grad_norm"] < 1e-5
+        results["parts"]["a"] = part
+
+    if "b" in args.parts:
+        part = {}
+        for size in args.sizes:
+            steps = args.steps if size == "125m" else max(8, 2 * args.steps // 3)
+            for mode in ("fa", "e2e"):
+                for launcher in ("python", "torchrun"):
+                    name = f"b_{size}_{mode}_{'single' if launcher == 'python' else 'ddp1'}"
+                    part[name] = job(name, size, mode, "ddp", launcher, steps, [])
+            ms = lambda n: part.get(n, {}).get("ms_per_step")  # noqa: E731
+            for mode in ("fa", "e2e"):
+                s, d = ms(f"b_{size}_{mode}_single"), ms(f"b_{size}_{mode}_ddp1")
+                if s and d:
+                    part[f"{size}_{mode}_ddp_over_single"] = d / s
+            for path in ("single", "ddp1"):
+                fa, e2e = ms(f"b_{size}_fa_{path}"), ms(f"b_{size}_e2e_{path}")
+                if fa and e2e:
+                    part[f"{size}_meta_over_pretrain_{path}"] = e2e / fa
+        results["parts"]["b"] = part
+
+    if "c" in args.parts:
+        size = "125m" if args.tiny else "3b"
+        remat = ["ttt.remat_inner=true", "ttt.remat_prefix=true"]
+        part = {"offload": job("c_3b_fsdp_offload", size, "e2e", "fsdp", "python", 5,
+                               remat + ["training.fsdp_cpu_offload=true"], skip=2)}
+        if not args.no_3b_without_offload:
+            part["no_offload"] = job("c_3b_fsdp", size, "e2e", "fsdp", "python", 5, remat, skip=2)
+        results["parts"]["c"] = part
+
+    if "d" in args.parts:
+        part = {"fsdp_eager": job("d_125m_e2e_fsdp", "125m", "e2e", "fsdp", "python", min(args.steps, 12), [])}
+        ddp = results["parts"].get("b", {}).get("b_125m_e2e_ddp1")
+        if ddp is None:
+            ddp = part["ddp_graphed"] = job("d_125m_e2e_ddp1", "125m", "e2e", "ddp", "torchrun", args.steps, [])
+        if "ms_per_step" in part["fsdp_eager"] and "ms_per_step" in ddp:
+            part["fsdp_eager_over_ddp_graphed"] = part["fsdp_eager"]["ms_per_step"] / ddp["ms_per_step"]
+        results["parts"]["d"] = part
+
+    results["wall_s"] = time.time() - t_start
+    (out / "parallel_gpu.json").write_text(json.dumps(results, indent=1))
+    print(f"\n{results.get('device')}, torch {results.get('torch')}, {results['date']}, {results['wall_s']:.0f} s; "
+          "median ms/step of the trainer's step_time_s (first steps skipped)")
+    print("| job | ms/step | tokens/s | peak GiB | note |")
+    print("|---|---|---|---|---|")
+    for key, part in results["parts"].items():
+        for name, r in part.items():
+            if isinstance(r, dict) and "runs" not in r and "name" in r:
+                if "error" in r:
+                    print(f"| {r['name']} | | | | {r['error'][-150:]!r} |")
+                else:
+                    print(f"| {r['name']} | {r['ms_per_step']:.1f} | {r['tokens_per_s_per_gpu']:.0f} | "
+                          f"{r['max_memory_gib']:.1f} | |")
+            elif isinstance(r, (float, bool)):
+                print(f"| {key}: {name} | {r:.4g} | | | |" if isinstance(r, float) else f"| {key}: {name} | {r} | | | |")
+        for name, r in part.get("runs", {}).items():
+            print(f"| a_{name} | {r.get('ms_per_step', float('nan')):.1f} | | | {r.get('error', '')[-150:]!r} |")
+
+
+if __name__ == "__main__":
+    main()
