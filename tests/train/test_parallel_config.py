@@ -41,3 +41,27 @@ def test_world_size_that_does_not_divide_the_global_batch(compose, tmp_path, mon
     with pytest.raises(ConfigError, match=r"training.global_batch_size=4 is not divisible by the 3 ranks"):
         train(compose(), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_slurm_variables_become_torchrun_ones(monkeypatch):
+    """A task of a 2-node x 4-task Slurm job (hydra-submitit-launcher, no torchrun): RANK / WORLD_SIZE / LOCAL_RANK
+    / MASTER_ADDR / MASTER_PORT derived from SLURM_*, and CUDA_VISIBLE_DEVICES left as Slurm set it."""
+    from ttt_e2e.train.distributed import _export_slurm_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, "x")
+        monkeypatch.delenv(k)  # absent now, and absent again after the test
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "x")
+    monkeypatch.delenv("SUBMITIT_EXECUTOR")  # a plain srun job: submitit did not launch it
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_PROCID": "6", "SLURM_LOCALID": "2",
+             "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]",
+             "SLURM_STEP_NODELIST": "gpu[07-08]"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    _export_slurm_env()
+    import os
+
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("6", "8", "2")
+    assert os.environ["MASTER_ADDR"] == "gpu07" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"

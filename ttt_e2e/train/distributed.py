@@ -41,7 +41,12 @@ def _export_slurm_env() -> None:
     except ImportError as e:
         raise ConfigError("a multi-task Slurm job needs torchrun's RANK/WORLD_SIZE variables or the submitit "
                           "package (pip install hydra-submitit-launcher)") from e
-    TorchDistributedEnvironment().export()
+    # submitit reads the Slurm variables once it knows it is in a Slurm job: it is told so by its own launcher;
+    # a plain `srun python train.py` is one too.
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+    # Not CUDA_VISIBLE_DEVICES: submitit would set it to the local rank alone, which then no longer indexes the
+    # visible GPUs (pick_device selects the local rank's among those Slurm gave the task).
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def pick_device(device: str, local_rank: int) -> torch.device:
@@ -50,8 +55,10 @@ def pick_device(device: str, local_rank: int) -> torch.device:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("training.device=cuda but no CUDA device is available")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        # A task that Slurm bound to its own GPU(s) sees fewer devices than there are local ranks
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
