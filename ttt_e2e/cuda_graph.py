@@ -18,10 +18,11 @@ import torch
 
 class GraphedStep:
     def __init__(self, step: Callable[..., object], *example_inputs: torch.Tensor, warmup: int = 3,
-                 zero_grad: Callable[[], None] | None = None):
+                 zero_grad: Callable[[], None] | None = None, capture_error_mode: str = "global"):
         """step(*inputs) -> outputs (tensors, or a dict/tuple of them). Runs `warmup` eager steps on a side stream
         (compiles Triton kernels, sizes the allocator; their effect on the gradients is undone by zero_grad), then
-        captures one. zero_grad is called before each eager step and before capture."""
+        captures one. zero_grad is called before each eager step and before capture. capture_error_mode as
+        torch.cuda.graph's: "thread_local" where other threads may touch CUDA meanwhile (NCCL's watchdog)."""
         self.static_inputs = [x.clone() for x in example_inputs]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -36,7 +37,7 @@ class GraphedStep:
             zero_grad()
         torch.cuda.empty_cache()  # the eager warm-up's cached blocks would otherwise sit beside the graph's pool
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode=capture_error_mode):
             self.static_outputs = step(*self.static_inputs)
 
     def __call__(self, *inputs: torch.Tensor):

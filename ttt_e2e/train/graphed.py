@@ -134,7 +134,11 @@ class GraphedMicroStep:
         return {k: v.detach() for k, v in out.items()}
 
     def _capture(self, x, y, m, ilr) -> GraphedStep:
-        return GraphedStep(self._forward_backward, x, y, m, ilr, warmup=self.warmup, zero_grad=self.grads.zero_)
+        # With a process group, NCCL's watchdog thread polls its events during the capture: thread_local keeps
+        # that from invalidating it (the capturing thread's own unsafe calls still fail the capture)
+        mode = "thread_local" if dist.is_initialized() else "global"
+        return GraphedStep(self._forward_backward, x, y, m, ilr, warmup=self.warmup, zero_grad=self.grads.zero_,
+                           capture_error_mode=mode)
 
     def zero_grad(self) -> None:
         self.grads.zero_()
