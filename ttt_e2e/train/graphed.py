@@ -14,9 +14,11 @@ backward, and after the last micro-batch of a step `sync_gradients` all-reduces 
 graph (each bucket divided by the world size, then summed: DDP's own order, so the mean is the same). Why not DDP
 inside the graph: DDP's hooks run Python bookkeeping per bucket during the backward and its bucket rebuild and
 unused-parameter search break a static capture; NCCL could be captured, but the reduction would then be replayed
-after every micro-batch instead of once per step, and its overlap with the backward buys little for a step that
-is compute-bound once graphed (the all-reduce of a 125M model's buckets is a small part of a meta step; see
-benchmarks/RESULTS.md for the measured DDP-graphed vs single-GPU-graphed step). Rank 0's parameters are
+after every micro-batch instead of once per step. What the reduction outside the graph gives up is its overlap
+with the backward: one all-reduce of the model's fp32 gradients per optimizer step, against a meta step of
+several forward/backward passes per parameter. Not yet measured on several GPUs (none were lent when this was
+written); benchmarks/parallel_gpu.py measures the 1-rank DDP-graphed step against the single-GPU graphed one,
+and benchmarks/scaling.py the weak scaling, whose figures go to benchmarks/RESULTS.md. Rank 0's parameters are
 broadcast at the start, as DDP's constructor does.
 
 The warm-up calls (kernel compilation, allocator sizing) run the real forward/backward on the first batch and
