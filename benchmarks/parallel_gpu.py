@@ -15,13 +15,14 @@ Parts:
   c  3B e2e meta-training under FSDP2 on one GPU with CPU offload (and without, last: it may not fit):
      step time and peak GPU memory.
   d  125M e2e: eager FSDP2 (1 rank) against graphed DDP (from b): what FSDP2 costs.
-Writes parallel_gpu.json under --out; prints a table last.
+Writes parallel_gpu.json under --out (only that: the jobs' run dirs go to --work); prints a table last.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,11 +43,13 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="a small model everywhere (CPU check of the script)")
     ap.add_argument("--timeout", type=float, default=240, help="per job, seconds")
+    ap.add_argument("--work", default=None, help="the jobs' run dirs and token cache (default: a temporary dir)")
     ap.add_argument("--no-3b-without-offload", action="store_true", help="part c: only the offloaded run")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "token_cache"
+    work = Path(args.work or tempfile.mkdtemp(prefix="parallel_gpu_"))  # --out holds only the JSON
+    cache = work / "token_cache"
     dev = [f"training.device={args.device}"]
     tiny = TINY_MODEL if args.tiny else []
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "parts": {}}
@@ -60,7 +63,7 @@ def main():
     t_start = time.time()
 
     def job(name, size, mode, dist, launcher, steps, extra, skip=3):
-        r = run_job(overrides(size, mode, dist, 1, steps, cache, dev + tiny + extra), 1, out / "jobs" / name,
+        r = run_job(overrides(size, mode, dist, 1, steps, cache, dev + tiny + extra), 1, work / name,
                     launcher=launcher, timeout=args.timeout, skip=skip)
         r["name"] = name
         print(json.dumps({k: v for k, v in r.items() if k not in ("ms_all", "losses", "grad_norms", "args")}),
@@ -69,7 +72,7 @@ def main():
 
     if "a" in args.parts:
         small = ["model.n_layers=2", "model.suffix_len=1", "model.d_model=64", "model.n_heads=2",
-                 "model.mlp_width=128", "model.prime_mlp_width=128", "model.vocab_size=258", "model.seq_length=512",
+                 "model.mlp_width=128", "model.prime_mlp_width=128", "model.vocab_size=258", "model.seq_length=512", "model.window=128",
                  "ttt.mini_batch_size=128", "model.compute_dtype=float32", "model.fused_kernels=true",
                  "training.global_batch_size=4", "training.micro_batch_size=2"]
         if args.device == "cuda":

@@ -11,7 +11,7 @@ step's time), no validation, no checkpoints. Step times are the trainer's own `s
 ranks wait for each other at every all-reduce, so one rank's step is the job's), median after --skip steps
 (the capture and the first allocations). Reported per configuration and GPU count: ms/step, tokens/s per GPU,
 weak-scaling efficiency t(1 GPU) / t(N GPUs) at the same per-GPU batch, peak memory of every rank. Writes
-scaling.json and scaling.png under --out, and prints a table last.
+scaling.json and scaling.png under --out (the jobs' run dirs go to --work), and prints a table last.
 
 Needs hydra-core and omegaconf (train.py's own dependencies).
 """
@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def main():
     ap.add_argument("--skip", type=int, default=3)
     ap.add_argument("--baseline", default=None, help="scaling.json of an earlier run: its 1-GPU figures")
     ap.add_argument("--timeout", type=float, default=600, help="per job, seconds")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="scaling.json and scaling.png (worker: its job dir)")
+    ap.add_argument("--work", default=None, help="the jobs' run dirs and token cache (default: a temporary dir)")
     ap.add_argument("extra", nargs="*", help="after --: more train.py overrides (worker: all of them)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -149,6 +151,7 @@ def main():
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="scaling_"))
     base = {}
     if args.baseline:
         base = {(r["size"], r["mode"], r["dist"]): r for r in json.loads(Path(args.baseline).read_text())["rows"]
@@ -162,8 +165,8 @@ def main():
                     if n == 1 and key in base:
                         continue
                     tag = f"{size}_{mode}_{dist}_{n}gpu"
-                    r = run_job(overrides(size, mode, dist, n, args.steps, out / "token_cache", args.extra), n,
-                                out / tag, timeout=args.timeout, skip=args.skip)
+                    r = run_job(overrides(size, mode, dist, n, args.steps, work / "token_cache", args.extra), n,
+                                work / tag, timeout=args.timeout, skip=args.skip)
                     r.update(size=size, mode=mode, dist=dist)
                     if n == 1 and "ms_per_step" in r:
                         base[key] = r
