@@ -8,10 +8,12 @@ from ttt_e2e.train.distributed import DistInfo
 from ttt_e2e.train.trainer import train
 
 
-def test_fsdp_in_one_process_meta_equals_plain(compose, tmp_path, metrics):
+@pytest.mark.parametrize("remat", ["false", "true"])
+def test_fsdp_in_one_process_meta_equals_plain(compose, tmp_path, metrics, remat):
     """`python train.py training.distributed=fsdp` (no launcher) makes a 1-rank group and trains exactly as the
-    plain run: the same losses and weights, bitwise (one rank: the shards are the whole tensors)."""
-    base = {"training.steps": 3, "training.eval_every": 0}
+    plain run: the same losses and weights, bitwise (one rank: the shards are the whole tensors); also with the
+    inner steps and the (sharded) prefix blocks recomputed in the backward, as the 3B configuration runs."""
+    base = {"training.steps": 3, "training.eval_every": 0, "ttt.remat_inner": remat, "ttt.remat_prefix": remat}
     train(compose(**base), tmp_path / "plain")
     train(compose(**base, **{"training.distributed": "fsdp"}), tmp_path / "fsdp")
     assert not torch.distributed.is_initialized()  # torn down after the run
@@ -25,6 +27,8 @@ def test_fsdp_in_one_process_meta_equals_plain(compose, tmp_path, metrics):
     ({"training.fsdp_cpu_offload": "true"}, "training.fsdp_cpu_offload=true needs training.distributed=fsdp"),
     ({"training.distributed": "fsdp", "training.compile": "true"},
      "training.compile=true with training.distributed=fsdp is offered in pretrain mode only"),
+    ({"training.distributed": "fsdp", "training.fsdp_cpu_offload": "true", "training.device": "cpu"},
+     "training.fsdp_cpu_offload=true offloads from a GPU to the CPU: it needs a CUDA device"),
     ({"training.distributed": "fsdp", "training.cuda_graph": "true"},
      "cuda_graph=true does not compose with training.distributed=fsdp"),
 ])
@@ -32,7 +36,7 @@ def test_unsupported_parallel_options_are_refused(compose, tmp_path, setting, me
     with pytest.raises(ConfigError, match=message) as e:
         train(compose(**setting), tmp_path / "run")
     assert "\n" not in str(e.value)
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_world_size_that_does_not_divide_the_global_batch(compose, tmp_path, monkeypatch):

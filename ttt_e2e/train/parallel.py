@@ -79,6 +79,9 @@ def parallelize(loss_module: LossModule, cfg: Config, info: DistInfo, graph: boo
         # Blocks return their (keys, values) as views; nothing modifies them in place, which is what the warning
         # is about.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        if cfg.training.fsdp_cpu_offload and info.device.type != "cuda":
+            raise ConfigError("training.fsdp_cpu_offload=true offloads from a GPU to the CPU: it needs a CUDA device "
+                              f"(training.device resolved to {info.device.type})")
         offload = CPUOffloadPolicy() if cfg.training.fsdp_cpu_offload else OffloadPolicy()
         model = loss_module.model
         units = model.prefix if cfg.ttt.train_mode == "meta" else (*model.prefix, *model.suffix.blocks)
