@@ -7,11 +7,11 @@ Each configuration is one torchrun job (--standalone, N processes) of this file 
 conf/ + experiment/<size>/pretrain/<mode> with Hydra exactly as train.py does and calls
 `ttt_e2e.train.trainer.train`: the same code a user launches (CUDA graphs under DDP by default, FSDP2 eager).
 The data are the Python stdlib's bytes (data.source=stdlib, always present; the token values do not change a
-step's time), no validation, no checkpoints. Step times are the trainer's own `step_time_s` records (rank 0; the
-ranks wait for each other at every all-reduce, so one rank's step is the job's), median after --skip steps
-(the capture and the first allocations). Reported per configuration and GPU count: ms/step, tokens/s per GPU,
-weak-scaling efficiency t(1 GPU) / t(N GPUs) at the same per-GPU batch, peak memory of every rank. Writes
-scaling.json and scaling.png under --out (the jobs' run dirs go to --work), and prints a table last.
+step's time), no validation, no checkpoints. Step times are the trainer's own `step_time_s` records (rank 0's is
+the job's; every rank's is reported too), median after --skip steps (the capture and the first allocations).
+Reported per configuration and GPU count: ms/step, tokens/s per GPU, weak-scaling efficiency t(1 GPU) / t(N GPUs)
+at the same per-GPU batch, every rank's median step time and peak memory. Writes scaling.json and scaling.png
+under --out (the jobs' run dirs go to --work), and prints a table last.
 
 Needs hydra-core and omegaconf (train.py's own dependencies).
 """
@@ -51,6 +51,22 @@ def compose(args: list[str]):
         return OmegaConf.to_object(hydra_compose(config_name="config", overrides=args))
 
 
+def _log_every_rank(out: Path, rank: int) -> None:
+    """Every rank builds the same metric records (its own step time included) but only rank 0 writes them; here
+    the other ranks write theirs too, to metrics_rank<r>.jsonl (benchmark-only: the trainer is left as it is)."""
+    from ttt_e2e.train import metrics, trainer
+
+    build = trainer.build_loggers
+
+    def every_rank(cfg, run_dir, resume_step, is_main):
+        loggers = build(cfg, run_dir, resume_step, is_main)
+        if not is_main:
+            loggers.sinks.append(metrics.JsonlLogger(out / f"metrics_rank{rank}.jsonl", None))
+        return loggers
+
+    trainer.build_loggers = every_rank
+
+
 def worker(args: list[str], out: Path) -> None:
     """One rank of a benchmark job (under torchrun, or alone): train, then write this rank's figures."""
     import torch
@@ -59,6 +75,7 @@ def worker(args: list[str], out: Path) -> None:
 
     cfg = compose(args)
     rank = int(os.environ.get("RANK", "0"))
+    _log_every_rank(out, rank)
     t0 = time.perf_counter()
     error = None
     try:
@@ -99,6 +116,9 @@ def run_job(args: list[str], n_gpus: int, out: Path, launcher: str = "torchrun",
         result["error"] = errors[0] if errors else f"exit {rc}: {tail}"
         return result
     times = [r["step_time_s"] * 1e3 for r in records[skip:]]
+    others = [[json.loads(line)["step_time_s"] * 1e3 for line in f.read_text().splitlines() if line][skip:]
+              for f in sorted(out.glob("metrics_rank*.jsonl"), key=lambda f: int(f.stem[len("metrics_rank"):]))]
+    result["ms_per_step_by_rank"] = [statistics.median(t) if t else None for t in [times, *others]]
     T = records[0]["tokens"] / records[0]["step"] / n_gpus  # tokens per GPU per step
     med = statistics.median(times)
     result.update(ms_per_step=med, ms_all=times, tokens_per_s_per_gpu=T / med * 1e3,
@@ -121,6 +141,8 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(*zip(*pts), marker="o", label=" ".join(key))
     ax.axhline(0.9, color="gray", ls="--", lw=0.8)
     ax.set_xscale("log", base=2)
+    gpus = sorted({r["gpus"] for r in rows})
+    ax.set_xticks(gpus, [str(g) for g in gpus])
     ax.set_xlabel("GPUs (1 sequence each)")
     ax.set_ylabel("weak-scaling efficiency t1 / tN")
     ax.set_ylim(0, 1.1)
@@ -180,16 +202,17 @@ def main():
                                                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     plot(rows, out / "scaling.png")
     print(f"\n{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; median ms/step after {args.skip}")
-    print("| size | mode | dist | GPUs | ms/step | tokens/s/GPU | efficiency | peak GiB by rank |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| size | mode | dist | GPUs | ms/step | tokens/s/GPU | efficiency | ms/step by rank | peak GiB by rank |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['size']} | {r['mode']} | {r['dist']} | {r['gpus']} | {r['error'][:120]!r} | | | |")
+            print(f"| {r['size']} | {r['mode']} | {r['dist']} | {r['gpus']} | {r['error'][:120]!r} | | | | |")
             continue
         eff = f"{100 * r['efficiency']:.1f}%" if "efficiency" in r else ""
         mem = ", ".join(f"{m:.1f}" for m in r["peak_mem_gib_by_rank"] if m is not None)
+        by_rank = ", ".join(f"{m:.1f}" for m in r["ms_per_step_by_rank"] if m is not None)
         print(f"| {r['size']} | {r['mode']} | {r['dist']} | {r['gpus']} | {r['ms_per_step']:.1f} | "
-              f"{r['tokens_per_s_per_gpu']:.0f} | {eff} | {mem} |")
+              f"{r['tokens_per_s_per_gpu']:.0f} | {eff} | {by_rank} | {mem} |")
 
 
 if __name__ == "__main__":
