@@ -13,7 +13,8 @@ loss came out equal to the pretrain loss). So in meta mode only the PREFIX block
 in the root unit with wte and ln_f, which gathers them once per step at LossModule.forward, before the inner loop,
 and reduce-scatters their gradients after the outer backward. No hook fires inside functional_call. The suffix
 (a quarter of the blocks at 3B) and the embedding are then whole on every GPU for the step; the prefix is
-gathered block by block. tests/train/test_fsdp_meta.py checks FSDP2 meta against one process and DDP.
+gathered block by block. tests/train/test_distributed.py checks FSDP2 meta on 2 ranks against one process (as
+it does DDP meta), tests/train/test_parallel_config.py FSDP2 in one process.
 
 training.fsdp_cpu_offload: FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and the AdamW
 state in (pinned) CPU memory and runs the optimizer there; each unit is copied to the GPU when gathered. This is
