@@ -29,16 +29,16 @@ def _windows(model, B, seed=1):
 # window 10 with b = 6: the engine's step caches are position-ordered buffers; window 12: rings (W a multiple of b)
 @pytest.mark.parametrize("window,graphs", [(10, False), (12, True)], ids=["plain-W10", "static-buffers-W12"])
 def test_meta_engine_losses_equal_training(window, graphs):
-    """A batch of 3 windows of 6 mini-batches, BOS targets masked: the engine's per-token and per-mini-batch
+    """A batch of 2 windows of 6 mini-batches, BOS targets masked: the engine's per-token and per-mini-batch
     losses equal sequence_loss's at ilr_mult 0.8 (graphs: the code the CUDA graphs capture, run eagerly)."""
     model = tiny_model(seq_length=36, window=window)
     ttt = meta()
-    inputs, targets, mask = _windows(model, 3)
+    inputs, targets, mask = _windows(model, 2)
     assert not mask.all() and mask.sum() > 0.7 * mask.numel()
     ref = sequence_loss(model, inputs, targets, mask, ttt, ilr_mult=0.8)
     tok, per_mb = meta_token_losses(model, ttt, inputs, targets, mask, BOS, ilr_mult=0.8,
                                     graphs=InferenceGraphs(capture=False) if graphs else None, prefill_chunk=12)
-    assert tok.shape == (3, 36) and per_mb.shape == (3, 6)
+    assert tok.shape == (2, 36) and per_mb.shape == (2, 6)
     torch.testing.assert_close(tok, ref.token_losses, **TOL)
     torch.testing.assert_close(per_mb.mean(0), ref.minibatch_losses, **TOL)
     # Not vacuous: the inner loop changed the later losses (eta 0 gives others)
@@ -101,7 +101,7 @@ def _val(model, n_windows=5, seed=2):
 
 @pytest.mark.parametrize("mode", ["meta", "pretrain"])
 def test_evaluate_same_curve_through_both_paths(mode, monkeypatch):
-    """evaluate(): the mean and the by-position curve equal through the engine and the training-mode loss (5
+    """evaluate(): the mean and the by-position curve equal through the engine and the training-mode loss (3
     windows in batches of 2: a smaller last batch), auto takes the engine; then the weights change in place (as
     the optimizer changes them between evaluations) and the next evaluation sees the new ones."""
     model = tiny_model(seq_length=24, prime_mlp=mode == "meta")
@@ -112,15 +112,17 @@ def test_evaluate_same_curve_through_both_paths(mode, monkeypatch):
     monkeypatch.setattr(stream_loss.StreamLoss, "close", lambda self: used.append(self))
 
     def run(path):
-        return evaluate(lm, val, BOS, 2, 5, 0.5, info, lambda: torch.autocast("cpu", enabled=False), path)
+        return evaluate(lm, val, BOS, 2, 3, 0.5, info, lambda: torch.autocast("cpu", enabled=False), path)
 
     means = []
-    for _ in range(2):
-        ref, got, auto = run("training"), run("engine"), run("auto")
-        assert len(used) == 2 and all(isinstance(u, StreamLoss) for u in used)
+    for i in range(2):
+        ref, got = run("training"), run("engine")
+        if i == 0:
+            assert run("auto").loss == got.loss
+        assert len(used) == 2 - i and all(isinstance(u, StreamLoss) for u in used)
         used.clear()
-        assert (got.tokens, got.windows) == (ref.tokens, ref.windows) and ref.windows == 5
-        assert got.loss == pytest.approx(ref.loss, rel=1e-12) and auto.loss == got.loss
+        assert (got.tokens, got.windows) == (ref.tokens, ref.windows) and ref.windows == 3
+        assert got.loss == pytest.approx(ref.loss, rel=1e-12)
         np.testing.assert_allclose(got.loss_by_position, ref.loss_by_position, rtol=1e-12, atol=1e-12)
         means.append(got.loss)
         with torch.no_grad():

@@ -17,6 +17,7 @@ inner step (ttt/inner.py), and the mask is the same rule (targets equal to BOS c
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 from typing import Optional
 
@@ -35,7 +36,8 @@ def meta_token_losses(model: Transformer, ttt: TTTConfig, inputs: torch.Tensor, 
                       graphs: Optional[InferenceGraphs] = None,
                       prefill_chunk: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(token losses (B, T): every position's, masked or not, as in training; mini-batch losses (B, T / b)) of a
-    meta-mode model through the engine. inputs, targets, mask as make_batch gives them: targets[:, :-1] == inputs[:, 1:], mask == (targets != bos_id)."""
+    meta-mode model through the engine. inputs, targets, mask as make_batch gives them: targets[:, :-1] ==
+    inputs[:, 1:], mask == (targets != bos_id)."""
     B, T = inputs.shape
     b = ttt.mini_batch_size
     if T % b:
@@ -102,10 +104,12 @@ class StreamLoss:
         on_gpu = next(model.parameters()).is_cuda
         self.use_graphs = on_gpu if graphs is None else graphs
         self._graphs: dict[int, InferenceGraphs] = {}  # batch size -> graphs (a smaller last batch has its own)
+        # Blocks compiled for training (training.compile) would recompile for every cache position here: eager
+        compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+        self._eager = (lambda: torch.compiler.set_stance("force_eager")) if compiled else contextlib.nullcontext
 
     def __call__(self, inputs, targets, mask, ilr_mult: float) -> dict:
-        # Blocks compiled for training (training.compile) would recompile for every cache position here
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        with torch.no_grad(), self._eager():
             if self.ttt.train_mode == "meta":
                 graphs = None
                 if self.use_graphs:
