@@ -7,10 +7,9 @@ parameters under bf16 autocast as eval.py runs it, one window (batch 1) of each 
 the time of one window's per-token losses (median of --reps, after one untimed call that compiles the kernels
 and, for the engine, captures its graphs, itself reported), the peak memory allocated during the timed calls,
 and, where both paths ran, max and mean |difference| of the per-token losses (unmasked tokens) and the two means.
-The old path at 128K runs only with --old-long (it takes several seconds a call; its memory grows with T).
+The old path at 128K runs unless --skip-old-long or its time estimated from 32K exceeds --old-long-budget.
 
-    python benchmarks/eval_context.py --out bench_eval                 # H100: 32K both paths, 128K engine
-    python benchmarks/eval_context.py --out bench_eval --old-long      # + the old path at 128K
+    python benchmarks/eval_context.py --out bench_eval                 # H100: 32K and 128K, both paths
     python benchmarks/eval_context.py --out /tmp/e --tiny              # CPU smoke test at toy sizes, seconds
 
 No hydra/omegaconf here: the GPU machine has none of them.
@@ -90,7 +89,7 @@ def time_path(fn, batch, reps: int, device: str) -> dict:
         row.update(median_ms=1e3 * statistics.median(runs), runs_ms=[1e3 * r for r in runs])
         if device == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            row["peak_over_weights_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            row["peak_over_start_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
         row["loss"] = (tok[mask].double().mean()).item()
         return row, tok
     except (MemoryError, torch.OutOfMemoryError) as e:
@@ -103,7 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="directory for results.json")
     ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (the code paths, not the figures)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--old-long", action="store_true", help="also the old path at the longest context")
+    ap.add_argument("--skip-old-long", action="store_true", help="no old path at the longest context")
+    ap.add_argument("--old-long-budget", type=float, default=60.0,
+                    help="seconds the old path may take at the longest context (estimated from the shorter one)")
     args = ap.parse_args(argv)
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
             batch = window(model, n, device, seed=n)
             stream = StreamLoss(model, ttt, batch[3])
             new = lambda i, t, m: stream(i, t, m, 1.0)["token_losses"]  # noqa: E731
-            reps = args.reps if n == short else max(2, args.reps // 2)
+            reps = args.reps if n == short else max(3, args.reps // 2)
             r_new, tok_new = time_path(new, batch, reps, device)
             stream.close()
             del stream
@@ -128,14 +129,19 @@ def main(argv=None) -> int:
             row = {"context": n, "engine": r_new}
             if device == "cuda":
                 row["allocated_after_gib"] = torch.cuda.memory_allocated() / 2**30
-            if n == short or args.old_long:
-                r_old, tok_old = time_path(old, batch, max(2, reps // 2) if n == long else 3, device)
+            r_old = rows[0]["training"] if rows else {}
+            guess = r_old.get("median_ms", 0) / 1e3 * (n / short) * (1 + max(2, reps // 2))
+            if n == short or (not args.skip_old_long and guess <= args.old_long_budget):
+                r_old, tok_old = time_path(old, batch, 3 if n == short else max(2, reps // 2), device)
                 row["training"] = r_old
                 if tok_old is not None and tok_new is not None:
                     d = (tok_new - tok_old).abs()[batch[2]].double()
-                    row.update(max_abs_diff=d.max().item(), mean_abs_diff=d.mean().item())
+                    row.update(max_abs_diff=d.max().item(), mean_abs_diff=d.mean().item(),
+                               check="ok" if d.mean() < 0.02 and abs(r_new["loss"] - r_old["loss"]) < 5e-3
+                               else "MISMATCH")
             else:
-                row["training"] = {"skipped": "not run at this context without --old-long (time budget)"}
+                row["training"] = {"skipped": "--skip-old-long" if args.skip_old_long else
+                                   f"would take about {guess:.0f} s (> --old-long-budget {args.old_long_budget:.0f})"}
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
@@ -148,12 +154,13 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"\n{meta['device']}, {meta['date']}, 125M TTT-E2E{' (tiny)' if args.tiny else ''}, batch 1")
     print(f"{'context':>8} {'path':>9} {'first s':>8} {'median ms':>10} {'peak GiB':>9} {'loss':>8} "
-          f"{'max|diff|':>10} {'mean|diff|':>10}")
+          f"{'max|diff|':>10} {'mean|diff|':>10} check")
     for row in rows:
         for path in ("training", "engine"):
             r = row[path]
-            diff = (f"{row['max_abs_diff']:>10.2e} {row['mean_abs_diff']:>10.2e}" if "max_abs_diff" in row
-                    and path == "engine" else "")
+            diff = ""
+            if "max_abs_diff" in row and path == "engine":
+                diff = f"{row['max_abs_diff']:>10.2e} {row['mean_abs_diff']:>10.2e} {row['check']}"
             if "median_ms" in r:
                 print(f"{row['context']:>8} {path:>9} {r['first_call_s']:>8.2f} {r['median_ms']:>10.1f} "
                       f"{r.get('peak_gib', float('nan')):>9.2f} {r['loss']:>8.4f} {diff}")
