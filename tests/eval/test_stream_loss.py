@@ -139,3 +139,20 @@ def test_evaluate_bad_path():
         evaluate(LossModule(model, meta()), val, BOS, 2, 2, 1.0, info, None, "fast")
     with pytest.raises(ValueError, match="needs an unsharded LossModule"):
         evaluate(LossModule(model, meta()), val, BOS, 2, 2, 1.0, info, None, "engine")
+
+
+def test_engine_target_declines_sharded_parameters():
+    """Parameters that are DTensors (FSDP2's shards) are gathered only by the wrapper's own forward: the training
+    path (one process group of one rank, gloo, stands in for the sharded job)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model, ttt = tiny_model(), meta()
+        mesh = init_device_mesh("cpu", (1,))
+        model.wte.weight = torch.nn.Parameter(distribute_tensor(model.wte.weight.detach(), mesh, [Shard(0)]))
+        assert engine_target(_Wrapper(LossModule(model, ttt))) is None
+    finally:
+        dist.destroy_process_group()
