@@ -46,6 +46,22 @@ def test_meta_engine_losses_equal_training(window, graphs):
     assert (tok[:, 12:] - frozen[:, 12:]).abs().max() > 1e-3
 
 
+def test_stream_loss_keeps_one_graph_set_per_batch_size(monkeypatch):
+    """Within one evaluation the graphs of a batch size are made once and reused (each set a stream and a capture
+    of every step), a smaller last batch gets its own; close() lets them go. capture=False on the CPU."""
+    model, ttt = tiny_model(seq_length=24, window=12), meta()
+    made = []
+    monkeypatch.setattr(stream_loss, "InferenceGraphs", lambda: made.append(InferenceGraphs(capture=False)) or made[-1])
+    inputs, targets, mask = _windows(model, 2)
+    ref = sequence_loss(model, inputs, targets, mask, ttt).token_losses
+    with StreamLoss(model, ttt, BOS, graphs=True) as fn:
+        for rows in (slice(0, 2), slice(0, 2), slice(1, 2)):
+            tok = fn(inputs[rows], targets[rows], mask[rows], 1.0)["token_losses"]
+            torch.testing.assert_close(tok, ref[rows], **TOL)
+        assert len(made) == 2 and len(fn._graphs) == 2
+    assert fn._graphs == {}
+
+
 def test_meta_engine_refuses_what_it_cannot_compute():
     model = tiny_model(seq_length=24)
     ttt = meta()

@@ -1,4 +1,5 @@
-"""Held-out per-token losses in memory that does not grow with the context: what validation and eval.py run.
+"""Held-out per-token losses at long context, in memory constant (meta) or linear (baselines) in the context: what
+validation and eval.py run.
 
 meta:     the window goes through the inference engine (inference/engine.py) as one prompt of T + 1 tokens (the
           inputs, then the last target), so that every one of the T / b mini-batches has its b targets and takes
@@ -70,7 +71,7 @@ def baseline_token_losses(model: Transformer, inputs: torch.Tensor, targets: tor
 
 
 def engine_target(loss_fn) -> Optional[tuple[Transformer, TTTConfig]]:
-    """(model, ttt) of the trainer's loss module when the stream path can serve it: a LossModule, bare or inside
+    """(model, ttt) of the trainer's loss module when the engine path can serve it: a LossModule, bare or inside
     DDP (its .module; evaluation needs no collective per forward). None where the parameters are sharded (FSDP2:
     only its own forward gathers them, so that path keeps the training-mode loss through the wrapper) or where
     the engine cannot run the model (meta mode without a sliding window)."""
@@ -93,10 +94,11 @@ def engine_target(loss_fn) -> Optional[tuple[Transformer, TTTConfig]]:
 class StreamLoss:
     """loss_fn(inputs, targets, mask, ilr_mult) -> {"token_losses", "minibatch_losses"}, the interface of the
     trainer's LossModule, through the functions above. Holds the CUDA graphs of one evaluation (one set per
-    model and batch size); close() frees them. A fresh StreamLoss per evaluation: the captured step graphs hold
-    buffers of phi copied from the weights when a state starts, and the theta they read are the parameters
-    themselves, so an evaluation after optimizer steps must start new states, which it does (every window), and
-    the graphs of one evaluation never outlive it."""
+    batch size); close() frees them, and evaluate() makes a fresh StreamLoss each time. Weights that the
+    optimizer changed in place are seen either way: each window starts a new state, which copies phi_0 from the
+    weights into the graphs' buffers, and theta and the head are the parameter tensors themselves, read by
+    address. Freeing the graphs with the evaluation keeps their memory pool out of training and no graph outlives
+    the parameter tensors it names (a model moved to another device or rebuilt)."""
 
     def __init__(self, model: Transformer, ttt: TTTConfig, bos_id: int, graphs: Optional[bool] = None,
                  prefill_chunk: Optional[int] = None):
@@ -113,7 +115,9 @@ class StreamLoss:
             if self.ttt.train_mode == "meta":
                 graphs = None
                 if self.use_graphs:
-                    graphs = self._graphs.setdefault(inputs.shape[0], InferenceGraphs())
+                    if inputs.shape[0] not in self._graphs:
+                        self._graphs[inputs.shape[0]] = InferenceGraphs()
+                    graphs = self._graphs[inputs.shape[0]]
                 tok, per_mb = meta_token_losses(self.model, self.ttt, inputs, targets, mask, self.bos_id, ilr_mult,
                                                 graphs, self.prefill_chunk)
             else:
