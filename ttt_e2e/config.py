@@ -157,8 +157,25 @@ class OptimConfig:
     warmup_fraction: float = 0.1  # of training.steps, linear from 0 to lr
     min_lr: float = 1e-5  # end of the cosine
     grad_clip: float = 1.0  # global norm of the outer gradient; <= 0 disables
+    # What a step with a bad gradient does (ttt_e2e/train/spikes.py). stop: a non-finite loss or gradient norm
+    # ends the run. skip: a step whose loss or gradient norm is non-finite, or whose gradient norm exceeds
+    # spike_factor x the median of the last spike_window accepted steps' norms (once spike_min_history are
+    # known), takes no optimizer update (its batch is consumed, the schedule advances) and is counted in the
+    # metrics; spike_max_consecutive skipped steps in a row end the run.
+    spike_policy: str = "stop"
+    spike_factor: float = 10.0
+    spike_window: int = 64
+    spike_min_history: int = 8
+    spike_max_consecutive: int = 20
 
     def validate(self) -> None:
+        if self.spike_policy not in ("stop", "skip"):
+            raise ConfigError(f"optim.spike_policy must be stop or skip, got {self.spike_policy!r}")
+        if not self.spike_factor > 1:
+            raise ConfigError(f"optim.spike_factor must be > 1, got {self.spike_factor}")
+        for name in ("spike_window", "spike_min_history", "spike_max_consecutive"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
