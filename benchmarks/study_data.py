@@ -154,10 +154,10 @@ def main(argv=None) -> None:
     p.add_argument("--vocab", type=int, default=None, help="BPE vocabulary (default 4096; tiny 512)")
     p.add_argument("--min-chars", type=int, default=None, help="shortest document kept (default 16000; tiny 4000)")
     p.add_argument("--val-fraction", type=float, default=0.08, help="share of code files held out")
-    p.add_argument("--max-mib", type=float, default=None, help="training text budget (default 22; tiny 1)")
+    p.add_argument("--max-mib", type=float, default=None, help="training text budget (default 18; tiny 1)")
     a = p.parse_args(argv)
     m = build(Path(a.out), a.tiny, a.vocab or (512 if a.tiny else 4096), a.min_chars or (4000 if a.tiny else 16000),
-              a.val_fraction, a.max_mib or (1.0 if a.tiny else 22.0))
+              a.val_fraction, a.max_mib or (1.0 if a.tiny else 18.0))
     for k in ("code_train", "code_val", "docs_val"):
         print(f"{k}: {m[k]['documents']} documents, {m[k]['chars'] / 1e6:.2f}M chars, {m[k]['tokens'] / 1e6:.2f}M "
               f"tokens ({m[k]['chars'] / m[k]['tokens']:.2f} chars/token)")
