@@ -47,6 +47,18 @@ TINY = {
     "e2e": ["model.mlp_width=48", "model.prime_mlp_width=48", "model.window=64"],
 }
 
+# Issue 26's tiny e2e run (byte tokens from this Python's stdlib, d 256, 6 layers, 2 suffix blocks, T 8192, W 512,
+# b 64: 128 inner steps per sequence, lr 2e-3, inner-lr warm-up over 30 steps, 120 steps), which stopped at a
+# non-finite meta-gradient; here with optim.spike_policy=skip (from the e2e experiment).
+SPIKE_CHECK = {
+    "gpu": ["data.source=stdlib", "data.tokenizer=bytes", "model.vocab_size=258", "model.d_model=256",
+            "model.n_heads=4", "model.n_layers=6", "model.suffix_len=2", "model.mlp_width=768",
+            "model.prime_mlp_width=768", "model.seq_length=8192", "model.window=512", "ttt.mini_batch_size=64",
+            "optim.lr=2e-3", "ttt.ilr_warmup_steps=30", "training.steps=120", "training.checkpoint_every=0"],
+    "tiny": ["data.source=stdlib", "data.tokenizer=bytes", "data.max_docs=20", "model.vocab_size=258",
+             *TINY["common"], *TINY["e2e"], "training.steps=4", "training.checkpoint_every=0"],
+}
+
 
 @dataclass
 class Run:
@@ -92,9 +104,15 @@ class Study:
         tmp = self.out / "results.json.tmp"
         tmp.write_text(json.dumps(self.results, indent=1, default=str))
         tmp.replace(self.out / "results.json")
+        self.save_logs()
 
-    def left(self) -> float:
-        return self.end - time.time()
+    def save_logs(self) -> None:
+        """The last lines of every subprocess's log, in one file (what to read when something failed there)."""
+        parts = []
+        for f in sorted(self.work.glob("*.log")):
+            lines = f.read_text(errors="replace").splitlines()
+            parts.append(f"==> {f.name} ({len(lines)} lines) <==\n" + "\n".join(lines[-40:]))
+        (self.out / "logs.txt").write_text("\n\n".join(parts) + "\n")
 
     # -- data -------------------------------------------------------------------------------------------------
 
@@ -158,6 +176,14 @@ class Study:
         self._spawn(multirun, ["train.py", "-m", "launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}",
                                *self.common(steps), f"hydra.sweep.dir={sweep_dir}", *sweep])
         self.multirun = multirun
+        if self.a.spike_check:
+            # issue 26's run that stopped at a non-finite meta-gradient (128 inner steps per sequence), with the
+            # skip policy: it should train to its end. Its own fixed steps; not evaluated.
+            check = Run("spikecheck", "spikecheck", 0, [], self.work / phase / "spikecheck")
+            args = ["+experiment=study/e2e", *self.common(steps), *SPIKE_CHECK["tiny" if self.a.tiny else "gpu"],
+                    f"data.cache_dir={self.cache}", f"hydra.run.dir={check.dir}"]
+            self._spawn(check, ["train.py", *args])
+            runs.append(check)
         jobs = [Run(f"sweep_{i}", "sweep", 0, [], sweep_dir / str(i)) for i in range(n_jobs)]
         for j in jobs:
             j.started = multirun.started
@@ -165,6 +191,13 @@ class Study:
         return runs + jobs
 
     def _spawn(self, r: Run, args: list[str]) -> None:
+        # one value per key, the last one given (Hydra refuses a key overridden twice)
+        flags, kv = [a for a in args if "=" not in a or a.startswith("-")], {}
+        for a in args:
+            if "=" in a and not a.startswith("-"):
+                kv.pop(a.split("=")[0], None)
+                kv[a.split("=")[0]] = a
+        args = flags + list(kv.values())
         r.dir.parent.mkdir(parents=True, exist_ok=True)
         logf = open(self.work / f"{r.dir.parent.name}_{r.name}.log", "w")
         r.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=self.env, stdout=logf,
@@ -233,7 +266,7 @@ class Study:
             self.poll(runs)
             # the sweep's jobs start later (Hydra, then joblib's workers): they contend meanwhile, but the probe
             # waits only for the single runs, whose e2e has the sweep jobs' step time (or more, at b = 64)
-            if all(len(self.records(r)) >= self.a.probe_steps for r in runs if r.method != "sweep"):
+            if all(len(self.records(r)) >= self.a.probe_steps for r in runs if r.method in METHODS):
                 break
             if not any(self.alive(r) for r in runs):
                 break
@@ -242,7 +275,7 @@ class Study:
         for r in runs:
             recs = self.records(r)
             if not recs:
-                if r.method != "sweep":
+                if r.method in METHODS:
                     self.say(f"probe: {r.name} logged no step: {self.tail(r)}")
                 continue
             timed = [x["step_time_s"] for x in recs[1:]] or [recs[0]["step_time_s"]]  # the first step compiles
@@ -250,7 +283,8 @@ class Study:
             startup.append((r.first_step_at or time.time()) - r.started)
         if not step_times:
             raise SystemExit("error: no run made a step in the probe (see the run logs in results.json)")
-        slowest = max(step_times.values())
+        unmeasured = [r.name for r in runs if r.method in METHODS and r.name not in step_times]
+        slowest = max(v for k, v in step_times.items() if k != "spikecheck")  # the check has its own steps
         budget = self.train_deadline - time.time() - max(startup)
         steps = int(0.9 * budget / slowest)
         self.results["phases"]["probe"] = {"step_time_s": step_times, "startup_s": max(startup), "budget_s": budget,
@@ -258,6 +292,9 @@ class Study:
         self.say(f"probe: step times (s, all sharing the device) " +
                  ", ".join(f"{k} {v:.3f}" for k, v in step_times.items()) +
                  f"; startup {max(startup):.0f}s; {steps} steps fit in {budget:.0f}s")
+        if unmeasured:
+            self.say(f"probe: no step time for {unmeasured}: falling back to --min-steps {self.a.min_steps}")
+            return self.a.min_steps
         return max(self.a.min_steps, min(self.a.max_steps, steps))
 
     def train(self) -> list[Run]:
@@ -323,6 +360,8 @@ class Study:
                 "skipped_steps": recs[-1].get("skipped_steps", 0) if recs else 0,
                 "grad_norm_max": max((x["grad_norm"] for x in recs if isinstance(x["grad_norm"], float)),
                                      default=None),
+                "grad_norm_over_100": sum(1 for x in recs if not isinstance(x["grad_norm"], float)
+                                          or x["grad_norm"] > 100),
                 "wall_s": (time.time() - r.started) if r.started else None,
                 "log_tail": self.tail(r, 5) if (r.returncode not in (0, None) and not r.killed) else None}
 
@@ -355,7 +394,7 @@ class Study:
         return status
 
     def evaluate(self, runs: list[dict]) -> None:
-        done = [r for r in runs if r["checkpoint"]]
+        done = [r for r in runs if r["checkpoint"] and r["method"] in METHODS]
         a = self.a
         chunks = [done[i:i + a.eval_chunk] for i in range(0, len(done), a.eval_chunk)]
         jobs = []
@@ -387,8 +426,9 @@ class Study:
             for c in json.loads(f.read_text())["checkpoints"]:
                 needles[c["label"]] = c
         for r in runs:
-            r["eval"] = curves.get(r["name"], {})
-            r["needle"] = needles.get(r["name"])
+            if r["method"] in METHODS:
+                r["eval"] = curves.get(r["name"], {})
+                r["needle"] = needles.get(r["name"])
         self.results["runs"] = runs
         self.save()
 
@@ -436,6 +476,10 @@ def summarize(results: dict) -> dict:
                                      "skipped_steps": r["skipped_steps"],
                                      **{f"{c}_last_quarter": r["eval"][c]["quarters"][3]
                                         for c in ("code_val", "docs_val") if c in r.get("eval", {})}})
+    check = [r for r in runs if r["method"] == "spikecheck"]
+    summary["spike_check"] = {k: check[0].get(k) for k in ("steps", "returncode", "killed", "skipped_steps",
+                                                         "grad_norm_max", "grad_norm_over_100", "train_loss_first",
+                                                         "train_loss_last", "log_tail")} if check else None
     return summary
 
 
@@ -464,6 +508,13 @@ def render(results: dict, out: Path) -> None:
         lines.append(f"| {j['name']} | {_fmt(j['inner_lr'])} | {_fmt(j['mini_batch_size'])} | {j['steps']} | "
                      f"{j['skipped_steps']} | {_fmt(j.get('code_val_last_quarter'))} | "
                      f"{_fmt(j.get('docs_val_last_quarter'))} |")
+    c = s["spike_check"]
+    if c:
+        lines += ["", f"Spike check (issue 26's 128-inner-step run, optim.spike_policy=skip): {c['steps']} steps "
+                      f"(exit {c['returncode']}{', killed at the deadline' if c['killed'] else ''}), "
+                      f"{c['skipped_steps']} skipped, {c['grad_norm_over_100']} with gradient norm > 100 or "
+                      f"non-finite, max finite norm {_fmt(c['grad_norm_max'], 1)}, train loss "
+                      f"{_fmt(c['train_loss_first'])} -> {_fmt(c['train_loss_last'])}."]
     needle_runs = [r for r in results.get("runs", []) if r.get("needle")]
     if needle_runs:
         n0 = needle_runs[0]["needle"]
@@ -561,6 +612,8 @@ def parse(argv=None):
     p.add_argument("--sweep-ilr", default="0,3", help="the sweep's ttt.inner_lr values (0: the ablation)")
     p.add_argument("--sweep-b", default=None, help="the sweep's ttt.mini_batch_size values (default 64,128)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-spike-check", dest="spike_check", action="store_false",
+                   help="leave out issue 26's 128-inner-step run (trained with optim.spike_policy=skip)")
     p.add_argument("--windows", type=int, default=None, help="held-out windows per curve (default 48; tiny 2)")
     p.add_argument("--eval-batch", type=int, default=None, help="(default 8; tiny 2)")
     p.add_argument("--eval-chunk", type=int, default=None, help="checkpoints per eval.py process (default 2; tiny 5)")
@@ -592,6 +645,7 @@ def main(argv=None) -> int:
     a = parse(argv)
     if a.render:
         results = json.loads(Path(a.render).read_text())
+        Path(a.out).mkdir(parents=True, exist_ok=True)
         render(results, Path(a.out))
         print(f"wrote {Path(a.out) / 'study.md'} and the plots")
         return 0

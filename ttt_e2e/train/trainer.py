@@ -177,7 +177,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
         if data.val is None:
             return None
         r = evaluate(wrapped, data.val, data.tokenizer.bos_id, data.micro_batch_size,
-                     tc.eval_batches * tc.global_batch_size, cfg.ttt.ilr_multiplier(step), info, amp)
+                     tc.eval_batches * tc.global_batch_size, cfg.ttt.eval_ilr_multiplier(step), info, amp)
         return r.loss
 
     graphed = (GraphedMicroStep(wrapped, list(model.parameters()), amp, data.accumulation)
