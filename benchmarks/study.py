@@ -41,7 +41,8 @@ METHODS = ("fa", "swa", "e2e")
 # The tiny pipeline: model and run sizes that keep every code path but take seconds on a CPU.
 TINY = {
     "common": ["model.vocab_size=512", "model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.suffix_len=1",
-               "model.seq_length=256", "ttt.mini_batch_size=16", "training.global_batch_size=2"],
+               "model.seq_length=256", "ttt.mini_batch_size=16", "training.global_batch_size=2",
+               "training.micro_batch_size=1"],
     "fa": ["model.mlp_width=64"],
     "swa": ["model.mlp_width=64", "model.window=64"],
     "e2e": ["model.mlp_width=48", "model.prime_mlp_width=48", "model.window=64"],
@@ -54,7 +55,8 @@ SPIKE_CHECK = {
     "gpu": ["data.source=stdlib", "data.tokenizer=bytes", "model.vocab_size=258", "model.d_model=256",
             "model.n_heads=4", "model.n_layers=6", "model.suffix_len=2", "model.mlp_width=768",
             "model.prime_mlp_width=768", "model.seq_length=8192", "model.window=512", "ttt.mini_batch_size=64",
-            "optim.lr=2e-3", "ttt.ilr_warmup_steps=30", "training.steps=120", "training.checkpoint_every=0"],
+            "optim.lr=2e-3", "ttt.ilr_warmup_steps=30", "training.steps=120", "training.micro_batch_size=2",
+            "training.checkpoint_every=0"],
     "tiny": ["data.source=stdlib", "data.tokenizer=bytes", "data.max_docs=20", "model.vocab_size=258",
              *TINY["common"], *TINY["e2e"], "training.steps=4", "training.checkpoint_every=0"],
 }
