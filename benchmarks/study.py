@@ -89,6 +89,7 @@ class Study:
             shutil.rmtree(self.work / old, ignore_errors=True)
         self.work.mkdir(parents=True, exist_ok=True)
         self.log_file = open(self.out / "progress.log", "a")
+        self.procs: list[subprocess.Popen] = []  # every process started, stopped on the way out
         self.results: dict = {"args": vars(a), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                               "phases": {}}
         self.env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -107,6 +108,15 @@ class Study:
         tmp.write_text(json.dumps(self.results, indent=1, default=str))
         tmp.replace(self.out / "results.json")
         self.save_logs()
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
 
     def save_logs(self) -> None:
         """The last lines of every subprocess's log, in one file (what to read when something failed there)."""
@@ -204,6 +214,7 @@ class Study:
         logf = open(self.work / f"{r.dir.parent.name}_{r.name}.log", "w")
         r.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=self.env, stdout=logf,
                                   stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(r.proc)
         r.started = time.time()
 
     @staticmethod
@@ -378,6 +389,7 @@ class Study:
                 logf = open(self.work / f"{name}.log", "w")
                 running[name] = subprocess.Popen([sys.executable, *args], cwd=REPO, env=self.env, stdout=logf,
                                                  stderr=subprocess.STDOUT, start_new_session=True)
+                self.procs.append(running[name])
             time.sleep(0.5)
             for name, p in list(running.items()):
                 if p.poll() is not None:
@@ -398,7 +410,11 @@ class Study:
     def evaluate(self, runs: list[dict]) -> None:
         done = [r for r in runs if r["checkpoint"] and r["method"] in METHODS]
         a = self.a
-        chunks = [done[i:i + a.eval_chunk] for i in range(0, len(done), a.eval_chunk)]
+        # the main runs' chunks first, then the sweep's; within each, code_val curves, docs_val curves, needle:
+        # what the study needs most is done first if the deadline comes
+        main = [r for r in done if not r["sweep"]]
+        sweep = [r for r in done if r["sweep"]]
+        chunks = [part[i:i + a.eval_chunk] for part in (main, sweep) for i in range(0, len(part), a.eval_chunk)]
         jobs = []
         for k, chunk in enumerate(chunks):
             for corpus in ("code_val", "docs_val"):
@@ -413,6 +429,8 @@ class Study:
                 f"lengths={a.needle_lengths}", f"depths={a.needle_depths}", f"trials={a.needle_trials}",
                 f"batch_size={a.eval_batch}", f"device={a.device}", f"out={self.work / 'needle' / f'{k}.json'}",
                 f"data.cache_dir={self.cache}"]))
+        n_main = sum(1 for c in chunks if not c[0]["sweep"])
+        jobs.sort(key=lambda j: (int(j[0].rsplit("_", 1)[1]) >= n_main, ("code_val" not in j[0]) + (j[0][:6] == "needle")))
         self.say(f"eval: {len(jobs)} jobs (loss by position on code_val and docs_val with eval.py, needle), "
                  f"{a.parallel} at a time, {len(done)} checkpoints")
         status = self.run_jobs(jobs, self.end - a.render_s, "eval")
@@ -653,11 +671,19 @@ def main(argv=None) -> int:
         return 0
     st = Study(a)
     st.say(f"study: {'tiny, ' if a.tiny else ''}{a.minutes:g} minutes, out {a.out}, work {a.work}")
-    st.prepare_data()
-    runs = st.train()
-    st.evaluate(st.results["runs"])
-    render(st.results, st.out)
-    st.save()
+    try:
+        st.prepare_data()
+        st.train()
+        st.evaluate(st.results["runs"])
+        render(st.results, st.out)
+    except BaseException as e:
+        import traceback
+
+        st.say(f"stopped: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        raise
+    finally:
+        st.stop_all()
+        st.save()
     st.say("summary: " + json.dumps(st.results["summary"]["e2e_minus_swa_last_quarter"]))
     st.say(f"done in {time.time() - st.t0:.0f}s: {st.out / 'results.json'}, study.md, loss_by_position.png, "
            f"needle.png")
