@@ -38,7 +38,7 @@ def evaluate_checkpoint(path: str, overrides: Optional[list[str]] = None, window
     state = load_checkpoint(step_dir, model, part="params")
     model.eval()
     r = evaluate(LossModule(model, cfg.ttt), val, tokenizer.bos_id, batch_size, windows,
-                 cfg.ttt.ilr_multiplier(state["step"]), info, lambda: autocast(cfg.model, info.device), eval_path)
+                 cfg.ttt.eval_ilr_multiplier(state["step"]), info, lambda: autocast(cfg.model, info.device), eval_path)
     return {"checkpoint": str(step_dir), "step": state["step"], "train_mode": cfg.ttt.train_mode,
             "eval_path": eval_path, "seq_length": cfg.model.seq_length, "window": cfg.model.window,
             "mini_batch_size": cfg.ttt.mini_batch_size, "data_source": cfg.data.source, "windows": r.windows,
