@@ -9,7 +9,13 @@ Each checkpoint is evaluated with the config saved in it (train_mode, model, dat
 the first `windows` windows of that split. Writes <out>/eval.json (per checkpoint: mean loss, loss at every
 position, ...) and <out>/loss_by_position.png (all checkpoints on one plot). out defaults to eval_out/.
 Options: checkpoint= (repeatable), label= (repeatable, same order), out=, windows= (16), batch_size= (4),
-device= (auto|cpu|cuda), bins= (64, plot only); any other key=value overrides the saved config.
+device= (auto|cpu|cuda), bins= (64, plot only), path= (auto|engine|training); any other key=value overrides the
+saved config.
+
+path: engine (what auto takes) computes every window's per-token losses in memory constant in its length: a meta
+model through the inference engine's prefill, each inner step a replayed CUDA graph on a GPU; a pretrain model
+in one no-grad pass with the logits formed in chunks. training runs the training-mode loss eagerly under no_grad
+(the same numbers; slower, memory growing with the window): for comparison.
 Exit status 2 with a one-line error for a bad checkpoint, config or data.
 """
 from __future__ import annotations
@@ -25,7 +31,7 @@ from ttt_e2e.data import DataError
 from ttt_e2e.eval.context_curve import evaluate_checkpoint, plot_curves
 from ttt_e2e.train.checkpoint import CheckpointError
 
-_OPTIONS = {"out": "eval_out", "windows": "16", "batch_size": "4", "device": "auto", "bins": "64"}
+_OPTIONS = {"out": "eval_out", "windows": "16", "batch_size": "4", "device": "auto", "bins": "64", "path": "auto"}
 
 
 def parse(argv: list[str]) -> tuple[list[str], list[str], dict, list[str]]:
@@ -55,7 +61,8 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         checkpoints, labels, opts, overrides = parse(argv)
-        results = [evaluate_checkpoint(c, overrides, int(opts["windows"]), int(opts["batch_size"]), opts["device"])
+        results = [evaluate_checkpoint(c, overrides, int(opts["windows"]), int(opts["batch_size"]), opts["device"],
+                                       opts["path"])
                    for c in checkpoints]
     except (ConfigError, DataError, CheckpointError, OmegaConfBaseException, ValueError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)

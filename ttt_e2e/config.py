@@ -86,6 +86,12 @@ class TTTConfig:
     inner_grad_clip: float = 1.0  # clip of the inner gradient's global norm (per sequence); <= 0 disables
     ilr_init: float = 0.1  # the ilr multiplier warms up linearly from this to 1 ...
     ilr_warmup_steps: int = 0  # ... over this many outer steps
+    # The reference's warm-up instead: ilr_init is an absolute inner lr, and the inner lr of step s is
+    # ilr_init + (inner_lr - ilr_init) min(1, (s + 1) / ilr_warmup_steps) (its get_ilr_multiplier)
+    reference_ilr_warmup: bool = False
+    # Evaluate (eval.py, and the trainer's validation) with the full inner lr, as the reference's evaluation
+    # mode does, rather than with the warm-up value of the checkpoint's step
+    eval_full_ilr: bool = False
     remat_inner: bool = True  # recompute each inner step in the outer backward instead of storing it
     remat_prefix: bool = False  # recompute each prefix block in the outer backward
     remat_prefix_blocks: Optional[int] = None  # with remat_prefix: only the first N prefix blocks (None: all), the
@@ -94,9 +100,20 @@ class TTTConfig:
     # memory (125M meta step on an H100: 16 vs 27 GiB), more time (+40%): the logits are recomputed
 
     def ilr_multiplier(self, step: int) -> float:
-        if self.ilr_warmup_steps <= 0 or step >= self.ilr_warmup_steps:
+        if self.ilr_warmup_steps <= 0:
+            return 1.0
+        if self.reference_ilr_warmup:
+            if self.inner_lr == 0:
+                return 1.0  # every multiple of a zero inner lr is zero
+            progress = min(1.0, (step + 1) / self.ilr_warmup_steps)
+            return (self.ilr_init + (self.inner_lr - self.ilr_init) * progress) / self.inner_lr
+        if step >= self.ilr_warmup_steps:
             return 1.0
         return self.ilr_init + (1.0 - self.ilr_init) * step / self.ilr_warmup_steps
+
+    def eval_ilr_multiplier(self, step: int) -> float:
+        """The multiplier an evaluation of a step-`step` model uses."""
+        return 1.0 if self.eval_full_ilr else self.ilr_multiplier(step)
 
     def validate(self, model: ModelConfig) -> None:
         if self.train_mode not in ("pretrain", "meta"):
@@ -148,7 +165,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to `min_lr` (METHOD.md section 3)."""
+    """AdamW with linear warmup then cosine decay to `min_lr` (METHOD.md section 3), and the spike policy."""
     lr: float = 3e-3  # peak learning rate
     b1: float = 0.9
     b2: float = 0.95
@@ -156,9 +173,31 @@ class OptimConfig:
     weight_decay: float = 0.1
     warmup_fraction: float = 0.1  # of training.steps, linear from 0 to lr
     min_lr: float = 1e-5  # end of the cosine
+    # The reference's optax warmup_cosine_decay_schedule(init 0): lr step / warmup during the warm-up (0 on the
+    # first update), then the cosine over total - warmup steps; false: lr (step + 1) / warmup, and the cosine
+    # reaches min_lr at the last step
+    reference_schedule: bool = False
+    decay_norms: bool = False  # weight decay on every parameter, RMSNorm gains included (as the reference's AdamW)
     grad_clip: float = 1.0  # global norm of the outer gradient; <= 0 disables
+    # What a step with a bad gradient does (ttt_e2e/train/spikes.py). stop: a non-finite loss or gradient norm
+    # ends the run. skip: a step whose loss or gradient norm is non-finite, or whose gradient norm exceeds
+    # spike_factor x the median of the last spike_window accepted steps' norms (once spike_min_history are
+    # known), takes no optimizer update (its batch is consumed, the schedule advances) and is counted in the
+    # metrics; spike_max_consecutive skipped steps in a row end the run.
+    spike_policy: str = "stop"
+    spike_factor: float = 10.0
+    spike_window: int = 64
+    spike_min_history: int = 8
+    spike_max_consecutive: int = 20
 
     def validate(self) -> None:
+        if self.spike_policy not in ("stop", "skip"):
+            raise ConfigError(f"optim.spike_policy must be stop or skip, got {self.spike_policy!r}")
+        if not self.spike_factor > 1:
+            raise ConfigError(f"optim.spike_factor must be > 1, got {self.spike_factor}")
+        for name in ("spike_window", "spike_min_history", "spike_max_consecutive"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:

@@ -104,8 +104,6 @@ def _read_rows(ds, what: str) -> Iterator[dict]:
 
 def _iter_datasets(source: str, name: Optional[str], split: str, text_field: str,
                    max_docs: Optional[int]) -> Iterator[str]:
-    import datasets  # heavy import, only when needed
-
     # Always streamed: rows go straight to the tokenizer, with no arrow copy of the corpus in the datasets cache
     # and no full download of a hub dataset when max_docs takes only its start.
     if is_local(source):
@@ -115,6 +113,10 @@ def _iter_datasets(source: str, name: Optional[str], split: str, text_field: str
         if not files:
             raise DataError(f"data source '{source}' is empty: no documents (all {len(all_files)} files are empty)")
         builder = _BUILDERS[Path(files[0]).suffix.lower()]
+        if builder == "text":  # one .txt file is one document: read directly, no `datasets` needed
+            yield from (Path(f).read_bytes().decode("utf-8", errors="replace") for f in files[:max_docs])
+            return
+        import datasets  # heavy import, only when needed
         # sample_by="document": one .txt file is one document, not one per line.
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         what = f"data source '{source}'"
@@ -123,6 +125,8 @@ def _iter_datasets(source: str, name: Optional[str], split: str, text_field: str
         except Exception as e:
             raise DataError(f"{what}: cannot read it: {_first_line(e)}") from None
     else:
+        import datasets
+
         what = f"dataset '{source}' (name={name}, split={split})"
         try:
             ds = datasets.load_dataset(source, name, split=split, streaming=True)

@@ -3,6 +3,7 @@
 Each checkpoint is evaluated with the config it was trained with (its train_mode, so a meta model runs its inner
 loop over every window, as at test time), on the head of its validation split; dotted overrides change that
 config (e.g. data.source=... to evaluate on other text, model.seq_length=... for a longer context).
+The losses are computed through `eval_path` (train/evaluate.py): by default the constant-memory one (stream_loss.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from ttt_e2e.train.precision import autocast, param_dtype
 
 
 def evaluate_checkpoint(path: str, overrides: Optional[list[str]] = None, windows: int = 16, batch_size: int = 4,
-                        device: str = "auto") -> dict:
+                        device: str = "auto", eval_path: str = "auto") -> dict:
     step_dir = resolve_checkpoint(path)
     cfg = read_config(step_dir, overrides)
     cfg.model.validate()
@@ -37,9 +38,9 @@ def evaluate_checkpoint(path: str, overrides: Optional[list[str]] = None, window
     state = load_checkpoint(step_dir, model, part="params")
     model.eval()
     r = evaluate(LossModule(model, cfg.ttt), val, tokenizer.bos_id, batch_size, windows,
-                 cfg.ttt.ilr_multiplier(state["step"]), info, lambda: autocast(cfg.model, info.device))
+                 cfg.ttt.eval_ilr_multiplier(state["step"]), info, lambda: autocast(cfg.model, info.device), eval_path)
     return {"checkpoint": str(step_dir), "step": state["step"], "train_mode": cfg.ttt.train_mode,
-            "seq_length": cfg.model.seq_length, "window": cfg.model.window,
+            "eval_path": eval_path, "seq_length": cfg.model.seq_length, "window": cfg.model.window,
             "mini_batch_size": cfg.ttt.mini_batch_size, "data_source": cfg.data.source, "windows": r.windows,
             "tokens": r.tokens, "loss": r.loss, "loss_by_position": [_json_float(x) for x in r.loss_by_position]}
 

@@ -3,6 +3,12 @@
 The by-position curve is the paper's loss-vs-context plot: the loss of the token at position i of a window,
 averaged over windows (for meta mode, with the inner loop run over the window as at training time).
 The mean is token-weighted over all evaluated tokens.
+
+Path (`path`): "engine" computes the same per-token losses in memory constant in the context length, through the
+inference engine's prefill with its CUDA graphs for a meta model (ttt_e2e/eval/stream_loss.py); "training" calls
+the trainer's loss module (the training-mode loss, eagerly, no_grad), whose memory grows with the window; "auto"
+takes engine wherever it applies: a bare or DDP-wrapped LossModule, not FSDP2-sharded parameters (only the
+wrapper's own forward gathers them).
 """
 from __future__ import annotations
 
@@ -11,8 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from ttt_e2e.data import DataError, WindowDataset, make_batch
+from ttt_e2e.eval.stream_loss import StreamLoss, engine_target
 
 from .distributed import DistInfo, all_reduce_sum
+
+PATHS = ("auto", "engine", "training")
 
 
 @dataclass
@@ -25,10 +34,23 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(loss_fn, val: WindowDataset, bos_id: int, batch_size: int, max_windows: int, ilr_mult: float,
-             info: DistInfo, autocast) -> EvalResult:
-    """loss_fn(input_ids, targets, mask, ilr_mult) -> dict with token_losses (B, T). Every rank runs the same
-    number of forward calls (FSDP2 gathers parameters collectively), on disjoint windows. autocast() gives the
-    precision context."""
+             info: DistInfo, autocast, path: str = "auto") -> EvalResult:
+    """loss_fn(input_ids, targets, mask, ilr_mult) -> dict with token_losses (B, T): the trainer's loss module
+    (bare, DDP or FSDP2). Every rank runs the same number of forward calls (FSDP2 gathers parameters
+    collectively), on disjoint windows. autocast() gives the precision context. path: see the module docstring."""
+    if path not in PATHS:
+        raise ValueError(f"evaluation path must be one of {', '.join(PATHS)}, got {path!r}")
+    target = engine_target(loss_fn) if path != "training" else None
+    if path == "engine" and target is None:
+        raise ValueError("the engine evaluation path needs an unsharded LossModule (bare or in DDP) whose model "
+                         "the inference engine runs (meta mode needs model.window); use path=training")
+    if target is None:
+        return _evaluate(loss_fn, val, bos_id, batch_size, max_windows, ilr_mult, info, autocast)
+    with StreamLoss(*target, bos_id) as stream:  # its graphs and their memory go with the evaluation
+        return _evaluate(stream, val, bos_id, batch_size, max_windows, ilr_mult, info, autocast)
+
+
+def _evaluate(loss_fn, val, bos_id, batch_size, max_windows, ilr_mult, info, autocast) -> EvalResult:
     n = min(len(val), max_windows) // info.world_size
     if n < 1:
         raise DataError(f"the validation split has {len(val)} windows, fewer than the {info.world_size} ranks; "

@@ -35,6 +35,7 @@ from .metrics import build_loggers, require_wandb
 from .optim import build_optimizer, build_scheduler
 from .parallel import LossModule, check_parallel_config, parallelize
 from .precision import autocast, param_dtype
+from .spikes import SpikeGuard
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, what: str, checkpoint: Optional[Path]):
         self.step, self.checkpoint = step, checkpoint
         kept = f"last good checkpoint kept: {checkpoint}" if checkpoint else "no checkpoint had been written yet"
-        super().__init__(f"non-finite {what} at step {step}: training stopped; {kept}")
+        super().__init__(f"{what} at step {step}: training stopped; {kept}")
 
 
 @dataclass
@@ -178,11 +179,12 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
         if data.val is None:
             return None
         r = evaluate(wrapped, data.val, data.tokenizer.bos_id, data.micro_batch_size,
-                     tc.eval_batches * tc.global_batch_size, cfg.ttt.ilr_multiplier(step), info, amp)
+                     tc.eval_batches * tc.global_batch_size, cfg.ttt.eval_ilr_multiplier(step), info, amp)
         return r.loss
 
     graphed = (GraphedMicroStep(loss_module, list(model.parameters()), amp, data.accumulation)
                if graph else None)  # captured at the first micro-batch
+    guard = SpikeGuard(cfg.optim)
     result = TrainResult(info.is_main, run_dir, start, None, None, None, None, ckpt.latest())
     bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (info.is_main and tc.progress),
                dynamic_ncols=True)
@@ -194,7 +196,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
         step = start
         while step < tc.steps:
             metrics = _train_step(cfg, wrapped, model, optimizer, scheduler, data, amp, step, ckpt, info.world_size,
-                                  graphed)
+                                  graphed, guard)
             step += 1
             dt = metrics.pop("_time")
             record = {"step": step, **metrics, "tokens": step * tokens_per_step, "step_time_s": dt,
@@ -219,7 +221,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
 
 
 def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, data: TrainData, amp, step: int,
-                ckpt: Checkpointer, world_size: int, graphed: Optional[GraphedMicroStep] = None) -> dict:
+                ckpt: Checkpointer, world_size: int, graphed: Optional[GraphedMicroStep] = None,
+                guard: Optional[SpikeGuard] = None) -> dict:
     """One optimizer step (step = steps already taken). Returns the step's metrics (averaged over ranks)."""
     t0 = time.perf_counter()
     ilr = cfg.ttt.ilr_multiplier(step)
@@ -245,20 +248,21 @@ def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, 
     all_reduce_sum(stats)
     stats /= len(micro_batches) * world_size
     loss = stats[0].item()
-    if not math.isfinite(loss):
-        raise NonFiniteLossError(step + 1, "loss", ckpt.latest())
-    grad_norm = _grad_norm(model.parameters(), cfg.optim.grad_clip)
-    if not math.isfinite(grad_norm):
-        raise NonFiniteLossError(step + 1, "gradient norm", ckpt.latest())
+    guard = guard or SpikeGuard(cfg.optim)  # optim.spike_policy: stop, or skip this step's update (spikes.py)
+    grad_norm = _grad_norm(model.parameters(), cfg.optim.grad_clip) if math.isfinite(loss) else math.nan
+    stop = guard.check(loss, grad_norm)
+    if stop:
+        raise NonFiniteLossError(step + 1, stop, ckpt.latest())
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
+    if not guard.skipped:
+        optimizer.step()
     scheduler.step()
     if graphed is not None:
         graphed.zero_grad()  # in place: the graph's backward accumulates into these very tensors
     else:
         optimizer.zero_grad(set_to_none=True)
     record = {"loss": loss, "minibatch_losses": stats[1:1 + n_mb].tolist(), "grad_norm": grad_norm, "lr": lr,
-              "ilr": cfg.ttt.inner_lr * ilr}
+              "ilr": cfg.ttt.inner_lr * ilr, "skipped": guard.skipped, "skipped_steps": guard.total}
     if cfg.ttt.train_mode == "meta" and n_mb > 1:
         inner = stats[1 + n_mb:]
         record.update(inner_grad_norm=inner.mean().item(), inner_grad_norm_by_minibatch=inner.tolist())
