@@ -250,6 +250,9 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, sampler=N
     state = _load(path, "state.pt")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {state.get('format')}, this code reads {FORMAT}")
+    if part == "all" and "optimizer" not in state:
+        raise CheckpointError(f"checkpoint {path} holds parameters only (no optimizer state: converted or "
+                              f"exported weights): start from it with training.load_part=params")
     set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True, strict=True))
     if part == "all":
         set_optimizer_state_dict(model, optimizer, _fuse_optimizer_state(state["optimizer"], keys),

@@ -1,0 +1,97 @@
+"""`load_pretrained(path) -> (model, cfg)`: one call for every kind of saved model.
+
+  - one of our training checkpoints (a run dir, its checkpoints dir or a step dir; what `ttt_e2e.convert from-jax`
+    writes is one of these),
+  - a directory written by `model.save_pretrained(dir)` (config.json + safetensors, Hugging Face layout),
+  - a Hugging Face Hub repo id holding the latter (downloaded with huggingface_hub).
+
+cfg is our Config (cfg.model, cfg.ttt, ...): `sequence_loss(model, x, y, mask, cfg.ttt)` runs on the model.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ttt_e2e.config import Config
+from ttt_e2e.train.checkpoint import CheckpointError
+
+SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and ((path / SAFETENSORS).is_file() or (path / INDEX).is_file())
+
+
+def _config(saved: dict, overrides: Sequence[str] = ()) -> Config:
+    from omegaconf import OmegaConf
+
+    from ttt_e2e.config import ConfigError
+
+    known = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
+    if "model" not in known:
+        raise CheckpointError("config.json has no 'model' section: not written by ttt_e2e save_pretrained")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), known, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+        cfg.model.validate()
+        cfg.ttt.validate(cfg.model)
+    except (ConfigError, ValueError) as e:  # OmegaConf's errors are ValueErrors too
+        raise CheckpointError(f"bad config.json: {str(e).strip().splitlines()[0]}") from None
+    return cfg
+
+
+def _load_hf_dir(path: Path, overrides: Sequence[str] = ()):
+    from huggingface_hub import load_torch_model
+
+    from ttt_e2e.model.transformer import Transformer
+
+    try:
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
+    cfg = _config(saved, overrides)
+    model = Transformer(cfg.model, cfg.ttt)
+    try:
+        load_torch_model(model, path, strict=True)
+    except Exception as e:  # a truncated shard, missing or foreign keys, wrong shapes: one line naming it
+        msg = " ".join(str(e).split())
+        raise CheckpointError(f"cannot load the weights in {path}: {type(e).__name__}: {msg[:300]}") from None
+    return model, cfg, 0
+
+
+def _load_ours(path: str, overrides: Sequence[str] = ()):
+    from ttt_e2e.model.transformer import Transformer
+    from ttt_e2e.train.checkpoint import load_checkpoint, read_config, resolve_checkpoint
+
+    step_dir = resolve_checkpoint(path)
+    cfg = read_config(step_dir, list(overrides))
+    model = Transformer(cfg.model, cfg.ttt)
+    state = load_checkpoint(step_dir, model, part="params")
+    return model, cfg, state["step"]
+
+
+def load(path, overrides: Sequence[str] = (), **hub_kwargs):
+    """(model, cfg, step): `load_pretrained` plus the step the weights were saved at (0 for save_pretrained)."""
+    p = Path(str(path)).expanduser()
+    if is_hf_dir(p):
+        return _load_hf_dir(p, overrides)
+    if p.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+        return _load_ours(str(path), overrides)
+    from huggingface_hub import snapshot_download  # "owner/name": a Hub repo
+
+    local = snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"],
+                              **{k: v for k, v in hub_kwargs.items() if v is not None})
+    return _load_hf_dir(Path(local), overrides)
+
+
+def load_pretrained(path, overrides: Sequence[str] = (), device: Optional[str | torch.device] = None,
+                    **hub_kwargs) -> tuple[torch.nn.Module, Config]:
+    """(model, cfg) from a checkpoint, a save_pretrained dir or a Hub repo id (see the module docstring);
+    overrides: dotted settings ("model.attention_backend=torch", "ttt.mini_batch_size=512") applied to the
+    saved config. The model is in eval mode, on `device` (default: where it was built, the CPU)."""
+    model, cfg, _ = load(path, overrides, **hub_kwargs)
+    model.eval()
+    return (model.to(device) if device is not None else model), cfg
