@@ -8,6 +8,7 @@ sharding on the devices recorded at save time; restoring every leaf as a numpy a
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +28,9 @@ def available() -> bool:
 
 
 def _ocp():
+    # Restoring as numpy needs no accelerator: keep jax off the GPUs (its default preallocates most of their
+    # memory) unless the caller chose platforms. Only effective before jax's first import.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
         import orbax.checkpoint as ocp
     except ImportError as e:
@@ -62,6 +66,7 @@ def read(path: Path) -> tuple[dict[str, np.ndarray], Optional[int]]:
     item, step = item_dir(path)
     try:
         meta = ocp.StandardCheckpointer().metadata(item.resolve())
+        meta = getattr(meta, "item_metadata", meta)  # later versions wrap it in a StepMetadata
         tree = getattr(meta, "tree", meta)  # 0.11: a TreeMetadata with .tree; older: the tree itself
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         restored = ocp.PyTreeCheckpointer().restore(item.resolve(), restore_args=args)
