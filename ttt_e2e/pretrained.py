@@ -82,8 +82,13 @@ def load(path, overrides: Sequence[str] = (), **hub_kwargs):
         return _load_ours(str(path), overrides)
     from huggingface_hub import snapshot_download  # "owner/name": a Hub repo
 
-    local = snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"],
-                              **{k: v for k, v in hub_kwargs.items() if v is not None})
+    try:
+        local = snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"],
+                                  **{k: v for k, v in hub_kwargs.items() if v is not None})
+    except Exception as e:  # offline, no such repo, gated: one line
+        msg = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"no checkpoint at '{path}', and not a Hub repo to download: {type(e).__name__}: "
+                              f"{msg}") from None
     return _load_hf_dir(Path(local), overrides)
 
 

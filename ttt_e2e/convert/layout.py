@@ -119,7 +119,8 @@ def _oriented(a: np.ndarray) -> np.ndarray:
 def _tensor(a: np.ndarray) -> torch.Tensor:
     if a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 (orbax restores it so): same bits as torch's
         return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
+    a = np.ascontiguousarray(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())  # restored arrays may be read-only
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
