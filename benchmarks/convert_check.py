@@ -30,9 +30,21 @@ if not (REPO / "ttt_e2e" / "kernels").exists():  # a bare copy of the tree: the 
         (REPO / "ttt_e2e" / "kernels").symlink_to("../kernels")
         print("created the link ttt_e2e/kernels -> ../kernels (as in a checkout)", file=sys.stderr)
 
-# jax only writes the reference checkpoint here; without preallocation it leaves the GPU to the torch processes
+# jax writes the reference checkpoint (WRITE_ORBAX, in a child process); without preallocation it would leave
+# the GPU to the torch processes anyway
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-os.environ.setdefault("JAX_PLATFORMS", "")  # the GPU if jax has one: the released checkpoints come from GPUs
+WRITE_ORBAX = """
+import json, sys
+import numpy as np
+from pathlib import Path
+from ttt_e2e.convert import orbax_io
+with np.load(sys.argv[1]) as z:
+    flat = {k: z[k] for k in z.files}
+orbax_io.write(Path(sys.argv[2]), 4799, flat)
+import jax, orbax.checkpoint as ocp
+print(json.dumps({"jax": jax.__version__, "orbax-checkpoint": getattr(ocp, "__version__", "?"),
+                  "written_on": jax.devices()[0].platform}))
+"""
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -60,11 +72,12 @@ class Checks:
             self.failed.append(name)
 
 
-def run(cmd: list[str], timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
-    print("$ " + " ".join(cmd), flush=True)
+def run(cmd: list[str], timeout: float = 240, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    print("$ " + " ".join(cmd if cmd[0] != "-c" else ["-c", "WRITE_ORBAX", *cmd[2:]]), flush=True)
     t0 = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # the converter's own default: jax on
-    # the CPU, so it restores what the GPU wrote without the saving devices, as for the released checkpoints
+    # without JAX_PLATFORMS the converter keeps jax on the CPU: it restores what a GPU wrote without the saving
+    # devices, as it must for the released checkpoints
+    env = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}, **(env or {})}
     try:
         p = subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=timeout)
@@ -100,17 +113,17 @@ def main() -> int:
     torch.manual_seed(0)
     ours = Transformer(mcfg).state_dict()
     flat = layout.to_reference(ours, mcfg)
-    src, fmt = work / "125m_ttt_e2e", "orbax"
-    try:
-        orbax_io.write(src, 4799, flat)
-        import jax
-        import orbax.checkpoint as ocp
-        versions = {"jax": jax.__version__, "orbax-checkpoint": getattr(ocp, "__version__", "?"),
-                    "written_on": jax.devices()[0].platform}
-    except Exception as e:  # an orbax API this code does not know: say so, go on with .npz
-        check("orbax write", False, f"{type(e).__name__}: {e}"[:300])
-        src, fmt, versions = work / "125m_ttt_e2e.npz", "npz", {}
-        np.savez(src, **flat)
+    np.savez(work / "random.npz", **flat)
+    src, fmt, versions = work / "125m_ttt_e2e", "orbax", {}
+    for platforms in ("", "cpu"):  # jax's GPU if it has one (as the released checkpoints), else its CPU
+        p, _ = run(["-c", WRITE_ORBAX, str(work / "random.npz"), str(src)], env={"JAX_PLATFORMS": platforms})
+        if p.returncode == 0:
+            versions = json.loads(p.stdout.strip().splitlines()[-1])
+            break
+        shutil.rmtree(src, ignore_errors=True)
+    if not versions:  # an orbax this code does not know: say so, go on with the .npz
+        check("orbax write", False, p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else p.returncode)
+        src, fmt = work / "random.npz", "npz"
     times["write_reference_s"] = time.perf_counter() - t0
     n_params = sum(v.numel() for v in ours.values())
     print(f"reference checkpoint ({fmt}, {n_params / 1e6:.1f}M parameters, {versions}) at {src}", flush=True)

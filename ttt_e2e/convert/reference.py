@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ttt_e2e.config import Config
+from ttt_e2e.train.checkpoint import FORMAT, _write_durable
 
 from . import layout, orbax_io
 from .layout import ConvertError
@@ -77,13 +78,6 @@ def _apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         raise ConvertError(f"bad --set {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
 
 
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _fresh(dst: Path) -> Path:
     """A hidden temporary dir beside dst, renamed onto it only once everything is written."""
     if dst.exists():
@@ -97,22 +91,15 @@ def _fresh(dst: Path) -> Path:
 def write_checkpoint(dst: Path, sd: dict, cfg: Config, step: int, source: str) -> None:
     """One of our checkpoint step dirs (model.pt, state.pt, meta.json), parameters only: state.pt has no
     optimizer, so training.load_part=all refuses it (load_checkpoint) and load_part=params takes it."""
-    from ttt_e2e.train.checkpoint import FORMAT
-
     tmp = _fresh(dst)
     tmp.mkdir()
     try:
         config = asdict(cfg)
-        with open(tmp / "model.pt", "wb") as f:
-            torch.save(sd, f)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / "state.pt", "wb") as f:
-            torch.save({"format": FORMAT, "step": step, "config": config, "converted_from": source}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        state = {"format": FORMAT, "step": step, "config": config, "converted_from": source}
+        for name, obj in (("model.pt", sd), ("state.pt", state)):  # straight to the file: a 3B model is 12 GB
+            _write_durable(tmp / name, lambda f, obj=obj: torch.save(obj, f))
         meta = {"step": step, "time": time.time(), "config": config, "converted_from": source}
-        _write_durable(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+        _write_durable(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -170,18 +157,15 @@ def to_jax(src, dst, log=None) -> Path:
     try:
         if dst.suffix == ".npz":
             tmp.mkdir()
-            with open(tmp / "weights.npz", "wb") as f:
-                np.savez(f, **flat)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_durable(tmp / "weights.npz", lambda f: np.savez(f, **flat))
             os.replace(tmp / "weights.npz", dst)
             config_path = dst.with_name(dst.stem + ".config.json")
-            _write_durable(config_path, ref_cfg)
+            _write_durable(config_path, lambda f: f.write(ref_cfg))
             if log:
                 log(f"config: {config_path} (from-jax reads it beside the .npz)")
         else:
             orbax_io.write(tmp, step, flat)
-            _write_durable(tmp / "config.json", ref_cfg)
+            _write_durable(tmp / "config.json", lambda f: f.write(ref_cfg))
             os.replace(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
