@@ -25,44 +25,38 @@ def is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and ((path / SAFETENSORS).is_file() or (path / INDEX).is_file())
 
 
-def _config(saved: dict, overrides: Sequence[str] = ()) -> Config:
-    from omegaconf import OmegaConf
-
-    from ttt_e2e.config import ConfigError
-
-    known = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__}
-    if "model" not in known:
-        raise CheckpointError("config.json has no 'model' section: not written by ttt_e2e save_pretrained")
+def read_saved_config(path: Path) -> dict:
+    """The sections of our Config in a save_pretrained dir's config.json."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), known, OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.to_object(merged)
-        cfg.model.validate()
-        cfg.ttt.validate(cfg.model)
-    except (ConfigError, ValueError) as e:  # OmegaConf's errors are ValueErrors too
-        raise CheckpointError(f"bad config.json: {str(e).strip().splitlines()[0]}") from None
-    return cfg
-
-
-def _load_hf_dir(path: Path, overrides: Sequence[str] = ()):
-    from huggingface_hub import load_torch_model
-
-    from ttt_e2e.model.transformer import Transformer
-
-    try:
-        saved = json.loads((path / "config.json").read_text())
+        saved = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
-    cfg = _config(saved, overrides)
-    model = Transformer(cfg.model, cfg.ttt)
+        raise CheckpointError(f"cannot read {Path(path) / 'config.json'}: {e}") from None
+    known = {k: v for k, v in saved.items() if k in Config.__dataclass_fields__} if isinstance(saved, dict) else {}
+    if "model" not in known:
+        raise CheckpointError(f"{Path(path) / 'config.json'} has no 'model' section: not written by ttt_e2e "
+                              f"save_pretrained")
+    return known
+
+
+def read_weights(path: Path) -> dict:
+    """The state dict in a save_pretrained dir: model.safetensors, or the shards its index names."""
+    from huggingface_hub import load_state_dict_from_file
+
+    path = Path(path)
     try:
-        load_torch_model(model, path, strict=True)
-    except Exception as e:  # a truncated shard, missing or foreign keys, wrong shapes: one line naming it
-        msg = " ".join(str(e).split())
-        raise CheckpointError(f"cannot load the weights in {path}: {type(e).__name__}: {msg[:300]}") from None
-    return model, cfg, 0
+        files = (sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+                 if (path / INDEX).is_file() else [SAFETENSORS])
+        sd = {}
+        for name in files:
+            sd.update(load_state_dict_from_file(path / name))
+    except Exception as e:  # a truncated or missing shard: one line naming it
+        msg = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"cannot read the weights in {path}: {type(e).__name__}: {msg}") from None
+    return sd
 
 
 def _load_ours(path: str, overrides: Sequence[str] = ()):
+    """Through the trainer's checkpoint code, which also reads save_pretrained dirs (train/checkpoint.py)."""
     from ttt_e2e.model.transformer import Transformer
     from ttt_e2e.train.checkpoint import load_checkpoint, read_config, resolve_checkpoint
 
@@ -76,8 +70,6 @@ def _load_ours(path: str, overrides: Sequence[str] = ()):
 def load(path, overrides: Sequence[str] = (), **hub_kwargs):
     """(model, cfg, step): `load_pretrained` plus the step the weights were saved at (0 for save_pretrained)."""
     p = Path(str(path)).expanduser()
-    if is_hf_dir(p):
-        return _load_hf_dir(p, overrides)
     if p.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
         return _load_ours(str(path), overrides)
     from huggingface_hub import snapshot_download  # "owner/name": a Hub repo
@@ -89,7 +81,7 @@ def load(path, overrides: Sequence[str] = (), **hub_kwargs):
         msg = " ".join(str(e).split())[:300]
         raise CheckpointError(f"no checkpoint at '{path}', and not a Hub repo to download: {type(e).__name__}: "
                               f"{msg}") from None
-    return _load_hf_dir(Path(local), overrides)
+    return _load_ours(local, overrides)
 
 
 def load_pretrained(path, overrides: Sequence[str] = (), device: Optional[str | torch.device] = None,

@@ -70,6 +70,11 @@ def test_save_pretrained_load_pretrained_exact(tmp_path):
         assert torch.equal(sequence_loss(loaded, x, y, y != 1, cfg2.ttt).loss, loss)
     hub = Transformer.from_pretrained(tmp_path / "sharded")  # huggingface_hub's entry point, same loader
     assert all(torch.equal(v, hub.state_dict()[k]) for k, v in model.state_dict().items())
+    shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # a partial download
+    with pytest.raises(CheckpointError, match="cannot read the weights") as e:
+        load_pretrained(tmp_path / "sharded")
+    assert "\n" not in str(e.value)
 
 
 def test_converted_checkpoint_is_params_only(tmp_path):
@@ -98,21 +103,29 @@ def _random_reference(tmp_path: Path) -> Path:
 
 def test_converted_model_runs_in_generate_eval_and_training(tmp_path, monkeypatch, capsys):
     ckpt = from_jax(_random_reference(tmp_path), tmp_path / "ours", tokenizer="bytes")
+    model, cfg = load_pretrained(ckpt)
+    model.save_pretrained(tmp_path / "hf", config=cfg, max_shard_size="50KB")  # also a save_pretrained dir
     text = tmp_path / "corpus.txt"
     text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
 
     from ttt_e2e.inference.cli import main as generate_main
-    generate_main(["--checkpoint", str(ckpt), "--prompt", "hello", "--max-new-tokens", "4", "--device", "cpu",
-                   "--no-stop-at-eos"])
-    assert "4 new tokens" in capsys.readouterr().err
+    completions = []
+    for path in (ckpt, tmp_path / "hf"):
+        generate_main(["--checkpoint", str(path), "--prompt", "hello", "--max-new-tokens", "4", "--device", "cpu",
+                       "--no-stop-at-eos"])
+        out = capsys.readouterr()
+        assert "4 new tokens" in out.err
+        completions.append(out.out)
+    assert completions[0] == completions[1]
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     monkeypatch.chdir(tmp_path)
     import eval as eval_cli
-    assert eval_cli.main([f"checkpoint={ckpt}", f"data.source={text}", f"data.cache_dir={tmp_path / 'cache'}",
-                          "windows=2", "batch_size=2", "device=cpu"]) == 0
-    result = json.loads((tmp_path / "eval_out" / "eval.json").read_text())["checkpoints"][0]
-    assert result["train_mode"] == "meta" and np.isfinite(result["loss"])
+    assert eval_cli.main([f"checkpoint={ckpt}", f"checkpoint={tmp_path / 'hf'}", f"data.source={text}",
+                          f"data.cache_dir={tmp_path / 'cache'}", "windows=2", "batch_size=2", "device=cpu"]) == 0
+    converted, hf = json.loads((tmp_path / "eval_out" / "eval.json").read_text())["checkpoints"]
+    assert converted["train_mode"] == "meta" and np.isfinite(converted["loss"])
+    assert hf["loss_by_position"] == converted["loss_by_position"]
 
     from ttt_e2e.train.trainer import train
     base = dict(model=ModelConfig(**json.loads((ckpt / "meta.json").read_text())["config"]["model"]),
