@@ -47,10 +47,10 @@ def load_model(args) -> tuple[Transformer, TTTConfig, str]:
         ttt = parse_overrides(TTTConfig, args.ttt)
         torch.manual_seed(args.seed or 0)
         return Transformer(mcfg), ttt, args.tokenizer or "bytes"
-    from ttt_e2e.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from ttt_e2e.train.checkpoint import load_checkpoint, read_config, resolve_checkpoint
 
     path = resolve_checkpoint(args.checkpoint)
-    config = json.loads((path / "meta.json").read_text())["config"]
+    config = dataclasses.asdict(read_config(path))
     mcfg = parse_overrides(ModelConfig, args.model, config.get("model", {}))
     ttt = parse_overrides(TTTConfig, args.ttt, config.get("ttt", {}))
     model = Transformer(mcfg)

@@ -77,10 +77,19 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     return dirs[-1] if dirs else None
 
 
+def _pretrained(path: Path):
+    """ttt_e2e.pretrained where path is a save_pretrained dir (config.json + safetensors: weights only), else None."""
+    if (path / "model.pt").is_file():
+        return None
+    from ttt_e2e import pretrained
+
+    return pretrained if pretrained.is_hf_dir(path) else None
+
+
 def resolve_checkpoint(path: str) -> Path:
     """A step dir, a checkpoints dir (its latest) or a run dir (its checkpoints' latest)."""
     p = Path(os.path.expanduser(path))
-    if (p / "model.pt").is_file():
+    if (p / "model.pt").is_file() or _pretrained(p):
         return p
     for ckpt_dir in (p, p / "checkpoints"):
         found = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
@@ -243,13 +252,17 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, sampler=N
     """Load into the (possibly wrapped-in-place) model; part=params loads the weights only. Returns the saved
     state (step, config, ...) for the caller; with part=all also restores optimizer, scheduler, sampler, RNG."""
     keys = list(model.state_dict())
-    model_sd = _fuse_model_state(_load(path, "model.pt"), keys)
+    hf = _pretrained(path)
+    model_sd = _fuse_model_state(hf.read_weights(path) if hf else _load(path, "model.pt"), keys)
     problem = _shape_mismatch(path, model_sd, model)
     if problem:
         raise CheckpointError(problem)
-    state = _load(path, "state.pt")
+    state = {"format": FORMAT, "step": 0} if hf else _load(path, "state.pt")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {state.get('format')}, this code reads {FORMAT}")
+    if part == "all" and "optimizer" not in state:
+        raise CheckpointError(f"checkpoint {path} holds parameters only (no optimizer state: converted or "
+                              f"exported weights): start from it with training.load_part=params")
     set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True, strict=True))
     if part == "all":
         set_optimizer_state_dict(model, optimizer, _fuse_optimizer_state(state["optimizer"], keys),
@@ -266,9 +279,9 @@ def read_config(step_dir: Path, overrides: Optional[list[str]] = None):
 
     from ttt_e2e.config import Config
 
-    meta_path = Path(step_dir) / "meta.json"
+    meta_path, hf = Path(step_dir) / "meta.json", _pretrained(Path(step_dir))
     try:
-        saved = json.loads(meta_path.read_text())["config"]
+        saved = hf.read_saved_config(step_dir) if hf else json.loads(meta_path.read_text())["config"]
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot read the config of checkpoint {step_dir}: {e}") from None
     merged = OmegaConf.merge(OmegaConf.structured(Config), saved, OmegaConf.from_dotlist(list(overrides or [])))
