@@ -6,7 +6,8 @@ import torch
 from torch.func import functional_call, grad
 
 from tiny import tiny_batch, tiny_model
-from ttt_e2e.ttt.inner import inner_step, sgd_step
+from ttt_e2e.kernels.sgd.step import sgd_step
+from ttt_e2e.ttt.inner import inner_step
 from ttt_e2e.ttt.loss import masked_mean, token_losses
 
 
@@ -116,7 +117,7 @@ def test_theta_cast_once_is_autocasts_per_use_cast():
 
 
 def test_sum_of_squares_backward_rounds_once_into_the_gradients_dtype():
-    from ttt_e2e.ttt.inner import _SumOfSquares
+    from ttt_e2e.kernels.sgd.step import _SumOfSquares
     g = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(3)).bfloat16().requires_grad_()
     s = _SumOfSquares.apply(g)
     assert s.dtype == torch.float32

@@ -37,7 +37,7 @@ import torch
 from torch.func import functional_call
 
 from ttt_e2e.config import TTTConfig
-from ttt_e2e.model.attention import DevicePos, shared_rope_angles
+from ttt_e2e.model.rope import DevicePos, shared_rope_angles
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.inner import inner_step
 

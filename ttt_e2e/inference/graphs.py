@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ttt_e2e.model.attention import DevicePos, shared_rope_angles
+from ttt_e2e.model.rope import DevicePos, shared_rope_angles
 from ttt_e2e.model.layers import compute_dtype, first_order_only
 from ttt_e2e.ttt.inner import inner_step
 

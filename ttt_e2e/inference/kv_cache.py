@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ttt_e2e.model.attention import DevicePos, attend, attend_over_cache
+from ttt_e2e.model.attention import attend, attend_over_cache
+from ttt_e2e.model.rope import DevicePos
 
 # Window standing for "no window" in the attention seam (positions are far below it; the kernels clamp it).
 FULL = 1 << 40

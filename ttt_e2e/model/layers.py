@@ -116,14 +116,6 @@ class SwiGLU(nn.Module):
         return swiglu(x, self.w13, self.w2, self.kernel)
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (T, head_dim/2) for absolute positions (computed in fp64 then cast: positions reach
-    millions, where fp32 angles lose digits)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos().float(), angles.sin().float()
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: bool = True) -> torch.Tensor:
     """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, T, H, D) by the angles of each position, cos
     and sin (T, D/2) from rope_angles: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin). kernel: one Triton kernel
