@@ -8,8 +8,9 @@ at that tree; a bare tree (no `ttt_e2e/kernels` link to its top-level `kernels/`
 subpackage at import, so nothing is written into it. Processes alternate A B B A (--rounds 2), so that a drift
 of the machine (clock, temperature) falls on both trees alike. Each process measures, on one GPU:
   step  125M and 1B: the `fa` pretrain step (cuDNN full attention) and the `e2e` meta step (T = 8192, b = 1024,
-        W = 8192, remat_inner), bf16 autocast, fp32 AdamW, each captured whole as a CUDA graph and replayed
-        (benchmarks/meta_step.py --graph's path): ms per step, median of --steps replays (CUDA events);
+        W = 8192, every activation kept, as RESULTS.md's figures), bf16 autocast, fp32 AdamW, each captured whole
+        as a CUDA graph and replayed (benchmarks/meta_step.py --graph's path): ms per step, median of --steps
+        replays (CUDA events);
   prefill  the 3B TTT prefill of a 128K prompt with CUDA graphs (benchmarks/latency.py's path): seconds, median
         of --prefill-reps runs after a warm-up prompt that captures every graph.
 Reported per (target, tree): the median over processes of each process's median, and the spread: the range of
@@ -72,7 +73,7 @@ def _step_ms(size: str, mode: str, device: str, steps: int, tiny: bool) -> list[
         mcfg = (paper_config(size, "fa", T, attention_backend="sdpa") if mode == "fa"
                 else paper_config(size, "e2e", T, window=8192))
     tcfg = (TTTConfig(train_mode="pretrain", mini_batch_size=T) if mode == "fa"
-            else TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0, remat_inner=True))
+            else TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0, remat_inner=False))
     torch.manual_seed(0)
     model = Transformer(mcfg, tcfg).to(device)
     cuda = device == "cuda"

@@ -8,6 +8,7 @@ from torch.func import functional_call, grad
 from tiny import tiny_batch, tiny_model
 from ttt_e2e.kernels.sgd.step import sgd_step
 from ttt_e2e.ttt.inner import inner_step
+from ttt_e2e.ttt.settings import InnerSettings
 from ttt_e2e.ttt.loss import masked_mean, token_losses
 
 
@@ -84,8 +85,8 @@ def test_inner_gradient_under_autocast_is_autocasts_per_use_gradient():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         per_use = grad(loss)(phi)
         _, _, phi_next, _, gnorm, _ = inner_step(model.suffix, theta, head, phi, None, h, targets[:, :b],
-                                              mask[:, :b], 0, eta=0.5, clip=0.0, window=model.cfg.window,
-                                              ce_kernel=False)
+                                              mask[:, :b], 0, InnerSettings(eta=0.5, clip=0.0,
+                                              window=model.cfg.window, ce_kernel=False))
     for n in inner:
         assert per_use[n].dtype == torch.float32
         torch.testing.assert_close(phi_next[n], phi[n] - 0.5 * per_use[n], rtol=0, atol=0)
@@ -108,7 +109,7 @@ def test_theta_cast_once_is_autocasts_per_use_cast():
         head = model.head_weight().bfloat16() if cast else model.head_weight()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outs.append(inner_step(model.suffix, theta, head, phi, None, h, targets[:, :b], mask[:, :b], 0,
-                                   eta=0.5, clip=1.0, window=model.cfg.window, ce_kernel=False))
+                                   InnerSettings(eta=0.5, clip=1.0, window=model.cfg.window, ce_kernel=False)))
     (l0, _, phi0, _, n0, _), (l1, _, phi1, _, n1, _) = outs
     torch.testing.assert_close(l1, l0, rtol=0, atol=0)
     torch.testing.assert_close(n1, n0, rtol=0, atol=0)
@@ -205,12 +206,12 @@ def test_inner_step_in_place_is_bitwise_the_default(autocast, clip):
         buf = {n: p.clone() for n, p in phi0.items()}
         buf_c = buf if dtype == torch.float32 else {n: p.to(dtype) for n, p in phi0.items()}
         buf_caches = None
-        settings = dict(eta=0.5, clip=clip, window=model.cfg.window, ce_kernel=False)
+        settings = InnerSettings(eta=0.5, clip=clip, window=model.cfg.window, ce_kernel=False)
         for t in range(3):
             sl = slice(t * b, (t + 1) * b)
             args = (h[:, sl], targets[:, sl], mask[:, sl], t * b)
-            want = inner_step(model.suffix, theta, head, phi, caches, *args, **settings)
-            got = inner_step(model.suffix, theta, head, buf, buf_caches, *args, **settings, phi_c=buf_c,
+            want = inner_step(model.suffix, theta, head, phi, caches, *args, settings)
+            got = inner_step(model.suffix, theta, head, buf, buf_caches, *args, settings, phi_c=buf_c,
                              out=(buf, buf_c))
             (l0, tok0, phi, caches, n0, phi_c), (l1, tok1, nxt, buf_caches, n1, nxt_c) = want, got
             assert nxt is buf and nxt_c is buf_c

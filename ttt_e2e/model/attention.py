@@ -80,7 +80,7 @@ class Attention(torch.nn.Module):
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.window, self.rope_theta, self.backend = window, rope_theta, backend
         # q, k, v from one (3 d, d) matrix: one matmul and, in the backward, one for x's gradient (in place of three
-        # and two adds): at the suffix's 1K rows a d x d product fills a third of an H100's SMs
+        # and two adds): at the suffix's 1K rows a d x d product is too small to fill the GPU (benchmarks/RESULTS.md)
         self.wqkv = torch.nn.Linear(d_model, 3 * d_model, bias=False)
         self.wo = torch.nn.Linear(d_model, d_model, bias=False)
         # One scale of size head_dim shared by all heads.

@@ -1,4 +1,4 @@
-"""The small pieces of a block: RMSNorm, SwiGLU, rotary embeddings (METHOD.md section 1)."""
+"""The small pieces of a block: RMSNorm, SwiGLU, rotary embeddings (docs/METHOD.md section 1)."""
 from __future__ import annotations
 
 import contextlib

@@ -39,19 +39,19 @@ def mlp(P, name, x):  # SwiGLU, w13 = cat(w1, w3)
 
 def block(P, name, x, pos, past, cfg):
     """x (T, d) at positions pos; past: this block's (keys, values) of earlier positions. Returns (x, kv)."""
-    T, H, D, eps = x.shape[0], cfg.n_heads, cfg.head_dim, cfg.norm_eps
-    q, k, v = (rms_norm(P, f"{name}.pre_attn_norm", x, eps) @ P[f"{name}.attn.wqkv.weight"].T).view(T, 3, H, D).unbind(1)
-    q = rope(rms_norm(P, f"{name}.attn.q_norm", q, eps), pos, cfg.rope_theta)
-    k = rope(rms_norm(P, f"{name}.attn.k_norm", k, eps), pos, cfg.rope_theta)
+    norm = lambda which, h: rms_norm(P, f"{name}.{which}", h, cfg.norm_eps)  # noqa: E731
+    T, H, D = x.shape[0], cfg.n_heads, cfg.head_dim
+    q, k, v = (norm("pre_attn_norm", x) @ P[f"{name}.attn.wqkv.weight"].T).view(T, 3, H, D).unbind(1)
+    q, k = rope(norm("attn.q_norm", q), pos, cfg.rope_theta), rope(norm("attn.k_norm", k), pos, cfg.rope_theta)
     k, v = (k, v) if past is None else (torch.cat((past[0], k)), torch.cat((past[1], v)))
     k_pos = torch.arange(int(pos[-1]) + 1 - len(k), int(pos[-1]) + 1, device=x.device)
     visible = (k_pos[None] <= pos[:, None]) & (k_pos[None] > pos[:, None] - cfg.attention_window)
     scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(D)
     attn = torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, -math.inf).softmax(-1), v)
-    x = x + rms_norm(P, f"{name}.post_attn_norm", attn.reshape(T, -1) @ P[f"{name}.attn.wo.weight"].T, eps)
+    x = x + norm("post_attn_norm", attn.reshape(T, -1) @ P[f"{name}.attn.wo.weight"].T)
     if f"{name}.prime.w13" in P:  # MLP': the inner weights phi
-        x = x + rms_norm(P, f"{name}.post_prime_norm", mlp(P, f"{name}.prime", rms_norm(P, f"{name}.pre_prime_norm", x, eps)), eps)
-    x = x + rms_norm(P, f"{name}.post_mlp_norm", mlp(P, f"{name}.mlp", rms_norm(P, f"{name}.pre_mlp_norm", x, eps)), eps)
+        x = x + norm("post_prime_norm", mlp(P, f"{name}.prime", norm("pre_prime_norm", x)))
+    x = x + norm("post_mlp_norm", mlp(P, f"{name}.mlp", norm("pre_mlp_norm", x)))
     return x, (k, v)
 
 
