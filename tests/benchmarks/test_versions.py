@@ -1,6 +1,6 @@
 """benchmarks/versions.py: the summary of per-process repeats and its table (the GPU run is the coordinator's;
 `python benchmarks/versions.py A B --tiny --device cpu` runs every code path at toy sizes in ~3 minutes)."""
-import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,11 +8,12 @@ import pytest
 
 @pytest.fixture(scope="module")
 def versions():
-    path = Path(__file__).parents[2] / "benchmarks" / "versions.py"
-    spec = importlib.util.spec_from_file_location("versions", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    try:
+        import versions
+    finally:
+        sys.path.pop(0)
+    return versions
 
 
 def test_medians_and_spreads(versions):
