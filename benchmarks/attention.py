@@ -5,7 +5,7 @@ Rivals: SDPA FlashAttention-2 backend (full causal only: it takes no sliding-win
 BlockMask (torch.compile'd), and materialized PyTorch (`swa_reference` in bf16: the only rival with a double
 backward). A rival that fails (no double backward, OOM, unsupported) is recorded with its reason.
 
-TFLOP/s convention (METHOD.md section 6): per unmasked (query, key) pair, per head dim, per head: forward 4,
+TFLOP/s convention (docs/METHOD.md section 6): per unmasked (query, key) pair, per head dim, per head: forward 4,
 backward 10, double backward 24 FLOPs (recomputation not counted); fwd+bwd counts 14, fwd+bwd+dbwd 38.
 Times are CUDA-event medians; memory is torch.cuda.max_memory_allocated during one call minus what was allocated
 before it (inputs excluded).

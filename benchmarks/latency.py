@@ -1,6 +1,6 @@
 """Inference latency vs context: TTT-E2E against full attention (SDPA cuDNN / FlashAttention-2) and SWA.
 
-The 3B configuration of METHOD.md section 5 with random weights in bf16 (TTT-E2E: MLP width 5632, suffix of 8
+The 3B configuration of docs/METHOD.md section 5 with random weights in bf16 (TTT-E2E: MLP width 5632, suffix of 8
 blocks with MLP'; baselines: width 6912, no MLP'), batch 1, W = 8192, b = 1024. Per method and context:
   prefill   the whole prompt through `ttt_e2e.inference.feed` (TTT: the inner loop with its steps; prefix chunks
             of 8192 tokens; FA: one causal SDPA pass over the prompt, the KV cache kept for decoding);
@@ -217,7 +217,7 @@ def summarize(rows, big: int, mid: int) -> dict:
 
 def markdown(rows, summary, meta) -> str:
     lines = [f"Measured {meta['date']} on {meta['device']}, torch {meta['torch']}, `{meta['command']}`. "
-             f"3B config (METHOD.md section 5), random weights, bf16, batch 1, W = 8192, b = 1024. "
+             f"3B config (docs/METHOD.md section 5), random weights, bf16, batch 1, W = 8192, b = 1024. "
              + ("CUDA graphs for every TTT inner step and decoded token (captured during a warm-up prompt; a new "
                 "prompt's first token captures its decoding graph anew, counted in its decode mean and max). "
                 if meta.get("graphs") else "Eager (no CUDA graphs). ") +

@@ -96,7 +96,7 @@ class TTTConfig:
     remat_prefix: bool = False  # recompute each prefix block in the outer backward
     remat_prefix_blocks: Optional[int] = None  # with remat_prefix: only the first N prefix blocks (None: all), the
     # rest keep their activations: memory for time between the two extremes
-    recompute_logits: bool = False  # cross-entropy without keeping the head's logits (ttt/linear_ce.py): less
+    recompute_logits: bool = False  # cross-entropy without keeping the head's logits (kernels/cross_entropy/linear_ce.py): less
     # memory (125M meta step on an H100: 16 vs 27 GiB), more time (+40%): the logits are recomputed
 
     def ilr_multiplier(self, step: int) -> float:

@@ -2,7 +2,7 @@
 create_graph can be differentiated again; the double backward is once_differentiable.
 
 TTT's inner loss does not come through here: its head, cross-entropy and inner gradient form one node
-(ttt_e2e/ttt/head.py), which calls the kernels and the PyTorch forms below (`_fwd_grad_torch`, `_bwd_torch`)
+(ttt_e2e/kernels/cross_entropy/head.py), which calls the kernels and the PyTorch forms below (`_fwd_grad_torch`, `_bwd_torch`)
 directly."""
 from __future__ import annotations
 

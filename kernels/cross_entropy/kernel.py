@@ -5,7 +5,7 @@ Per row, with p = softmax(z) = exp(z - lse) and y the target:
     dz   = g (p - e_y)                      (backward, for the loss cotangent g)
     for a cotangent u of dz:  grad g = <u, p - e_y>,  grad z = g p (u - <u, p>)   (double backward)
 The loss and dz together (the inner gradient of TTT) take one launch (`ce_fwd_grad`). The double backward reads
-the row twice, the first time for <u, p>; a caller that knows g <u, p> already (ttt/head.py derives it from the
+the row twice, the first time for <u, p>; a caller that knows g <u, p> already (kernels/cross_entropy/head.py derives it from the
 head's output) passes it to `ce_double_bwd_given`, one pass over (N, V) blocks that also adds the backward of a
 loss cotangent dl, dl (p - e_y): TTT's inner loss enters the outer loss too.
 Every pass reads the logits in their own dtype (bf16 under autocast) and computes in fp32: no fp32 copy of the
@@ -130,7 +130,7 @@ def _given_c_kernel(V, DX, W, Y, G, C, D, stride_v, stride_dx, stride_w, BLOCK_D
 
 def ce_given_c(v: torch.Tensor, dx: torch.Tensor, W: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """c = <v, dx> + g <v, W_y> (N,) fp32, each row's g <u, p> for `ce_double_bwd_given` when dx = g (p - e_y) W
-    (ttt/head.py derives it), 0 where y < 0: v, dx (N, d) and W (V, d) with unit column stride, g (N,) fp32. One
+    (kernels/cross_entropy/head.py derives it), 0 where y < 0: v, dx (N, d) and W (V, d) with unit column stride, g (N,) fp32. One
     launch, in place of the casts, gather and row dots it takes in PyTorch ops."""
     N, D = v.shape
     c = torch.empty(N, dtype=torch.float32, device=v.device)

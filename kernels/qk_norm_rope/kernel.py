@@ -1,8 +1,7 @@
 """QK-norm then RoPE in one Triton kernel (the forward; function.py adds a first-order backward): each head row of
 q or k is read once (where it lies in the fused QKV projection's output), normalized, rounded to its dtype as the
 separate norm would store it, rotated and stored, where the separate kernels write the normed rows and read them
-back (a 3B prefill chunk's 48 calls: 2.4 ms, against 1.4 + 2.3 ms for the norm and RoPE kernels; H100 profiles in
-benchmarks/RESULTS.md).
+back: one pass over the rows instead of three (profiles in benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ def qk_norm_rope_fwd(x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: t
     n = B * T * H
     rstd = torch.empty(n, dtype=torch.float32, device=x.device)
     block_p = triton.next_power_of_2(D // 2)
-    rows = max(1, min(16, 2048 // (2 * block_p)))  # 16 head rows of 80 per program: the fastest at 3B (H100)
+    rows = max(1, min(16, 2048 // (2 * block_p)))  # 16 head rows of 80 per program: the fastest measured at 3B
     _qk_norm_rope_kernel[(triton.cdiv(n, rows),)](x, w, cos, sin, y, rstd, n, T, H, D, D // 2, s_outer, eps,
                                                   ROWS=rows, BLOCK_P=block_p)
     return y, rstd

@@ -51,8 +51,8 @@ def rms_norm_residual(res: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: 
                       use_kernel: bool | None = None, first_order: bool = False, then=None):
     """res + rms_norm(x, w, eps): a sandwich block's residual add after its post-norm. Where grad mode is off
     (inference), or first_order promises that nothing differentiates the result twice, one kernel reads x and res
-    and writes the sum: the norm's output never goes to memory (a 3B prefill chunk's residual adds were 2.1 ms of
-    98). Otherwise the two ops, differentiable twice.
+    and writes the sum: the norm's output never goes to memory (benchmarks/RESULTS.md). Otherwise the two ops,
+    differentiable twice.
     then = (w2, eps2, out_dtype2): the next sublayer's pre-norm too; returns (s, rms_norm(s, w2, eps2) in out_dtype2,
     None: s's dtype), in the same kernel where that runs (s is then read once, and in the backward the pre-norm's
     dx kernel adds s's other cotangent: no separate add)."""

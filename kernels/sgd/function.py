@@ -45,9 +45,9 @@ WIDE_ROWS = 1 << 22
 
 def _norms(g: list[torch.Tensor]) -> torch.Tensor:
     """(len(g), B) fp32: the 2-norm of each tensor's row (each g (B, N), contiguous). Short rows by one multi-tensor
-    launch (and its finishing one) for all of them, where a norm per tensor is a launch each, ~7 us apiece for the
-    125M inner state's 1.3M-element tensors. Long rows (the 3B state's 14-29M) by a kernel each at HBM bandwidth,
-    which that launch reached only two thirds of (a 3B inner step's 0.69 GB: 0.26 ms, was 0.33)."""
+    launch (and its finishing one) for all of them, where a norm per tensor is a launch each, which costs more than
+    the work for the 125M inner state's 1.3M-element tensors. Long rows (the 3B state's 14-29M) by a kernel each at
+    HBM bandwidth, which that launch falls well short of (benchmarks/RESULTS.md)."""
     B = g[0].shape[0]
     wide = [i for i, x in enumerate(g) if x.shape[1] >= WIDE_ROWS]
     narrow = [i for i in range(len(g)) if i not in wide]
@@ -57,7 +57,7 @@ def _norms(g: list[torch.Tensor]) -> torch.Tensor:
         each = torch.stack(torch._foreach_norm(rows, 2, dtype=torch.float32)).view(len(narrow), B)
         norms.update(zip(narrow, each.unbind(0)))
     if wide:
-        block = 2048 if g[0].is_cuda else 256  # 2048 x 4 warps: the fastest of 24 geometries at 3B (H100)
+        block = 2048 if g[0].is_cuda else 256  # 2048 x 4 warps: the fastest of 24 geometries measured at 3B
         parts = [triton.cdiv(g[i].shape[1], block) for i in wide]
         part = torch.zeros((len(wide), B, max(parts)), dtype=torch.float32, device=g[0].device)
         for j, (i, n) in enumerate(zip(wide, parts)):

@@ -1,6 +1,6 @@
 """Double-backward Triton kernels: the backward of (dQ, dK, dV) = attention_backward(Q, K, V, dO).
 
-Given cotangents gQ, gK, gV of dQ, dK, dV (METHOD.md section 6; delta = rowsum(P * dP), so O and lse need no
+Given cotangents gQ, gK, gV of dQ, dK, dV (docs/METHOD.md section 6; delta = rowsum(P * dP), so O and lse need no
 gradient of their own), with G = scale * (gQ K^T + Q gK^T) and H = dO gV^T:
 
   r      = rowsum(G * P)

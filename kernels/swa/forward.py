@@ -11,7 +11,8 @@ tile's keys are split over several programs (common.key_parts), whose normalized
 launch merges (parts.py); dQ (backward.py) does the same with plain partial sums.
 
 On Hopper, 16-bit keys and values in 16-byte-aligned layouts are read through TMA tensor descriptors
-(common.key_descriptors; 2% faster at the 3B prefix chunk than the pointer loads, which other inputs keep).
+(common.key_descriptors; faster at the 3B prefix chunk than the pointer loads, which other inputs keep:
+benchmarks/RESULTS.md).
 
 A head dim that is not a power of two runs as two column blocks, BLOCK_D + TAIL (80 = 64 + 16, 96 = 64 + 32;
 `common.head_split`): tl.dot needs power-of-two sides, and one 128-wide block would spend 37.5% of the MMA work
@@ -54,8 +55,8 @@ def _fwd_tiles(q, q_t, m_i, l_i, acc, acc_t, K, V, KD, VD, KTD, VTD, b, h, BASE,
         if not source_tile_is_full(m0, n0, N_LO, N_HI, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
             s = tl.where(visible(q_pos, K_POS0 + offs_n, m_valid, n_valid, WINDOW), s, float("-inf"))
         # The max of the raw scores, scaled after (qk_scale > 0): the scaling and the subtraction below are then
-        # one FMA per score, not two ops (3% of the forward at the 3B shapes: the softmax's ALU work, not the MMAs,
-        # bounds this kernel).
+        # one FMA per score, not two ops (at the 3B shapes the softmax's ALU work, not the MMAs, bounds this
+        # kernel; benchmarks/RESULTS.md).
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         # A row with nothing visible so far has m_new = -inf: subtract 0 instead so exp2 sees -inf, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

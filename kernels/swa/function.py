@@ -12,7 +12,7 @@ Each backward is itself an autograd op, so `torch.autograd.grad(..., create_grap
 second grad runs the double-backward kernels. All three use the `setup_context` form (forward without ctx), which
 is what torch.func needs to nest `grad(grad(f))`.
 
-_SWABackward takes O and lse as inputs but returns no gradient for them: the double-backward formulas (METHOD.md
+_SWABackward takes O and lse as inputs but returns no gradient for them: the double-backward formulas (docs/METHOD.md
 section 6, with delta = rowsum(P * dP)) already give the total derivative through Q, K, V, dO, so routing anything
 through O or lse as well would count it twice. lse and delta are non-differentiable outputs.
 

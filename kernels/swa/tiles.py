@@ -84,7 +84,7 @@ def source_tile(K, V, skt, svt, n0, N_LO, N_HI, ROT, offs_d, d_valid, BLOCK_N: t
     rows, k, v), k and v the BLOCK_D main columns (a tail's are loaded by the caller at `rows`)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_valid = (offs_n >= N_LO) & (offs_n < N_HI)
-    # Whole tiles wrap: rows stay contiguous, so the loads stay vectorized (a wrap per row made dQ 38% slower)
+    # Whole tiles wrap: rows stay contiguous, so the loads stay vectorized (a wrap per row broke that: slower dQ)
     r0 = n0 + ROT
     rows = tl.where(r0 >= N_HI, r0 - N_HI, r0) + tl.arange(0, BLOCK_N)
     kv_mask = n_valid[:, None] & d_valid[None, :]

@@ -67,7 +67,7 @@ def test_double_backward(N, V, ignore):
 @pytest.mark.parametrize("N,V", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_loss_and_gradient_in_one_launch(N, V, dtype):
-    """ce_fwd_grad (TTT's inner loss and its gradient for row weights g, ttt/head.py) against the reference's loss
+    """ce_fwd_grad (TTT's inner loss and its gradient for row weights g, kernels/cross_entropy/head.py) against the reference's loss
     and autograd gradient, ignored targets included; dz in the logits' dtype, written into `out` when given."""
     z, y, g = _randn(N, V, scale=3.0), _targets(N, V, ignore=True), _randn(N)
     z64 = z.clone().requires_grad_()

@@ -7,7 +7,7 @@ import torch
 from ttt_e2e.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 from ttt_e2e.kernels.rmsnorm import rms_norm, rms_norm_reference
 from ttt_e2e.kernels.rope import rope
-from ttt_e2e.model.layers import rope_angles
+from ttt_e2e.model.rope import rope_angles
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=2e-5, atol=2e-5)  # fp32 kernel against a float64 reference; a wrong row or angle gives O(1)

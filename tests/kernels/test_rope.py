@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ttt_e2e.kernels.rope import rope, rope_reference
-from ttt_e2e.model.layers import rope_angles
+from ttt_e2e.model.rope import rope_angles
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=2e-5, atol=2e-5)

@@ -1,6 +1,6 @@
 """SWA kernels at the model's real shapes, bf16 on a CUDA GPU, vs the materialized reference in fp32.
 
-Tolerance (METHOD.md): bf16 operands land between 1e-3 and 1e-2 in ||out - ref|| / ||ref||, so every output must
+Tolerance (docs/METHOD.md): bf16 operands land between 1e-3 and 1e-2 in ||out - ref|| / ||ref||, so every output must
 be under 1e-2. The reference runs in fp32 (TF32 off) on the same bf16-rounded inputs, ~1e-6 from exact; as a
 yardstick the test also records the error of the materialized bf16 autograd (what the model would otherwise
 run) and requires the kernels to be no worse than 2x that. Outputs are poisoned with NaN before the run (the

@@ -53,15 +53,16 @@ def test_sdpa_backend_serves_full_causal_only():
 def test_shared_rope_angles_within_one_pass_only():
     """Inside shared_rope_angles() layers at the same positions get the first one's cos/sin (the same tensors),
     other positions their own; outside, every call computes them (no memo outlives its pass)."""
-    from ttt_e2e.model.attention import Attention, DevicePos, shared_rope_angles
-    a, b = (Attention(32, 4, 16, 10000.0, True, 1e-6, "torch") for _ in range(2))
+    from ttt_e2e.model.rope import DevicePos, angles, shared_rope_angles
+    a = b = lambda pos0, T, device: angles(pos0, T, device, 8, 10000.0)  # noqa: E731  two layers' calls
     with shared_rope_angles():
-        first = a.angles(5, 7, "cpu")
-        assert b.angles(5, 7, "cpu") is first
-        assert b.angles(6, 7, "cpu") is not first
+        first = a(5, 7, "cpu")
+        assert b(5, 7, "cpu") is first
+        assert b(6, 7, "cpu") is not first
+        assert angles(5, 7, "cpu", 16, 10000.0) is not first  # another head dim
         dev = DevicePos(5, torch.tensor(5))  # a device position: its own entry, never the int's
-        assert a.angles(dev, 7, "cpu") is not first
-        torch.testing.assert_close(a.angles(dev, 7, "cpu")[0], first[0])
-    again = a.angles(5, 7, "cpu")
-    assert again is not first and a.angles(5, 7, "cpu") is not again
+        assert a(dev, 7, "cpu") is not first
+        torch.testing.assert_close(a(dev, 7, "cpu")[0], first[0])
+    again = a(5, 7, "cpu")
+    assert again is not first and a(5, 7, "cpu") is not again
     torch.testing.assert_close(again, first)

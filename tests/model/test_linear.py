@@ -54,7 +54,7 @@ def test_meta_gradient_equals_plain_autograd(monkeypatch, remat):
     # use in every mini-batch but the last (which takes no inner step): 4 per block (wqkv, wo, w13, w2). The
     # first suffix block's attention (wqkv, wo) runs once over the whole sequence, outside the loop (ttt/meta.py):
     # plain autograd, no deferral.
-    # The head's two uses of a mini-batch arrive as one pair of stacked factors (ttt/head.py): n_mb pairs.
+    # The head's two uses of a mini-batch arrive as one pair of stacked factors (kernels/cross_entropy/head.py): n_mb pairs.
     L = model.cfg.suffix_len
     shared = sorted(n for seq, n in calls if not seq)
     assert shared == sorted([n_mb] + [2 * n_mb - 1] * (4 * L - 2)), calls

@@ -1,4 +1,4 @@
-"""Parameter counts of the paper's configs: E2E matches its baseline's budget (METHOD.md section 5)."""
+"""Parameter counts of the paper's configs: E2E matches its baseline's budget (docs/METHOD.md section 5)."""
 import subprocess
 import sys
 

@@ -137,6 +137,7 @@ def _meta_loss_every_block_in_the_loop(model, ids, targets, mask, ttt):
     """The meta loss with the whole suffix inside the loop (the first block's attention too, over its KV cache):
     what ttt/meta.py computed before it ran that attention once over the sequence."""
     from ttt_e2e.ttt.inner import inner_step, minibatch_loss
+    from ttt_e2e.ttt.settings import InnerSettings
 
     B, T = ids.shape
     b = ttt.mini_batch_size
@@ -150,8 +151,7 @@ def _meta_loss_every_block_in_the_loop(model, ids, targets, mask, ttt):
         sl = slice(t * b, (t + 1) * b)
         if t < T // b - 1:
             l_t, _, phi, caches, _, _ = inner_step(model.suffix, *args, caches, h[:, sl], targets[:, sl], mask[:, sl],
-                                                   t * b, ttt.inner_lr, ttt.inner_grad_clip,
-                                                   model.cfg.attention_window)
+                                                   t * b, InnerSettings.build(model, ttt))
         else:
             l_t, _, _ = minibatch_loss(model.suffix, theta, head, phi, caches, h[:, sl], targets[:, sl],
                                        mask[:, sl], t * b)

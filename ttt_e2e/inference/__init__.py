@@ -1,4 +1,4 @@
-"""Constant-latency inference for TTT-E2E (METHOD.md section 4) and its baselines.
+"""Constant-latency inference for TTT-E2E (docs/METHOD.md section 4) and its baselines.
 
     out = generate(model, ttt_cfg, prompt_ids, max_new_tokens, temperature=0.8, top_p=0.95, stop_tokens=[eos])
 

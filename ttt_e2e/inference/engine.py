@@ -4,7 +4,7 @@
     logits = feed(state, prompt_ids)        # prefill: any length >= 1, logits of the last token
     logits = feed(state, next_ids)          # decode: (B, 1), or more tokens at once (continued prefill)
 
-Per token (METHOD.md section 4): the prefix blocks run over it with their KV caches (in chunks of up to
+Per token (docs/METHOD.md section 4): the prefix blocks run over it with their KV caches (in chunks of up to
 `prefill_chunk` tokens); the suffix blocks then handle it in mini-batches of b with the current inner weights phi.
 
 When TTT steps happen. As in training, the step on mini-batch t (inputs at positions tb .. tb+b-1) needs its b
@@ -37,9 +37,11 @@ import torch
 from torch.func import functional_call
 
 from ttt_e2e.config import TTTConfig
-from ttt_e2e.model.attention import DevicePos, shared_rope_angles
+from ttt_e2e.model.rope import DevicePos, shared_rope_angles
 from ttt_e2e.model.transformer import Transformer
+from ttt_e2e.precision import autocast_dtype
 from ttt_e2e.ttt.inner import inner_step
+from ttt_e2e.ttt.settings import InnerSettings
 
 from .graphs import InferenceGraphs, phi_c_or_none, step_scope
 from .kv_cache import KVCache
@@ -54,8 +56,7 @@ class InferenceState:
     caches: list[KVCache]  # one per block: prefix blocks, then suffix blocks
     chunk: int
     b: int = 0  # mini-batch size; 0: no TTT
-    eta: float = 0.0
-    clip: float = 0.0
+    settings: Optional[InnerSettings] = None  # eta, clip, window, kernels of the inner steps (TTT only)
     bos_id: Optional[int] = None  # targets equal to it carry no loss (as in training)
     theta: dict = field(default_factory=dict)  # the suffix's non-inner weights
     phi: dict = field(default_factory=dict)  # inner weights, (B, ...) each: one copy per sequence; a view of the
@@ -88,7 +89,7 @@ def start(model: Transformer, ttt: Optional[TTTConfig], batch_size: int, *, bos_
           reserve: int = 0, graphs: Optional[InferenceGraphs] = None,
           overlap_prefix: Optional[bool] = None) -> InferenceState:
     """A fresh state for `batch_size` sequences. ttt None or train_mode pretrain: a baseline without TTT.
-    inner_dtype: dtype of phi; default float32 for half-precision weights (METHOD.md: fp32 inner state), else the
+    inner_dtype: dtype of phi; default float32 for half-precision weights (docs/METHOD.md: fp32 inner state), else the
     weights' dtype. reserve: positions to allocate up front in growing (full attention) caches. graphs: replay
     the inner steps and single-token decoding as CUDA graphs; the state takes them over from any earlier one.
     overlap_prefix: in a prompt of more than one prefix chunk, run each next chunk's prefix on a side stream
@@ -113,13 +114,15 @@ def start(model: Transformer, ttt: Optional[TTTConfig], batch_size: int, *, bos_
     caches = [KVCache(cfg.window) for _ in range(cfg.n_layers)]
     for c in caches:
         c.reserve(reserve)
-    state = InferenceState(model, batch_size, caches, chunk, bos_id=bos_id, autocast=_autocast_dtype(model))
+    param = next(model.parameters())
+    state = InferenceState(model, batch_size, caches, chunk, bos_id=bos_id,
+                           autocast=autocast_dtype(cfg, param.device, param.dtype))
     if use_ttt:
         params = dict(model.suffix.named_parameters())
         inner = model.suffix.inner_names()  # a list: a fixed order of summation in the grad norm
         p_dtype = next(model.parameters()).dtype
         inner_dtype = inner_dtype or (torch.float32 if p_dtype in (torch.bfloat16, torch.float16) else p_dtype)
-        state.b, state.eta, state.clip = ttt.mini_batch_size, ttt.inner_lr * ilr_mult, ttt.inner_grad_clip
+        state.b, state.settings = ttt.mini_batch_size, InnerSettings.build(model, ttt, ilr_mult)
         state.theta = {n: p.detach() for n, p in params.items() if n not in inner}
         state.phi = {n: params[n].detach().to(inner_dtype).expand(batch_size, *params[n].shape) for n in inner}
         state.phi_dec = _decode_copy(state)
@@ -191,7 +194,7 @@ class _Ahead:
     """The prefix blocks over the next training pass's tokens, run on the side stream while the current
     stream runs this pass's inner steps. The prefix does not depend on the suffix, and each inner step is
     hundreds of kernels of 1K tokens whose tails and memory-bound stretches leave the SMs part-idle: the
-    prefix's large kernels fill some of that (1.4% of a 128K prefill on an H100, benchmarks/prefill_overlap.py).
+    prefix's large kernels fill some of that (benchmarks/studies/prefill_overlap.py; figures in RESULTS.md).
     The prefix KV caches are touched by the side stream only, in order, until the last look-ahead is taken."""
 
     def __init__(self, state: InferenceState, ids: torch.Tensor, pos: int):
@@ -210,9 +213,9 @@ _SIDE_STREAMS: dict = {}  # device -> the one side stream of all states on it
 class SideStream:
     """The second CUDA stream of `_Ahead`: one per device, shared by every state. The caching allocator reuses a
     freed block only on the stream it was allocated on, so a new stream per prompt (torch hands out its pooled
-    streams in turn) left each prompt's look-ahead memory unusable to the next: a 3B 32K prompt reserved 4.9 GB
-    more every time, until the allocator ran out and emptied its cache (and a 128K prompt after that stalled for
-    minutes in the graph replays)."""
+    streams in turn) left each prompt's look-ahead memory unusable to the next: every prompt reserved its
+    look-ahead memory anew, until the allocator ran out and emptied its cache (and a long prompt after that stalled
+    in the graph replays; benchmarks/RESULTS.md)."""
 
     def __init__(self, device: torch.device):
         self.device = device  # the model's, which need not be the current device
@@ -304,8 +307,7 @@ def _inner_step(state: InferenceState, h: torch.Tensor, targets: torch.Tensor, p
         with step_scope():
             l_t, tok, phi, state.base, _, _ = inner_step(
                 state.model.suffix, state.theta, state.model.head_weight(), state.phi, state.base, h, targets,
-                mask, pos0, state.eta, state.clip, state.model.cfg.window, ce_kernel=state.model.ce_kernel,
-                sgd_kernel=state.model.sgd_kernel, phi_c=phi_c_or_none(state.phi_dec, h), out=out)
+                mask, pos0, state.settings, phi_c=phi_c_or_none(state.phi_dec, h), out=out)
         if out is None:
             state.phi = phi
             state.phi_dec = _decode_copy(state)
@@ -340,15 +342,6 @@ def _decode_copy(state: InferenceState) -> dict:
     if state.autocast is None:
         return state.phi
     return {n: p.to(state.autocast) for n, p in state.phi.items()}
-
-
-def _autocast_dtype(model: Transformer) -> Optional[torch.dtype]:
-    """The dtype to autocast to, or None to compute in the weights' dtype (ModelConfig.compute_dtype)."""
-    name, param = model.cfg.compute_dtype, next(model.parameters())
-    dtype = (torch.bfloat16 if param.is_cuda else None) if name == "auto" else getattr(torch, name)
-    if dtype in (torch.float32, torch.float64) and dtype == param.dtype:
-        return None  # full precision throughout: nothing to cast
-    return dtype  # half precision: autocast also when the weights are half already (phi stays fp32)
 
 
 def _autocast(state: InferenceState):

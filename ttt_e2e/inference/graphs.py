@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ttt_e2e.model.attention import DevicePos, shared_rope_angles
+from ttt_e2e.model.rope import DevicePos, shared_rope_angles
 from ttt_e2e.model.layers import compute_dtype, first_order_only
 from ttt_e2e.ttt.inner import inner_step
 
@@ -75,7 +75,8 @@ class InferenceGraphs:
     # ---- ownership --------------------------------------------------------------------------------------------
     def claim(self, state) -> None:
         """Make this the graphs of `state` (just started): reset the buffers to its initial phi and empty caches."""
-        signature = (id(state.model), state.batch_size, state.eta, state.clip)
+        s = state.settings
+        signature = (id(state.model), state.batch_size, None if s is None else (s.eta, s.clip))
         if signature != self._signature:  # other shapes or baked-in constants: start over
             self._graphs.clear()
             self.phi, self.phi_dec, self.base, self._step_in = {}, {}, [], None
@@ -128,8 +129,7 @@ class InferenceGraphs:
             with step_scope():
                 l_t, tok, _, caches_next, _, _ = inner_step(
                     state.model.suffix, state.theta, state.model.head_weight(), self.phi, self.base, s["h"],
-                    s["targets"], s["mask"], pos, state.eta, state.clip, W, ce_kernel=state.model.ce_kernel,
-                    sgd_kernel=state.model.sgd_kernel, phi_c=phi_c, out=(self.phi, self.phi_dec))
+                    s["targets"], s["mask"], pos, state.settings, phi_c=phi_c, out=(self.phi, self.phi_dec))
             for c, (k_next, v_next) in zip(self.base, caches_next):
                 if rings:  # the step's own keys (Attention returns those for a cache object)
                     c.write(k_next, v_next, pos0)

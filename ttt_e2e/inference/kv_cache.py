@@ -9,7 +9,7 @@ Full attention (window None): a buffer that grows (capacity doubles, or is reser
 
 Every buffer is (B, H, slots, D) in shape but token-major in memory, (B, slots, H, D), the model's own layout for
 k and v: storing a chunk's keys is then a copy of whole rows of H D (at full bandwidth; into head-major buffers it
-was a transposing copy at half of it, 2.8 ms of a 3B prefill chunk's 98), and it is the layout SDPA's decoding
+was a transposing copy at half of it; benchmarks/RESULTS.md), and it is the layout SDPA's decoding
 kernels take without a copy. The attention kernels read either layout by its strides.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ttt_e2e.model.attention import DevicePos, attend, attend_over_cache
+from ttt_e2e.model.attention import attend, attend_over_cache
+from ttt_e2e.model.rope import DevicePos
 
 # Window standing for "no window" in the attention seam (positions are far below it; the kernels clamp it).
 FULL = 1 << 40
@@ -28,7 +29,7 @@ FULL = 1 << 40
 def copy_keys_(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst.copy_(src) moved as 8-byte words where both views allow it (contiguous head dim, 8-byte aligned rows):
     torch's strided copy moves one element per lane, and 2-byte ones from v's rows (strided inside the fused QKV
-    output) ran at half of HBM bandwidth, 1.3 ms of a 3B prefill chunk."""
+    output) ran at half of HBM bandwidth (benchmarks/RESULTS.md)."""
     if dst.dtype == src.dtype and dst.element_size() < 8:
         try:
             dst, src = dst.view(torch.int64), src.view(torch.int64)
@@ -149,7 +150,7 @@ class KVCache:
                                   k_pos0=pos0 - ck.shape[2], rot=rot, backend=backend)
         if adopt:
             # A chunk of exactly W positions from a multiple of W fills every slot in order (position p in slot
-            # p % W): its own k and v become the ring, no copy (1.3 ms of a 3B prefill chunk's 93). v is a view of
+            # p % W): its own k and v become the ring, no copy (a full-bandwidth pass saved). v is a view of
             # the fused QKV output, which it keeps alive (a window's q and k more per layer).
             self.k, self.v = k, v
             self.n += T

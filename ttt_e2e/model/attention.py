@@ -8,49 +8,13 @@ k_pos0 + j, and key j is visible iff q_pos - window < k_pos <= q_pos (and k_pos 
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from .layers import RMSNorm, for_matmuls, norm_rope, rope_angles
+from .layers import RMSNorm, for_matmuls, norm_rope
 from .linear import linear
+from .rope import angles
 
 BACKENDS = ("auto", "torch", "triton", "sdpa")
-
-
-class DevicePos(int):
-    """A start position that is also a device tensor, for code captured in a CUDA graph: the int drives what a
-    graph bakes in (shapes, the kernels' masks, which only need positions relative to the cache), the 0-d int64
-    tensor drives what must follow the position at every replay (the RoPE angles)."""
-
-    tensor: torch.Tensor
-
-    def __new__(cls, value: int, tensor: torch.Tensor):
-        pos = super().__new__(cls, value)
-        pos.tensor = tensor
-        return pos
-
-
-def positions(pos0: int, T: int, device) -> torch.Tensor:
-    if isinstance(pos0, DevicePos):
-        return pos0.tensor + torch.arange(T, device=device)
-    return torch.arange(pos0, pos0 + T, device=device)
-
-
-_SHARED_ANGLES: list[dict] = []  # a stack of memos, one per open shared_rope_angles()
-
-
-@contextlib.contextmanager
-def shared_rope_angles():
-    """Within it the attention layers share the RoPE angles of the same positions: the first computes them, the
-    others reuse them (~7 small kernels per layer fewer; a 3B prefill chunk's 24 layers and an inner step's 8 all
-    sit at one set of positions). For one pass at a time: a memo never outlives it, so none can hand out tensors
-    of another pass (or of another CUDA graph's capture)."""
-    _SHARED_ANGLES.append({})
-    try:
-        yield
-    finally:
-        _SHARED_ANGLES.pop()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, q_pos0: int = 0, k_pos0: int = 0,
@@ -116,7 +80,7 @@ class Attention(torch.nn.Module):
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.window, self.rope_theta, self.backend = window, rope_theta, backend
         # q, k, v from one (3 d, d) matrix: one matmul and, in the backward, one for x's gradient (in place of three
-        # and two adds): at the suffix's 1K rows a d x d product fills a third of an H100's SMs
+        # and two adds): at the suffix's 1K rows a d x d product is too small to fill the GPU (benchmarks/RESULTS.md)
         self.wqkv = torch.nn.Linear(d_model, 3 * d_model, bias=False)
         self.wo = torch.nn.Linear(d_model, d_model, bias=False)
         # One scale of size head_dim shared by all heads.
@@ -132,21 +96,9 @@ class Attention(torch.nn.Module):
         # where they lie, the attention kernels take v (and the rotated q, k) by their strides.
         x = for_matmuls(x)
         q, k, v = linear(x, self.wqkv.weight).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
-        cos, sin = self.angles(pos0, T, x.device)
+        cos, sin = angles(pos0, T, x.device, self.head_dim, self.rope_theta)
         q, k = norm_rope(q, self.q_norm, cos, sin, self.kernel), norm_rope(k, self.k_norm, cos, sin, self.kernel)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-    def angles(self, pos0: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of positions pos0 .. pos0 + T - 1 (shared within a shared_rope_angles())."""
-        memo = _SHARED_ANGLES[-1] if _SHARED_ANGLES else None
-        key = (int(pos0), id(pos0.tensor) if isinstance(pos0, DevicePos) else None, T, device, self.head_dim,
-               self.rope_theta)
-        if memo is not None and key in memo:
-            return memo[key]
-        angles = rope_angles(positions(pos0, T, device), self.head_dim, self.rope_theta)
-        if memo is not None:
-            memo[key] = angles
-        return angles
 
     def forward(self, x: torch.Tensor, pos0: int = 0, cache=None, first_order: bool | None = None):
         """x (B, T, d) at absolute positions pos0.. . cache: None, or the (k, v) of earlier positions, each

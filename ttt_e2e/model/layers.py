@@ -1,4 +1,4 @@
-"""The small pieces of a block: RMSNorm, SwiGLU, rotary embeddings (METHOD.md section 1)."""
+"""The small pieces of a block: RMSNorm, SwiGLU, rotary embeddings (docs/METHOD.md section 1)."""
 from __future__ import annotations
 
 import contextlib
@@ -114,14 +114,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x, self.w13, self.w2, self.kernel)
-
-
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (T, head_dim/2) for absolute positions (computed in fp64 then cast: positions reach
-    millions, where fp32 angles lose digits)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: bool = True) -> torch.Tensor:

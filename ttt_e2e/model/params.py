@@ -1,5 +1,5 @@
 """Parameter accounting: E2E configs shrink every MLP so that, with the extra MLP' in the suffix, the total
-matches the baseline of the same size (METHOD.md section 5)."""
+matches the baseline of the same size (docs/METHOD.md section 5)."""
 from __future__ import annotations
 
 import torch

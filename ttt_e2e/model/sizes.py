@@ -1,4 +1,4 @@
-"""The paper's model sizes (METHOD.md section 5), for tools that run without Hydra (benchmarks, parameter
+"""The paper's model sizes (docs/METHOD.md section 5), for tools that run without Hydra (benchmarks, parameter
 accounting). The Hydra experiment configs in conf/experiment/ carry the same numbers; a test keeps them equal."""
 from __future__ import annotations
 

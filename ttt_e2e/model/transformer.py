@@ -1,10 +1,12 @@
-"""The sliding-window Transformer of METHOD.md section 1: sandwich RMSNorms, SwiGLU, QK-norm, RoPE, tied head.
+"""The sliding-window Transformer of docs/METHOD.md section 1: sandwich RMSNorms, SwiGLU, QK-norm, RoPE, tied head.
 
 The last `suffix_len` blocks form `Suffix`, a module of its own so that the inner loop can call it with
 `torch.func.functional_call`, substituting the inner weights (the MLP' of each suffix block) with per-sequence
 tensors.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -93,6 +95,14 @@ class Suffix(nn.Module):
         return self.ln_f(x), kvs
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """Which ops run through their Triton kernels (on CUDA tensors; elsewhere always PyTorch ops)."""
+    elementwise: bool = True  # RMSNorm, RoPE, the SwiGLU gate, the inner SGD update; and the meta step's weight
+    # gradients formed once per weight (model/linear.py)
+    cross_entropy: bool = True
+
+
 class Transformer(nn.Module, HubMixin):
     def __init__(self, cfg: ModelConfig, ttt: TTTConfig | None = None):
         """ttt: the settings the model will be trained with, checked against the architecture here so that a bad
@@ -113,16 +123,18 @@ class Transformer(nn.Module, HubMixin):
 
     def use_fused_kernels(self, elementwise: bool, cross_entropy: bool = True) -> None:
         """On CUDA tensors: RMSNorm, RoPE and the SwiGLU gate through their Triton kernels (elementwise) or their
-        PyTorch forms; the loss's cross-entropy through its kernels (cross_entropy, read by ttt/meta.py) or
-        PyTorch's; the inner loop's SGD update with the elementwise ones (sgd_kernel, read by the TTT loops), and
-        so the meta step's weight gradients, formed once per weight (defer_weight_grads, model/linear.py): each
-        saves device time and costs host time, which only a CUDA graph of the step hides. Attention follows
-        cfg.attention_backend."""
+        PyTorch forms, set on the modules; the choice, with the loss's cross-entropy kernels, recorded as
+        `self.kernels`, which the TTT loops read once into their settings (ttt/settings.py): the inner SGD update
+        and the meta step's weight gradients follow the elementwise choice. Each kernel saves device time and
+        costs host time, which only a CUDA graph of the step hides. Attention follows cfg.attention_backend."""
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention, SwiGLU)):
                 m.kernel = elementwise
-        self.ce_kernel = cross_entropy
-        self.sgd_kernel = self.defer_weight_grads = elementwise
+        self.kernels = Kernels(elementwise, cross_entropy)
+
+    @property
+    def ce_kernel(self) -> bool:  # kept for callers of the earlier flag (tests/train/test_graphed.py)
+        return self.kernels.cross_entropy
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

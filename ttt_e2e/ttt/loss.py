@@ -7,14 +7,15 @@ from ttt_e2e.kernels.cross_entropy import cross_entropy
 from ttt_e2e.model.layers import compute_dtype
 from ttt_e2e.model.linear import linear
 
-from .linear_ce import linear_cross_entropy
+from ttt_e2e.kernels.cross_entropy.linear_ce import linear_cross_entropy
 
 
 def token_losses(h: torch.Tensor, head: torch.Tensor, targets: torch.Tensor,
                  recompute_logits: bool = False, kernel: bool = True) -> torch.Tensor:
     """Cross-entropy of each position, (B, T), in at least fp32: h (B, T, d) are final hidden states, head (vocab, d).
     kernel: on a GPU through the cross-entropy kernels (kernels/cross_entropy), else PyTorch's.
-    recompute_logits: the same function through linear_ce.py, which keeps no logits for the backward."""
+    recompute_logits: the same function through kernels/cross_entropy/linear_ce.py, which keeps no logits for the
+    backward."""
     if recompute_logits:
         dtype = compute_dtype(h)
         loss = linear_cross_entropy(h.flatten(0, 1).to(dtype), head.to(dtype), targets.flatten())

@@ -1,4 +1,4 @@
-"""The loss of a batch of sequences, in either train mode (METHOD.md sections 2-3).
+"""The loss of a batch of sequences, in either train mode (docs/METHOD.md sections 2-3).
 
 meta:     tokens -> embed -> prefix blocks, then the first suffix block's attention half (once, whole sequence:
                     no phi in them)
@@ -24,6 +24,7 @@ from ttt_e2e.model.transformer import Transformer
 from .inner import compute_copy, inner_step, minibatch_loss
 from .loss import masked_mean, token_losses
 from .remat import remat
+from .settings import InnerSettings
 
 
 @dataclass
@@ -38,7 +39,7 @@ class LossOutput:
 
 def sequence_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor,
                   mask: Optional[torch.Tensor], ttt: TTTConfig, ilr_mult: float = 1.0) -> LossOutput:
-    """input_ids, targets, mask: (B, T); mask marks the targets that count (METHOD.md: not BOS)."""
+    """input_ids, targets, mask: (B, T); mask marks the targets that count (docs/METHOD.md: not BOS)."""
     B, T = input_ids.shape
     b = ttt.mini_batch_size
     if T % b:
@@ -52,15 +53,15 @@ def sequence_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Te
         return _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult)
     if ttt.train_mode == "pretrain":
         return _pretrain_loss(model, input_ids, targets, mask, b, ttt.prefix_remat_blocks(model.cfg),
-                              ttt.recompute_logits)
+                              ttt.recompute_logits, model.kernels.cross_entropy)
     raise ValueError(f"ttt.train_mode must be pretrain or meta, got {ttt.train_mode!r}")
 
 
-def _pretrain_loss(model, input_ids, targets, mask, b, remat_blocks, recompute_logits) -> LossOutput:
+def _pretrain_loss(model, input_ids, targets, mask, b, remat_blocks, recompute_logits, ce_kernel) -> LossOutput:
     B, T = input_ids.shape
     h = model.run_prefix(model.wte(input_ids), remat_blocks)
     h, _ = model.suffix(h)
-    tok = token_losses(h, model.head_weight(), targets, recompute_logits, model.ce_kernel)
+    tok = token_losses(h, model.head_weight(), targets, recompute_logits, ce_kernel)
     per_mb = masked_mean(tok.view(B, T // b, b), mask.view(B, T // b, b))  # (B, T / b)
     return LossOutput(per_mb.mean(), per_mb.detach().mean(0), tok.detach())
 
@@ -80,27 +81,25 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     # The matrices every mini-batch uses (the head, and the suffix's outside MLP') are cast to the compute dtype
     # once, not at each of their 2 x T / b uses as autocast would: the same values, one cast and one widening of
     # the gradient per step. Their gradients are formed in the cast's backward, one matmul over all uses
-    # (model/linear.py), or, with defer_weight_grads off, add up over the uses in the compute dtype. Vectors (norm
-    # gains) stay in their dtype, as autocast leaves them; their gradients too are added up once, from the norm
-    # kernels' partial sums (model/linear.py: shared_gain).
+    # (model/linear.py), or, with the elementwise kernels off, add up over the uses in the compute dtype. Vectors
+    # (norm gains) stay in their dtype, as autocast leaves them; their gradients too are added up once, from the
+    # norm kernels' partial sums (model/linear.py: shared_gain).
     dtype = compute_dtype(h)
-    cast = shared_weight if model.defer_weight_grads else (lambda p, dtype: p.to(dtype))
-    gain = shared_gain if model.defer_weight_grads else (lambda p: p)
+    once = model.kernels.elementwise  # the weight gradients formed once per weight
+    cast = shared_weight if once else (lambda p, dtype: p.to(dtype))
+    gain = shared_gain if once else (lambda p: p)
     theta = {n: cast(p, dtype) if p.dim() >= 2 else gain(p) for n, p in params.items()
              if n not in inner and n not in hoisted}
     phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
-    settings = dict(eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip, window=model.cfg.attention_window,
-                    recompute_logits=ttt.recompute_logits, ce_kernel=model.ce_kernel, sgd_kernel=model.sgd_kernel,
-                    first_attended=True)
+    settings = InnerSettings.build(model, ttt, ilr_mult, first_attended=True)
 
     def step(theta, head, phi, phi_c, caches, h, y, m, pos0):
-        return inner_step(model.suffix, theta, head, phi, caches, h, y, m, pos0, **settings, phi_c=phi_c)
+        return inner_step(model.suffix, theta, head, phi, caches, h, y, m, pos0, settings, phi_c=phi_c)
 
     def last(theta, head, phi, phi_c, caches, h, y, m, pos0):
         # The last mini-batch's update would reach no loss: its loss only, no inner gradient
         phi_c = compute_copy(phi, h) if phi_c is None else phi_c
-        l_t, tok, _ = minibatch_loss(model.suffix, theta, head, phi_c, caches, h, y, m, pos0,
-                                     settings["recompute_logits"], settings["ce_kernel"], first_attended=True)
+        l_t, tok, _ = minibatch_loss(model.suffix, theta, head, phi_c, caches, h, y, m, pos0, settings)
         return l_t, tok.detach()
 
     head, caches, phi_c = cast(model.head_weight(), dtype), None, None

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ttt_e2e.ttt import linear_ce
-from ttt_e2e.ttt.linear_ce import linear_cross_entropy
+from ttt_e2e.kernels.cross_entropy import linear_ce
+from ttt_e2e.kernels.cross_entropy.linear_ce import linear_cross_entropy
 
 
 def _reference(h, W, y):

@@ -1,4 +1,4 @@
-"""The inner loss's head node (ttt/head.py) against autograd of the plain head and cross-entropy in float64: the
+"""The inner loss's head node (kernels/cross_entropy/head.py) against autograd of the plain head and cross-entropy in float64: the
 loss, the inner gradient w.r.t. the hidden states, and the outer gradients w.r.t. the hidden states and the head
 for either cotangent or both, through the kernels (the interpreter on a CPU) and the PyTorch formulas, with the
 head as a plain tensor and as a shared_weight (deferred gradient), ragged vocabularies and ignored targets."""
@@ -8,7 +8,7 @@ import torch
 from ttt_e2e.kernels.cross_entropy import cross_entropy_reference
 from ttt_e2e.kernels.cross_entropy.kernel import ce_bwd, ce_double_bwd, ce_double_bwd_given, ce_given_c
 from ttt_e2e.model.linear import shared_weight
-from ttt_e2e.ttt.head import _HeadLossAndGrad, head_loss_and_grad
+from ttt_e2e.kernels.cross_entropy.head import _HeadLossAndGrad, head_loss_and_grad
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 _seed = [100]

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ttt_e2e.kernels.cross_entropy import kernels_apply
-from ttt_e2e.kernels.cross_entropy.function import _bwd_torch, _fwd_grad_torch, _probs
-from ttt_e2e.kernels.cross_entropy.kernel import ce_bwd, ce_double_bwd_given, ce_fwd_grad, ce_given_c
+from . import kernels_apply
+from .function import _bwd_torch, _fwd_grad_torch, _probs
+from .kernel import ce_bwd, ce_double_bwd_given, ce_fwd_grad, ce_given_c
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
