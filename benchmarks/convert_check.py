@@ -161,12 +161,17 @@ def main() -> int:
     p, times["eval_s"] = run(["eval.py", f"checkpoint={dst}", f"data.source={corpus}",
                               f"data.cache_dir={work / 'cache'}", "windows=2", "batch_size=1",
                               f"device={args.device}", f"out={out / 'eval'}"])
-    loss = None
+    first = last = None
     if p.returncode == 0:
-        loss = json.loads((out / "eval" / "eval.json").read_text())["checkpoints"][0]["loss"]
-    # random weights (init std 0.02): logits near 0, the loss near ln(vocab)
-    check("eval.py", loss is not None and abs(loss - np.log(mcfg.vocab_size)) < 1.0,
-          f"loss {loss} (ln vocab {np.log(mcfg.vocab_size):.2f})")
+        r = json.loads((out / "eval" / "eval.json").read_text())["checkpoints"][0]
+        b, curve = r["mini_batch_size"], r["loss_by_position"]
+        per_mb = [np.mean([x for x in curve[i:i + b] if x is not None]) for i in range(0, len(curve), b)]
+        first, last = float(per_mb[0]), float(per_mb[-1])
+    # Random weights (init std 0.02) give near-uniform logits: before any inner step (the first mini-batch) the loss
+    # is ln(vocab). The inner steps then learn the repetitive text, so the last mini-batch's loss is lower (the
+    # window's mean loss is not ln(vocab): on a GPU run of this script it was 9.42, the first mini-batch 11.83).
+    check("eval.py", first is not None and abs(first - np.log(mcfg.vocab_size)) < 0.5 and last < first,
+          f"first mini-batch {first}, last {last} (ln vocab {np.log(mcfg.vocab_size):.2f})")
 
     # 5. to-jax back, bit for bit
     back = work / ("back" if fmt == "orbax" else "back.npz")
