@@ -1,7 +1,7 @@
 """Train a TTT-E2E model (or a full/sliding-window attention baseline). Configs: conf/ (Hydra).
 
     python train.py                                   # tiny TTT-E2E on the Python stdlib, a few minutes on CPU
-    python train.py +experiment=125m/pretrain/e2e     # METHOD.md section 5 configs: <size>/pretrain/{e2e,fa,swa},
+    python train.py +experiment=125m/pretrain/e2e     # docs/METHOD.md section 5 configs: <size>/pretrain/{e2e,fa,swa},
                                                       #   <size>/extension/..., 3b/extension_128k/...
     python train.py +experiment=125m/pretrain/e2e optim.lr=2e-3 training.steps=100 data.source=/data/dclm
     python train.py +experiment=125m/extension/e2e training.init_from=outputs/<pretrain run dir> data.source=/data/books

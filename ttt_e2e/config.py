@@ -96,8 +96,9 @@ class TTTConfig:
     remat_prefix: bool = False  # recompute each prefix block in the outer backward
     remat_prefix_blocks: Optional[int] = None  # with remat_prefix: only the first N prefix blocks (None: all), the
     # rest keep their activations: memory for time between the two extremes
-    recompute_logits: bool = False  # cross-entropy without keeping the head's logits (kernels/cross_entropy/linear_ce.py): less
-    # memory (125M meta step on an H100: 16 vs 27 GiB), more time (+40%): the logits are recomputed
+    recompute_logits: bool = False  # cross-entropy without keeping the head's logits
+    # (kernels/cross_entropy/linear_ce.py): less memory, more time, since the logits are recomputed in the backward
+    # (the measured trade: benchmarks/history/RESULTS-diary.md)
 
     def ilr_multiplier(self, step: int) -> float:
         if self.ilr_warmup_steps <= 0:
@@ -165,7 +166,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to `min_lr` (METHOD.md section 3), and the spike policy."""
+    """AdamW with linear warmup then cosine decay to `min_lr` (docs/METHOD.md section 3), and the spike policy."""
     lr: float = 3e-3  # peak learning rate
     b1: float = 0.9
     b2: float = 0.95

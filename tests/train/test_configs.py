@@ -1,4 +1,4 @@
-"""conf/: every experiment composes onto the typed schema, validates, and carries METHOD.md section 5's numbers."""
+"""conf/: every experiment composes onto the typed schema, validates, and carries docs/METHOD.md section 5's numbers."""
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.train.hydra_store import register_configs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-# METHOD.md section 5, training columns (the model columns are ttt_e2e.model.sizes.PAPER_SIZES): lr, steps, batch
+# docs/METHOD.md section 5, training columns (the model columns are ttt_e2e.model.sizes.PAPER_SIZES): lr, steps, batch
 TABLE = {"125m": (3e-3, 4800, 64), "350m": (1.5e-3, 13500, 64), "760m": (1.25e-3, 29000, 64),
          "1b": (1e-3, 50000, 64), "3b": (8e-4, 52000, 128)}
 

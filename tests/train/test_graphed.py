@@ -42,7 +42,7 @@ def test_fused_kernels_off_only_for_eager_meta_by_default(compose, mode, graph, 
     for kind in (RMSNorm, Attention, SwiGLU):  # every module with a kernel switch follows it
         mods = [m for m in model.modules() if isinstance(m, kind)]
         assert mods and all(m.kernel is expected for m in mods), kind.__name__
-    assert model.ce_kernel is ce
+    assert model.kernels.cross_entropy is ce
 
 
 @pytest.mark.parametrize("setting, message", [

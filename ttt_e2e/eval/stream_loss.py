@@ -65,7 +65,7 @@ def baseline_token_losses(model: Transformer, inputs: torch.Tensor, targets: tor
         raise ValueError(f"sequence length {T} is not divisible by ttt.mini_batch_size={b}")
     h, _ = model.suffix(model.run_prefix(model.wte(inputs)))
     head = model.head_weight()
-    tok = torch.cat([token_losses(h[:, i:i + chunk], head, targets[:, i:i + chunk], kernel=model.ce_kernel)
+    tok = torch.cat([token_losses(h[:, i:i + chunk], head, targets[:, i:i + chunk], kernel=model.kernels.cross_entropy)
                      for i in range(0, T, chunk)], 1)
     return tok, masked_mean(tok.view(B, T // b, b), mask.view(B, T // b, b))
 

@@ -132,10 +132,6 @@ class Transformer(nn.Module, HubMixin):
                 m.kernel = elementwise
         self.kernels = Kernels(elementwise, cross_entropy)
 
-    @property
-    def ce_kernel(self) -> bool:  # kept for callers of the earlier flag (tests/train/test_graphed.py)
-        return self.kernels.cross_entropy
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for name, p in self.named_parameters():

@@ -2,7 +2,7 @@
 on one GPU and under DDP.
 
 A meta-mode step launches tens of thousands of small kernels (every op of every inner step, its backward and
-double backward) and is host-bound on an H100; its shapes are static and it has no host syncs, so one capture
+double backward) and is host-bound on a fast GPU; its shapes are static and it has no host syncs, so one capture
 (ttt_e2e/cuda_graph.py) serves the whole run. What changes between steps lives in device memory: the micro-batch
 (copied into static buffers) and the inner-lr multiplier (a 0-d tensor; the outer lr is the optimizer's, which
 stays eager with the clip and the non-finite checks).

@@ -1,4 +1,4 @@
-"""The outer training loop (METHOD.md section 3), for either train mode.
+"""The outer training loop (docs/METHOD.md section 3), for either train mode.
 
 One step: the rank's share of the global batch, in micro-batches (gradient accumulation; DDP/FSDP2, or the
 graphed micro-step's own all-reduce, reduce only on the last) -> sequence_loss (the inner loop lives there) ->
