@@ -2,8 +2,9 @@
 
 One step: the rank's share of the global batch, in micro-batches (gradient accumulation; DDP/FSDP2, or the
 graphed micro-step's own all-reduce, reduce only on the last) -> sequence_loss (the inner loop lives there) ->
-backward (the meta-gradient in meta mode) -> stop on a non-finite loss or gradient -> clip -> AdamW -> schedule. The inner-lr multiplier of step s is
-ttt.ilr_multiplier(s), s = optimizer steps already taken.
+backward (the meta-gradient in meta mode) -> the spike policy (stop on a non-finite loss or gradient, or skip the
+update: spikes.py) -> clip -> AdamW -> schedule. The inner-lr multiplier of step s is ttt.ilr_multiplier(s),
+s = optimizer steps already taken.
 """
 from __future__ import annotations
 
