@@ -17,7 +17,8 @@ A run writes into its Hydra output dir (outputs/<date>/<time>/, or hydra.run.dir
 metrics.jsonl, checkpoints/step_*/ and checkpoints/latest, train.log, wandb/ (offline). Run again with the same
 hydra.run.dir to resume from its latest checkpoint (training.resume=null: automatic; true: required; false:
 refuse). training.init_from=<checkpoint> training.load_part=params starts from pretrained weights only.
-Exit status: 0 done, 2 bad config/data/checkpoint (one-line error), 3 non-finite loss (one line with the step).
+Exit status: 0 done, 2 bad config/data/checkpoint (one-line error), 3 non-finite loss (one line with the step;
+in a -m sweep that job's line is printed and the other jobs go on).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -51,6 +53,10 @@ def main(dcfg: DictConfig):
         sys.exit(2)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # In a sweep, a job that diverged (too large a learning rate, say) is one of its results, not the end of
+            # the sweep: its siblings still run (the launcher would stop every job on an exit)
+            return float("nan")
         sys.exit(3)
     if not result.is_main:
         return result.last_val_loss

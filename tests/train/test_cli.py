@@ -22,6 +22,18 @@ def test_multirun_two_jobs(tmp_path, tiny_args, run_cli, metrics):
 
 
 @pytest.mark.slow
+def test_multirun_goes_on_past_a_diverged_job(tmp_path, tiny_args, run_cli, metrics):
+    sweep = tmp_path / "sweep"
+    args = tiny_args(None, **{"training.steps": 3, "training.eval_every": 0, "training.checkpoint_every": 0})
+    p = run_cli(["train.py", "-m", "optim.lr=1e30,3e-3", *args, f"hydra.sweep.dir={sweep}"])
+    assert p.stderr.count("error: non-finite loss at step") == 1  # job 0 diverged, said so in one line
+    assert not (sweep / "0" / "checkpoints" / "latest").exists()
+    assert p.stdout.count("done: step 3") == 1  # and job 1 still ran to its end
+    assert (sweep / "1" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert all(math.isfinite(r["loss"]) for r in metrics(sweep / "1") if "loss" in r)
+
+
+@pytest.mark.slow
 def test_eval_writes_json_and_plot_for_two_checkpoints(compose, tmp_path, run_cli):
     run = tmp_path / "run"
     train(compose(**{"training.steps": 4, "training.checkpoint_every": 2}), run)
