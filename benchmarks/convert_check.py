@@ -169,7 +169,7 @@ def main() -> int:
         first, last = float(per_mb[0]), float(per_mb[-1])
     # Random weights (init std 0.02) give near-uniform logits: before any inner step (the first mini-batch) the loss
     # is ln(vocab). The inner steps then learn the repetitive text, so the last mini-batch's loss is lower (the
-    # window's mean loss is not ln(vocab): on a GPU run of this script it was 9.42, the first mini-batch 11.83).
+    # window's mean loss is not ln(vocab): benchmarks/RESULTS.md, the authors' checkpoints).
     check("eval.py", first is not None and abs(first - np.log(mcfg.vocab_size)) < 0.5 and last < first,
           f"first mini-batch {first}, last {last} (ln vocab {np.log(mcfg.vocab_size):.2f})")
 

@@ -299,7 +299,7 @@ class Study:
             raise SystemExit("error: no run made a step in the probe (see the run logs in results.json)")
         unmeasured = [r.name for r in runs if r.method in METHODS and r.name not in step_times]
         # the single runs set the pace (the sweep's jobs have e2e's step time; the check has its own steps): on the
-        # first H100 call a sweep job's one compile-bound step (9 s) was taken for its step time
+        # first H100 call a sweep job's one compile-bound step was taken for its step time (docs/study.md)
         slowest = max((step_times[r.name] for r in runs if r.method in METHODS and r.name in step_times), default=0)
         budget = self.train_deadline - time.time() - max(startup)
         steps = int(0.9 * budget / slowest) if slowest else self.a.min_steps

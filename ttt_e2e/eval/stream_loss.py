@@ -77,11 +77,9 @@ def engine_target(loss_fn) -> Optional[tuple[Transformer, TTTConfig]]:
     the engine cannot run the model (meta mode without a sliding window)."""
     from torch.distributed.tensor import DTensor
 
-    from ttt_e2e.train.parallel import LossModule
+    from ttt_e2e.train.parallel import LossModule, unwrap
 
-    module = loss_fn
-    while not isinstance(module, LossModule) and isinstance(getattr(module, "module", None), torch.nn.Module):
-        module = module.module
+    module = unwrap(loss_fn)
     if not isinstance(module, LossModule):
         return None
     if any(isinstance(p, DTensor) for p in module.model.parameters()):

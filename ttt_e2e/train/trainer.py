@@ -222,8 +222,7 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
 
 
 def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, data: TrainData, amp, step: int,
-                ckpt: Checkpointer, world_size: int, graphed: Optional[GraphedMicroStep] = None,
-                guard: Optional[SpikeGuard] = None) -> dict:
+                ckpt: Checkpointer, world_size: int, graphed: Optional[GraphedMicroStep], guard: SpikeGuard) -> dict:
     """One optimizer step (step = steps already taken). Returns the step's metrics (averaged over ranks)."""
     t0 = time.perf_counter()
     ilr = cfg.ttt.ilr_multiplier(step)
@@ -249,7 +248,7 @@ def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, 
     all_reduce_sum(stats)
     stats /= len(micro_batches) * world_size
     loss = stats[0].item()
-    guard = guard or SpikeGuard(cfg.optim)  # optim.spike_policy: stop, or skip this step's update (spikes.py)
+    # optim.spike_policy: stop, or skip this step's update (spikes.py)
     grad_norm = _grad_norm(model.parameters(), cfg.optim.grad_clip) if math.isfinite(loss) else math.nan
     stop = guard.check(loss, grad_norm)
     if stop:
