@@ -50,7 +50,7 @@ TINY = {
 
 # Issue 26's tiny e2e run (byte tokens from this Python's stdlib, d 256, 6 layers, 2 suffix blocks, T 8192, W 512,
 # b 64: 128 inner steps per sequence, lr 2e-3, inner-lr warm-up over 30 steps, 120 steps), which stopped at a
-# non-finite meta-gradient; here with optim.spike_policy=skip (from the e2e experiment).
+# non-finite meta-gradient; here once per policy of --spike-policies.
 SPIKE_CHECK = {
     "gpu": ["data.source=stdlib", "data.tokenizer=bytes", "model.vocab_size=258", "model.d_model=256",
             "model.n_heads=4", "model.n_layers=6", "model.suffix_len=2", "model.mlp_width=768",
@@ -188,12 +188,12 @@ class Study:
         self._spawn(multirun, ["train.py", "-m", "launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}",
                                *self.common(steps), f"hydra.sweep.dir={sweep_dir}", *sweep])
         self.multirun = multirun
-        if self.a.spike_check:
-            # issue 26's run that stopped at a non-finite meta-gradient (128 inner steps per sequence), with the
-            # skip policy: it should train to its end. Its own fixed steps; not evaluated.
-            check = Run("spikecheck", "spikecheck", 0, [], self.work / phase / "spikecheck")
+        for policy in filter(None, self.a.spike_policies.split(",")):
+            # issue 26's run that stopped at a non-finite meta-gradient (128 inner steps per sequence), once per
+            # spike policy: which of them trains to its end, and to what loss. Its own fixed steps; not evaluated.
+            check = Run(f"spikecheck_{policy}", "spikecheck", 0, [], self.work / phase / f"spikecheck_{policy}")
             args = ["+experiment=study/e2e", *self.common(steps), *SPIKE_CHECK["tiny" if self.a.tiny else "gpu"],
-                    f"data.cache_dir={self.cache}", f"hydra.run.dir={check.dir}"]
+                    f"optim.spike_policy={policy}", f"data.cache_dir={self.cache}", f"hydra.run.dir={check.dir}"]
             self._spawn(check, ["train.py", *args])
             runs.append(check)
         jobs = [Run(f"sweep_{i}", "sweep", 0, [], sweep_dir / str(i)) for i in range(n_jobs)]
@@ -374,6 +374,10 @@ class Study:
                 "train_loss_first": recs[0]["loss"] if recs else None,
                 "train_loss_last": statistics.mean(x["loss"] for x in recs[-5:]) if recs else None,
                 "skipped_steps": recs[-1].get("skipped_steps", 0) if recs else 0,
+                "rollbacks": recs[-1].get("rollbacks", 0) if recs else 0,
+                "inner_lr_last": recs[-1].get("ilr") if recs else None,  # after the warm-up and any back-off
+                "loss_by_step": [x["loss"] for x in recs] if r.method == "spikecheck" else None,
+                "grad_norm_by_step": [x["grad_norm"] for x in recs] if r.method == "spikecheck" else None,
                 "grad_norm_max": max((x["grad_norm"] for x in recs if isinstance(x["grad_norm"], float)),
                                      default=None),
                 "grad_norm_over_100": sum(1 for x in recs if not isinstance(x["grad_norm"], float)
@@ -496,13 +500,14 @@ def summarize(results: dict) -> dict:
         if r["method"] == "e2e":
             summary["sweep"].append({"name": r["name"], "inner_lr": r.get("inner_lr"),
                                      "mini_batch_size": r.get("mini_batch_size"), "steps": r["steps"],
-                                     "skipped_steps": r["skipped_steps"],
+                                     "skipped_steps": r["skipped_steps"], "rollbacks": r.get("rollbacks", 0),
+                                     "inner_lr_last": r.get("inner_lr_last"),
                                      **{f"{c}_last_quarter": r["eval"][c]["quarters"][3]
                                         for c in ("code_val", "docs_val") if c in r.get("eval", {})}})
-    check = [r for r in runs if r["method"] == "spikecheck"]
-    summary["spike_check"] = {k: check[0].get(k) for k in ("steps", "returncode", "killed", "skipped_steps",
-                                                         "grad_norm_max", "grad_norm_over_100", "train_loss_first",
-                                                         "train_loss_last", "log_tail")} if check else None
+    summary["spike_check"] = [{k: r.get(k) for k in ("name", "steps", "returncode", "killed", "skipped_steps",
+                                                      "rollbacks", "inner_lr_last", "grad_norm_max",
+                                                      "grad_norm_over_100", "train_loss_first", "train_loss_last",
+                                                      "log_tail")} for r in runs if r["method"] == "spikecheck"]
     return summary
 
 
@@ -525,19 +530,21 @@ def render(results: dict, out: Path) -> None:
     for corpus, d in s["e2e_minus_swa_last_quarter"].items():
         lines.append(f"- {corpus}: {_fmt(d['by_seed'], 4)} (mean {_fmt(d['mean'], 4)}, spread {_fmt(d['spread'], 4)})")
     lines += ["", "Sweep (Hydra multirun; inner lr 0 is the ablation) and the main e2e runs (inner lr 1):", "",
-              "| run | inner lr | b | steps | skipped | code_val last quarter | docs_val last quarter |",
-              "|---|---|---|---|---|---|---|"]
+              "| run | inner lr | b | steps | skipped | rollbacks | inner lr at the end | code_val last quarter | "
+              "docs_val last quarter |", "|---|---|---|---|---|---|---|---|---|"]
     for j in s["sweep"]:
         lines.append(f"| {j['name']} | {_fmt(j['inner_lr'])} | {_fmt(j['mini_batch_size'])} | {j['steps']} | "
-                     f"{j['skipped_steps']} | {_fmt(j.get('code_val_last_quarter'))} | "
-                     f"{_fmt(j.get('docs_val_last_quarter'))} |")
-    c = s["spike_check"]
-    if c:
-        lines += ["", f"Spike check (issue 26's 128-inner-step run, optim.spike_policy=skip): {c['steps']} steps "
-                      f"(exit {c['returncode']}{', killed at the deadline' if c['killed'] else ''}), "
-                      f"{c['skipped_steps']} skipped, {c['grad_norm_over_100']} with gradient norm > 100 or "
-                      f"non-finite, max finite norm {_fmt(c['grad_norm_max'], 1)}, train loss "
-                      f"{_fmt(c['train_loss_first'])} -> {_fmt(c['train_loss_last'])}."]
+                     f"{j['skipped_steps']} | {j.get('rollbacks', 0)} | {_fmt(j.get('inner_lr_last'))} | "
+                     f"{_fmt(j.get('code_val_last_quarter'))} | {_fmt(j.get('docs_val_last_quarter'))} |")
+    if s["spike_check"]:
+        lines += ["", "Spike check (issue 26's 128-inner-step run), one run per optim.spike_policy:", "",
+                  "| run | steps | exit | skipped | rollbacks | inner lr at the end | norm > 100 or non-finite | "
+                  "max finite norm | train loss first -> last 5 |", "|---|---|---|---|---|---|---|---|---|"]
+        for c in s["spike_check"]:
+            lines.append(f"| {c['name']} | {c['steps']} | {c['returncode']}{' (killed)' if c['killed'] else ''} | "
+                         f"{c['skipped_steps']} | {c.get('rollbacks', 0)} | {_fmt(c.get('inner_lr_last'))} | "
+                         f"{c['grad_norm_over_100']} | {_fmt(c['grad_norm_max'], 1)} | "
+                         f"{_fmt(c['train_loss_first'])} -> {_fmt(c['train_loss_last'])} |")
     needle_runs = [r for r in results.get("runs", []) if r.get("needle")]
     if needle_runs:
         n0 = needle_runs[0]["needle"]
@@ -615,6 +622,23 @@ def _plots(results: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / "needle.png", dpi=110)
         plt.close(fig)
+    checks = [r for r in results.get("runs", []) if r["method"] == "spikecheck" and r.get("loss_by_step")]
+    if checks:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+        for r in checks:
+            steps = range(1, len(r["loss_by_step"]) + 1)
+            axes[0].plot(steps, r["loss_by_step"], label=r["name"])
+            norms = [x if isinstance(x, float) and math.isfinite(x) else float("nan") for x in r["grad_norm_by_step"]]
+            axes[1].semilogy(steps, norms, label=r["name"])
+        axes[0].set_title("spike check: training loss by step")
+        axes[1].set_title("spike check: outer gradient norm (before the clip)")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "spike_check.png", dpi=110)
+        plt.close(fig)
 
 
 def parse(argv=None):
@@ -635,8 +659,8 @@ def parse(argv=None):
     p.add_argument("--sweep-ilr", default="0,3", help="the sweep's ttt.inner_lr values (0: the ablation)")
     p.add_argument("--sweep-b", default=None, help="the sweep's ttt.mini_batch_size values (default 64,128)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-spike-check", dest="spike_check", action="store_false",
-                   help="leave out issue 26's 128-inner-step run (trained with optim.spike_policy=skip)")
+    p.add_argument("--spike-policies", default=None, help="issue 26's 128-inner-step run, once per "
+                   "optim.spike_policy listed ('' leaves it out; default rollback,stop; tiny rollback)")
     p.add_argument("--windows", type=int, default=None, help="held-out windows per curve (default 48; tiny 2)")
     p.add_argument("--eval-batch", type=int, default=None, help="(default 8; tiny 2)")
     p.add_argument("--eval-chunk", type=int, default=None, help="checkpoints per eval.py process (default 2; tiny 5)")
@@ -652,7 +676,7 @@ def parse(argv=None):
     for k, big, small in (("minutes", 8.0, 2.5), ("min_steps", 50, 2), ("max_steps", 5000, 6), ("probe_s", 150.0, 60.0),
                           ("seeds", 2, 1), ("sweep_b", "64,128", "16"), ("windows", 48, 2), ("eval_batch", 8, 2),
                           ("parallel", 8, 3), ("eval_chunk", 2, 5), ("needle_lengths", "1024,2048,4096", "128,256"),
-                          ("needle_trials", 8, 2)):
+                          ("needle_trials", 8, 2), ("spike_policies", "rollback,stop", "rollback")):
         if getattr(a, k) is None:
             setattr(a, k, small if t else big)
     if t and a.sweep_ilr == "0,3":

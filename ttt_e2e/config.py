@@ -184,21 +184,35 @@ class OptimConfig:
     # ends the run. skip: a step whose loss or gradient norm is non-finite, or whose gradient norm exceeds
     # spike_factor x the median of the last spike_window accepted steps' norms (once spike_min_history are
     # known), takes no optimizer update (its batch is consumed, the schedule advances) and is counted in the
-    # metrics; spike_max_consecutive skipped steps in a row end the run.
+    # metrics; spike_max_consecutive skipped steps in a row end the run. rollback: skip, and once
+    # spike_rollback_after spikes have come since the last snapshot (taken every spike_snapshot_every accepted
+    # steps, in host memory), restore it and multiply the inner lr by spike_backoff_ilr and the outer lr by
+    # spike_backoff_lr; spike_max_rollbacks rollbacks, then the run ends at the next one due.
     spike_policy: str = "stop"
     spike_factor: float = 10.0
     spike_window: int = 64
     spike_min_history: int = 8
     spike_max_consecutive: int = 20
+    spike_snapshot_every: int = 10
+    spike_rollback_after: int = 3
+    spike_backoff_ilr: float = 0.5
+    spike_backoff_lr: float = 1.0
+    spike_max_rollbacks: int = 5
 
     def validate(self) -> None:
-        if self.spike_policy not in ("stop", "skip"):
-            raise ConfigError(f"optim.spike_policy must be stop or skip, got {self.spike_policy!r}")
+        if self.spike_policy not in ("stop", "skip", "rollback"):
+            raise ConfigError(f"optim.spike_policy must be stop, skip or rollback, got {self.spike_policy!r}")
         if not self.spike_factor > 1:
             raise ConfigError(f"optim.spike_factor must be > 1, got {self.spike_factor}")
-        for name in ("spike_window", "spike_min_history", "spike_max_consecutive"):
+        for name in ("spike_window", "spike_min_history", "spike_max_consecutive", "spike_snapshot_every",
+                     "spike_rollback_after"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
+        if self.spike_max_rollbacks < 0:
+            raise ConfigError(f"optim.spike_max_rollbacks must be >= 0, got {self.spike_max_rollbacks}")
+        for name in ("spike_backoff_ilr", "spike_backoff_lr"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"optim.{name} must be in (0, 1], got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:

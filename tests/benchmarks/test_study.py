@@ -21,19 +21,19 @@ def test_tiny_study_end_to_end(tmp_path):
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:], (out / "logs.txt").read_text()[-5000:]
                                if (out / "logs.txt").exists() else "")
     assert sorted(f.name for f in out.iterdir()) == ["logs.txt", "loss_by_position.png", "needle.png",
-                                                      "progress.log", "results.json", "study.md"]
+                                                      "progress.log", "results.json", "spike_check.png", "study.md"]
     r = json.loads((out / "results.json").read_text())
     runs = {x["name"]: x for x in r["runs"]}
     # the single runs, the sweep's jobs named by their swept values (read back from their run dirs), the check
-    assert set(runs) == {"fa_s0", "swa_s0", "e2e_s0", "e2e_ilr0_b16", "e2e_ilr1_b16", "spikecheck"}
+    assert set(runs) == {"fa_s0", "swa_s0", "e2e_s0", "e2e_ilr0_b16", "e2e_ilr1_b16", "spikecheck_rollback"}
     assert runs["e2e_ilr0_b16"]["inner_lr"] == 0.0 and runs["e2e_ilr1_b16"]["inner_lr"] == 1.0
     assert runs["fa_s0"]["window"] is None and runs["swa_s0"]["window"] == 64
     steps = r["steps"]
     assert 2 <= steps <= 6 and r["phases"]["probe"]["step_time_s"]["e2e_s0"] > 0
     for name, x in runs.items():
         assert x["returncode"] == 0 and not x["killed"], (name, x["log_tail"])
-        if name == "spikecheck":
-            assert x["steps"] == 4 and "eval" not in x
+        if name == "spikecheck_rollback":
+            assert x["steps"] == 4 and "eval" not in x and len(x["loss_by_step"]) == 4
             continue
         assert x["steps"] == steps and x["tokens_per_s"] > 0
         for corpus in ("code_val", "docs_val"):

@@ -141,7 +141,8 @@ class Checkpointer:
     def latest(self) -> Optional[Path]:
         return latest_checkpoint(self.dir)
 
-    def save(self, step: int, model, optimizer, scheduler, sampler, config) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, sampler, config, extra: Optional[dict] = None) -> Path:
+        """extra: more of the trainer's state (the spike guard's), saved beside the rest and returned on load."""
         model_sd = get_model_state_dict(model, options=_FULL)
         optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
         final = self.dir / step_dir_name(step)
@@ -150,7 +151,7 @@ class Checkpointer:
         if final.exists():  # complete by construction (renamed into place only when done)
             return final
         state = {"format": FORMAT, "step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
-                 "sampler": sampler.state_dict(), "rng": _rng_state(), "config": asdict(config)}
+                 "sampler": sampler.state_dict(), "rng": _rng_state(), "config": asdict(config), **(extra or {})}
         tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()

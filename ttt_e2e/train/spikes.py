@@ -1,27 +1,81 @@
 """What to do with a step whose outer gradient is bad (optim.spike_policy).
 
-The unrolled meta-gradient of a long inner loop occasionally explodes (issue 26: norms of 1e6-1e14 in a few
-steps of a small model with 128 inner steps per sequence, then a non-finite one). Clipping rescales such a
-gradient to the clip norm but keeps its direction, which is then mostly noise; large-scale trainers instead
-drop the update of a step whose gradient norm is non-finite or far above its recent typical value, count it, and
-give up only when it keeps happening (a run that diverged for good). That is the "skip" policy here:
+The unrolled meta-gradient of a long inner loop explodes once the inner loop turns unstable: the Jacobian of
+phi_{t+1} = phi_t - eta clip(g_t) has directions that grow, so the gradient grows geometrically with the number of
+inner steps, while the forward loss stays finite (docs/study.md measures it: at fixed weights the norm grows about
+exponentially from 32 to 128 inner steps at the full inner lr and stays flat at a quarter of it). Clipping keeps such
+a gradient's direction, which is then mostly the unstable mode's, and with AdamW freezes every other coordinate.
 
-- non-finite loss or gradient norm: skip;
-- gradient norm > spike_factor x the median of the last spike_window accepted norms (once spike_min_history
-  accepted norms are known, so the large norms at initialization are not judged against nothing): skip;
-- spike_max_consecutive skips in a row: stop, with the reason.
+- stop: a non-finite loss or gradient norm ends the run; a large finite norm is left to the clip.
+- skip: what large-scale trainers do with a transient spike. A step whose loss or gradient norm is non-finite, or
+  whose gradient norm exceeds spike_factor x the median of the last spike_window accepted norms (once
+  spike_min_history are known), takes no update; it is counted and logged; spike_max_consecutive skipped steps in
+  a row end the run. Skipped norms never enter the history, so a spike cannot raise the bar for the next one.
+- rollback: skip as above, and treat spikes that keep coming as a region to leave, not steps to wait out (PaLM
+  restarted from a checkpoint before the spike and skipped the data; OPT-175B also lowered the learning rate): a
+  snapshot is taken every spike_snapshot_every accepted steps (parameters and optimizer state, in host memory);
+  when spike_rollback_after spikes have come since it, restore it (in place), go on with new data, and multiply
+  the inner lr by spike_backoff_ilr (the cause: a smaller eta makes the inner loop stable again) and the outer lr
+  by spike_backoff_lr. The step count and the schedules go on (a rolled-back stretch counts as
+  steps taken), so a run ends at training.steps. spike_max_rollbacks rollbacks and one more due end the run.
 
-Skipped norms never enter the history, so a spike cannot raise the bar for the next one. "stop" is the old
-behaviour: stop at the first non-finite loss or gradient norm, never skip.
+The guard's state (history, counts, the inner lr's scale) is saved with each checkpoint, so a resumed run judges
+as the uninterrupted one would; its snapshots are not (a resumed run takes its first snapshot where it resumes).
+A checkpoint's saved config carries the backed-off inner lr (`backed_off`), so eval.py and generate.py use it.
 """
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections import deque
+from dataclasses import replace
 from typing import Optional
 
-from ttt_e2e.config import OptimConfig
+import torch
+
+from ttt_e2e.config import Config, OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # FSDP2: each rank keeps its own shard
+
+
+class Snapshot:
+    """One step's parameters and optimizer state, copied to host memory (each rank its own shard). Restored in
+    place, so the CUDA graph that reads these very tensors stays valid."""
+
+    def __init__(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.step = step
+        self.params = [_local(p).detach().to("cpu", copy=True) for p in model.parameters()]
+        self.state = [{k: _local(v).detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                       for k, v in optimizer.state[p].items()} for p in model.parameters()]
+
+    @torch.no_grad()
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        for p, saved, state in zip(model.parameters(), self.params, self.state):
+            _local(p).copy_(saved)
+            if not state:  # no update had been taken: AdamW initializes it again at the next one
+                optimizer.state.pop(p, None)
+                continue
+            now = optimizer.state[p]
+            for k, v in state.items():
+                if torch.is_tensor(v) and torch.is_tensor(now.get(k)):
+                    _local(now[k]).copy_(v)
+                else:
+                    now[k] = v.clone() if torch.is_tensor(v) else v
+
+
+def backed_off(cfg: Config, ilr_scale: float) -> Config:
+    """cfg with the inner lr the run trains with after its back-offs (the config a checkpoint is saved with)."""
+    if ilr_scale == 1.0:
+        return cfg
+    ttt = cfg.ttt
+    # the reference's warm-up reads ilr_init as an absolute inner lr: scaled with it, the multiplier is unchanged
+    init = ttt.ilr_init * ilr_scale if ttt.reference_ilr_warmup else ttt.ilr_init
+    return replace(cfg, ttt=replace(ttt, inner_lr=ttt.inner_lr * ilr_scale, ilr_init=init))
 
 
 class SpikeGuard:
@@ -29,8 +83,13 @@ class SpikeGuard:
         self.cfg = cfg
         self.history: deque[float] = deque(maxlen=cfg.spike_window)
         self.skipped = False  # the last checked step was skipped
-        self.total = 0  # skipped steps so far (this process)
+        self.total = 0  # skipped steps so far
         self.in_a_row = 0
+        self.rollbacks = 0
+        self.ilr_scale = 1.0  # multiplies the inner lr (rollback's back-off)
+        self.since_snapshot = 0  # spikes since the snapshot
+        self.accepted_since_snapshot = 0
+        self.snapshot: Optional[Snapshot] = None
 
     def check(self, loss: float, grad_norm: float) -> Optional[str]:
         """Judge one step. Returns None to go on (see .skipped: update or not), or why the run must stop."""
@@ -54,6 +113,57 @@ class SpikeGuard:
             return None
         self.total += 1
         self.in_a_row += 1
+        self.since_snapshot += 1
         if self.in_a_row >= self.cfg.spike_max_consecutive:
             return f"{why}, {self.in_a_row} skipped steps in a row (optim.spike_max_consecutive)"
         return None
+
+    # ----------------------------------------------------------------------------------- the rollback policy
+
+    def start(self, step: int, model, optimizer) -> None:
+        """The first snapshot: where the run starts or resumes."""
+        if self.cfg.spike_policy == "rollback":
+            self.snapshot = Snapshot(step, model, optimizer)
+            self.accepted_since_snapshot = 0
+
+    def after_step(self, step: int, model, optimizer, scheduler) -> Optional[str]:
+        """After step `step` (steps taken, this one included) was judged and applied or skipped: a snapshot, or a
+        rollback, or why the run must stop. A no-op but for the rollback policy."""
+        if self.cfg.spike_policy != "rollback":
+            return None
+        if self.skipped:
+            if self.since_snapshot < self.cfg.spike_rollback_after:
+                return None
+            if self.rollbacks >= self.cfg.spike_max_rollbacks:
+                return (f"{self.since_snapshot} spikes since the last snapshot after {self.rollbacks} rollbacks "
+                        f"(optim.spike_max_rollbacks)")
+            self._roll_back(step, model, optimizer, scheduler)
+            return None
+        self.accepted_since_snapshot += 1
+        if self.accepted_since_snapshot >= self.cfg.spike_snapshot_every:
+            self.snapshot = Snapshot(step, model, optimizer)
+            self.accepted_since_snapshot = self.since_snapshot = 0
+        return None
+
+    def _roll_back(self, step: int, model, optimizer, scheduler) -> None:
+        self.snapshot.restore(model, optimizer)
+        self.rollbacks += 1
+        self.ilr_scale *= self.cfg.spike_backoff_ilr
+        if self.cfg.spike_backoff_lr != 1.0:  # LambdaLR scales base_lrs, which its state_dict keeps
+            scheduler.base_lrs = [lr * self.cfg.spike_backoff_lr for lr in scheduler.base_lrs]
+            for group in optimizer.param_groups:
+                group["lr"] *= self.cfg.spike_backoff_lr
+        log.warning("spike policy: %d spikes since the last snapshot at step %d: rolled back to the weights of step "
+                    "%d, inner lr x %g, outer lr x %g (rollback %d of at most %d)", self.since_snapshot, step,
+                    self.snapshot.step, self.ilr_scale, self.cfg.spike_backoff_lr ** self.rollbacks, self.rollbacks,
+                    self.cfg.spike_max_rollbacks)
+        self.since_snapshot = self.accepted_since_snapshot = self.in_a_row = 0
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "total": self.total, "in_a_row": self.in_a_row,
+                "rollbacks": self.rollbacks, "ilr_scale": self.ilr_scale, "since_snapshot": self.since_snapshot}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = deque(state["history"], maxlen=self.cfg.spike_window)
+        self.total, self.in_a_row, self.rollbacks = state["total"], state["in_a_row"], state["rollbacks"]
+        self.ilr_scale, self.since_snapshot = state["ilr_scale"], state["since_snapshot"]

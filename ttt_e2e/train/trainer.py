@@ -2,9 +2,9 @@
 
 One step: the rank's share of the global batch, in micro-batches (gradient accumulation; DDP/FSDP2, or the
 graphed micro-step's own all-reduce, reduce only on the last) -> sequence_loss (the inner loop lives there) ->
-backward (the meta-gradient in meta mode) -> the spike policy (stop on a non-finite loss or gradient, or skip the
-update: spikes.py) -> clip -> AdamW -> schedule. The inner-lr multiplier of step s is ttt.ilr_multiplier(s),
-s = optimizer steps already taken.
+backward (the meta-gradient in meta mode) -> the spike policy (stop on a non-finite loss or gradient, skip the
+update, or roll back to a snapshot: spikes.py) -> clip -> AdamW -> schedule. The inner-lr multiplier of step s is
+ttt.ilr_multiplier(s) (times the spike policy's back-off), s = optimizer steps already taken.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from .metrics import build_loggers, require_wandb
 from .optim import build_optimizer, build_scheduler
 from .parallel import LossModule, check_parallel_config, parallelize
 from .precision import autocast, param_dtype
-from .spikes import SpikeGuard
+from .spikes import SpikeGuard, backed_off
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _restore(cfg: Config, ckpt: Checkpointer, model, optimizer, scheduler, sampler) -> int:
-    """The step to start from: resume this run dir, or start from training.init_from, or fresh (0)."""
+def _restore(cfg: Config, ckpt: Checkpointer, model, optimizer, scheduler, sampler, guard: SpikeGuard) -> int:
+    """The step to start from: resume this run dir (the spike guard's state too), or start from
+    training.init_from, or fresh (0)."""
     own = ckpt.latest()
     resume = cfg.training.resume if cfg.training.resume is not None else own is not None
     if resume:
         if own is None:
             raise CheckpointError(f"training.resume=true but {ckpt.dir} holds no checkpoint")
         state = load_checkpoint(own, model, optimizer, scheduler, sampler, part="all")
+        if "spikes" in state:  # absent in checkpoints of older code: the guard starts afresh
+            guard.load_state_dict(state["spikes"])
         log.info("resumed from %s at step %d", own, state["step"])
         return state["step"]
     if own is not None:
@@ -163,7 +166,9 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
     scheduler = build_scheduler(optimizer, tc.steps, cfg.optim)
     ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_last, info.is_main)
     barrier()  # rank 0 has cleared leftovers of killed saves before anyone looks for checkpoints
-    start = _restore(cfg, ckpt, model, optimizer, scheduler, data.sampler)
+    guard = SpikeGuard(cfg.optim)
+    start = _restore(cfg, ckpt, model, optimizer, scheduler, data.sampler, guard)
+    guard.start(start, model, optimizer)
     if info.is_main:  # only now: a run refused above (bad checkpoint, ...) leaves the run dir as it was
         _write_config(cfg, run_dir)
     loggers = build_loggers(cfg, run_dir, start if start > 0 else None, info.is_main)
@@ -180,12 +185,12 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
         if data.val is None:
             return None
         r = evaluate(wrapped, data.val, data.tokenizer.bos_id, data.micro_batch_size,
-                     tc.eval_batches * tc.global_batch_size, cfg.ttt.eval_ilr_multiplier(step), info, amp)
+                     tc.eval_batches * tc.global_batch_size, cfg.ttt.eval_ilr_multiplier(step) * guard.ilr_scale,
+                     info, amp)
         return r.loss
 
     graphed = (GraphedMicroStep(loss_module, list(model.parameters()), amp, data.accumulation)
                if graph else None)  # captured at the first micro-batch
-    guard = SpikeGuard(cfg.optim)
     result = TrainResult(info.is_main, run_dir, start, None, None, None, None, ckpt.latest())
     bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (info.is_main and tc.progress),
                dynamic_ncols=True)
@@ -210,7 +215,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
             if last or step % tc.log_every == 0 or "val_loss" in record:
                 loggers.log(record)
             if tc.save_checkpoints and (last or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
-                result.checkpoint = ckpt.save(step, model, optimizer, scheduler, data.sampler, cfg)
+                result.checkpoint = ckpt.save(step, model, optimizer, scheduler, data.sampler,
+                                              backed_off(cfg, guard.ilr_scale), {"spikes": guard.state_dict()})
             bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val": f"{record['val_loss']:.3f}"}
                                                              if record.get("val_loss") is not None else {}))
             bar.update(1)
@@ -225,7 +231,7 @@ def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, 
                 ckpt: Checkpointer, world_size: int, graphed: Optional[GraphedMicroStep], guard: SpikeGuard) -> dict:
     """One optimizer step (step = steps already taken). Returns the step's metrics (averaged over ranks)."""
     t0 = time.perf_counter()
-    ilr = cfg.ttt.ilr_multiplier(step)
+    ilr = cfg.ttt.ilr_multiplier(step) * guard.ilr_scale
     micro_batches = data.next_micro_batches()
     n_mb = cfg.model.seq_length // cfg.ttt.mini_batch_size
     # [outer loss, per-mini-batch losses..., inner grad norms (one per step: all mini-batches but the last)...],
@@ -248,7 +254,7 @@ def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, 
     all_reduce_sum(stats)
     stats /= len(micro_batches) * world_size
     loss = stats[0].item()
-    # optim.spike_policy: stop, or skip this step's update (spikes.py)
+    # optim.spike_policy: stop, skip this step's update, or roll back (spikes.py)
     grad_norm = _grad_norm(model.parameters(), cfg.optim.grad_clip) if math.isfinite(loss) else math.nan
     stop = guard.check(loss, grad_norm)
     if stop:
@@ -261,8 +267,12 @@ def _train_step(cfg: Config, wrapped, model: Transformer, optimizer, scheduler, 
         graphed.zero_grad()  # in place: the graph's backward accumulates into these very tensors
     else:
         optimizer.zero_grad(set_to_none=True)
+    stop = guard.after_step(step + 1, model, optimizer, scheduler)
+    if stop:
+        raise NonFiniteLossError(step + 1, stop, ckpt.latest())
     record = {"loss": loss, "minibatch_losses": stats[1:1 + n_mb].tolist(), "grad_norm": grad_norm, "lr": lr,
-              "ilr": cfg.ttt.inner_lr * ilr, "skipped": guard.skipped, "skipped_steps": guard.total}
+              "ilr": cfg.ttt.inner_lr * ilr, "skipped": guard.skipped, "skipped_steps": guard.total,
+              "rollbacks": guard.rollbacks}
     if cfg.ttt.train_mode == "meta" and n_mb > 1:
         inner = stats[1 + n_mb:]
         record.update(inner_grad_norm=inner.mean().item(), inner_grad_norm_by_minibatch=inner.tolist())
