@@ -1,10 +1,10 @@
 """What to do with a step whose outer gradient is bad (optim.spike_policy).
 
 The unrolled meta-gradient of a long inner loop explodes once the inner loop turns unstable: the Jacobian of
-phi_{t+1} = phi_t - eta clip(g_t) has directions that grow, so the gradient grows geometrically with the number of
-inner steps, while the forward loss stays finite (docs/study.md measures it: at fixed weights the norm grows about
-exponentially from 32 to 128 inner steps at the full inner lr and stays flat at a quarter of it). Clipping keeps such
-a gradient's direction, which is then mostly the unstable mode's, and with AdamW freezes every other coordinate.
+phi_{t+1} = phi_t - eta clip(g_t) has directions that grow, so the gradient grows with the number of inner steps,
+while the forward loss stays finite (docs/study.md measures it: at fixed weights the norm grows by orders of
+magnitude from 64 to 128 inner steps at a large inner lr and stays flat at a quarter of it). Clipping keeps such a
+gradient's direction, which is then mostly the unstable mode's, and with AdamW shrinks every other coordinate's.
 
 - stop: a non-finite loss or gradient norm ends the run; a large finite norm is left to the clip.
 - skip: what large-scale trainers do with a transient spike. A step whose loss or gradient norm is non-finite, or
