@@ -14,7 +14,7 @@ import argparse
 import torch
 
 import ttt_e2e
-from ttt_e2e.config import ModelConfig, TTTConfig
+from ttt_e2e.config import Kernels, ModelConfig, TTTConfig
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
 
@@ -25,11 +25,11 @@ def grads(kernels: bool, dtype: torch.dtype, seed: int) -> dict[str, torch.Tenso
     ttt = TTTConfig(train_mode="meta", mini_batch_size=128, inner_lr=1.0)
     torch.manual_seed(seed)
     model = Transformer(cfg, ttt).cuda()
-    model.use_fused_kernels(kernels, cross_entropy=kernels)
+    model.use_fused_kernels(kernels)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     ids = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + 1), device="cuda", generator=g)
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        out = sequence_loss(model, ids[:, :-1], ids[:, 1:], None, ttt)
+        out = sequence_loss(model, ids[:, :-1], ids[:, 1:], None, ttt, kernels=Kernels(kernels, kernels))
     gr = torch.autograd.grad(out.loss, list(model.parameters()))
     return {n: x.double() for (n, _), x in zip(model.named_parameters(), gr)}
 

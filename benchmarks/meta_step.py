@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ttt_e2e.config import ModelConfig, TTTConfig
+from ttt_e2e.config import Kernels, ModelConfig, TTTConfig
 from ttt_e2e.cuda_graph import GraphedStep
 from ttt_e2e.model.params import count_parameters
 from ttt_e2e.model.sizes import PAPER_SIZES, paper_config
@@ -60,7 +60,8 @@ def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bo
           graph: bool, fused_kernels: bool = True, ce_kernel: bool = True) -> dict:
     torch.manual_seed(0)
     model = Transformer(mcfg, tcfg).cuda()
-    model.use_fused_kernels(fused_kernels, ce_kernel)
+    kernels = Kernels(fused_kernels, ce_kernel)
+    model.use_fused_kernels(kernels.elementwise)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     T = mcfg.seq_length
     ids = torch.randint(0, mcfg.vocab_size, (1, T + 1), device="cuda")
@@ -73,7 +74,7 @@ def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bo
 
     def forward():
         with autocast:
-            return sequence_loss(model, x, y, None, tcfg).loss
+            return sequence_loss(model, x, y, None, tcfg, kernels=kernels).loss
 
     def forward_backward():
         forward().backward()
@@ -111,7 +112,7 @@ def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bo
 
         def captured(x, y):
             with autocast:
-                loss = sequence_loss(model, x, y, None, tcfg).loss
+                loss = sequence_loss(model, x, y, None, tcfg, kernels=kernels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

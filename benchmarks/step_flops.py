@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ttt_e2e.model.attention as attention
-from ttt_e2e.config import TTTConfig
+from ttt_e2e.config import Kernels, TTTConfig
 from ttt_e2e.model.sizes import PAPER_SIZES, paper_config
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
@@ -56,11 +56,12 @@ def count(mcfg, tcfg, where: str) -> tuple[int, dict]:
     pairs: dict = {}
     with torch.device("meta"):
         model = Transformer(mcfg, tcfg)
-    model.use_fused_kernels(False, False)
+    kernels = Kernels(elementwise=False, cross_entropy=False)
+    model.use_fused_kernels(kernels.elementwise)
     T = mcfg.seq_length
     x = torch.zeros(1, T, dtype=torch.long, device="meta")
     with attention_counting(where, pairs), FlopCounterMode(display=False) as fc:
-        sequence_loss(model, x, x, None, tcfg).loss.backward()
+        sequence_loss(model, x, x, None, tcfg, kernels=kernels).loss.backward()
     return fc.get_total_flops(), pairs
 
 

@@ -37,7 +37,8 @@ class ModelConfig:
     fused_kernels: Optional[bool] = None  # cross-entropy, RMSNorm, RoPE, SwiGLU gate, inner SGD as Triton kernels
     # on CUDA (kernels/), and the meta step's weight gradients formed once per weight (model/linear.py); false: all
     # in PyTorch ops, gradients per use. None: all on, except the elementwise kernels and the deferred gradients for
-    # meta-mode training without a CUDA graph, which is host-bound and faster without them
+    # meta-mode training without a CUDA graph, which is host-bound and faster without them. Resolved once per run
+    # into a `Kernels` value (below), which is passed down
 
     @property
     def head_dim(self) -> int:
@@ -76,6 +77,25 @@ class ModelConfig:
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16", "float64"):
             raise ConfigError(f"model.compute_dtype must be auto, float32, bfloat16, float16 or float64, "
                               f"got {self.compute_dtype!r}")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which ops run through their Triton kernels (on CUDA tensors; elsewhere always PyTorch ops; attention follows
+    model.attention_backend): model.fused_kernels resolved once per run and passed down whole, to the model's own
+    modules (Transformer.use_fused_kernels) and to the loss and the inner loop (sequence_loss, InnerSettings, the
+    inference engine, the evaluation's stream_loss). Outside training `Kernels.of(cfg.model)`, every function's
+    default; the trainer resolves its own (train/graphed.py: use_fused_kernels) and gives it to its LossModule,
+    which sets the model's modules from the same value."""
+    elementwise: bool = True  # RMSNorm, RoPE, the SwiGLU gate, the inner SGD update; and the meta step's weight
+    # gradients formed once per weight (model/linear.py)
+    cross_entropy: bool = True  # the loss's cross-entropy (kernels/cross_entropy)
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "Kernels":
+        """model.fused_kernels outside training: false all off, else (true or None) all on."""
+        on = cfg.fused_kernels is not False
+        return cls(elementwise=on, cross_entropy=on)
 
 
 @dataclass

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tiny import meta, tiny_model
+from ttt_e2e.config import Kernels
 from ttt_e2e.data import WindowDataset, make_batch
 from ttt_e2e.eval import stream_loss
 from ttt_e2e.eval.stream_loss import StreamLoss, baseline_token_losses, engine_target, meta_token_losses
@@ -99,13 +100,14 @@ class _Wrapper(torch.nn.Module):  # stands in for DDP: the LossModule is its .mo
 
 def test_engine_target_unwraps_and_declines():
     model, ttt = tiny_model(), meta()
-    lm = LossModule(model, ttt)
-    assert engine_target(lm) == (model, ttt)
-    assert engine_target(_Wrapper(lm)) == (model, ttt)
+    lm = LossModule(model, ttt, Kernels(elementwise=False))
+    assert engine_target(lm) == (model, ttt, Kernels(elementwise=False))  # the loss module's kernels with it
+    assert engine_target(_Wrapper(lm)) == (model, ttt, Kernels(elementwise=False))
     assert engine_target(lambda *a: None) is None  # not a loss module: its own call, the training path
     full = tiny_model(window=None)
     assert engine_target(LossModule(full, ttt)) is None  # meta without a window: the engine cannot run it
-    assert engine_target(LossModule(full, meta(train_mode="pretrain"))) == (full, meta(train_mode="pretrain"))
+    assert engine_target(LossModule(full, meta(train_mode="pretrain"))) == (full, meta(train_mode="pretrain"),
+                                                                            Kernels.of(full.cfg))
 
 
 def _val(model, n_windows=5, seed=2):

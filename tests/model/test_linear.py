@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny import meta, tiny_batch, tiny_model
 
+from ttt_e2e.config import Kernels
 from ttt_e2e.model import linear as lin
 from ttt_e2e.ttt.meta import sequence_loss
 
@@ -34,9 +35,11 @@ def test_weight_grad_total_is_the_sum_of_the_products(per_sequence, shape):
         acc.add(a, b)
 
 
-def _plain(model):
-    """The step with autograd's own weight gradients (on the CPU the switch changes nothing else)."""
+def _plain(model) -> Kernels:
+    """The step with autograd's own weight gradients (on the CPU the switch changes nothing else): the model's
+    modules switched, and the value for its loss."""
     model.use_fused_kernels(False)
+    return Kernels(elementwise=False)
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -62,9 +65,9 @@ def test_meta_gradient_equals_plain_autograd(monkeypatch, remat):
     # mini-batch, and for the first block's w13, whose input the inner gradient does not differentiate
     seq = [n for s, n in calls if s]
     assert sorted(seq) == sorted([1] * (2 * L + (n_mb - 1)) + [2] * (2 * L * (n_mb - 1) - (n_mb - 1))), calls
-    _plain(model)
+    plain = _plain(model)
     calls.clear()
-    want = torch.autograd.grad(sequence_loss(model, *batch, cfg).loss, list(model.parameters()))
+    want = torch.autograd.grad(sequence_loss(model, *batch, cfg, kernels=plain).loss, list(model.parameters()))
     assert not calls  # the switch turns deferral off
     for (name, _), a, b in zip(model.named_parameters(), got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
@@ -74,9 +77,9 @@ def test_bf16_meta_gradient_is_as_accurate_as_plain_autograd():
     """Under bf16 autocast the sums run in another order (and round fewer times): against the float64 meta-
     gradient, the error over four fresh seeds is no larger than plain autograd's (1.1x: a lost or doubled use
     would be O(1))."""
-    def flat(model, batch, bf16):
+    def flat(model, batch, bf16, kernels):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = sequence_loss(model, *batch, meta()).loss
+            loss = sequence_loss(model, *batch, meta(), kernels=kernels).loss
         return torch.cat([g.double().flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
 
     cases = [(tiny_model(seed=s), s) for s in range(4)]
@@ -84,11 +87,10 @@ def test_bf16_meta_gradient_is_as_accurate_as_plain_autograd():
     for plain in (False, True):
         errors[plain] = []
         for model, s in cases:
-            if plain:
-                _plain(model)
+            kernels = _plain(model) if plain else Kernels()
             batch = tiny_batch(model, seed=s + 5)
-            want = flat(model, batch, False)
-            got = flat(copy.deepcopy(model).float(), batch, True)
+            want = flat(model, batch, False, kernels)
+            got = flat(copy.deepcopy(model).float(), batch, True, kernels)
             errors[plain].append(((got - want).norm() / want.norm()).item())
     assert sum(errors[False]) <= 1.1 * sum(errors[True]), errors
 
@@ -147,9 +149,9 @@ def test_meta_gradient_with_shared_gains_equals_plain(monkeypatch, remat):
     skip = {*model.suffix.inner_names(), *model.suffix.hoisted_names()}
     gains = [n for n, p in model.suffix.named_parameters() if p.dim() == 1 and n not in skip]
     assert len(parts) == len(gains) and min(parts) >= model.cfg.seq_length // cfg.mini_batch_size, parts
-    _plain(model)
+    plain = _plain(model)
     parts.clear()
-    want = torch.autograd.grad(sequence_loss(model, *batch, cfg).loss, list(model.parameters()))
+    want = torch.autograd.grad(sequence_loss(model, *batch, cfg, kernels=plain).loss, list(model.parameters()))
     assert not parts
     for (name, _), a, b in zip(model.named_parameters(), got, want):
         # fp32 sums in another order: the noise is a few ulps of the tensor's largest terms, not of each element

@@ -1,15 +1,25 @@
-"""training.cuda_graph (and model.fused_kernels, resolved with it): refused where it cannot work; on a GPU, the
-same training as the eager path."""
+"""training.cuda_graph (and model.fused_kernels, resolved with it, once per run): refused where it cannot work;
+on a GPU, the same training as the eager path."""
+import inspect
+
 import pytest
 import torch
 
-from ttt_e2e.config import ConfigError
-from ttt_e2e.train.distributed import DistInfo
+from ttt_e2e.config import ConfigError, Kernels
+from ttt_e2e.eval import stream_loss
 from ttt_e2e.model.attention import Attention
 from ttt_e2e.model.layers import RMSNorm, SwiGLU
 from ttt_e2e.model.transformer import Transformer
+from ttt_e2e.train import trainer
+from ttt_e2e.train.distributed import DistInfo
 from ttt_e2e.train.graphed import use_cuda_graph, use_fused_kernels
+from ttt_e2e.train.parallel import LossModule
 from ttt_e2e.train.trainer import train
+from ttt_e2e.ttt import meta
+from ttt_e2e.ttt.loss import token_losses
+from ttt_e2e.ttt.settings import InnerSettings
+
+SWITCHED = (RMSNorm, Attention, SwiGLU)  # the model's modules with a kernel switch
 
 
 def test_cuda_graph_needs_cuda(compose, tmp_path):
@@ -36,13 +46,65 @@ def test_default_is_on_for_cuda_with_ddp(compose, device, ranks, compile_, dist_
 ])
 def test_fused_kernels_off_only_for_eager_meta_by_default(compose, mode, graph, setting, expected, ce):
     cfg = compose(**{"ttt.train_mode": mode, "model.fused_kernels": setting})
-    assert use_fused_kernels(cfg, graph) == (expected, ce)
-    model = Transformer(cfg.model)
-    model.use_fused_kernels(expected, ce)
-    for kind in (RMSNorm, Attention, SwiGLU):  # every module with a kernel switch follows it
-        mods = [m for m in model.modules() if isinstance(m, kind)]
+    kernels = use_fused_kernels(cfg, graph)
+    assert kernels == Kernels(elementwise=expected, cross_entropy=ce)
+    loss_module = LossModule(Transformer(cfg.model), cfg.ttt, kernels)
+    assert loss_module.kernels is kernels and not hasattr(loss_module.model, "kernels")  # no flag on the model
+    for kind in SWITCHED:  # every module with a kernel switch follows the loss module's value
+        mods = [m for m in loss_module.model.modules() if isinstance(m, kind)]
         assert mods and all(m.kernel is expected for m in mods), kind.__name__
-    assert model.kernels.cross_entropy is ce
+
+
+@pytest.mark.parametrize("mode", ["meta", "pretrain"])
+def test_one_kernel_choice_per_run(compose, tmp_path, monkeypatch, mode):
+    """Whatever the trainer resolves (here a value unlike the default of every other entry point, Kernels.of the
+    config, in both fields), the model's modules, the training loss (its cross-entropy, the inner steps' settings,
+    the deferred weight gradients) and the evaluation's engine path all run with it, and nothing else."""
+    chosen = Kernels(elementwise=False, cross_entropy=False)
+    assert Kernels.of(compose().model) == Kernels(True, True)
+    monkeypatch.setattr(trainer, "use_fused_kernels", lambda cfg, graph: chosen)
+    seen = {"modules": [], "ce": [], "settings": [], "shared_weight": 0}
+
+    def modules(model):
+        seen["modules"].append({m.kernel for m in model.modules() if isinstance(m, SWITCHED)})
+
+    def spy_ce(where):
+        def f(*args, **kw):
+            seen["ce"].append((where, inspect.signature(token_losses).bind(*args, **kw).arguments.get("kernel", True)))
+            return token_losses(*args, **kw)
+        return f
+
+    run_prefix, build, shared_weight = Transformer.run_prefix, InnerSettings.build.__func__, meta.shared_weight
+
+    def spy_prefix(model, *args, **kw):
+        modules(model)
+        return run_prefix(model, *args, **kw)
+
+    def spy_build(cls, model, *args, **kw):
+        modules(model)
+        settings = build(cls, model, *args, **kw)
+        seen["settings"].append((settings.ce_kernel, settings.sgd_kernel))
+        return settings
+
+    def spy_shared(*args, **kw):
+        seen["shared_weight"] += 1
+        return shared_weight(*args, **kw)
+
+    monkeypatch.setattr(Transformer, "run_prefix", spy_prefix)
+    monkeypatch.setattr(InnerSettings, "build", classmethod(spy_build))
+    monkeypatch.setattr(meta, "shared_weight", spy_shared)
+    monkeypatch.setattr(meta, "token_losses", spy_ce("training"))
+    monkeypatch.setattr(stream_loss, "token_losses", spy_ce("evaluation"))
+    # one step, and the validation loss before it (the engine path: on a CPU, the eager inner steps)
+    train(compose(**{"ttt.train_mode": mode, "training.steps": 1, "training.checkpoint_every": 0}), tmp_path / "run")
+    assert seen["modules"] and all(s == {chosen.elementwise} for s in seen["modules"]), seen
+    assert seen["shared_weight"] == 0  # the weight gradients per use, as with the elementwise kernels off
+    if mode == "meta":  # the training loss's inner steps and the engine's
+        assert len(seen["settings"]) >= 2 and not seen["ce"], seen
+        assert set(seen["settings"]) == {(chosen.cross_entropy, chosen.elementwise)}, seen
+    else:
+        assert {w for w, _ in seen["ce"]} == {"training", "evaluation"} and not seen["settings"], seen
+        assert {k for _, k in seen["ce"]} == {chosen.cross_entropy}, seen
 
 
 @pytest.mark.parametrize("setting, message", [

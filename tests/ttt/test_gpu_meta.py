@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ttt_e2e.config import ModelConfig, TTTConfig
+from ttt_e2e.config import Kernels, ModelConfig, TTTConfig
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
 
@@ -11,17 +11,17 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def _grads(backend: str, dtype, seed: int):
     """backend triton: every kernel (attention, cross-entropy, RMSNorm, RoPE, SwiGLU gate); torch: none."""
-    kernels = backend == "triton"
+    kernels = Kernels(backend == "triton", backend == "triton")
     cfg = ModelConfig(vocab_size=5000, n_layers=4, d_model=256, n_heads=4, mlp_width=384, suffix_len=2,
                       seq_length=1024, window=384, attention_backend=backend)
     ttt = TTTConfig(train_mode="meta", mini_batch_size=128, inner_lr=1.0)
     torch.manual_seed(seed)
     model = Transformer(cfg, ttt).cuda()
-    model.use_fused_kernels(kernels, cross_entropy=kernels)
+    model.use_fused_kernels(kernels.elementwise)
     g = torch.Generator(device="cuda").manual_seed(seed + 1)
     ids = torch.randint(0, cfg.vocab_size, (2, cfg.seq_length + 1), device="cuda", generator=g)
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        out = sequence_loss(model, ids[:, :-1], ids[:, 1:], None, ttt)
+        out = sequence_loss(model, ids[:, :-1], ids[:, 1:], None, ttt, kernels=kernels)
     grads = torch.autograd.grad(out.loss, list(model.parameters()))
     return out.loss.detach().double(), torch.cat([x.flatten() for x in grads]).double()
 

@@ -136,6 +136,7 @@ def test_meta_gradient_with_growing_kv_buffers(monkeypatch, window, remat):
 def _meta_loss_every_block_in_the_loop(model, ids, targets, mask, ttt):
     """The meta loss with the whole suffix inside the loop (the first block's attention too, over its KV cache):
     what ttt/meta.py computed before it ran that attention once over the sequence."""
+    from ttt_e2e.config import Kernels
     from ttt_e2e.ttt.inner import inner_step, minibatch_loss
     from ttt_e2e.ttt.settings import InnerSettings
 
@@ -151,7 +152,7 @@ def _meta_loss_every_block_in_the_loop(model, ids, targets, mask, ttt):
         sl = slice(t * b, (t + 1) * b)
         if t < T // b - 1:
             l_t, _, phi, caches, _, _ = inner_step(model.suffix, *args, caches, h[:, sl], targets[:, sl], mask[:, sl],
-                                                   t * b, InnerSettings.build(model, ttt))
+                                                   t * b, InnerSettings.build(model, ttt, Kernels.of(model.cfg)))
         else:
             l_t, _, _ = minibatch_loss(model.suffix, theta, head, phi, caches, h[:, sl], targets[:, sl],
                                        mask[:, sl], t * b)

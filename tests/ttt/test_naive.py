@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from tiny import meta, tiny_batch, tiny_model
+from ttt_e2e.config import Kernels
 from ttt_e2e.ttt.meta import sequence_loss
 from ttt_e2e.ttt.naive import naive_sequence_loss
 
 
-def _compare(model, batch, ttt, ilr_mult=1.0, rtol=1e-10, reference=None):
+def _compare(model, batch, ttt, ilr_mult=1.0, rtol=1e-10, reference=None, kernels=None):
     """Loss and meta-gradient of sequence_loss against the naive loss (of `reference`, a float64 copy, if given)."""
     reference = reference or model
-    fast = sequence_loss(model, *batch, ttt, ilr_mult)
+    fast = sequence_loss(model, *batch, ttt, ilr_mult, kernels)
     slow = naive_sequence_loss(reference, *[None if t is None else t.cpu() for t in batch], ttt, ilr_mult)
     torch.testing.assert_close(fast.loss.double().cpu(), slow, rtol=rtol, atol=0)
     got = torch.autograd.grad(fast.loss, list(model.parameters()))
@@ -49,12 +50,12 @@ CASES = {
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_sequence_loss_equals_the_naive_loss(case, fused):
-    """fused: model.use_fused_kernels on (the meta step's weight gradients deferred to one matmul per weight,
-    model/linear.py; the Triton kernels themselves only take CUDA tensors) or off (every op in PyTorch)."""
+    """fused: the kernels on (the meta step's weight gradients deferred to one matmul per weight, model/linear.py;
+    the Triton kernels themselves only take CUDA tensors) or off (every op in PyTorch)."""
     model_kw, ttt_kw = CASES[case]
     model = tiny_model(seed=5, **model_kw)
-    model.use_fused_kernels(fused, cross_entropy=fused)
-    _compare(model, tiny_batch(model, seed=6), meta(**ttt_kw))
+    model.use_fused_kernels(fused)
+    _compare(model, tiny_batch(model, seed=6), meta(**ttt_kw), kernels=Kernels(fused, fused))
 
 
 def test_the_clip_is_active_in_some_steps_and_not_others():

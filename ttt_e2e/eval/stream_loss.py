@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ttt_e2e.config import TTTConfig
+from ttt_e2e.config import Kernels, TTTConfig
 from ttt_e2e.inference import InferenceGraphs, feed, start
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.loss import masked_mean, token_losses
@@ -34,11 +34,11 @@ HEAD_CHUNK = 8192  # positions per head + cross-entropy call of the baselines: (
 
 def meta_token_losses(model: Transformer, ttt: TTTConfig, inputs: torch.Tensor, targets: torch.Tensor,
                       mask: torch.Tensor, bos_id: int, ilr_mult: float = 1.0,
-                      graphs: Optional[InferenceGraphs] = None,
-                      prefill_chunk: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      graphs: Optional[InferenceGraphs] = None, prefill_chunk: Optional[int] = None,
+                      kernels: Optional[Kernels] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(token losses (B, T): every position's, masked or not, as in training; mini-batch losses (B, T / b)) of a
     meta-mode model through the engine. inputs, targets, mask as make_batch gives them: targets[:, :-1] ==
-    inputs[:, 1:], mask == (targets != bos_id)."""
+    inputs[:, 1:], mask == (targets != bos_id). kernels: as the engine's start (default Kernels.of(model.cfg))."""
     B, T = inputs.shape
     b = ttt.mini_batch_size
     if T % b:
@@ -50,7 +50,8 @@ def meta_token_losses(model: Transformer, ttt: TTTConfig, inputs: torch.Tensor, 
                          "mask: use the training-mode path (path=training)")
     if T > 1 and not torch.equal(targets[:, :-1], inputs[:, 1:]):
         raise ValueError("targets must be the inputs shifted by one (make_batch's windows) for the engine path")
-    state = start(model, ttt, B, bos_id=bos_id, ilr_mult=ilr_mult, graphs=graphs, prefill_chunk=prefill_chunk)
+    state = start(model, ttt, B, bos_id=bos_id, ilr_mult=ilr_mult, graphs=graphs, prefill_chunk=prefill_chunk,
+                  kernels=kernels)
     feed(state, torch.cat((inputs, targets[:, -1:]), 1))
     if len(state.losses) != T // b:
         raise RuntimeError(f"the engine took {len(state.losses)} inner steps over {T} tokens, expected {T // b}")
@@ -58,23 +59,26 @@ def meta_token_losses(model: Transformer, ttt: TTTConfig, inputs: torch.Tensor, 
 
 
 def baseline_token_losses(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                          b: int, chunk: int = HEAD_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same pair for a model without an inner loop (train_mode pretrain), the logits formed chunk by chunk."""
+                          b: int, chunk: int = HEAD_CHUNK,
+                          kernels: Optional[Kernels] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same pair for a model without an inner loop (train_mode pretrain), the logits formed chunk by chunk.
+    kernels: the cross-entropy's (default Kernels.of(model.cfg))."""
     B, T = inputs.shape
     if T % b:
         raise ValueError(f"sequence length {T} is not divisible by ttt.mini_batch_size={b}")
     h, _ = model.suffix(model.run_prefix(model.wte(inputs)))
     head = model.head_weight()
-    tok = torch.cat([token_losses(h[:, i:i + chunk], head, targets[:, i:i + chunk], kernel=model.kernels.cross_entropy)
+    ce_kernel = (Kernels.of(model.cfg) if kernels is None else kernels).cross_entropy
+    tok = torch.cat([token_losses(h[:, i:i + chunk], head, targets[:, i:i + chunk], kernel=ce_kernel)
                      for i in range(0, T, chunk)], 1)
     return tok, masked_mean(tok.view(B, T // b, b), mask.view(B, T // b, b))
 
 
-def engine_target(loss_fn) -> Optional[tuple[Transformer, TTTConfig]]:
-    """(model, ttt) of the trainer's loss module when the engine path can serve it: a LossModule, bare or inside
-    DDP (its .module; evaluation needs no collective per forward). None where the parameters are sharded (FSDP2:
-    only its own forward gathers them, so that path keeps the training-mode loss through the wrapper) or where
-    the engine cannot run the model (meta mode without a sliding window)."""
+def engine_target(loss_fn) -> Optional[tuple[Transformer, TTTConfig, Kernels]]:
+    """(model, ttt, kernels) of the trainer's loss module when the engine path can serve it: a LossModule, bare or
+    inside DDP (its .module; evaluation needs no collective per forward). None where the parameters are sharded
+    (FSDP2: only its own forward gathers them, so that path keeps the training-mode loss through the wrapper) or
+    where the engine cannot run the model (meta mode without a sliding window)."""
     from torch.distributed.tensor import DTensor
 
     from ttt_e2e.train.parallel import LossModule, unwrap
@@ -86,7 +90,7 @@ def engine_target(loss_fn) -> Optional[tuple[Transformer, TTTConfig]]:
         return None
     if module.ttt.train_mode == "meta" and module.model.cfg.window is None:
         return None
-    return module.model, module.ttt
+    return module.model, module.ttt, module.kernels
 
 
 class StreamLoss:
@@ -96,11 +100,13 @@ class StreamLoss:
     optimizer changed in place are seen either way: each window starts a new state, which copies phi_0 from the
     weights into the graphs' buffers, and theta and the head are the parameter tensors themselves, read by
     address. Freeing the graphs with the evaluation keeps their memory pool out of training and no graph outlives
-    the parameter tensors it names (a model moved to another device or rebuilt)."""
+    the parameter tensors it names (a model moved to another device or rebuilt). kernels: the loss's and the inner
+    steps' (default Kernels.of(model.cfg)); the trainer's evaluation passes its loss module's."""
 
     def __init__(self, model: Transformer, ttt: TTTConfig, bos_id: int, graphs: Optional[bool] = None,
-                 prefill_chunk: Optional[int] = None):
+                 prefill_chunk: Optional[int] = None, kernels: Optional[Kernels] = None):
         self.model, self.ttt, self.bos_id, self.prefill_chunk = model, ttt, bos_id, prefill_chunk
+        self.kernels = kernels
         on_gpu = next(model.parameters()).is_cuda
         self.use_graphs = on_gpu if graphs is None else graphs
         self._graphs: dict[int, InferenceGraphs] = {}  # batch size -> graphs (a smaller last batch has its own)
@@ -117,9 +123,10 @@ class StreamLoss:
                         self._graphs[inputs.shape[0]] = InferenceGraphs()
                     graphs = self._graphs[inputs.shape[0]]
                 tok, per_mb = meta_token_losses(self.model, self.ttt, inputs, targets, mask, self.bos_id, ilr_mult,
-                                                graphs, self.prefill_chunk)
+                                                graphs, self.prefill_chunk, self.kernels)
             else:
-                tok, per_mb = baseline_token_losses(self.model, inputs, targets, mask, self.ttt.mini_batch_size)
+                tok, per_mb = baseline_token_losses(self.model, inputs, targets, mask, self.ttt.mini_batch_size,
+                                                    kernels=self.kernels)
         return {"token_losses": tok, "minibatch_losses": per_mb.mean(0)}
 
     def close(self) -> None:

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch.func import functional_call
 
-from ttt_e2e.config import TTTConfig
+from ttt_e2e.config import Kernels, TTTConfig
 from ttt_e2e.model.rope import DevicePos, shared_rope_angles
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.precision import autocast_dtype
@@ -87,14 +87,15 @@ class InferenceState:
 def start(model: Transformer, ttt: Optional[TTTConfig], batch_size: int, *, bos_id: Optional[int] = None,
           ilr_mult: float = 1.0, prefill_chunk: Optional[int] = None, inner_dtype: Optional[torch.dtype] = None,
           reserve: int = 0, graphs: Optional[InferenceGraphs] = None,
-          overlap_prefix: Optional[bool] = None) -> InferenceState:
+          overlap_prefix: Optional[bool] = None, kernels: Optional[Kernels] = None) -> InferenceState:
     """A fresh state for `batch_size` sequences. ttt None or train_mode pretrain: a baseline without TTT.
     inner_dtype: dtype of phi; default float32 for half-precision weights (docs/METHOD.md: fp32 inner state), else the
     weights' dtype. reserve: positions to allocate up front in growing (full attention) caches. graphs: replay
     the inner steps and single-token decoding as CUDA graphs; the state takes them over from any earlier one.
     overlap_prefix: in a prompt of more than one prefix chunk, run each next chunk's prefix on a side stream
     while the current chunk's inner steps run (default: on a GPU, with TTT; on the CPU the same order of work,
-    serially)."""
+    serially). kernels: the inner steps' cross-entropy and SGD update (config.py: Kernels), the same as the model's
+    own modules use; default Kernels.of(model.cfg), the model's own default."""
     cfg = model.cfg
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -122,7 +123,8 @@ def start(model: Transformer, ttt: Optional[TTTConfig], batch_size: int, *, bos_
         inner = model.suffix.inner_names()  # a list: a fixed order of summation in the grad norm
         p_dtype = next(model.parameters()).dtype
         inner_dtype = inner_dtype or (torch.float32 if p_dtype in (torch.bfloat16, torch.float16) else p_dtype)
-        state.b, state.settings = ttt.mini_batch_size, InnerSettings.build(model, ttt, ilr_mult)
+        kernels = Kernels.of(cfg) if kernels is None else kernels
+        state.b, state.settings = ttt.mini_batch_size, InnerSettings.build(model, ttt, kernels, ilr_mult)
         state.theta = {n: p.detach() for n, p in params.items() if n not in inner}
         state.phi = {n: params[n].detach().to(inner_dtype).expand(batch_size, *params[n].shape) for n in inner}
         state.phi_dec = _decode_copy(state)

@@ -6,13 +6,11 @@ tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ttt_e2e.config import ModelConfig, TTTConfig
+from ttt_e2e.config import Kernels, ModelConfig, TTTConfig
 
 from .attention import Attention
 from .hub import HubMixin
@@ -95,14 +93,6 @@ class Suffix(nn.Module):
         return self.ln_f(x), kvs
 
 
-@dataclass(frozen=True)
-class Kernels:
-    """Which ops run through their Triton kernels (on CUDA tensors; elsewhere always PyTorch ops)."""
-    elementwise: bool = True  # RMSNorm, RoPE, the SwiGLU gate, the inner SGD update; and the meta step's weight
-    # gradients formed once per weight (model/linear.py)
-    cross_entropy: bool = True
-
-
 class Transformer(nn.Module, HubMixin):
     def __init__(self, cfg: ModelConfig, ttt: TTTConfig | None = None):
         """ttt: the settings the model will be trained with, checked against the architecture here so that a bad
@@ -119,18 +109,16 @@ class Transformer(nn.Module, HubMixin):
         self.suffix = Suffix(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters()
-        self.use_fused_kernels(cfg.fused_kernels is not False, cross_entropy=cfg.fused_kernels is not False)
+        self.use_fused_kernels(Kernels.of(cfg).elementwise)
 
-    def use_fused_kernels(self, elementwise: bool, cross_entropy: bool = True) -> None:
-        """On CUDA tensors: RMSNorm, RoPE and the SwiGLU gate through their Triton kernels (elementwise) or their
-        PyTorch forms, set on the modules; the choice, with the loss's cross-entropy kernels, recorded as
-        `self.kernels`, which the TTT loops read once into their settings (ttt/settings.py): the inner SGD update
-        and the meta step's weight gradients follow the elementwise choice. Each kernel saves device time and
-        costs host time, which only a CUDA graph of the step hides. Attention follows cfg.attention_backend."""
+    def use_fused_kernels(self, elementwise: bool) -> None:
+        """On CUDA tensors: RMSNorm, RoPE and the SwiGLU gate through their Triton kernels or their PyTorch forms.
+        The model's own forward only, and nothing recorded: the loss and the inner loop take the run's `Kernels`
+        (config.py) as an argument, whose .elementwise this must equal (LossModule sets both from one value).
+        Each kernel saves device time and costs host time, which only a CUDA graph of the step hides."""
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention, SwiGLU)):
                 m.kernel = elementwise
-        self.kernels = Kernels(elementwise, cross_entropy)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -46,7 +46,8 @@ def evaluate(loss_fn, val: WindowDataset, bos_id: int, batch_size: int, max_wind
                          "the inference engine runs (meta mode needs model.window); use path=training")
     if target is None:
         return _evaluate(loss_fn, val, bos_id, batch_size, max_windows, ilr_mult, info, autocast)
-    with StreamLoss(*target, bos_id) as stream:  # its graphs and their memory go with the evaluation
+    model, ttt, kernels = target
+    with StreamLoss(model, ttt, bos_id, kernels=kernels) as stream:  # its graphs and memory go with the evaluation
         return _evaluate(stream, val, bos_id, batch_size, max_windows, ilr_mult, info, autocast)
 
 

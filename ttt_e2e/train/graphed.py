@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ttt_e2e.config import Config, ConfigError
+from ttt_e2e.config import Config, ConfigError, Kernels
 from ttt_e2e.cuda_graph import GraphedStep
 
 from .distributed import DistInfo
@@ -45,15 +45,15 @@ log = logging.getLogger(__name__)
 BUCKET_BYTES = 256 * 2**20  # per flat gradient buffer (NCCL reaches full bandwidth well below this)
 
 
-def use_fused_kernels(cfg: Config, graph: bool) -> tuple[bool, bool]:
-    """model.fused_kernels resolved to (elementwise kernels, cross-entropy kernels). Measured on an H100
+def use_fused_kernels(cfg: Config, graph: bool) -> Kernels:
+    """model.fused_kernels resolved for training (the rule outside training: Kernels.of). Measured on an H100
     (benchmarks/RESULTS.md): the kernels cut the GPU time of every step, but an eager meta step is host-bound, and
     each small kernel call under torch.func costs more host time than the PyTorch ops it replaces; so None turns
     the elementwise ones off exactly there. The cross-entropy kernels replace a dozen passes over (tokens,
     vocabulary) tensors per call and stay on."""
     if cfg.model.fused_kernels is not None:
-        return cfg.model.fused_kernels, cfg.model.fused_kernels
-    return graph or cfg.ttt.train_mode != "meta", True
+        return Kernels.of(cfg.model)
+    return Kernels(elementwise=graph or cfg.ttt.train_mode != "meta", cross_entropy=True)
 
 
 def use_cuda_graph(cfg: Config, info: DistInfo) -> bool:

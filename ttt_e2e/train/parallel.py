@@ -28,7 +28,7 @@ import warnings
 import torch.distributed as dist
 import torch.nn as nn
 
-from ttt_e2e.config import Config, ConfigError, TTTConfig
+from ttt_e2e.config import Config, ConfigError, Kernels, TTTConfig
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
 
@@ -39,14 +39,20 @@ _FIELDS = ("loss", "minibatch_losses", "token_losses", "inner_grad_norm")
 
 
 class LossModule(nn.Module):
-    def __init__(self, model: Transformer, ttt: TTTConfig):
+    """The loss of `model` under `ttt` with `kernels` (default Kernels.of(model.cfg)): the one holder of a run's
+    kernel choice, which it sets on the model's own modules here and passes to every loss (and the evaluation's
+    engine path reads from it), so that the two cannot differ."""
+
+    def __init__(self, model: Transformer, ttt: TTTConfig, kernels: Kernels | None = None):
         super().__init__()
         self.model = model
         self.ttt = ttt
+        self.kernels = Kernels.of(model.cfg) if kernels is None else kernels
+        model.use_fused_kernels(self.kernels.elementwise)
 
     def forward(self, input_ids, targets, mask, ilr_mult: float) -> dict:
         # A dict of tensors (not the LossOutput dataclass): the wrappers traverse outputs as pytrees.
-        out = sequence_loss(self.model, input_ids, targets, mask, self.ttt, ilr_mult)
+        out = sequence_loss(self.model, input_ids, targets, mask, self.ttt, ilr_mult, self.kernels)
         return {k: getattr(out, k) for k in _FIELDS if getattr(out, k) is not None}
 
 

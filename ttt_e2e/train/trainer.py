@@ -156,11 +156,11 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
     _seed_everything(tc.seed)  # the same initial model on every rank
     data = build_data(cfg, info)
     model = Transformer(cfg.model).to(dtype=param_dtype(cfg.model), device=info.device)
-    fused_kernels, ce_kernel = use_fused_kernels(cfg, graph)
-    model.use_fused_kernels(fused_kernels, ce_kernel)
     n_params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(model, cfg.ttt.train_mode)
-    loss_module = LossModule(model, cfg.ttt)
+    # The run's kernel choice, resolved once: the loss module sets the model's modules from it and passes it to
+    # every loss, the evaluation's included
+    loss_module = LossModule(model, cfg.ttt, use_fused_kernels(cfg, graph))
     wrapped = parallelize(loss_module, cfg, info, graph)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, tc.steps, cfg.optim)
@@ -178,8 +178,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
     if info.is_main:
         log.info("model: %.2fM parameters, %s mode, %d rank(s) x %d micro-batch x %d accumulation%s%s; run dir %s",
                  n_params / 1e6, cfg.ttt.train_mode, info.world_size, data.micro_batch_size, data.accumulation,
-                 ", CUDA graph" if graph else "", ", fused kernels" if fused_kernels and info.device.type == "cuda"
-                 else "", run_dir)
+                 ", CUDA graph" if graph else "",
+                 ", fused kernels" if loss_module.kernels.elementwise and info.device.type == "cuda" else "", run_dir)
 
     def run_eval(step: int) -> Optional[float]:
         if data.val is None:

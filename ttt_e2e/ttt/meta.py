@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ttt_e2e.config import TTTConfig
+from ttt_e2e.config import Kernels, TTTConfig
 from ttt_e2e.model.layers import compute_dtype
 from ttt_e2e.model.linear import shared_gain, shared_weight
 from ttt_e2e.model.transformer import Transformer
@@ -38,8 +38,11 @@ class LossOutput:
 
 
 def sequence_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Tensor,
-                  mask: Optional[torch.Tensor], ttt: TTTConfig, ilr_mult: float = 1.0) -> LossOutput:
-    """input_ids, targets, mask: (B, T); mask marks the targets that count (docs/METHOD.md: not BOS)."""
+                  mask: Optional[torch.Tensor], ttt: TTTConfig, ilr_mult: float = 1.0,
+                  kernels: Optional[Kernels] = None) -> LossOutput:
+    """input_ids, targets, mask: (B, T); mask marks the targets that count (docs/METHOD.md: not BOS). kernels:
+    the cross-entropy's, the inner SGD update's and the weight gradients' (config.py: Kernels), which the model's
+    own modules must share; default Kernels.of(model.cfg), the model's own default."""
     B, T = input_ids.shape
     b = ttt.mini_batch_size
     if T % b:
@@ -49,11 +52,12 @@ def sequence_loss(model: Transformer, input_ids: torch.Tensor, targets: torch.Te
                          f"{None if mask is None else tuple(mask.shape)} must have the same (B, T) shape")
     if mask is None:
         mask = torch.ones_like(targets, dtype=torch.bool)
+    kernels = Kernels.of(model.cfg) if kernels is None else kernels
     if ttt.train_mode == "meta":
-        return _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult)
+        return _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult, kernels)
     if ttt.train_mode == "pretrain":
         return _pretrain_loss(model, input_ids, targets, mask, b, ttt.prefix_remat_blocks(model.cfg),
-                              ttt.recompute_logits, model.kernels.cross_entropy)
+                              ttt.recompute_logits, kernels.cross_entropy)
     raise ValueError(f"ttt.train_mode must be pretrain or meta, got {ttt.train_mode!r}")
 
 
@@ -66,7 +70,7 @@ def _pretrain_loss(model, input_ids, targets, mask, b, remat_blocks, recompute_l
     return LossOutput(per_mb.mean(), per_mb.detach().mean(0), tok.detach())
 
 
-def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
+def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult, kernels) -> LossOutput:
     B, T = input_ids.shape
     b = ttt.mini_batch_size
     h = model.run_prefix(model.wte(input_ids), ttt.prefix_remat_blocks(model.cfg))
@@ -85,13 +89,13 @@ def _meta_loss(model, input_ids, targets, mask, ttt, ilr_mult) -> LossOutput:
     # (norm gains) stay in their dtype, as autocast leaves them; their gradients too are added up once, from the
     # norm kernels' partial sums (model/linear.py: shared_gain).
     dtype = compute_dtype(h)
-    once = model.kernels.elementwise  # the weight gradients formed once per weight
+    once = kernels.elementwise  # the weight gradients formed once per weight
     cast = shared_weight if once else (lambda p, dtype: p.to(dtype))
     gain = shared_gain if once else (lambda p: p)
     theta = {n: cast(p, dtype) if p.dim() >= 2 else gain(p) for n, p in params.items()
              if n not in inner and n not in hoisted}
     phi = {n: params[n].expand(B, *params[n].shape) for n in inner}  # phi_0, one copy per sequence
-    settings = InnerSettings.build(model, ttt, ilr_mult, first_attended=True)
+    settings = InnerSettings.build(model, ttt, kernels, ilr_mult, first_attended=True)
 
     def step(theta, head, phi, phi_c, caches, h, y, m, pos0):
         return inner_step(model.suffix, theta, head, phi, caches, h, y, m, pos0, settings, phi_c=phi_c)

@@ -1,4 +1,4 @@
-"""The inner loop's settings: one frozen value, built once from the configs and the model's kernel choice, then
+"""The inner loop's settings: one frozen value, built once from the configs and the run's kernel choice, then
 passed down whole (to every inner step, through remat, into inference's CUDA graphs)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ttt_e2e.config import TTTConfig
+from ttt_e2e.config import Kernels, TTTConfig
 from ttt_e2e.model.transformer import Transformer
 
 
@@ -21,9 +21,8 @@ class InnerSettings:
     first_attended: bool = False  # h is already the first suffix block's attention_half output (ttt/meta.py)
 
     @classmethod
-    def build(cls, model: Transformer, ttt: TTTConfig, ilr_mult: float | torch.Tensor = 1.0,
+    def build(cls, model: Transformer, ttt: TTTConfig, kernels: Kernels, ilr_mult: float | torch.Tensor = 1.0,
               first_attended: bool = False) -> "InnerSettings":
-        kernels = model.kernels
         return cls(eta=ttt.inner_lr * ilr_mult, clip=ttt.inner_grad_clip, window=model.cfg.attention_window,
                    recompute_logits=ttt.recompute_logits, ce_kernel=kernels.cross_entropy,
                    sgd_kernel=kernels.elementwise, first_attended=first_attended)
