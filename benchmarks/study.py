@@ -516,6 +516,11 @@ def _fmt(xs, nd=3) -> str:
     return " / ".join(f"{x:.{nd}f}" if isinstance(x, float) else str(x) for x in xs) if xs else "n/a"
 
 
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(x) for x in row) + " |" for row in rows])
+
+
 def render(results: dict, out: Path) -> None:
     s = results["summary"] = summarize(results)
     lines = [f"# Loss-vs-context study: results ({results.get('started', '')})", "",
@@ -529,22 +534,20 @@ def render(results: dict, out: Path) -> None:
     lines += ["", "e2e - swa over the last quarter of the context (per seed pair; spread = max - min):", ""]
     for corpus, d in s["e2e_minus_swa_last_quarter"].items():
         lines.append(f"- {corpus}: {_fmt(d['by_seed'], 4)} (mean {_fmt(d['mean'], 4)}, spread {_fmt(d['spread'], 4)})")
-    lines += ["", "Sweep (Hydra multirun; inner lr 0 is the ablation) and the main e2e runs (inner lr 1):", "",
-              "| run | inner lr | b | steps | skipped | rollbacks | inner lr at the end | code_val last quarter | "
-              "docs_val last quarter |", "|---|---|---|---|---|---|---|---|---|"]
-    for j in s["sweep"]:
-        lines.append(f"| {j['name']} | {_fmt(j['inner_lr'])} | {_fmt(j['mini_batch_size'])} | {j['steps']} | "
-                     f"{j['skipped_steps']} | {j.get('rollbacks', 0)} | {_fmt(j.get('inner_lr_last'))} | "
-                     f"{_fmt(j.get('code_val_last_quarter'))} | {_fmt(j.get('docs_val_last_quarter'))} |")
+    lines += ["", "Sweep (Hydra multirun; inner lr 0 is the ablation) and the main e2e runs (inner lr 1):", ""]
+    lines += _table(["run", "inner lr", "b", "steps", "skipped", "rollbacks", "inner lr at the end",
+                     "code_val last quarter", "docs_val last quarter"],
+                    [[j["name"], _fmt(j["inner_lr"]), _fmt(j["mini_batch_size"]), j["steps"], j["skipped_steps"],
+                      j.get("rollbacks", 0), _fmt(j.get("inner_lr_last")), _fmt(j.get("code_val_last_quarter")),
+                      _fmt(j.get("docs_val_last_quarter"))] for j in s["sweep"]])
     if s["spike_check"]:
-        lines += ["", "Spike check (issue 26's 128-inner-step run), one run per optim.spike_policy:", "",
-                  "| run | steps | exit | skipped | rollbacks | inner lr at the end | norm > 100 or non-finite | "
-                  "max finite norm | train loss first -> last 5 |", "|---|---|---|---|---|---|---|---|---|"]
-        for c in s["spike_check"]:
-            lines.append(f"| {c['name']} | {c['steps']} | {c['returncode']}{' (killed)' if c['killed'] else ''} | "
-                         f"{c['skipped_steps']} | {c.get('rollbacks', 0)} | {_fmt(c.get('inner_lr_last'))} | "
-                         f"{c['grad_norm_over_100']} | {_fmt(c['grad_norm_max'], 1)} | "
-                         f"{_fmt(c['train_loss_first'])} -> {_fmt(c['train_loss_last'])} |")
+        lines += ["", "Spike check (issue 26's 128-inner-step run), one run per optim.spike_policy:", ""]
+        lines += _table(["run", "steps", "exit", "skipped", "rollbacks", "inner lr at the end",
+                         "norm > 100 or non-finite", "max finite norm", "train loss first -> last 5"],
+                        [[c["name"], c["steps"], f"{c['returncode']}{' (killed)' if c['killed'] else ''}",
+                          c["skipped_steps"], c.get("rollbacks", 0), _fmt(c.get("inner_lr_last")),
+                          c["grad_norm_over_100"], _fmt(c["grad_norm_max"], 1),
+                          f"{_fmt(c['train_loss_first'])} -> {_fmt(c['train_loss_last'])}"] for c in s["spike_check"]])
     needle_runs = [r for r in results.get("runs", []) if r.get("needle")]
     if needle_runs:
         n0 = needle_runs[0]["needle"]
