@@ -58,24 +58,37 @@ def test_ddp_two_ranks_match_one_process_meta_with_deferred_weight_grads(tmp_pat
              {"model.fused_kernels": True}, {}, 1e-7)
 
 
+# The rollback policy set to roll back at the first step whose gradient norm is above the median of all before it,
+# a snapshot every 3 accepted steps: the step-4 checkpoint holds an older snapshot, which the run returns to later.
+ROLLBACK = {"optim.spike_policy": "rollback", "optim.spike_factor": 1.0001, "optim.spike_min_history": 1,
+            "optim.spike_rollback_after": 1, "optim.spike_snapshot_every": 3, "optim.spike_max_rollbacks": 100,
+            "optim.spike_max_consecutive": 100}
+
+
 @pytest.mark.slow
-def test_fsdp2_resume_from_a_mid_run_checkpoint_is_exact(tmp_path, tiny_args, run_cli, metrics):
+@pytest.mark.parametrize("policy", ["stop", "rollback"])
+def test_fsdp2_resume_from_a_mid_run_checkpoint_is_exact(tmp_path, tiny_args, run_cli, metrics, policy):
     """Sharded state is gathered into full checkpoints and scattered back on resume: a run restarted from its
-    step-2 checkpoint (the later one removed, as if killed) ends bitwise where the uninterrupted run ended."""
+    step-4 checkpoint (the later one removed, as if killed) ends bitwise where the uninterrupted run ended. Under
+    the rollback policy that includes the sharded snapshot the run rolls back to after the resume."""
     import shutil
 
-    args = {**COMMON, "training.steps": 4, "training.checkpoint_every": 2, "ttt.train_mode": "pretrain",
-            "training.distributed": "fsdp"}
+    args = {**COMMON, "training.steps": 8, "training.checkpoint_every": 4, "ttt.train_mode": "pretrain",
+            "training.distributed": "fsdp", **(ROLLBACK if policy == "rollback" else {})}
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run_cli([*TORCHRUN, "train.py", *tiny_args(full, **args)])
     shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
-    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+    (resumed / "checkpoints" / "latest").write_text("step_00000004\n")
     p = run_cli([*TORCHRUN, "train.py", *tiny_args(resumed, **args)])
     assert "resumed from" in p.stdout + p.stderr
     assert [r.get("loss") for r in metrics(resumed)] == [r.get("loss") for r in metrics(full)]
-    a, b = (torch.load(d / "checkpoints" / "step_00000004" / "model.pt") for d in (full, resumed))
+    a, b = (torch.load(d / "checkpoints" / "step_00000008" / "model.pt") for d in (full, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if policy == "rollback":
+        records = {r["step"]: r for r in metrics(full) if "skipped" in r}
+        assert torch.load(full / "checkpoints" / "step_00000004" / "snapshot.pt")["step"] < 4
+        assert records[8]["rollbacks"] > records[4]["rollbacks"]
 
 
 @pytest.mark.slow

@@ -201,8 +201,7 @@ def test_resume_keeps_the_skip_history(compose, tmp_path):
 
 
 def test_resume_keeps_the_rollback_back_off(compose, tmp_path, metrics):
-    """The back-off of the rollbacks before step 4 holds after the resume (the snapshots themselves are not
-    saved: a resumed run's first rollback target is where it resumed)."""
+    """The back-off of the rollbacks before step 4 holds after the resume."""
     whole, resumed = _resume_at_4(compose, tmp_path, {
         "optim.spike_policy": "rollback", "optim.spike_factor": 1.0001, "optim.spike_min_history": 1,
         "optim.spike_window": 1, "optim.spike_rollback_after": 1, "optim.spike_snapshot_every": 1, "optim.spike_max_rollbacks": 100})
@@ -211,3 +210,45 @@ def test_resume_keeps_the_rollback_back_off(compose, tmp_path, metrics):
     first = [r for r in metrics(resumed) if "skipped" in r][0]
     want = [r for r in metrics(whole) if r.get("step") == first["step"] == 5][0]
     assert (first["skipped"], first["rollbacks"], first["ilr"]) == (want["skipped"], want["rollbacks"], want["ilr"])
+
+
+def test_resume_rolls_back_to_the_saved_snapshot(compose, tmp_path, metrics):
+    """The snapshot travels in the checkpoint: resumed from step 4, whose snapshot is older than step 4, a
+    rollback-policy run rolls back to that same snapshot and ends bitwise where the uninterrupted run ended."""
+    whole, resumed = _resume_at_4(compose, tmp_path, {
+        "optim.spike_policy": "rollback", "optim.spike_factor": 1.0001, "optim.spike_min_history": 1,
+        "optim.spike_window": 64, "optim.spike_rollback_after": 1, "optim.spike_snapshot_every": 3,
+        "optim.spike_max_rollbacks": 100, "optim.spike_max_consecutive": 100})
+    saved = torch.load(whole / "checkpoints" / "step_00000004" / "snapshot.pt")
+    later = [r for r in metrics(whole) if r.get("step", 0) > 4 and "skipped" in r]
+    assert saved["step"] < 4  # a fresh snapshot at the resume would differ from it
+    assert later[-1]["rollbacks"] > [r for r in metrics(whole) if r.get("step") == 4][0]["rollbacks"]
+    assert [r.get("loss") for r in metrics(resumed)] == [r.get("loss") for r in metrics(whole) if r.get("step", 0) > 4]
+    a, b = (torch.load(r / "checkpoints" / "step_00000008" / "model.pt") for r in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+def test_graphed_rollback_equals_eager_and_resumes_exactly(compose, tmp_path, metrics):
+    """On a GPU with the step replayed as a CUDA graph: rolling back restores the very tensors the graph reads, so
+    the graphed run makes the same decisions and losses as the eager one, and resuming from the step-4
+    checkpoint (its snapshot older than step 4) ends where the uninterrupted graphed run ended."""
+    kw = {"optim.spike_policy": "rollback", "optim.spike_factor": 1.0001, "optim.spike_min_history": 1,
+          "optim.spike_window": 64, "optim.spike_rollback_after": 1, "optim.spike_snapshot_every": 3,
+          "optim.spike_max_rollbacks": 100, "optim.spike_max_consecutive": 100, "training.device": "cuda",
+          "model.compute_dtype": "float32", "model.attention_backend": "triton", "model.fused_kernels": "true"}
+    whole, resumed = _resume_at_4(compose, tmp_path, {**kw, "training.cuda_graph": "true"})
+    eager = tmp_path / "eager"
+    train(compose(**{**kw, "training.cuda_graph": "false", "training.steps": 8, "training.checkpoint_every": 4,
+                     "training.eval_every": 0}), eager)
+    runs = {name: [r for r in metrics(d) if "skipped" in r] for name, d in (("graphed", whole), ("eager", eager))}
+    summary = [(r["step"], r["skipped"], r["rollbacks"]) for r in runs["graphed"]]
+    assert torch.load(whole / "checkpoints" / "step_00000004" / "snapshot.pt")["step"] < 4, summary
+    assert runs["graphed"][-1]["rollbacks"] > runs["graphed"][3]["rollbacks"], summary  # one after the resume
+    for e, g in zip(runs["eager"], runs["graphed"]):
+        assert (g["skipped"], g["rollbacks"]) == (e["skipped"], e["rollbacks"]), summary
+        assert g["loss"] == pytest.approx(e["loss"], rel=1e-5, abs=1e-6), (e["step"], summary)
+    after = [r for r in metrics(resumed) if "skipped" in r]
+    assert [(r["skipped"], r["rollbacks"]) for r in after] == [(r["skipped"], r["rollbacks"])
+                                                                for r in runs["graphed"][4:]]
+    assert [r["loss"] for r in after] == pytest.approx([r["loss"] for r in runs["graphed"][4:]], rel=1e-6)

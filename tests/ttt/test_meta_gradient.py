@@ -77,17 +77,23 @@ def test_inner_lr_zero_meta_equals_pretrain():
 
 def test_meta_gradient_through_the_attention_kernels():
     """The whole meta-gradient with the suffix's attention through the Triton kernels (the Triton interpreter on
-    a CPU), fp32, against the same model through the materialized reference: the kernels' inner backward skips
-    the KV cache's key gradients (a constant of the inner loss), the outer backward must still reach the cache."""
+    a CPU), fp32, is as close to the float64 meta-gradient as the same fp32 model through the materialized
+    reference is: the kernels' inner backward skips the KV cache's key gradients (a constant of the inner loss),
+    the outer backward must still reach the cache. Both fp32 errors are measured against float64, not against each
+    other: the meta-gradient's own fp32 rounding error (seen: 3e-5 relative) is larger than the two paths'
+    difference, which depends on the device's summation order."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     grads = {}
-    for backend in ("torch", "triton"):
-        model = tiny_model(seed=5, d_model=32, attention_backend=backend).float().to(device)
+    for backend, dtype in (("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32)):
+        model = tiny_model(seed=5, d_model=32, attention_backend=backend).to(dtype).to(device)
         batch = [t.to(device) for t in tiny_batch(model, seed=6)]
         params = list(model.parameters())
-        grads[backend] = torch.cat([g.flatten() for g in torch.autograd.grad(_loss(model, batch, meta()), params)])
-    err = ((grads["triton"] - grads["torch"]).norm() / grads["torch"].norm()).item()
-    assert err < 1e-5, err
+        grads[backend, dtype] = torch.cat([g.flatten().double()
+                                           for g in torch.autograd.grad(_loss(model, batch, meta()), params)])
+    exact = grads["torch", torch.float64]
+    err = {b: ((grads[b, torch.float32] - exact).norm() / exact.norm()).item() for b in ("torch", "triton")}
+    assert err["torch"] < 1e-4, err  # fp32's own error: a wrong reference would be far off
+    assert err["triton"] < 2 * err["torch"], err
 
 
 def test_no_inner_step_after_the_last_mini_batch(monkeypatch):

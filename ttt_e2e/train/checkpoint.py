@@ -4,6 +4,7 @@ Layout of <run dir>/checkpoints/:
     step_00000100/model.pt   full (unsharded) model state dict, fp32, keys as in Transformer.state_dict()
     step_00000100/state.pt   step, optimizer, scheduler, data sampler position, RNG states, config
     step_00000100/meta.json  the same step and config, for humans
+    step_00000100/*.pt       the trainer's extra files (the rollback policy's snapshot: train/spikes.py)
     latest                   one line: the name of the newest complete step dir
 
 A checkpoint is written into a hidden temporary dir, every file fsync'ed, then renamed into place (os.replace,
@@ -141,8 +142,10 @@ class Checkpointer:
     def latest(self) -> Optional[Path]:
         return latest_checkpoint(self.dir)
 
-    def save(self, step: int, model, optimizer, scheduler, sampler, config, extra: Optional[dict] = None) -> Path:
-        """extra: more of the trainer's state (the spike guard's), saved beside the rest and returned on load."""
+    def save(self, step: int, model, optimizer, scheduler, sampler, config, extra: Optional[dict] = None,
+             files: Optional[dict] = None) -> Path:
+        """extra: more of the trainer's state (the spike guard's), saved beside the rest and returned on load;
+        files: {name: object} written as files of their own in the step dir (read back with load_file)."""
         model_sd = get_model_state_dict(model, options=_FULL)
         optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
         final = self.dir / step_dir_name(step)
@@ -157,6 +160,8 @@ class Checkpointer:
         tmp.mkdir()
         _write_durable(tmp / "model.pt", lambda f: torch.save(model_sd, f))
         _write_durable(tmp / "state.pt", lambda f: torch.save(state, f))
+        for name, obj in (files or {}).items():
+            _write_durable(tmp / name, lambda f: torch.save(obj, f))
         meta = {"step": step, "time": time.time(), "config": asdict(config)}
         _write_durable(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
         _fsync_dir(tmp)
@@ -247,6 +252,11 @@ def _load(path: Path, name: str) -> dict:
     except Exception as e:  # truncated or foreign file: say which, in one line
         raise CheckpointError(f"cannot read checkpoint file {path / name}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def load_file(path: Path, name: str) -> Optional[dict]:
+    """An extra file a checkpoint was saved with (Checkpointer.save's files), or None where it has none."""
+    return _load(path, name) if (path / name).is_file() else None
 
 
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, sampler=None, part: str = "all") -> dict:

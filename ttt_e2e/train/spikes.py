@@ -19,8 +19,9 @@ gradient's direction, which is then mostly the unstable mode's, and with AdamW s
   by spike_backoff_lr. The step count and the schedules go on (a rolled-back stretch counts as
   steps taken), so a run ends at training.steps. spike_max_rollbacks rollbacks and one more due end the run.
 
-The guard's state (history, counts, the inner lr's scale) is saved with each checkpoint, so a resumed run judges
-as the uninterrupted one would; its snapshots are not (a resumed run takes its first snapshot where it resumes).
+The guard's state (history, counts, the inner lr's scale) is saved with each checkpoint, and under rollback its
+snapshot too (gathered into full tensors like the model, `snapshot.pt`: as large again as model.pt and the
+optimizer state), so a resumed run, on any number of ranks, judges and rolls back as the uninterrupted one would.
 A checkpoint's saved config carries the backed-off inner lr (`backed_off`), so eval.py and generate.py use it.
 """
 from __future__ import annotations
@@ -38,9 +39,36 @@ from ttt_e2e.config import Config, OptimConfig
 
 log = logging.getLogger(__name__)
 
+SNAPSHOT_FILE = "snapshot.pt"  # in a checkpoint's step dir, under the rollback policy
+
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # FSDP2: each rank keeps its own shard
+
+
+def _sharded_like(p: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether t (a snapshot tensor of parameter p: p itself or an AdamW moment, not the scalar step) is p's shard."""
+    return hasattr(p, "to_local") and t.shape == _local(p).shape and t.dim() > 0
+
+
+def _full(p: torch.Tensor, t: torch.Tensor, keep: bool) -> Optional[torch.Tensor]:
+    """The whole tensor of which t is p's local shard (collective under FSDP2), on the CPU; None where not keep
+    (the ranks that do not write checkpoints)."""
+    if _sharded_like(p, t):
+        from torch.distributed.tensor import DTensor
+
+        local = t.to(p.device_mesh.device_type)
+        t = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+    return t.cpu() if keep else None
+
+
+def _shard(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of full, sharded as parameter p is (collective under FSDP2), on the CPU."""
+    if not (hasattr(p, "to_local") and full.shape == p.shape and full.dim() > 0):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements).to_local().cpu()
 
 
 class Snapshot:
@@ -52,6 +80,29 @@ class Snapshot:
         self.params = [_local(p).detach().to("cpu", copy=True) for p in model.parameters()]
         self.state = [{k: _local(v).detach().to("cpu", copy=True) if torch.is_tensor(v) else v
                        for k, v in optimizer.state[p].items()} for p in model.parameters()]
+
+    def full_state(self, model: torch.nn.Module, keep: bool = True) -> dict:
+        """The snapshot keyed by parameter name, every shard gathered into its whole tensor (collective under
+        FSDP2), so a checkpoint holding it does not depend on the world size; tensors None where not keep."""
+        names = [n for n, _ in model.named_parameters()]
+        params = list(model.parameters())
+        return {"step": self.step,
+                "params": {n: _full(p, t, keep) for n, p, t in zip(names, params, self.params)},
+                "state": {n: {k: _full(p, v, keep) if torch.is_tensor(v) else v for k, v in state.items()}
+                          for n, p, state in zip(names, params, self.state)}}
+
+    @classmethod
+    def from_full(cls, full: dict, model: torch.nn.Module) -> "Snapshot":
+        """The snapshot full_state gave, this rank's shards taken from it (collective under FSDP2)."""
+        named = list(model.named_parameters())
+        if sorted(full["params"]) != sorted(n for n, _ in named):
+            raise ValueError("the saved snapshot's parameters are not this model's")
+        snap = cls.__new__(cls)
+        snap.step = full["step"]
+        snap.params = [_shard(p, full["params"][n]) for n, p in named]
+        snap.state = [{k: _shard(p, v) if torch.is_tensor(v) else v for k, v in full["state"][n].items()}
+                      for n, p in named]
+        return snap
 
     @torch.no_grad()
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -121,8 +172,8 @@ class SpikeGuard:
     # ----------------------------------------------------------------------------------- the rollback policy
 
     def start(self, step: int, model, optimizer) -> None:
-        """The first snapshot: where the run starts or resumes."""
-        if self.cfg.spike_policy == "rollback":
+        """The first snapshot, where the run starts or where it resumes from a checkpoint that holds none."""
+        if self.cfg.spike_policy == "rollback" and self.snapshot is None:
             self.snapshot = Snapshot(step, model, optimizer)
             self.accepted_since_snapshot = 0
 
@@ -161,9 +212,23 @@ class SpikeGuard:
 
     def state_dict(self) -> dict:
         return {"history": list(self.history), "total": self.total, "in_a_row": self.in_a_row,
-                "rollbacks": self.rollbacks, "ilr_scale": self.ilr_scale, "since_snapshot": self.since_snapshot}
+                "rollbacks": self.rollbacks, "ilr_scale": self.ilr_scale, "since_snapshot": self.since_snapshot,
+                "accepted_since_snapshot": self.accepted_since_snapshot}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = deque(state["history"], maxlen=self.cfg.spike_window)
         self.total, self.in_a_row, self.rollbacks = state["total"], state["in_a_row"], state["rollbacks"]
         self.ilr_scale, self.since_snapshot = state["ilr_scale"], state["since_snapshot"]
+        self.accepted_since_snapshot = state.get("accepted_since_snapshot", 0)
+
+    def checkpoint_files(self, model, is_main: bool = True) -> dict:
+        """The extra files of a checkpoint: the snapshot under rollback (collective: every rank calls it; only the
+        main rank, which writes, keeps the gathered tensors)."""
+        if self.cfg.spike_policy != "rollback" or self.snapshot is None:
+            return {}
+        return {SNAPSHOT_FILE: self.snapshot.full_state(model, keep=is_main)}
+
+    def load_snapshot(self, full: dict, model) -> None:
+        """The snapshot a checkpoint saved (collective); start() then keeps it instead of taking a new one."""
+        if self.cfg.spike_policy == "rollback":
+            self.snapshot = Snapshot.from_full(full, model)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ttt_e2e.config import Config
 from ttt_e2e.model.transformer import Transformer
 
-from .checkpoint import Checkpointer, CheckpointError, load_checkpoint, resolve_checkpoint
+from .checkpoint import Checkpointer, CheckpointError, load_checkpoint, load_file, resolve_checkpoint
 from .data import TrainData, build_data
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from .evaluate import evaluate
@@ -36,7 +36,7 @@ from .metrics import build_loggers, require_wandb
 from .optim import build_optimizer, build_scheduler
 from .parallel import LossModule, check_parallel_config, parallelize
 from .precision import autocast, param_dtype
-from .spikes import SpikeGuard, backed_off
+from .spikes import SNAPSHOT_FILE, SpikeGuard, backed_off
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,9 @@ def _restore(cfg: Config, ckpt: Checkpointer, model, optimizer, scheduler, sampl
         state = load_checkpoint(own, model, optimizer, scheduler, sampler, part="all")
         if "spikes" in state:  # absent in checkpoints of older code: the guard starts afresh
             guard.load_state_dict(state["spikes"])
+        snapshot = load_file(own, SNAPSHOT_FILE)
+        if snapshot is not None:
+            guard.load_snapshot(snapshot, model)
         log.info("resumed from %s at step %d", own, state["step"])
         return state["step"]
     if own is not None:
@@ -216,7 +219,8 @@ def _train(cfg: Config, run_dir: Path, info: DistInfo) -> TrainResult:
                 loggers.log(record)
             if tc.save_checkpoints and (last or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
                 result.checkpoint = ckpt.save(step, model, optimizer, scheduler, data.sampler,
-                                              backed_off(cfg, guard.ilr_scale), {"spikes": guard.state_dict()})
+                                              backed_off(cfg, guard.ilr_scale), {"spikes": guard.state_dict()},
+                                              guard.checkpoint_files(model, info.is_main))
             bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val": f"{record['val_loss']:.3f}"}
                                                              if record.get("val_loss") is not None else {}))
             bar.update(1)
