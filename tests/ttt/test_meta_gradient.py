@@ -93,7 +93,7 @@ def test_meta_gradient_through_the_attention_kernels():
     exact = grads["torch", torch.float64]
     err = {b: ((grads[b, torch.float32] - exact).norm() / exact.norm()).item() for b in ("torch", "triton")}
     assert err["torch"] < 1e-4, err  # fp32's own error: a wrong reference would be far off
-    assert err["triton"] < 2 * err["torch"], err
+    assert err["triton"] < 1.5 * err["torch"], err  # seen: 1.12x (CPU interpreter), 0.76x (H100)
 
 
 def test_no_inner_step_after_the_last_mini_batch(monkeypatch):

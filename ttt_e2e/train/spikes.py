@@ -30,7 +30,7 @@ import logging
 import math
 import statistics
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -46,15 +46,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # FSDP2: each rank keeps its own shard
 
 
-def _sharded_like(p: torch.Tensor, t: torch.Tensor) -> bool:
-    """Whether t (a snapshot tensor of parameter p: p itself or an AdamW moment, not the scalar step) is p's shard."""
-    return hasattr(p, "to_local") and t.shape == _local(p).shape and t.dim() > 0
+def _sharded(p: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether t, a snapshot tensor of parameter p (p itself or an AdamW moment; not the scalar step), is sharded."""
+    return hasattr(p, "to_local") and t.dim() > 0
 
 
 def _full(p: torch.Tensor, t: torch.Tensor, keep: bool) -> Optional[torch.Tensor]:
     """The whole tensor of which t is p's local shard (collective under FSDP2), on the CPU; None where not keep
     (the ranks that do not write checkpoints)."""
-    if _sharded_like(p, t):
+    if _sharded(p, t):
         from torch.distributed.tensor import DTensor
 
         local = t.to(p.device_mesh.device_type)
@@ -64,22 +64,26 @@ def _full(p: torch.Tensor, t: torch.Tensor, keep: bool) -> Optional[torch.Tensor
 
 def _shard(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """This rank's part of full, sharded as parameter p is (collective under FSDP2), on the CPU."""
-    if not (hasattr(p, "to_local") and full.shape == p.shape and full.dim() > 0):
+    if not _sharded(p, full):
         return full
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements).to_local().cpu()
 
 
+@dataclass
 class Snapshot:
-    """One step's parameters and optimizer state, copied to host memory (each rank its own shard). Restored in
-    place, so the CUDA graph that reads these very tensors stays valid."""
+    """One step's parameters and optimizer state in host memory (each rank its own shard), in the order of
+    model.parameters(). Restored in place, so the CUDA graph that reads these very tensors stays valid."""
+    step: int
+    params: list[torch.Tensor]
+    state: list[dict]
 
-    def __init__(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.step = step
-        self.params = [_local(p).detach().to("cpu", copy=True) for p in model.parameters()]
-        self.state = [{k: _local(v).detach().to("cpu", copy=True) if torch.is_tensor(v) else v
-                       for k, v in optimizer.state[p].items()} for p in model.parameters()]
+    @classmethod
+    def take(cls, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> "Snapshot":
+        return cls(step, [_local(p).detach().to("cpu", copy=True) for p in model.parameters()],
+                   [{k: _local(v).detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                     for k, v in optimizer.state[p].items()} for p in model.parameters()])
 
     def full_state(self, model: torch.nn.Module, keep: bool = True) -> dict:
         """The snapshot keyed by parameter name, every shard gathered into its whole tensor (collective under
@@ -97,12 +101,9 @@ class Snapshot:
         named = list(model.named_parameters())
         if sorted(full["params"]) != sorted(n for n, _ in named):
             raise ValueError("the saved snapshot's parameters are not this model's")
-        snap = cls.__new__(cls)
-        snap.step = full["step"]
-        snap.params = [_shard(p, full["params"][n]) for n, p in named]
-        snap.state = [{k: _shard(p, v) if torch.is_tensor(v) else v for k, v in full["state"][n].items()}
-                      for n, p in named]
-        return snap
+        return cls(full["step"], [_shard(p, full["params"][n]) for n, p in named],
+                   [{k: _shard(p, v) if torch.is_tensor(v) else v for k, v in full["state"][n].items()}
+                    for n, p in named])
 
     @torch.no_grad()
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -174,7 +175,7 @@ class SpikeGuard:
     def start(self, step: int, model, optimizer) -> None:
         """The first snapshot, where the run starts or where it resumes from a checkpoint that holds none."""
         if self.cfg.spike_policy == "rollback" and self.snapshot is None:
-            self.snapshot = Snapshot(step, model, optimizer)
+            self.snapshot = Snapshot.take(step, model, optimizer)
             self.accepted_since_snapshot = 0
 
     def after_step(self, step: int, model, optimizer, scheduler) -> Optional[str]:
@@ -192,7 +193,7 @@ class SpikeGuard:
             return None
         self.accepted_since_snapshot += 1
         if self.accepted_since_snapshot >= self.cfg.spike_snapshot_every:
-            self.snapshot = Snapshot(step, model, optimizer)
+            self.snapshot = Snapshot.take(step, model, optimizer)
             self.accepted_since_snapshot = self.since_snapshot = 0
         return None
 
