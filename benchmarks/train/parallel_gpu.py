@@ -1,10 +1,10 @@
 """GPU evidence for issue 23 on one GPU: graphed DDP = eager DDP, DDP-graphed vs single-GPU-graphed step time, 3B
 meta-training under FSDP2 with CPU offload, and what eager FSDP2 costs. Every figure comes from the trainer's own
-metrics of a real `python train.py` / `torchrun train.py` job (benchmarks/scaling.py's worker: Hydra composition
+metrics of a real `python train.py` / `torchrun train.py` job (benchmarks/train/scaling.py's worker: Hydra composition
 of conf/experiment/<size>/pretrain/<mode>, stdlib bytes as data, no eval, no checkpoints, batch 1 x T = 8192).
 
-    python benchmarks/parallel_gpu.py --out DIR [--parts a b c d] [--steps 25]
-    python benchmarks/parallel_gpu.py --out DIR --device cpu --tiny          # every code path, CPU, small model
+    python -m benchmarks.train.parallel_gpu --out DIR [--parts a b c d] [--steps 25]
+    python -m benchmarks.train.parallel_gpu --out DIR --device cpu --tiny          # every code path, CPU, small model
 
 Parts:
   a  correctness: a small model (fp32, the same Triton kernels), torchrun with 1 rank (NCCL): the graphed DDP
@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scaling import overrides, run_job  # noqa: E402
+from benchmarks.train.scaling import overrides, run_job
 
 TINY_MODEL = ["model.n_layers=2", "model.suffix_len=1", "model.d_model=64", "model.n_heads=2", "model.mlp_width=128",
               "model.prime_mlp_width=128", "model.vocab_size=258", "model.seq_length=256",

@@ -1,7 +1,7 @@
 """Weak scaling of the user's training path: `torchrun train.py`-equivalent jobs at 1..N GPUs, one sequence per GPU.
 
-    python benchmarks/scaling.py --sizes 125m 1b --modes fa e2e --dists ddp fsdp --gpus 1 2 4 8 --out DIR
-    python benchmarks/scaling.py ... --gpus 8 --baseline DIR_OF_A_1_GPU_RUN/scaling.json   # 1-GPU figures reused
+    python -m benchmarks.train.scaling --sizes 125m 1b --modes fa e2e --dists ddp fsdp --gpus 1 2 4 8 --out DIR
+    python -m benchmarks.train.scaling ... --gpus 8 --baseline DIR_OF_A_1_GPU_RUN/scaling.json   # 1-GPU figures reused
 
 Each configuration is one torchrun job (--standalone, N processes) of this file in --worker mode, which composes
 conf/ + experiment/<size>/pretrain/<mode> with Hydra exactly as train.py does and calls
@@ -27,8 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's ttt_e2e, whatever else is installed
+REPO = Path(__file__).resolve().parents[2]  # the jobs run here, so `-m benchmarks...` and ttt_e2e are this checkout's
 
 
 def overrides(size: str, mode: str, dist: str, n_gpus: int, steps: int, cache: Path, extra: list[str]) -> list[str]:
@@ -92,7 +91,7 @@ def run_job(args: list[str], n_gpus: int, out: Path, launcher: str = "torchrun",
     """One training job of this file's worker: launcher "torchrun" (n_gpus processes) or "python" (one process,
     no process group: the plain `python train.py` path). Returns its figures (or its error)."""
     out.mkdir(parents=True, exist_ok=True)
-    me = [str(Path(__file__).resolve()), "--worker", "--out", str(out), "--", *args]
+    me = ["-m", "benchmarks.train.scaling", "--worker", "--out", str(out), "--", *args]
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpus}", *me]
     else:

@@ -1,0 +1,1 @@
+"""Training-step benchmarks: the meta step, its FLOPs and profile, data/model parallelism and scaling."""
