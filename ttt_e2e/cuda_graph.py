@@ -1,5 +1,5 @@
 """The project's one CUDA-graph capture helper: a step captured once and replayed (the trainer's micro-step,
-ttt_e2e/train/graphed.py, and the whole-step benchmark, benchmarks/meta_step.py).
+ttt_e2e/train/graphed.py, and the whole-step benchmark, benchmarks/train/meta_step.py).
 
 A meta step issues tens of thousands of small kernels (every op of every inner step, its backward, the
 recomputation, the double backward), and launching them from Python costs more than running them: the step is

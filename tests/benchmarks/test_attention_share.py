@@ -1,21 +1,15 @@
-"""benchmarks/attention_share.py: the attention speed-up its flatness figure quotes, and which kernels it counts
+"""benchmarks/kernels/attention_share.py: the attention speed-up its flatness figure quotes, and which kernels it counts
 as attention."""
-import importlib.util
 import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from benchmarks.core.timing import kernel_launches
+from benchmarks.kernels import attention_share
+
 ROOT = Path(__file__).parents[2]
-
-
-def _load(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its sibling modules (timing.py), as run as a script
-    spec = importlib.util.spec_from_file_location("attention_share", ROOT / "benchmarks" / "attention_share.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _ratio(first, steady, x):
@@ -24,8 +18,8 @@ def _ratio(first, steady, x):
     return (steady["wall_us"] - A + A / x) / (first["wall_us"] - a + a / x)
 
 
-def test_required_speedup_gives_the_target_ratio(monkeypatch):
-    share = _load(monkeypatch)
+def test_required_speedup_gives_the_target_ratio():
+    share = attention_share
     first, steady = {"attention_us": 5.1, "wall_us": 22.2}, {"attention_us": 10.1, "wall_us": 27.4}
     x = share.required_speedup(first, steady, 1.15)
     assert x > 1 and abs(_ratio(first, steady, x) - 1.15) < 1e-12
@@ -35,8 +29,8 @@ def test_required_speedup_gives_the_target_ratio(monkeypatch):
                                   1.15) is None
 
 
-def test_attention_is_every_swa_kernel_and_nothing_else(monkeypatch):
-    share = _load(monkeypatch)
+def test_attention_is_every_swa_kernel_and_nothing_else():
+    share = attention_share
     kernels = {}
     for path in (ROOT / "kernels").rglob("*.py"):
         for name in re.findall(r"^def (_\w+_kernel)\(", path.read_text(), re.M):
@@ -46,9 +40,7 @@ def test_attention_is_every_swa_kernel_and_nothing_else(monkeypatch):
         assert share.is_attention(name) == (op == "swa"), (name, op)
 
 
-def test_kernel_launches_groups_gpu_kernels_by_name(monkeypatch):
-    _load(monkeypatch)
-    from timing import kernel_launches  # benchmarks/timing.py, on the path that _load sets
+def test_kernel_launches_groups_gpu_kernels_by_name():
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
     events = [SimpleNamespace(device_type=cuda, name="_swa_fwd_kernel", device_time=2.0),
               SimpleNamespace(device_type=cuda, name="gemm<bf16, 128>", device_time=1.0),

@@ -1,19 +1,10 @@
-"""benchmarks/step_flops.py, the executed-work floor of the meta/pretrain step ratio quoted in RESULTS.md."""
-import importlib.util
-from pathlib import Path
-
+"""benchmarks/train/step_flops.py, the executed-work floor of the meta/pretrain step ratio quoted in RESULTS.md."""
 import torch
 
 from ttt_e2e.model.sizes import paper_config
 from ttt_e2e.model.transformer import Transformer
 
-
-def _load():
-    path = Path(__file__).parents[2] / "benchmarks" / "step_flops.py"
-    spec = importlib.util.spec_from_file_location("step_flops", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from benchmarks.train import step_flops
 
 
 def test_pretrain_count_is_the_closed_form_and_meta_costs_more():
@@ -21,7 +12,7 @@ def test_pretrain_count_is_the_closed_form_and_meta_costs_more():
     causal (query, key) pair per model dim and layer, which checks the counter and the attention rescaling; the
     meta step does strictly more."""
     T, b = 512, 128
-    r = _load().step_flops("125m", T, b)
+    r = step_flops.step_flops("125m", T, b)
     cfg = paper_config("125m", "fa", T)
     with torch.device("meta"):
         weights = sum(p.numel() for p in Transformer(cfg).parameters() if p.dim() >= 2)  # norm gains: no matmul

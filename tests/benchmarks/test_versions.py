@@ -1,19 +1,13 @@
-"""benchmarks/versions.py: the summary of per-process repeats and its table (the GPU run is the coordinator's;
-`python benchmarks/versions.py A B --tiny --device cpu` runs every code path at toy sizes in ~3 minutes)."""
-import sys
-from pathlib import Path
-
+"""benchmarks/train/versions.py: the summary of per-process repeats and its table (the GPU run is the coordinator's;
+`python -m benchmarks.train.versions A B --tiny --device cpu` runs every code path at toy sizes in ~3 minutes)."""
 import pytest
+
+from benchmarks.train import versions as versions_module
 
 
 @pytest.fixture(scope="module")
 def versions():
-    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-    try:
-        import versions
-    finally:
-        sys.path.pop(0)
-    return versions
+    return versions_module
 
 
 def test_medians_and_spreads(versions):

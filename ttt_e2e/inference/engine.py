@@ -196,7 +196,7 @@ class _Ahead:
     """The prefix blocks over the next training pass's tokens, run on the side stream while the current
     stream runs this pass's inner steps. The prefix does not depend on the suffix, and each inner step is
     hundreds of kernels of 1K tokens whose tails and memory-bound stretches leave the SMs part-idle: the
-    prefix's large kernels fill some of that (benchmarks/studies/prefill_overlap.py; figures in RESULTS.md).
+    prefix's large kernels fill some of that (benchmarks/inference/prefill_overlap.py; figures in RESULTS.md).
     The prefix KV caches are touched by the side stream only, in order, until the last look-ahead is taken."""
 
     def __init__(self, state: InferenceState, ids: torch.Tensor, pos: int):

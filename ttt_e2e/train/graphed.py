@@ -17,8 +17,8 @@ unused-parameter search break a static capture; NCCL could be captured, but the 
 after every micro-batch instead of once per step. What the reduction outside the graph gives up is its overlap
 with the backward: one all-reduce of the model's fp32 gradients per optimizer step, against a meta step of
 several forward/backward passes per parameter. Not yet measured on several GPUs (none were lent when this was
-written); benchmarks/parallel_gpu.py measures the 1-rank DDP-graphed step against the single-GPU graphed one,
-and benchmarks/scaling.py the weak scaling, whose figures go to benchmarks/RESULTS.md. Rank 0's parameters are
+written); benchmarks/train/parallel_gpu.py measures the 1-rank DDP-graphed step against the single-GPU graphed one,
+and benchmarks/train/scaling.py the weak scaling, whose figures go to benchmarks/RESULTS.md. Rank 0's parameters are
 broadcast at the start, as DDP's constructor does.
 
 The warm-up calls (kernel compilation, allocator sizing) run the real forward/backward on the first batch and

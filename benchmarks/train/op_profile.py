@@ -1,7 +1,7 @@
 """Which kernels and which ATen ops (with their input shapes) take the GPU time of one training step.
 
-    python benchmarks/op_profile.py 125m:e2e:0:0 125m:fa:0:0 1b:e2e:0:1     # size:mode:remat_inner:remat_prefix
-    python benchmarks/op_profile.py --by-node 1b:e2e:0:0    # also: memory-bound ops by the autograd node running them
+    python -m benchmarks.train.op_profile 125m:e2e:0:0 125m:fa:0:0 1b:e2e:0:1     # size:mode:remat_inner:remat_prefix
+    python -m benchmarks.train.op_profile --by-node 1b:e2e:0:0    # also: memory-bound ops by the autograd node running them
 
 One eager step (T = 8192, b = 1024, W = 8192, bf16 autocast, AdamW) after two warm-up steps, under the PyTorch
 profiler with shapes recorded; prints the top kernels by GPU time and the top ops by the GPU time of the kernels
@@ -12,16 +12,18 @@ import sys
 
 import torch
 
-from meta_step import configs  # benchmarks/ is the script's own folder
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
+
+from benchmarks.core.models import train_configs
+
 
 def _gpu_us(e) -> float:
     return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
 
 
 def profile(size: str, mode: str, remat_inner: bool, remat_prefix: bool, rows: int = 45, by_node: bool = False):
-    mcfg, tcfg = configs(size, 8192, 1024, 8192, remat_inner, remat_prefix, False)[mode]
+    mcfg, tcfg = train_configs(size, remat_inner=remat_inner, remat_prefix=remat_prefix)[mode]
     torch.manual_seed(0)
     model = Transformer(mcfg, tcfg).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

@@ -1,6 +1,6 @@
 """Compare the loss curves of two training runs (metrics.jsonl of each run dir): e.g. eager vs CUDA graph.
 
-    python benchmarks/compare_runs.py RUN_A RUN_B [--labels eager graph] [--plot curve.png] [--json out.json]
+    python -m benchmarks.train.compare_runs RUN_A RUN_B [--labels eager graph] [--plot curve.png] [--json out.json]
 
 Prints per-step losses side by side with the largest absolute difference, and the median step time of each
 run from step 11 on (the first steps compile and capture).

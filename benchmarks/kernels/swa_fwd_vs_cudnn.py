@@ -2,10 +2,10 @@
 triton.testing.do_bench, which launches back to back, so neither figure holds host time. Also each call's host
 time (a small shape, no synchronization in the loop), and where `swa_forward`'s host time goes (cProfile).
 
-benchmarks/attention.py synchronizes after every call, so its figures include the host time of each call: a
+benchmarks/kernels/attention.py synchronizes after every call, so its figures include the host time of each call: a
 fair race for long kernels, not for the inner step's 0.2 ms ones.
 
-    python benchmarks/swa_fwd_vs_cudnn.py [--profile-host]
+    python -m benchmarks.kernels.swa_fwd_vs_cudnn [--profile-host]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from attention import visible_pairs  # benchmarks/attention.py (the script's own folder is on sys.path)
+from benchmarks.kernels.attention import visible_pairs
 from ttt_e2e.kernels.swa import swa_attention, swa_mask
 from ttt_e2e.kernels.swa.forward import swa_forward
 

@@ -15,10 +15,10 @@ Extrapolation to 2M (method printed with the results): prefill time T(n) fitted 
 FA: T = a n + c n^2 (attention is quadratic), TTT/SWA: T = a n (constant cost per token); decode time per token
 FA: a + c n (reads the whole KV cache), TTT/SWA: the mean over contexts.
 
-  python benchmarks/latency.py --out benchmarks/latency.json --plot benchmarks/latency.png --write-results
-  python benchmarks/latency.py --methods fa-cudnn fa-flash --out fa.json      # in parts (each < 10 min) ...
-  python benchmarks/latency.py --methods ttt swa --merge fa.json --write-results   # ... summarized together
-  python benchmarks/latency.py --tiny          # CPU smoke test at toy sizes, a few seconds
+  python -m benchmarks.inference.latency --out benchmarks/latency.json --plot benchmarks/latency.png --write-results
+  python -m benchmarks.inference.latency --methods fa-cudnn fa-flash --out fa.json      # in parts (each < 10 min) ...
+  python -m benchmarks.inference.latency --methods ttt swa --merge fa.json --write-results   # ... summarized together
+  python -m benchmarks.inference.latency --tiny          # CPU smoke test at toy sizes, a few seconds
 
 No hydra/omegaconf/wandb/datasets here: the GPU machine has none of them.
 """
@@ -39,6 +39,8 @@ from ttt_e2e.config import ModelConfig, TTTConfig
 from ttt_e2e.inference import InferenceGraphs, check_memory, feed, start
 from ttt_e2e.model.sizes import paper_config
 from ttt_e2e.model.transformer import Transformer
+
+from benchmarks.core.records import write_json
 
 K = 1024
 CONTEXTS = [8 * K, 32 * K, 128 * K, 512 * K, 1024 * K]
@@ -284,7 +286,7 @@ def write_results(text: str, path: Path):
     print(f"updated {path} (## Inference latency)", file=sys.stderr)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (smoke test)")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
@@ -299,7 +301,7 @@ def main():
     p.add_argument("--short-reps", type=int, default=15,
                    help="prefills of each context up to 32K (one of them with decoding), median and fastest kept")
     p.add_argument("--long-reps", type=int, default=1, help="the same for the contexts above 32K")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if device == "cpu" and not args.tiny:
         sys.exit("no GPU: the 3B benchmark needs one (use --tiny for a CPU smoke test)")
@@ -314,17 +316,17 @@ def main():
     meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "plot": args.plot,
             "graphs": not args.no_graphs,
             "device": torch.cuda.get_device_name() if device == "cuda" else "CPU",
-            "command": "python " + " ".join(sys.argv)}
+            "command": "python -m benchmarks.inference.latency " + " ".join(sys.argv[1:] if argv is None else argv)}
     text = markdown(rows, summary, meta)
     print(text)
     if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
+        write_json(args.out, {"meta": meta, "rows": rows, "summary": summary}, device=device)
     if args.plot:
         plot(rows, args.plot)
     if args.write_results:
         if device != "cuda":
             sys.exit("--write-results: RESULTS.md only takes GPU measurements")
-        write_results(text, Path(__file__).with_name("RESULTS.md"))
+        write_results(text, Path(__file__).parents[1] / "RESULTS.md")
 
 
 if __name__ == "__main__":

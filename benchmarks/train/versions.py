@@ -1,7 +1,7 @@
 """Two source trees of this project timed in one call, alternating: did a change cost speed?
 
     git archive 78f8db3 --prefix=.base/ | tar x          # the tree before the change
-    python benchmarks/versions.py .base . --labels base new --out versions_out
+    python -m benchmarks.train.versions .base . --labels base new --out versions_out
 
 Each tree runs in its own subprocess (two versions of the package cannot share one process), with PYTHONPATH
 at that tree; a bare tree (no `ttt_e2e/kernels` link to its top-level `kernels/`) gets the folder mounted as the
@@ -9,15 +9,15 @@ subpackage at import, so nothing is written into it. Processes alternate A B B A
 of the machine (clock, temperature) falls on both trees alike. Each process measures, on one GPU:
   step  125M and 1B: the `fa` pretrain step (cuDNN full attention) and the `e2e` meta step (T = 8192, b = 1024,
         W = 8192, every activation kept, as RESULTS.md's figures), bf16 autocast, fp32 AdamW, each captured whole
-        as a CUDA graph and replayed (benchmarks/meta_step.py --graph's path): ms per step, median of --steps
+        as a CUDA graph and replayed (benchmarks/train/meta_step.py --graph's path): ms per step, median of --steps
         replays (CUDA events);
-  prefill  the 3B TTT prefill of a 128K prompt with CUDA graphs (benchmarks/latency.py's path): seconds, median
+  prefill  the 3B TTT prefill of a 128K prompt with CUDA graphs (benchmarks/inference/latency.py's path): seconds, median
         of --prefill-reps runs after a warm-up prompt that captures every graph.
 Reported per (target, tree): the median over processes of each process's median, and the spread: the range of
 the per-process medians and the largest in-process relative spread (max - min over median of the repeats).
 The last lines are a table; --out gets versions.json with every repeat. About 5-6 minutes on an H100.
 
-    python benchmarks/versions.py .base . --tiny --device cpu     # every code path at toy sizes, CPU
+    python -m benchmarks.train.versions .base . --tiny --device cpu     # every code path at toy sizes, CPU
 """
 from __future__ import annotations
 
@@ -262,7 +262,7 @@ def driver(args) -> None:
         if args.budget_s and time.time() - t_start + longest > args.budget_s:
             print(f"skipping the remaining processes: {args.budget_s} s budget", file=sys.stderr)
             break
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(trees[i]), str(trees[i] / "benchmarks")]))
+        env = dict(os.environ, PYTHONPATH=str(trees[i]))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--tree", str(trees[i]),
                "--device", args.device, "--steps", str(args.steps), "--prefill-reps", str(args.prefill_reps),
                "--targets", *args.targets] + ["--tiny"] * args.tiny

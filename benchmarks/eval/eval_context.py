@@ -9,8 +9,8 @@ and, for the engine, captures its graphs, itself reported), the peak memory allo
 and, where both paths ran, max and mean |difference| of the per-token losses (unmasked tokens) and the two means.
 The old path at 128K runs unless --skip-old-long or its time estimated from 32K exceeds --old-long-budget.
 
-    python benchmarks/eval_context.py --out bench_eval                 # H100: 32K and 128K, both paths
-    python benchmarks/eval_context.py --out /tmp/e --tiny              # CPU smoke test at toy sizes, seconds
+    python -m benchmarks.eval.eval_context --out bench_eval                 # H100: 32K and 128K, both paths
+    python -m benchmarks.eval.eval_context --out /tmp/e --tiny              # CPU smoke test at toy sizes, seconds
 
 No hydra/omegaconf here: the GPU machine has none of them.
 """
@@ -27,12 +27,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ttt_e2e.config import ModelConfig, TTTConfig  # noqa: E402
-from ttt_e2e.data import make_batch  # noqa: E402
-from ttt_e2e.eval.stream_loss import StreamLoss  # noqa: E402
-from ttt_e2e.train.parallel import LossModule  # noqa: E402
+from ttt_e2e.config import ModelConfig, TTTConfig
+from ttt_e2e.data import make_batch
+from ttt_e2e.eval.stream_loss import StreamLoss
+from ttt_e2e.train.parallel import LossModule
 
 K = 1024
 BOS = 128000  # Llama-3's <|begin_of_text|>

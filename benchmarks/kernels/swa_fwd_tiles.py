@@ -1,6 +1,6 @@
 """SWA forward: the tile table's config vs the wide-tile rule of kernels/swa/common.py:forward_tile (GPU).
 
-    python benchmarks/studies/swa_fwd_tiles.py
+    python -m benchmarks.kernels.swa_fwd_tiles
 
 For head dims 64 and 128 at 12 and 32 heads, at the shapes the forward runs (the meta step's suffix: 1K queries
 against 8K / 4K keys; a full causal 8K prefix; a 32K sliding-window prefix): the median time with the table's
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-import _benchmarks  # noqa: F401  (benchmarks/ on sys.path)
-from attention import time_step  # benchmarks/attention.py (the script's own folder is on sys.path)
+from benchmarks.kernels.attention import time_step
 from ttt_e2e.kernels.swa import common
 from ttt_e2e.kernels.swa.forward import swa_forward
 

@@ -4,7 +4,7 @@ written to $OUT/latency_trace.txt (or ./latency_trace.txt). For a run that stall
 whether memory grows from prompt to prompt, and whether the clock does not hold (a long prefill runs at the
 board's power limit, a short one after an idle stretch may not reach it).
 
-    python benchmarks/latency_trace.py --methods ttt --contexts 8192 32768 131072 --long-reps 2 --out t.json
+    python -m benchmarks.inference.latency_trace --methods ttt --contexts 8192 32768 131072 --long-reps 2 --out t.json
 
 Takes latency.py's arguments. Only on a GPU (the allocator's figures are CUDA's).
 """
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-import latency  # benchmarks/latency.py: the script's own folder is on sys.path
-from timing import ClockSampler
+from benchmarks.inference import latency
+from benchmarks.core.timing import ClockSampler
 
 log = open(os.path.join(os.environ.get("OUT", "."), "latency_trace.txt"), "w", buffering=1)
 faulthandler.dump_traceback_later(45, repeat=True, file=log)

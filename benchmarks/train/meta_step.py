@@ -1,6 +1,6 @@
 """Meta-training throughput: one optimizer step of the training path, `fa` pretrain vs `e2e` meta (issue 6).
 
-    python benchmarks/meta_step.py --sizes 125m 1b [--steps 10] [--out benchmarks/meta_step.json]
+    python -m benchmarks.train.meta_step --sizes 125m 1b [--steps 10] [--out benchmarks/meta_step.json]
 
 One GPU, batch 1 sequence of T = 8192 tokens, bf16 autocast with fp32 parameters, AdamW. A step is what the
 trainer does: sequence_loss -> backward -> clip -> AdamW step -> zero_grad. Reported: ms/step (median of
@@ -13,31 +13,24 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 from ttt_e2e.config import Kernels, ModelConfig, TTTConfig
 from ttt_e2e.cuda_graph import GraphedStep
 from ttt_e2e.model.params import count_parameters
-from ttt_e2e.model.sizes import PAPER_SIZES, paper_config
+from ttt_e2e.model.sizes import PAPER_SIZES
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
 
-from timing import cuda_event_ms  # benchmarks/timing.py (the script's own folder is on sys.path)
+from benchmarks.core.env import environment
+from benchmarks.core.models import train_configs
+from benchmarks.core.records import write_json
+from benchmarks.core.table import print_table
+from benchmarks.core.timing import cuda_ms
+
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
-
-
-def configs(size: str, T: int, b: int, W: int, remat_inner: bool, remat_prefix: bool, recompute_logits: bool,
-            remat_prefix_blocks: int | None = None):
-    fa = (paper_config(size, "fa", T, attention_backend="sdpa"),
-          TTTConfig(train_mode="pretrain", mini_batch_size=T, recompute_logits=recompute_logits))
-    e2e = (paper_config(size, "e2e", T, window=W),  # attention "auto": cuDNN for the prefix where W >= T
-           TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0, remat_inner=remat_inner,
-                     remat_prefix=remat_prefix, remat_prefix_blocks=remat_prefix_blocks,
-                     recompute_logits=recompute_logits))
-    return {"fa": fa, "e2e": e2e}
 
 
 def model_flops(cfg: ModelConfig, T: int) -> float:
@@ -48,12 +41,6 @@ def model_flops(cfg: ModelConfig, T: int) -> float:
     W = cfg.attention_window
     pairs = sum(min(i + 1, W) for i in range(T))
     return 6 * T * (n["non_embedding"] + n["embedding"]) + 12 * pairs * cfg.d_model * cfg.n_layers
-
-
-def cuda_ms(fn, steps: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    return cuda_event_ms(fn, steps)
 
 
 def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bool, phases: bool,
@@ -134,8 +121,27 @@ def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bo
     return result
 
 
-def main():
-    ap = argparse.ArgumentParser()
+HEADERS = ["config", "ms/step", "tokens/s", "MFU", "peak GiB", "prefix", "suffix inner", "outer bwd", "optimizer"]
+
+
+def table_rows(r: dict) -> list[list]:
+    """The table's rows of one result: the eager step with its phases, then the CUDA-graph step (or its error)."""
+    if "error" in r:
+        return [[r["name"], r["error"]]]
+    phases = [f"{x:.1f}" for x in r.get("phases_ms", {}).values()] or ["-"] * 4
+    rows = [[r["name"], f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.1f}%",
+             f"{r['peak_mem_gib']:.1f}", *phases]]
+    if "graphed_error" in r:
+        rows.append([f"{r['name']} (CUDA graph)", r["graphed_error"]])
+    if "graphed" in r:
+        g = r["graphed"]
+        rows.append([f"{r['name']} (CUDA graph)", f"{g['ms_per_step']:.1f}", f"{g['tokens_per_s']:.0f}",
+                     f"{100 * g['mfu']:.1f}%", f"{g['peak_mem_gib']:.1f}", "", "", "", ""])
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["125m", "1b"], choices=list(PAPER_SIZES))
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--mini-batch", type=int, default=1024)
@@ -158,11 +164,12 @@ def main():
     ap.add_argument("--no-ce-kernel", action="store_true",
                     help="cross-entropy in PyTorch ops (fp32 logits) instead of kernels/cross_entropy, for ablation")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     results = []
     for size in args.sizes:
-        modes = configs(size, args.seq, args.mini_batch, args.window, args.remat_inner, args.remat_prefix,
-                        args.recompute_logits, args.remat_prefix_blocks)
+        modes = train_configs(size, args.seq, args.mini_batch, args.window, remat_inner=args.remat_inner,
+                              remat_prefix=args.remat_prefix, remat_prefix_blocks=args.remat_prefix_blocks,
+                              recompute_logits=args.recompute_logits)
         kernels = " fused_kernels=off" * args.no_fused_kernels + " ce_kernel=off" * args.no_ce_kernel
         blocks = "" if args.remat_prefix_blocks is None else f"({args.remat_prefix_blocks} blocks)"
         tag = "".join([" remat_inner=off" * (not args.remat_inner), f" remat_prefix=on{blocks}" * args.remat_prefix,
@@ -180,22 +187,8 @@ def main():
             print(json.dumps({k: v for k, v in r.items() if k not in ("top_kernels", "ms_all")}), flush=True)
             if "top_kernels" in r:
                 print(r["top_kernels"], flush=True)
-    print(f"\ndevice: {torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    print("| config | ms/step | tokens/s | MFU | peak GiB | prefix | suffix inner | outer bwd | optimizer |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        if "error" in r:
-            print(f"| {r['name']} | {r['error']} |")
-            continue
-        p = list(r.get("phases_ms", {}).values()) or [float("nan")] * 4
-        print(f"| {r['name']} | {r['ms_per_step']:.1f} | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | "
-              f"{r['peak_mem_gib']:.1f} | " + " | ".join(f"{x:.1f}" for x in p) + " |")
-        if "graphed_error" in r:
-            print(f"| {r['name']} (CUDA graph) | {r['graphed_error']} |")
-        if "graphed" in r:
-            g = r["graphed"]
-            print(f"| {r['name']} (CUDA graph) | {g['ms_per_step']:.1f} | {g['tokens_per_s']:.0f} | "
-                  f"{100 * g['mfu']:.1f}% | {g['peak_mem_gib']:.1f} | | | | |")
+    env = environment("cuda")
+    print_table(HEADERS, [row for r in results for row in table_rows(r)], env)
     for size in args.sizes:
         by = {r["name"]: r for r in results if "error" not in r}
         if f"{size} fa{fa_tag}" in by and f"{size} e2e{tag}" in by:
@@ -205,8 +198,7 @@ def main():
                 print(f"{size}: meta / pretrain = {e2e['graphed']['ms_per_step'] / fa['graphed']['ms_per_step']:.2f}x "
                       "(both CUDA graphs)")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.out, {"args": vars(args), "results": results}, env)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ block shapes (1024 queries against a cache + block of TK keys, W = 8192), bf16, 
 choice, each timed as 10 calls in one CUDA graph (median of 15 replays, us per call), with the double backward (no
 parts) for scale, and the results with 3 parts against one part's.
 
-    python benchmarks/studies/swa_key_parts.py      # H100 output: benchmarks/history/data/swa_key_parts_h100.txt
+    python -m benchmarks.kernels.swa_key_parts      # H100 output: benchmarks/history/data/swa_key_parts_h100.txt
 """
 
 import torch
@@ -12,8 +12,7 @@ from ttt_e2e.kernels.swa import common
 from ttt_e2e.kernels.swa.backward import swa_backward_delta, swa_backward_dq
 from ttt_e2e.kernels.swa.double_backward import swa_double_backward
 from ttt_e2e.kernels.swa.forward import swa_forward
-import _benchmarks  # noqa: F401  (benchmarks/ on sys.path)
-from timing import graph_us  # benchmarks/ is the script's own folder
+from benchmarks.core.timing import graph_us
 
 W, TQ = 8192, 1024
 

@@ -2,9 +2,9 @@
 shapes inference runs: full causal 8K (a prompt's first chunk), SWA 32K (later chunks), a TTT block of 1024
 queries against a full 8K cache and against an early 2K one. Prints CUDA-event medians (triton.testing.do_bench).
 
-    python benchmarks/studies/swa_head_split.py                 # the forward tile rule of kernels/swa/common.py
-    python benchmarks/studies/swa_head_split.py --fwd-tile wide # or the 128 x 64 / 8-warp forward tiles everywhere
-    python benchmarks/studies/swa_head_split.py --fwd-tile table
+    python -m benchmarks.kernels.swa_head_split                 # the forward tile rule of kernels/swa/common.py
+    python -m benchmarks.kernels.swa_head_split --fwd-tile wide # or the 128 x 64 / 8-warp forward tiles everywhere
+    python -m benchmarks.kernels.swa_head_split --fwd-tile table
 
 Run against another commit's kernels by putting that checkout first on PYTHONPATH (how the head dim 80 split of
 the forward and backward kernels was compared with the 128-wide padded tile before it; benchmarks/RESULTS.md).

@@ -1,5 +1,6 @@
-"""CUDA-event timing shared by the benchmarks (the latency benchmark times whole calls on the wall clock instead),
-the profiler's kernels by name, and the GPU clock sampler that says at what clock a figure ran."""
+"""Timing shared by the benchmarks: CUDA events (with warm-up, or over replays of a CUDA graph), the host clock
+(with a synchronize around each call), medians and spreads; the profiler's kernels by name; and the GPU clock
+sampler that says at what clock a figure ran."""
 from __future__ import annotations
 
 import statistics
@@ -39,6 +40,39 @@ def cuda_event_ms(fn, reps: int) -> list[float]:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+def cuda_ms(fn, reps: int, warmup: int = 2) -> list[float]:
+    """Milliseconds of each of `reps` calls of fn (CUDA events) after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    return cuda_event_ms(fn, reps)
+
+
+def host_ms(fn, reps: int, warmup: int = 1, device: str = "cpu") -> list[float]:
+    """Milliseconds of each of `reps` calls of fn on the host clock, the device synchronized before and after
+    each call (the figure of a whole call, host work included), after `warmup` untimed calls."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def spread(xs: list[float]) -> float:
+    """(max - min) / median: how far apart the repeats of one figure are."""
+    return (max(xs) - min(xs)) / statistics.median(xs)
+
+
+def summary(xs: list[float]) -> dict:
+    """The median of the repeats, their spread and the repeats themselves (what a result JSON keeps)."""
+    return {"median": statistics.median(xs), "spread": spread(xs), "runs": list(xs)}
 
 
 def kernel_launches(prof) -> dict[str, list[float]]:

@@ -1,6 +1,6 @@
 """Executed matmul FLOPs of one training step, `fa` pretrain vs `e2e` meta: the floor of the step-time ratio.
 
-    python benchmarks/step_flops.py [--sizes 125m 1b] [--seq 8192]
+    python -m benchmarks.train.step_flops [--sizes 125m 1b] [--seq 8192]
 
 Issue 6 asks for a meta step at most 1.8x the pretraining step. The ratio of the work each step must do bounds
 that from below whatever the kernels: a meta step at the pretraining step's efficiency costs exactly this ratio.

@@ -1,7 +1,7 @@
 """TTT prefill with and without the prefix look-ahead (`start(..., overlap_prefix=...)`, inference/engine.py).
 
-    python benchmarks/studies/prefill_overlap.py                      # 3B, bf16, CUDA graphs, as benchmarks/latency.py
-    python benchmarks/studies/prefill_overlap.py --contexts 131072 --reps 5
+    python -m benchmarks.inference.prefill_overlap                      # 3B, bf16, CUDA graphs, as benchmarks/inference/latency.py
+    python -m benchmarks.inference.prefill_overlap --contexts 131072 --reps 5
 
 With the look-ahead, the next 8K chunk's prefix blocks run on a second CUDA stream while the current chunk's
 inner steps replay on the first. The two settings alternate prompt by prompt, so that drift in the machine's
@@ -16,8 +16,7 @@ import time
 
 import torch
 
-import _benchmarks  # noqa: F401  (benchmarks/ on sys.path)
-from latency import build  # benchmarks/ is the script's own folder
+from benchmarks.inference.latency import build
 from ttt_e2e.inference import InferenceGraphs, feed, start
 
 

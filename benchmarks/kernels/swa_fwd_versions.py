@@ -1,8 +1,8 @@
 """The SWA forward kernel of this checkout at the 3B shapes (head dim 80 = 64 + 16, 32 heads), timed with
 triton.testing.do_bench; run it from two checkouts in one GPU session to compare kernel versions.
 
-    python benchmarks/studies/swa_fwd_versions.py --label this
-    PYTHONPATH=/path/to/other/checkout python benchmarks/studies/swa_fwd_versions.py --label other
+    python -m benchmarks.kernels.swa_fwd_versions --label this
+    PYTHONPATH=/path/to/other/checkout python -m benchmarks.kernels.swa_fwd_versions --label other
 
 Variants in one call: --tiles BMxBNxWARPSxSTAGES ... (common.CONFIG_OVERRIDES["fwd"]; none given: the table's
 tiles) and --descriptors on off (forward.USE_DESCRIPTORS: key/value tiles through TMA descriptors or pointers).
@@ -20,8 +20,7 @@ import argparse
 import torch
 from triton.testing import do_bench
 
-import _benchmarks  # noqa: F401  (benchmarks/ on sys.path)
-from attention import visible_pairs  # benchmarks/attention.py (the script's own folder is on sys.path)
+from benchmarks.kernels.attention import visible_pairs
 from ttt_e2e.kernels.swa import common, forward
 from ttt_e2e.kernels.swa.forward import swa_forward
 

@@ -3,12 +3,11 @@ prefix's 8K rows, 125M and 1B widths: forward products, x's gradient (the separa
 per-sequence MLP' products, and the concatenation of three gradients for comparison (us per call, the median of 7
 replays of 50 calls each).
 
-    python benchmarks/studies/fused_projections.py
+    python -m benchmarks.kernels.fused_projections
 """
 import torch
 
-import _benchmarks  # noqa: F401  (benchmarks/ on sys.path)
-from timing import graph_us  # benchmarks/ is the script's own folder
+from benchmarks.core.timing import graph_us
 
 dev, bf = "cuda", torch.bfloat16
 

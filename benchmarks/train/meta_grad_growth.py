@@ -6,7 +6,7 @@ enough that some direction of its Jacobian grows), the gradient through n inner 
 r > 1, in every parameter upstream of the loop alike, while the forward loss stays finite. A calm loop shows a
 norm flat in n. The inner steps are varied by the sequence length (n = T / b), the inner lr by the multiplier.
 
-    python benchmarks/studies/meta_grad_growth.py RUN/checkpoints/step_00000010 RUN/checkpoints/step_00000020 \
+    python -m benchmarks.train.meta_grad_growth RUN/checkpoints/step_00000010 RUN/checkpoints/step_00000020 \
         --out growth.json
 
 Checkpoints of a byte-token run (data.tokenizer=bytes); the sequences are this Python's largest standard-library

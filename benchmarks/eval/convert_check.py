@@ -3,8 +3,8 @@ authors' code writes them (orbax CheckpointManager, item model_weights, step 479
 checkpoint), converted with `python -m ttt_e2e.convert from-jax`, checked bit for bit, then run through the
 user's commands: generate.py and eval.py; then to-jax back (bit for bit again) and save_pretrained -> load_pretrained.
 
-    python benchmarks/convert_check.py --out DIR              # GPU, 125M (vocab 128256): about 1-2 minutes
-    python benchmarks/convert_check.py --out DIR --tiny       # the same steps at a tiny shape on the CPU
+    python -m benchmarks.eval.convert_check --out DIR              # GPU, 125M (vocab 128256): about 1-2 minutes
+    python -m benchmarks.eval.convert_check --out DIR --tiny       # the same steps at a tiny shape on the CPU
 
 Exit status 1 if any check fails (each is listed with what it saw). DIR gets convert_check.json, eval/eval.json
 and eval/loss_by_position.png; the checkpoints live in a temporary dir (--work to keep them).
@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 if not (REPO / "ttt_e2e" / "kernels").exists():  # a bare copy of the tree: the package's kernels link
     try:
         import ttt_e2e.kernels  # noqa: F401  (pip-installed)
@@ -46,12 +45,12 @@ print(json.dumps({"jax": jax.__version__, "orbax-checkpoint": getattr(ocp, "__ve
                   "written_on": jax.devices()[0].platform}))
 """
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from ttt_e2e.config import ModelConfig  # noqa: E402
-from ttt_e2e.convert import layout, orbax_io  # noqa: E402
-from ttt_e2e.model.transformer import Transformer  # noqa: E402
+from ttt_e2e.config import ModelConfig
+from ttt_e2e.convert import layout, orbax_io
+from ttt_e2e.model.transformer import Transformer
 
 # conf/model/125m.yaml + conf/experiment/125m/pretrain/e2e.yaml (the authors' 125M TTT-E2E)
 SHAPE_125M = dict(vocab_size=128256, n_layers=12, d_model=768, n_heads=12, mlp_width=1664, prime_mlp_width=1664,

@@ -3,7 +3,7 @@ with --prefix, the time of one prefill chunk's pass through the prefix blocks (W
 with --feed N, a whole N-token prompt through `feed` as latency.py runs it (graphs, look-ahead), where it also says
 how long the GPU sat idle: wall clock against the union of the kernels' intervals over both streams.
 
-    python benchmarks/inner_step_profile.py [--size 3b] [--top 25] [--ops] [--prefix | --feed 65536]
+    python -m benchmarks.train.inner_step_profile [--size 3b] [--top 25] [--ops] [--prefix | --feed 65536]
 
 Builds the paper config with random bf16 weights, prefills 3 W tokens through `feed` with CUDA graphs (so the
 step graphs exist), then times (a) one replayed step graph, CUDA events, median of 20, and (b) one eager step
@@ -18,7 +18,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from timing import cuda_event_ms, kernel_launches
+from benchmarks.core.timing import cuda_event_ms, kernel_launches
 from ttt_e2e.config import TTTConfig
 from ttt_e2e.inference import InferenceGraphs, feed, start
 from ttt_e2e.inference.engine import _autocast, _blocks

@@ -10,9 +10,9 @@ backward 10, double backward 24 FLOPs (recomputation not counted); fwd+bwd count
 Times are CUDA-event medians; memory is torch.cuda.max_memory_allocated during one call minus what was allocated
 before it (inputs excluded).
 
-  python benchmarks/attention.py --heads 125M --json out.json        # measure (GPU)
-  python benchmarks/attention.py --tune --json tune.json              # tile sweep of the Triton kernels (GPU)
-  python benchmarks/attention.py --report a.json b.json --plot p.png  # markdown table + plot from saved runs
+  python -m benchmarks.kernels.attention --heads 125M --json out.json        # measure (GPU)
+  python -m benchmarks.kernels.attention --tune --json tune.json              # tile sweep of the Triton kernels (GPU)
+  python -m benchmarks.kernels.attention --report a.json b.json --plot p.png  # markdown table + plot from saved runs
 
 No hydra/omegaconf/wandb/datasets here: the GPU machine has none of them.
 """
@@ -29,21 +29,7 @@ import traceback
 
 import torch
 
-from timing import cuda_event_ms  # benchmarks/timing.py (the script's own folder is on sys.path)
-
-try:
-    import ttt_e2e.kernels.swa  # noqa: F401
-except ImportError:  # not pip-installed: run from a checkout (kernels/ is the package ttt_e2e.kernels)
-    import os
-    import types
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, _root)
-    import ttt_e2e
-    if not os.path.isdir(os.path.join(_root, "ttt_e2e", "kernels")):
-        _k = types.ModuleType("ttt_e2e.kernels")
-        _k.__path__ = [os.path.join(_root, "kernels")]
-        sys.modules["ttt_e2e.kernels"] = _k
-        ttt_e2e.kernels = _k
+from benchmarks.core.timing import cuda_event_ms
 
 HEADS = {"125M": (12, 64), "1B": (32, 64), "3B": (32, 80)}
 # name: (Tq, Tk, window, q_pos0, k_pos0). Prefix SWA at 8K with W = 8K is full causal, so it is one row.

@@ -1,6 +1,6 @@
 """bf16 meta-gradient error against the fp32 all-PyTorch oracle, on fixed seeds (GPU).
 
-    python benchmarks/meta_grad_precision.py [--seeds 11 22 33 44]
+    python -m benchmarks.kernels.meta_grad_precision [--seeds 11 22 33 44]
 
 The model of tests/ttt/test_gpu_meta.py (4 layers, vocabulary 5000, 2 sequences of 1024, b = 128): for each seed
 the relative error of the whole meta-gradient, of the suffix matrices' part and of the head's, for the kernels path

@@ -12,7 +12,7 @@ Each prompt runs serially (no look-ahead stream: every kernel's time is its own,
 one) under torch.profiler, after warm-up, with the inner steps replayed as CUDA graphs; wall times are medians of
 `--reps` prompts without the profiler, with and without the look-ahead.
 
-    python benchmarks/attention_share.py [--size 3b] [--contexts 8192 40960] [--reps 5] [--out share.json]
+    python -m benchmarks.kernels.attention_share [--size 3b] [--contexts 8192 40960] [--reps 5] [--out share.json]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from timing import ClockSampler, kernel_launches  # benchmarks/timing.py (the script's own folder is on sys.path)
+from benchmarks.core.timing import ClockSampler, kernel_launches
 from ttt_e2e.config import TTTConfig
 from ttt_e2e.inference import InferenceGraphs, feed, start
 from ttt_e2e.model.sizes import paper_config

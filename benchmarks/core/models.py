@@ -1,0 +1,58 @@
+"""Model builders for the benchmarks: the paper's shapes come from ttt_e2e/model/sizes.py (never retyped here),
+the smoke-mode shapes from one tiny configuration."""
+from __future__ import annotations
+
+import torch
+
+from ttt_e2e.config import ModelConfig, TTTConfig
+from ttt_e2e.model.sizes import paper_config
+
+TINY_VOCAB = 258  # the byte tokenizer's vocabulary (256 bytes, BOS, EOS)
+
+
+def tiny_config(variant: str, seq_length: int = 256, window: int = 64, **overrides) -> ModelConfig:
+    """A toy model of the variant ("e2e", "swa", "fa") for smoke runs: the code paths of a benchmark, not its
+    figures. Attention in PyTorch (the Triton kernels on the CPU need the interpreter)."""
+    e2e = variant == "e2e"
+    base = dict(vocab_size=TINY_VOCAB, n_layers=4, d_model=64, n_heads=4, mlp_width=160 if e2e else 192,
+                suffix_len=2 if e2e else 0, prime_mlp=e2e, seq_length=seq_length,
+                window=None if variant == "fa" else window, attention_backend="torch")
+    return ModelConfig(**{**base, **overrides})
+
+
+def model_config(size: str, variant: str, seq_length: int = 8192, **overrides) -> ModelConfig:
+    """The paper's `size` ("125m" ... "3b") as `variant`, or the tiny model when size is "tiny"."""
+    if size == "tiny":
+        return tiny_config(variant, **overrides)
+    return paper_config(size, variant, seq_length, **overrides)
+
+
+def train_configs(size: str, T: int = 8192, b: int = 1024, W: int = 8192, **ttt) -> dict:
+    """The two training steps RESULTS.md compares, as (ModelConfig, TTTConfig): "fa" pretraining with full
+    attention (cuDNN through SDPA) and "e2e" meta-training with window W and inner mini-batch b. `ttt` passes
+    TTTConfig options (remat_*, recompute_logits) to both."""
+    if size == "tiny":
+        fa_model = tiny_config("fa", seq_length=T)
+        e2e_model = tiny_config("e2e", seq_length=T, window=W)
+    else:
+        fa_model = paper_config(size, "fa", T, attention_backend="sdpa")
+        e2e_model = paper_config(size, "e2e", T, window=W)  # attention "auto": cuDNN for the prefix where W >= T
+    pretrain = {k: v for k, v in ttt.items() if k == "recompute_logits"}
+    return {"fa": (fa_model, TTTConfig(train_mode="pretrain", mini_batch_size=T, **pretrain)),
+            "e2e": (e2e_model, TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0, **ttt))}
+
+
+def build(cfg: ModelConfig, ttt: TTTConfig | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
+          seed: int = 0):
+    """The Transformer of cfg, its weights drawn from `seed` in `dtype` (default: the current default) on device."""
+    from ttt_e2e.model.transformer import Transformer
+
+    default = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(seed)
+            return Transformer(cfg, ttt) if ttt is not None else Transformer(cfg)
+    finally:
+        torch.set_default_dtype(default)

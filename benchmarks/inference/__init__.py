@@ -1,0 +1,1 @@
+"""Inference benchmarks: prefill and decode latency of the TTT engine against the baselines, and its traces."""
