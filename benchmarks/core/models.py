@@ -12,11 +12,13 @@ TINY_VOCAB = 258  # the byte tokenizer's vocabulary (256 bytes, BOS, EOS)
 
 def tiny_config(variant: str, seq_length: int = 256, window: int = 64, **overrides) -> ModelConfig:
     """A toy model of the variant ("e2e", "swa", "fa") for smoke runs: the code paths of a benchmark, not its
-    figures. Attention in PyTorch (the Triton kernels on the CPU need the interpreter)."""
+    figures. Off the GPU, attention and the fused kernels in PyTorch ops: the Triton interpreter would take
+    minutes, and the kernels have their own tests."""
     e2e = variant == "e2e"
     base = dict(vocab_size=TINY_VOCAB, n_layers=4, d_model=64, n_heads=4, mlp_width=160 if e2e else 192,
                 suffix_len=2 if e2e else 0, prime_mlp=e2e, seq_length=seq_length,
-                window=None if variant == "fa" else window, attention_backend="torch")
+                window=None if variant == "fa" else window, attention_backend="torch",
+                fused_kernels=None if torch.cuda.is_available() else False)
     return ModelConfig(**{**base, **overrides})
 
 

@@ -11,9 +11,41 @@ import time
 import torch
 
 
+def default_device() -> str:
+    """"cuda" where there is a GPU, else "cpu" (smoke runs: the code paths, not the figures)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (nothing to wait for without one)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def profiler_activities(cpu: bool = False) -> list:
+    """torch.profiler's activities: the GPU's kernels (the CPU's ops too with cpu=True, or without a GPU)."""
+    from torch.profiler import ProfilerActivity
+
+    if not torch.cuda.is_available():
+        return [ProfilerActivity.CPU]
+    return [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> float | None:
+    """The GPU allocator's peak since reset_peak_memory (None without a GPU)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
 def graph_us(fn, inner: int = 10, reps: int = 15) -> float:
     """us per call of fn: the median over `reps` replays of a CUDA graph of `inner` calls (launch overhead out of
-    the figure)."""
+    the figure). Without a GPU: the median host time of `reps` calls (the code path, not a figure)."""
+    if not torch.cuda.is_available():
+        return statistics.median(host_ms(fn, reps)) * 1e3
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (compilation) outside the capture
@@ -30,7 +62,10 @@ def graph_us(fn, inner: int = 10, reps: int = 15) -> float:
 
 
 def cuda_event_ms(fn, reps: int) -> list[float]:
-    """Milliseconds of each of `reps` calls of fn, between CUDA events around it (the caller warms up first)."""
+    """Milliseconds of each of `reps` calls of fn, between CUDA events around it (the caller warms up first).
+    Without a GPU: the host time of each call (the code path, not a figure)."""
+    if not torch.cuda.is_available():
+        return host_ms(fn, reps, warmup=0)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -63,6 +98,17 @@ def host_ms(fn, reps: int, warmup: int = 1, device: str = "cpu") -> list[float]:
         sync()
         times.append(1e3 * (time.perf_counter() - t0))
     return times
+
+
+def kernel_ms(fn, warmup: int = 100, rep: int = 500, return_mode: str = "mean") -> float:
+    """Milliseconds per call of fn launched back to back (triton.testing.do_bench: GPU time, no host time in the
+    figure; its mean by default, as do_bench). Without a GPU: the host time of one call after one warm-up (the
+    code path, not a figure)."""
+    if not torch.cuda.is_available():
+        return host_ms(fn, reps=1)[0]
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode=return_mode)
 
 
 def spread(xs: list[float]) -> float:

@@ -20,7 +20,6 @@ No hydra/omegaconf/wandb/datasets here: the GPU machine has none of them.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -29,9 +28,14 @@ import traceback
 
 import torch
 
-from benchmarks.core.timing import cuda_event_ms
+from benchmarks.core.env import describe, environment
+from benchmarks.core.records import write_json
+from benchmarks.core.timing import cuda_event_ms, default_device
+from benchmarks.kernels.attention_report import FLOPS_PER_PAIR, MODES, PROVIDERS, report
 
+DEVICE = default_device()
 HEADS = {"125M": (12, 64), "1B": (32, 64), "3B": (32, 80)}
+TINY_HEADS = {"tiny": (2, 16)}  # --tiny: the code paths on the CPU (Triton interpreter), not figures
 # name: (Tq, Tk, window, q_pos0, k_pos0). Prefix SWA at 8K with W = 8K is full causal, so it is one row.
 SHAPES = {
     "causal-8K": (8192, 8192, 8192, 0, 0),
@@ -39,9 +43,7 @@ SHAPES = {
     "swa-128K-W8K": (131072, 131072, 8192, 0, 0),
     "suffix-b1024-W8K": (1024, 9216, 8192, 8192, 0),  # a mid-sequence TTT block: full 8192-key cache + the block
 }
-PROVIDERS = ["triton", "sdpa_flash", "sdpa_cudnn", "flex", "materialized"]
-MODES = ["fwd", "fwd_bwd", "fwd_bwd_dbwd"]
-FLOPS_PER_PAIR = {"fwd": 4, "fwd_bwd": 14, "fwd_bwd_dbwd": 38}
+TINY_SHAPES = {"suffix-tiny": (16, 48, 32, 32, 0)}  # offsets and a window edge
 
 
 class Unsupported(Exception):
@@ -85,7 +87,7 @@ def make_attention(provider, shape, D):
         if tq * tk > 2**31:
             raise Unsupported(f"dense bool mask would take {tq * tk / 2**30:.0f} GiB")
         from ttt_e2e.kernels.swa import swa_mask
-        mask = swa_mask(tq, tk, w, q0, k0, device="cuda")
+        mask = swa_mask(tq, tk, w, q0, k0, device=DEVICE)
 
         def run(q, k, v):
             with sdpa_kernel([backend]):
@@ -100,9 +102,10 @@ def make_attention(provider, shape, D):
             return (kp <= qp) & (kp > qp - w) & (kp >= 0)
 
         try:  # _compile: build the block mask without materializing a Tq x Tk mask (OOM at 128K otherwise)
-            block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=tq, KV_LEN=tk, device="cuda", _compile=True)
+            block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=tq, KV_LEN=tk, device=DEVICE,
+                                           _compile=True)
         except TypeError:
-            block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=tq, KV_LEN=tk, device="cuda")
+            block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=tq, KV_LEN=tk, device=DEVICE)
         compiled = torch.compile(flex_attention, dynamic=False)
         return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
     raise ValueError(provider)
@@ -125,19 +128,26 @@ def make_step(attn, mode, q, k, v, do, cot):
     return step
 
 
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_step(step, target_s=1.0, min_reps=5, max_reps=100):
     """Median of per-call CUDA-event times, after warm-up (compilation) calls."""
     step()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     step()
-    torch.cuda.synchronize()
+    sync()
     est = time.perf_counter() - t0
     reps = int(min(max_reps, max(min_reps, target_s / max(est, 1e-6))))
     return statistics.median(cuda_event_ms(step, reps)), reps
 
 
 def peak_memory(step):
+    if DEVICE != "cuda":
+        return None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -149,6 +159,11 @@ def peak_memory(step):
     return peak
 
 
+def empty_cache():
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
 def describe_error(e):
     if isinstance(e, torch.cuda.OutOfMemoryError):
         return "OOM"
@@ -156,16 +171,16 @@ def describe_error(e):
     return f"{type(e).__name__}: {msg[:160]}"
 
 
-def bench(heads, shapes, providers, modes, dtype=torch.bfloat16):
+def bench(heads, shapes, providers, modes, dtype=torch.bfloat16, target_s=1.0, min_reps=5):
     rows = []
     for hname in heads:
-        H, D = HEADS[hname]
+        H, D = heads[hname]
         for sname in shapes:
-            shape = SHAPES[sname]
+            shape = shapes[sname]
             tq, tk, w, q0, k0 = shape
             pairs = visible_pairs(*shape) * H
-            g = torch.Generator(device="cuda").manual_seed(0)
-            mk = lambda T: torch.randn(1, H, T, D, device="cuda", generator=g, dtype=dtype)  # noqa: E731
+            g = torch.Generator(device=DEVICE).manual_seed(0)
+            mk = lambda T: torch.randn(1, H, T, D, device=DEVICE, generator=g, dtype=dtype)  # noqa: E731
             q, k, v = (t.requires_grad_() for t in (mk(tq), mk(tk), mk(tk)))
             do = mk(tq).requires_grad_()
             cot = (mk(tq), mk(tk), mk(tk))
@@ -176,7 +191,7 @@ def bench(heads, shapes, providers, modes, dtype=torch.bfloat16):
                     try:
                         attn = make_attention(prov, shape, D)
                         step = make_step(attn, mode, q, k, v, do, cot)
-                        ms, reps = time_step(step)
+                        ms, reps = time_step(step, target_s, min_reps)
                         row.update(ms=ms, reps=reps, peak_bytes=peak_memory(step),
                                    tflops=FLOPS_PER_PAIR[mode] * pairs * D / (ms * 1e-3) / 1e12)
                     except Unsupported as e:
@@ -186,11 +201,11 @@ def bench(heads, shapes, providers, modes, dtype=torch.bfloat16):
                         if not isinstance(e, torch.cuda.OutOfMemoryError):
                             traceback.print_exc(limit=2, file=sys.stderr)
                     row["wall_s"] = time.perf_counter() - t0
-                    torch.cuda.empty_cache()
+                    empty_cache()
                     print(fmt_row(row), flush=True)
                     rows.append(row)
             del q, k, v, do, cot
-            torch.cuda.empty_cache()
+            empty_cache()
     return rows
 
 
@@ -198,7 +213,7 @@ def fmt_row(r):
     head = f"{r['heads']:>5} {r['shape']:<17} {r['provider']:<13} {r['mode']:<13}"
     if "error" in r:
         return f"{head} {r['error']}"
-    return (f"{head} {r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {r['peak_bytes'] / 2**30:8.3f} GiB "
+    return (f"{head} {r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {(r['peak_bytes'] or 0) / 2**30:8.3f} GiB "
             f"({r['reps']} reps, {r['wall_s']:.0f}s)")
 
 
@@ -207,16 +222,16 @@ def profile(heads, shapes, providers, modes, dtype=torch.bfloat16):
     `ncu --nvtx --nvtx-include "profile/"` then sees only the steady-state launches."""
     steps = []
     for hname in heads:
-        H, D = HEADS[hname]
+        H, D = heads[hname]
         for sname in shapes:
-            tq, tk, w, q0, k0 = SHAPES[sname]
-            mk = lambda T: torch.randn(1, H, T, D, device="cuda", dtype=dtype)  # noqa: E731
+            tq, tk, w, q0, k0 = shapes[sname]
+            mk = lambda T: torch.randn(1, H, T, D, device=DEVICE, dtype=dtype)  # noqa: E731
             q, k, v, do = mk(tq).requires_grad_(), mk(tk).requires_grad_(), mk(tk).requires_grad_(), mk(tq)
             do.requires_grad_()
             cot = (mk(tq), mk(tk), mk(tk))
             for prov in providers:
                 for mode in modes:
-                    step = make_step(make_attention(prov, SHAPES[sname], D), mode, q, k, v, do, cot)
+                    step = make_step(make_attention(prov, shapes[sname], D), mode, q, k, v, do, cot)
                     step()
                     steps.append((f"{hname}/{sname}/{prov}/{mode}", step))
     torch.cuda.synchronize()
@@ -282,58 +297,7 @@ def tune(head_dims=(64, 128), H=12):
     return results
 
 
-# --- report -----------------------------------------------------------------------------------------------------
-
-def report(rows, meta, plot_path=None):
-    lines = []
-    keyed = {(r["heads"], r["shape"], r["provider"], r["mode"]): r for r in rows}
-    heads = list(dict.fromkeys(r["heads"] for r in rows))
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    provs = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    for mode in MODES:
-        lines.append(f"\n**{mode}** — ms (median) / TFLOP/s ({FLOPS_PER_PAIR[mode]} FLOPs per unmasked pair per head "
-                     f"dim per head) / peak GiB over inputs\n")
-        lines.append("| heads | shape | " + " | ".join(provs) + " |")
-        lines.append("|---|---|" + "---|" * len(provs))
-        for h in heads:
-            for s in shapes:
-                cells = []
-                for p in provs:
-                    r = keyed.get((h, s, p, mode))
-                    if r is None:
-                        cells.append("")
-                    elif "error" in r:
-                        cells.append(r["error"].replace("|", "/")[:60])
-                    else:
-                        cells.append(f"{r['ms']:.3f} / {r['tflops']:.0f} / {r['peak_bytes'] / 2**30:.2f}")
-                lines.append(f"| {h} {HEADS[h][0]}x{HEADS[h][1]} | {s} | " + " | ".join(cells) + " |")
-    md = "\n".join(lines)
-    if plot_path:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(len(heads), len(MODES), figsize=(6 * len(MODES), 3.6 * len(heads)), squeeze=False)
-        for i, h in enumerate(heads):
-            for j, mode in enumerate(MODES):
-                ax = axes[i][j]
-                width = 0.8 / len(provs)
-                for pi, p in enumerate(provs):
-                    vals = [keyed.get((h, s, p, mode), {}).get("tflops", 0.0) for s in shapes]
-                    ax.bar([x + pi * width for x in range(len(shapes))], vals, width, label=p)
-                ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))])
-                ax.set_xticklabels(shapes, fontsize=7)
-                ax.set_title(f"{h} ({HEADS[h][0]}x{HEADS[h][1]}) {mode}", fontsize=9)
-                ax.set_ylabel(f"TFLOP/s ({FLOPS_PER_PAIR[mode]}/pair/dim)", fontsize=8)
-                if i == 0 and j == 0:
-                    ax.legend(fontsize=7)
-        fig.suptitle(f"SWA attention, bf16, {meta.get('device', '?')}, {meta.get('date', '?')} "
-                     "(missing bar = unsupported/failed)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(plot_path, dpi=110)
-    return md
-
-
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -345,7 +309,9 @@ def main():
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--report", nargs="+", help="saved --json files to turn into a markdown table (no GPU needed)")
     ap.add_argument("--plot", help="with --report: write a bar chart here")
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help="toy shapes, fp32, Triton and materialized only (a smoke run; "
+                    "on a CPU under TRITON_INTERPRET=1)")
+    args = ap.parse_args(argv)
 
     if args.report:
         rows, meta = [], {}
@@ -354,22 +320,26 @@ def main():
                 data = json.load(f)
             rows += data["rows"]
             meta = data["meta"]
-        print(f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}; {meta['date']}")
+        print(describe(data.get("environment", meta)))
         print(report(rows, meta, args.plot))
         return
 
-    import triton
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                argv=sys.argv[1:])
+    env = environment(DEVICE)
+    meta = dict(env, argv=sys.argv[1:] if argv is None else argv)
     print(meta, flush=True)
+    if args.tiny:
+        heads, shapes = TINY_HEADS, TINY_SHAPES
+        providers = [p for p in args.providers if p in ("triton", "materialized")]
+        settings = dict(dtype=torch.float32, target_s=0.0, min_reps=1)
+    else:
+        heads, shapes = {h: HEADS[h] for h in args.heads}, {s: SHAPES[s] for s in args.shapes}
+        providers, settings = args.providers, {}
     if args.profile:
-        profile(args.heads, args.shapes, args.providers, args.modes)
+        profile(heads, shapes, providers, args.modes)
         return
-    rows = tune() if args.tune else bench(args.heads, args.shapes, args.providers, args.modes)
+    rows = tune() if args.tune else bench(heads, shapes, providers, args.modes, **settings)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        write_json(args.json, dict(meta=meta, rows=rows), env)
     if not args.tune:
         print(report(rows, meta))
 

@@ -13,22 +13,23 @@ one) under torch.profiler, after warm-up, with the inner steps replayed as CUDA 
 `--reps` prompts without the profiler, with and without the look-ahead.
 
     python -m benchmarks.kernels.attention_share [--size 3b] [--contexts 8192 40960] [--reps 5] [--out share.json]
+    python -m benchmarks.kernels.attention_share --size tiny --contexts 64 128 --reps 1   # smoke run (CPU)
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.core.timing import ClockSampler, kernel_launches
 from ttt_e2e.config import TTTConfig
 from ttt_e2e.inference import InferenceGraphs, feed, start
-from ttt_e2e.model.sizes import paper_config
-from ttt_e2e.model.transformer import Transformer
+
+from benchmarks.core.models import build, model_config
+from benchmarks.core.records import write_json
+from benchmarks.core.timing import ClockSampler, default_device, kernel_launches
 
 ATTENTION = ("_swa_", "_sum_parts_kernel", "_merge_forward_kernel")  # kernels/swa (forward, backward, parts)
 
@@ -51,71 +52,54 @@ def required_speedup(first: dict, steady: dict, target: float):
     return max((A - target * a) / (target * o - O), 0.0)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="3b")
-    p.add_argument("--contexts", nargs=2, type=int, default=[8192, 40960])
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--target", type=float, default=1.15)
-    p.add_argument("--top", type=int, default=12)
-    p.add_argument("--split-us", type=float, default=1000.0,
-                   help="attention launches above this many us (at 3B: the prefix chunks' forward) are summarized "
-                        "apart from the shorter ones (the inner steps')")
-    p.add_argument("--out")
-    args = p.parse_args()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = Transformer(paper_config(args.size, "e2e")).eval()
-    torch.set_default_dtype(torch.float32)
-    W = model.cfg.window
-    n1, n2 = args.contexts
-    if n1 != W or n2 <= n1 or n2 % W:
-        raise SystemExit(f"--contexts: the first must be the window ({W}), the second a larger multiple of it")
-    ttt = TTTConfig(train_mode="meta", mini_batch_size=1024)
-    graphs = InferenceGraphs()
-    clocks = ClockSampler()
-    rows = {}
-    with torch.no_grad():
-        feed(start(model, ttt, 1, graphs=graphs), torch.randint(0, model.cfg.vocab_size, (1, 3 * W + 1),
-                                                                device="cuda"))  # captures the step graphs
-        for n in (n1, n2):
-            ids = torch.randint(0, model.cfg.vocab_size, (1, n), device="cuda")
+def prompt_row(model, ttt, graphs, clocks, n: int, reps: int, split_us: float, device: str) -> dict:
+    """One prompt length: wall times (serial and with look-ahead), and the profiled serial prompt's kernels."""
+    ids = torch.randint(0, model.cfg.vocab_size, (1, n), device=device)
 
-            def prompt(overlap):
-                feed(start(model, ttt, 1, graphs=graphs, overlap_prefix=overlap), ids)
-                torch.cuda.synchronize()
+    def prompt(overlap):
+        feed(start(model, ttt, 1, graphs=graphs, overlap_prefix=overlap), ids)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-            walls, clock = {}, {}
-            for overlap in (False, True):
-                prompt(overlap)
-                ts, w0 = [], time.time()
-                for _ in range(args.reps):
-                    t0 = time.perf_counter()
-                    prompt(overlap)
-                    ts.append(time.perf_counter() - t0)
-                walls[overlap] = statistics.median(ts)
-                clock[overlap] = clocks.over(w0, time.time())
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                prompt(False)
-            launches = kernel_launches(prof)
-            k = {name: [len(ts), sum(ts)] for name, ts in launches.items()}  # [launches, GPU us]
-            att = sum(t for name, (_, t) in k.items() if is_attention(name))
-            rows[n] = {"tokens": n, "wall_us": 1e6 * walls[False], "wall_overlap_us": 1e6 * walls[True],
-                       "sm_mhz_watts": {"serial": clock[False], "look-ahead": clock[True]},
-                       "attention_us": att, "other_kernels_us": sum(t for _, t in k.values()) - att,
-                       "kernels": k,
-                       "attention_launches_us": {
-                           name: {part: percentiles(sel) | {"n": len(sel)}
-                                  for part, sel in ((f"> {args.split_us:g}", [t for t in ts if t > args.split_us]),
-                                                    (f"<= {args.split_us:g}", [t for t in ts if t <= args.split_us]))
-                                  if sel}
-                           for name, ts in launches.items() if is_attention(name)}}
-    per_token = {}
-    r1, r2 = rows[n1], rows[n2]
+    walls, clock = {}, {}
+    for overlap in (False, True):
+        prompt(overlap)
+        ts, w0 = [], time.time()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            prompt(overlap)
+            ts.append(time.perf_counter() - t0)
+        walls[overlap] = statistics.median(ts)
+        clock[overlap] = clocks.over(w0, time.time())
+    with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
+        prompt(False)
+    launches = kernel_launches(prof)
+    k = {name: [len(ts), sum(ts)] for name, ts in launches.items()}  # [launches, GPU us]
+    att = sum(t for name, (_, t) in k.items() if is_attention(name))
+    return {"tokens": n, "wall_us": 1e6 * walls[False], "wall_overlap_us": 1e6 * walls[True],
+            "sm_mhz_watts": {"serial": clock[False], "look-ahead": clock[True]},
+            "attention_us": att, "other_kernels_us": sum(t for _, t in k.values()) - att,
+            "kernels": k,
+            "attention_launches_us": {
+                name: {part: percentiles(sel) | {"n": len(sel)}
+                       for part, sel in ((f"> {split_us:g}", [t for t in ts if t > split_us]),
+                                         (f"<= {split_us:g}", [t for t in ts if t <= split_us]))
+                       if sel}
+                for name, ts in launches.items() if is_attention(name)}}
+
+
+def per_token_figures(r1: dict, r2: dict) -> dict:
+    n1, n2 = r1["tokens"], r2["tokens"]
+    out = {}
     for name, scale in (("first", lambda key: r1[key] / n1),
                         ("steady", lambda key: (r2[key] - r1[key]) / (n2 - n1))):
-        per_token[name] = {key: scale(key) for key in ("wall_us", "wall_overlap_us", "attention_us",
-                                                      "other_kernels_us")}
+        out[name] = {key: scale(key) for key in ("wall_us", "wall_overlap_us", "attention_us", "other_kernels_us")}
+    return out
+
+
+def print_report(args, W: int, rows: dict, per_token: dict, x) -> None:
+    n1, n2 = args.contexts
+    r1, r2 = rows[n1], rows[n2]
     print(f"{args.size}, window {W}, prompts {n1} and {n2} tokens; us per token "
           f"(first window: the {n1}-token prompt; steady: the difference of the two)")
     print(f"{'':8s} {'wall serial':>12s} {'wall look-ahead':>16s} {'attention':>10s} {'other kernels':>14s} "
@@ -128,7 +112,6 @@ def main():
     print(f"steady / first: serial {s['wall_us'] / f['wall_us']:.3f}, look-ahead "
           f"{s['wall_overlap_us'] / f['wall_overlap_us']:.3f}; non-attention per token: first "
           f"{f['wall_us'] - f['attention_us']:.2f}, steady {s['wall_us'] - s['attention_us']:.2f}")
-    x = required_speedup(f, s, args.target)
     print(f"attention speed-up for steady / first = {args.target}: "
           + ("none reaches it" if x is None else f"{x:.2f}x (all attention kernels, the rest unchanged)"))
     for n, r in rows.items():
@@ -149,12 +132,42 @@ def main():
         diff[name] = (t1 / n1, (t2 - t1) / (n2 - n1), c1, c2)
     for name, (f_us, s_us, c1, c2) in sorted(diff.items(), key=lambda kv: -abs(kv[1][1] - kv[1][0]))[:args.top]:
         print(f"  {f_us:7.3f} {s_us:7.3f}  launches {c1:6d} {c2:6d}  {name}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="3b", help="a paper size (125m ... 3b) or tiny (a smoke run)")
+    p.add_argument("--contexts", nargs=2, type=int, default=[8192, 40960])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--target", type=float, default=1.15)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--split-us", type=float, default=1000.0,
+                   help="attention launches above this many us (at 3B: the prefix chunks' forward) are summarized "
+                        "apart from the shorter ones (the inner steps')")
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    device = default_device()
+    tiny = args.size == "tiny"
+    model = build(model_config(args.size, "e2e"), device=device,
+                  dtype=torch.float32 if tiny else torch.bfloat16).eval()
+    W = model.cfg.window
+    n1, n2 = args.contexts
+    if n1 != W or n2 <= n1 or n2 % W:
+        raise SystemExit(f"--contexts: the first must be the window ({W}), the second a larger multiple of it")
+    ttt = TTTConfig(train_mode="meta", mini_batch_size=32 if tiny else 1024)
+    graphs = InferenceGraphs(capture=device == "cuda")
+    clocks = ClockSampler()
+    with torch.no_grad():
+        if device == "cuda":  # captures the step graphs
+            feed(start(model, ttt, 1, graphs=graphs), torch.randint(0, model.cfg.vocab_size, (1, 3 * W + 1),
+                                                                    device=device))
+        rows = {n: prompt_row(model, ttt, graphs, clocks, n, args.reps, args.split_us, device) for n in (n1, n2)}
+    per_token = per_token_figures(rows[n1], rows[n2])
+    x = required_speedup(per_token["first"], per_token["steady"], args.target)
+    print_report(args, W, rows, per_token, x)
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"size": args.size, "window": W, "device": torch.cuda.get_device_name(),
-                       "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                       "prompts": rows, "per_token": per_token, "target": args.target,
-                       "required_attention_speedup": x}, fh, indent=1)
+        write_json(args.out, {"size": args.size, "window": W, "prompts": rows, "per_token": per_token,
+                              "target": args.target, "required_attention_speedup": x}, device=device)
 
 
 if __name__ == "__main__":

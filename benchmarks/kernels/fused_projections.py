@@ -4,27 +4,31 @@ per-sequence MLP' products, and the concatenation of three gradients for compari
 replays of 50 calls each).
 
     python -m benchmarks.kernels.fused_projections
+    python -m benchmarks.kernels.fused_projections --tiny     # toy widths: a smoke run (the CPU's too)
 """
+from __future__ import annotations
+
+import argparse
+
 import torch
 
-from benchmarks.core.timing import graph_us
+from benchmarks.core.env import describe, environment
+from benchmarks.core.timing import default_device, graph_us
 
-dev, bf = "cuda", torch.bfloat16
-
-
-def us(fn):
-    return graph_us(fn, inner=50, reps=7)
+SHAPES = ((1024, 768, 1664), (8192, 768, 1664), (1024, 2048, 5504), (8192, 2048, 5504))  # rows, d_model, MLP width
+TINY_SHAPES = ((32, 16, 24),)
 
 
-for M, d, h in ((1024, 768, 1664), (8192, 768, 1664), (1024, 2048, 5504), (8192, 2048, 5504)):
-    x = torch.randn(M, d, device=dev, dtype=bf)
-    Wq = [torch.randn(d, d, device=dev, dtype=bf) * 0.02 for _ in range(3)]
+def products(M: int, d: int, h: int, us, dev: str, dt: torch.dtype) -> dict:
+    """us per call of each separate and fused product at M rows, width d, MLP width h."""
+    x = torch.randn(M, d, device=dev, dtype=dt)
+    Wq = [torch.randn(d, d, device=dev, dtype=dt) * 0.02 for _ in range(3)]
     Wqkv = torch.cat(Wq)
-    g3 = [torch.randn(M, d, device=dev, dtype=bf) for _ in range(3)]
+    g3 = [torch.randn(M, d, device=dev, dtype=dt) for _ in range(3)]
     gqkv = torch.cat(g3, 1)
-    W13 = [torch.randn(h, d, device=dev, dtype=bf) * 0.02 for _ in range(2)]
+    W13 = [torch.randn(h, d, device=dev, dtype=dt) * 0.02 for _ in range(2)]
     W13f = torch.cat(W13)
-    g2 = [torch.randn(M, h, device=dev, dtype=bf) for _ in range(2)]
+    g2 = [torch.randn(M, h, device=dev, dtype=dt) for _ in range(2)]
     g2f = torch.cat(g2, 1)
     xt = x.T.unsqueeze(0)
     r = {}
@@ -39,4 +43,21 @@ for M, d, h in ((1024, 768, 1664), (8192, 768, 1664), (1024, 2048, 5504), (8192,
     r["prime bmm sep"] = us(lambda: [torch.bmm(w.unsqueeze(0), xt) for w in W13])
     r["prime bmm fused"] = us(lambda: torch.bmm(W13f.unsqueeze(0), xt))
     r["cat qkv grads"] = us(lambda: torch.cat(g3, 1))
-    print(f"M={M} d={d} h={h}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
+    return r
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="toy widths, one replay (a smoke run)")
+    args = p.parse_args(argv)
+    dev = default_device()
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    print(describe(environment(dev)))
+    inner, reps = (2, 1) if args.tiny else (50, 7)
+    for M, d, h in TINY_SHAPES if args.tiny else SHAPES:
+        r = products(M, d, h, lambda fn: graph_us(fn, inner=inner, reps=reps), dev, dt)
+        print(f"M={M} d={d} h={h}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

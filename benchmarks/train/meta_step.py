@@ -26,11 +26,14 @@ from ttt_e2e.ttt.meta import sequence_loss
 from benchmarks.core.env import environment
 from benchmarks.core.models import train_configs
 from benchmarks.core.records import write_json
-from benchmarks.core.table import print_table
-from benchmarks.core.timing import cuda_ms
+from benchmarks.core.table import cell, print_table
+from benchmarks.core.timing import (cuda_ms, default_device, peak_memory_gib, profiler_activities, reset_peak_memory,
+                                    sync)
 
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM, for MFU
+DEVICE = default_device()
+CUDA = DEVICE == "cuda"
 
 
 def model_flops(cfg: ModelConfig, T: int) -> float:
@@ -46,14 +49,14 @@ def model_flops(cfg: ModelConfig, T: int) -> float:
 def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bool, phases: bool,
           graph: bool, fused_kernels: bool = True, ce_kernel: bool = True) -> dict:
     torch.manual_seed(0)
-    model = Transformer(mcfg, tcfg).cuda()
+    model = Transformer(mcfg, tcfg).to(DEVICE)
     kernels = Kernels(fused_kernels, ce_kernel)
     model.use_fused_kernels(kernels.elementwise)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=CUDA)
     T = mcfg.seq_length
-    ids = torch.randint(0, mcfg.vocab_size, (1, T + 1), device="cuda")
+    ids = torch.randint(0, mcfg.vocab_size, (1, T + 1), device=DEVICE)
     x, y = ids[:, :-1], ids[:, 1:]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    autocast = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA)
 
     def prefix():
         with autocast, torch.no_grad():
@@ -73,13 +76,12 @@ def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bo
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    torch.cuda.reset_peak_memory_stats()
-    step_ms = cuda_ms(step, steps, warmup=3)
-    peak = torch.cuda.max_memory_allocated()
+    reset_peak_memory()
+    step_ms = cuda_ms(step, steps, warmup=3 if CUDA else 1)
     med = statistics.median(step_ms)
     result = dict(
         name=name, ms_per_step=med, ms_all=step_ms, tokens_per_s=T / med * 1e3,
-        mfu=model_flops(mcfg, T) / (med * 1e-3) / H100_BF16_PEAK, peak_mem_gib=peak / 2**30,
+        mfu=model_flops(mcfg, T) / (med * 1e-3) / H100_BF16_PEAK, peak_mem_gib=peak_memory_gib(),
     )
     if phases:
         cum = {k: statistics.median(cuda_ms(f, steps)) for k, f in
@@ -88,37 +90,44 @@ def bench(name: str, mcfg: ModelConfig, tcfg: TTTConfig, steps: int, profile: bo
                                "outer backward": cum["forward_backward"] - cum["forward"],
                                "optimizer (clip + AdamW)": med - cum["forward_backward"]}
     if profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.profile(activities=profiler_activities()) as prof:
             step()
-            torch.cuda.synchronize()
-        result["top_kernels"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    if graph:  # the same step captured whole in a CUDA graph and replayed (ttt_e2e/cuda_graph.py)
+            sync()
+        result["top_kernels"] = prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total",
+                                                          row_limit=25)
+    if graph and not CUDA:
+        result["graphed_error"] = "no GPU: no CUDA graph"
+    elif graph:  # the same step captured whole in a CUDA graph and replayed (ttt_e2e/cuda_graph.py)
         del opt
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True,
-                                capturable=True)
-
-        def captured(x, y):
-            with autocast:
-                loss = sequence_loss(model, x, y, None, tcfg, kernels=kernels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            return loss.detach()
-
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            graphed = GraphedStep(captured, x, y, zero_grad=lambda: opt.zero_grad(set_to_none=True))
-            g_ms = cuda_ms(lambda: graphed(x, y), steps)
-            result["graphed"] = dict(ms_per_step=statistics.median(g_ms), ms_all=g_ms,
-                                     tokens_per_s=T / statistics.median(g_ms) * 1e3,
-                                     mfu=model_flops(mcfg, T) / (statistics.median(g_ms) * 1e-3) / H100_BF16_PEAK,
-                                     peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
-            del graphed
-        except Exception as e:  # noqa: BLE001 -- a failed capture is a result to report, not a crash
-            result["graphed_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-    del model, opt
-    torch.cuda.empty_cache()
+        result.update(graphed_step(model, tcfg, kernels, x, y, autocast, steps, model_flops(mcfg, T) / H100_BF16_PEAK))
+    del model
+    if CUDA:
+        torch.cuda.empty_cache()
     return result
+
+
+def graphed_step(model, tcfg, kernels, x, y, autocast, steps: int, flop_per_peak_s: float) -> dict:
+    """{"graphed": figures} of the step captured whole in a CUDA graph and replayed, or {"graphed_error": ...}."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True,
+                            capturable=True)
+
+    def captured(x, y):
+        with autocast:
+            loss = sequence_loss(model, x, y, None, tcfg, kernels=kernels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.detach()
+
+    reset_peak_memory()
+    try:
+        graphed = GraphedStep(captured, x, y, zero_grad=lambda: opt.zero_grad(set_to_none=True))
+        g_ms = cuda_ms(lambda: graphed(x, y), steps)
+    except Exception as e:  # noqa: BLE001 -- a failed capture is a result to report, not a crash
+        return {"graphed_error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    med = statistics.median(g_ms)
+    return {"graphed": dict(ms_per_step=med, ms_all=g_ms, tokens_per_s=x.shape[1] / med * 1e3,
+                            mfu=flop_per_peak_s / (med * 1e-3), peak_mem_gib=peak_memory_gib())}
 
 
 HEADERS = ["config", "ms/step", "tokens/s", "MFU", "peak GiB", "prefix", "suffix inner", "outer bwd", "optimizer"]
@@ -130,19 +139,20 @@ def table_rows(r: dict) -> list[list]:
         return [[r["name"], r["error"]]]
     phases = [f"{x:.1f}" for x in r.get("phases_ms", {}).values()] or ["-"] * 4
     rows = [[r["name"], f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.1f}%",
-             f"{r['peak_mem_gib']:.1f}", *phases]]
+             cell(r["peak_mem_gib"], 3), *phases]]
     if "graphed_error" in r:
         rows.append([f"{r['name']} (CUDA graph)", r["graphed_error"]])
     if "graphed" in r:
         g = r["graphed"]
         rows.append([f"{r['name']} (CUDA graph)", f"{g['ms_per_step']:.1f}", f"{g['tokens_per_s']:.0f}",
-                     f"{100 * g['mfu']:.1f}%", f"{g['peak_mem_gib']:.1f}", "", "", "", ""])
+                     f"{100 * g['mfu']:.1f}%", cell(g["peak_mem_gib"], 3), "", "", "", ""])
     return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["125m", "1b"], choices=list(PAPER_SIZES))
+    ap.add_argument("--sizes", nargs="+", default=["125m", "1b"], choices=[*PAPER_SIZES, "tiny"],
+                    help="tiny: a toy model (a smoke run, the CPU's too: --seq 64 --mini-batch 16 --window 32)")
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--mini-batch", type=int, default=1024)
     ap.add_argument("--window", type=int, default=8192)
@@ -182,12 +192,12 @@ def main(argv=None):
                           fused_kernels=not args.no_fused_kernels, ce_kernel=not args.no_ce_kernel)
             except torch.OutOfMemoryError as e:
                 r = dict(name=name, error=f"out of memory: {str(e).splitlines()[0]}")
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # only a GPU runs out of memory this way
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k not in ("top_kernels", "ms_all")}), flush=True)
             if "top_kernels" in r:
                 print(r["top_kernels"], flush=True)
-    env = environment("cuda")
+    env = environment(DEVICE)
     print_table(HEADERS, [row for r in results for row in table_rows(r)], env)
     for size in args.sizes:
         by = {r["name"]: r for r in results if "error" not in r}
