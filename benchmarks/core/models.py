@@ -45,8 +45,9 @@ def train_configs(size: str, T: int = 8192, b: int = 1024, W: int = 8192, **ttt)
 
 
 def build(cfg: ModelConfig, ttt: TTTConfig | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-          seed: int = 0):
-    """The Transformer of cfg, its weights drawn from `seed` in `dtype` (default: the current default) on device."""
+          seed: int | None = 0):
+    """The Transformer of cfg, its weights drawn from `seed` (None: the global generator as it stands) in `dtype`
+    (default: the current default), allocated on device directly."""
     from ttt_e2e.model.transformer import Transformer
 
     default = torch.get_default_dtype()
@@ -54,7 +55,8 @@ def build(cfg: ModelConfig, ttt: TTTConfig | None = None, device: str = "cpu", d
         torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            torch.manual_seed(seed)
+            if seed is not None:
+                torch.manual_seed(seed)
             return Transformer(cfg, ttt) if ttt is not None else Transformer(cfg)
     finally:
         torch.set_default_dtype(default)

@@ -50,11 +50,12 @@ import torch
 
 from ttt_e2e.config import ModelConfig
 from ttt_e2e.convert import layout, orbax_io
+from ttt_e2e.model.sizes import paper_config
 from ttt_e2e.model.transformer import Transformer
 
-# conf/model/125m.yaml + conf/experiment/125m/pretrain/e2e.yaml (the authors' 125M TTT-E2E)
-SHAPE_125M = dict(vocab_size=128256, n_layers=12, d_model=768, n_heads=12, mlp_width=1664, prime_mlp_width=1664,
-                  suffix_len=3, seq_length=8192, window=8192)
+from benchmarks.core.env import describe, environment
+from benchmarks.core.records import write_json
+
 SHAPE_TINY = dict(vocab_size=512, n_layers=3, d_model=64, n_heads=4, mlp_width=96, prime_mlp_width=96,
                   suffix_len=2, seq_length=256, window=128)
 TINY_SETTINGS = ["model.seq_length=256", "model.window=128", "ttt.mini_batch_size=64"]  # no config.json: --set
@@ -92,40 +93,24 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true", help="a tiny shape (CPU test of every step)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--work", help="where the checkpoints go (default: a temporary dir, removed)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="convert_check-"))
     work.mkdir(parents=True, exist_ok=True)
     check, times = Checks(), {}
-    mcfg = ModelConfig(**(SHAPE_TINY if args.tiny else SHAPE_125M))
+    mcfg = ModelConfig(**SHAPE_TINY) if args.tiny else paper_config("125m", "e2e")  # the authors' 125M TTT-E2E
     settings = TINY_SETTINGS if args.tiny else []
 
-    # 1. random weights in the reference's layout, written with orbax as the authors' Checkpointer does
     t0 = time.perf_counter()
-    torch.manual_seed(0)
-    ours = Transformer(mcfg).state_dict()
-    flat = layout.to_reference(ours, mcfg)
-    np.savez(work / "random.npz", **flat)
-    src, fmt, versions = work / "125m_ttt_e2e", "orbax", {}
-    for platforms in ("", "cpu"):  # jax's GPU if it has one (as the released checkpoints), else its CPU
-        p, _ = run(["-c", WRITE_ORBAX, str(work / "random.npz"), str(src)], env={"JAX_PLATFORMS": platforms})
-        if p.returncode == 0:
-            versions = json.loads(p.stdout.strip().splitlines()[-1])
-            break
-        shutil.rmtree(src, ignore_errors=True)
-    if not versions:  # an orbax this code does not know: say so, go on with the .npz
-        check("orbax write", False, p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else p.returncode)
-        src, fmt = work / "random.npz", "npz"
+    ours, flat, src, fmt, versions = write_reference(work, mcfg, check)
     times["write_reference_s"] = time.perf_counter() - t0
-    n_params = sum(v.numel() for v in ours.values())
-    print(f"reference checkpoint ({fmt}, {n_params / 1e6:.1f}M parameters, {versions}) at {src}", flush=True)
 
     # 2. from-jax, as a user runs it
     dst = work / "converted"
@@ -151,26 +136,7 @@ def main() -> int:
     check("generate.py", p.returncode == 0 and f"+ {n_new} new tokens" in stats, stats)
 
     # 4. eval.py: loss by position on a synthetic text (bytes), two windows of the full context
-    rng = np.random.default_rng(0)
-    words = ["time", "test", "training", "model", "context", "long", "weights", "learns", "the", "of", "a"]
-    T = mcfg.seq_length
-    n_words = int(2.2 * T / 0.05 / 5) + 1000  # val split (5%) >= 2 windows of T tokens, ~5 bytes a word
-    corpus = work / "corpus.txt"
-    corpus.write_text(" ".join(rng.choice(words, n_words)))
-    p, times["eval_s"] = run(["eval.py", f"checkpoint={dst}", f"data.source={corpus}",
-                              f"data.cache_dir={work / 'cache'}", "windows=2", "batch_size=1",
-                              f"device={args.device}", f"out={out / 'eval'}"])
-    first = last = None
-    if p.returncode == 0:
-        r = json.loads((out / "eval" / "eval.json").read_text())["checkpoints"][0]
-        b, curve = r["mini_batch_size"], r["loss_by_position"]
-        per_mb = [np.mean([x for x in curve[i:i + b] if x is not None]) for i in range(0, len(curve), b)]
-        first, last = float(per_mb[0]), float(per_mb[-1])
-    # Random weights (init std 0.02) give near-uniform logits: before any inner step (the first mini-batch) the loss
-    # is ln(vocab). The inner steps then learn the repetitive text, so the last mini-batch's loss is lower (the
-    # window's mean loss is not ln(vocab): benchmarks/RESULTS.md, the authors' checkpoints).
-    check("eval.py", first is not None and abs(first - np.log(mcfg.vocab_size)) < 0.5 and last < first,
-          f"first mini-batch {first}, last {last} (ln vocab {np.log(mcfg.vocab_size):.2f})")
+    times["eval_s"] = eval_check(dst, work, out, mcfg, args.device, check)
 
     # 5. to-jax back, bit for bit
     back = work / ("back" if fmt == "orbax" else "back.npz")
@@ -198,13 +164,59 @@ def main() -> int:
     return code
 
 
+def write_reference(work: Path, mcfg: ModelConfig, check: Checks):
+    """Random weights in the reference's layout, written with orbax as the authors' Checkpointer does (or as .npz
+    where this orbax is one the code does not know). Returns (state dict, reference arrays, path, format, versions)."""
+    torch.manual_seed(0)
+    ours = Transformer(mcfg).state_dict()
+    flat = layout.to_reference(ours, mcfg)
+    np.savez(work / "random.npz", **flat)
+    src, fmt, versions = work / "125m_ttt_e2e", "orbax", {}
+    for platforms in ("", "cpu"):  # jax's GPU if it has one (as the released checkpoints), else its CPU
+        p, _ = run(["-c", WRITE_ORBAX, str(work / "random.npz"), str(src)], env={"JAX_PLATFORMS": platforms})
+        if p.returncode == 0:
+            versions = json.loads(p.stdout.strip().splitlines()[-1])
+            break
+        shutil.rmtree(src, ignore_errors=True)
+    if not versions:  # an orbax this code does not know: say so, go on with the .npz
+        check("orbax write", False, p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else p.returncode)
+        src, fmt = work / "random.npz", "npz"
+    n_params = sum(v.numel() for v in ours.values())
+    print(f"reference checkpoint ({fmt}, {n_params / 1e6:.1f}M parameters, {versions}) at {src}", flush=True)
+    return ours, flat, src, fmt, versions
+
+
+def eval_check(dst: Path, work: Path, out: Path, mcfg: ModelConfig, device: str, check: Checks) -> float:
+    """eval.py on the converted checkpoint over a synthetic text (bytes), two windows of the full context: the
+    first mini-batch's loss is ln(vocab), the last one's lower. Returns eval.py's seconds."""
+    rng = np.random.default_rng(0)
+    words = ["time", "test", "training", "model", "context", "long", "weights", "learns", "the", "of", "a"]
+    T = mcfg.seq_length
+    n_words = int(2.2 * T / 0.05 / 5) + 1000  # val split (5%) >= 2 windows of T tokens, ~5 bytes a word
+    corpus = work / "corpus.txt"
+    corpus.write_text(" ".join(rng.choice(words, n_words)))
+    p, seconds = run(["eval.py", f"checkpoint={dst}", f"data.source={corpus}", f"data.cache_dir={work / 'cache'}",
+                      "windows=2", "batch_size=1", f"device={device}", f"out={out / 'eval'}"])
+    first = last = None
+    if p.returncode == 0:
+        r = json.loads((out / "eval" / "eval.json").read_text())["checkpoints"][0]
+        b, curve = r["mini_batch_size"], r["loss_by_position"]
+        per_mb = [np.mean([x for x in curve[i:i + b] if x is not None]) for i in range(0, len(curve), b)]
+        first, last = float(per_mb[0]), float(per_mb[-1])
+    # Random weights (init std 0.02) give near-uniform logits: before any inner step (the first mini-batch) the loss
+    # is ln(vocab). The inner steps then learn the repetitive text, so the last mini-batch's loss is lower (the
+    # window's mean loss is not ln(vocab): benchmarks/RESULTS.md, the authors' checkpoints).
+    check("eval.py", first is not None and abs(first - np.log(mcfg.vocab_size)) < 0.5 and last < first,
+          f"first mini-batch {first}, last {last} (ln vocab {np.log(mcfg.vocab_size):.2f})")
+    return seconds
+
+
 def finish(out: Path, check: Checks, times: dict, args, versions: dict, fmt: str) -> int:
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    result = {"shape": "tiny" if args.tiny else "125m", "device": device, "format": fmt, "versions": versions,
-              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    env = environment(args.device)
+    result = {"shape": "tiny" if args.tiny else "125m", "format": fmt, "versions": versions,
               "checks": check.rows, "times_s": times, "failed": check.failed}
-    (out / "convert_check.json").write_text(json.dumps(result, indent=1))
-    print(f"\nconvert_check ({result['shape']}, {device}, {fmt}, {versions}):")
+    write_json(out / "convert_check.json", result, env)
+    print(f"\nconvert_check ({result['shape']}, {fmt}, {versions}): {describe(env)}")
     print(f"{'step':<26}{'seconds':>9}")
     for k, v in times.items():
         print(f"{k:<26}{v:>9.1f}")

@@ -22,32 +22,32 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 
-from ttt_e2e.config import ModelConfig, TTTConfig
+from ttt_e2e.config import TTTConfig
 from ttt_e2e.data import make_batch
 from ttt_e2e.eval.stream_loss import StreamLoss
+from ttt_e2e.model.sizes import paper_config
+from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.train.parallel import LossModule
+
+from benchmarks.core.env import describe, environment
+from benchmarks.core.models import tiny_config
+from benchmarks.core.records import write_json
+from benchmarks.core.timing import sync
 
 K = 1024
 BOS = 128000  # Llama-3's <|begin_of_text|>
 
 
 def build(tiny: bool, device: str):
-    if tiny:
-        cfg = ModelConfig(vocab_size=258, n_layers=4, d_model=64, n_heads=4, mlp_width=96, prime_mlp=True,
-                          prime_mlp_width=96, suffix_len=2, seq_length=128, window=64, attention_backend="torch")
-        ttt = TTTConfig(train_mode="meta", mini_batch_size=16, remat_inner=False)
-    else:
-        cfg = ModelConfig(vocab_size=128256, n_layers=12, d_model=768, n_heads=12, mlp_width=1664, prime_mlp=True,
-                          prime_mlp_width=1664, suffix_len=3, seq_length=8192, window=8192)
-        ttt = TTTConfig(train_mode="meta", mini_batch_size=1024, remat_inner=False)
+    """The 125M TTT-E2E model (random weights, seed 0) and its TTT settings, or the tiny one."""
+    cfg = tiny_config("e2e", seq_length=128, window=64) if tiny else paper_config("125m", "e2e")
+    ttt = TTTConfig(train_mode="meta", mini_batch_size=16 if tiny else 1024, remat_inner=False)
     torch.manual_seed(0)
-    from ttt_e2e.model.transformer import Transformer
     model = Transformer(cfg).to(device).eval()
     return model, ttt
 
@@ -60,30 +60,25 @@ def window(model, n: int, device: str, seed: int):
     return (*(t.to(device) for t in make_batch(w, bos)), bos)
 
 
-def sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_path(fn, batch, reps: int, device: str) -> dict:
     """fn(inputs, targets, mask) -> token losses: one untimed call, then `reps` timed ones."""
     inputs, targets, mask, _ = batch
     row = {}
     try:
-        sync(device)
+        sync()
         t0 = time.perf_counter()
         tok = fn(inputs, targets, mask)
-        sync(device)
+        sync()
         row["first_call_s"] = time.perf_counter() - t0
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         runs = []
         for _ in range(reps):
-            sync(device)
+            sync()
             t0 = time.perf_counter()
             tok = fn(inputs, targets, mask)
-            sync(device)
+            sync()
             runs.append(time.perf_counter() - t0)
         row.update(median_ms=1e3 * statistics.median(runs), runs_ms=[1e3 * r for r in runs])
         if device == "cuda":
@@ -109,7 +104,7 @@ def main(argv=None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("error: needs a CUDA GPU (or --tiny for the CPU smoke test)", file=sys.stderr)
         return 2
-    short, long = (256, 1024) if args.tiny else (32 * K, 128 * K)
+    short, long = (128, 256) if args.tiny else (32 * K, 128 * K)
     model, ttt = build(args.tiny, device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     loss_module = LossModule(model, ttt)
@@ -120,7 +115,7 @@ def main(argv=None) -> int:
             batch = window(model, n, device, seed=n)
             stream = StreamLoss(model, ttt, batch[3])
             new = lambda i, t, m: stream(i, t, m, 1.0)["token_losses"]  # noqa: E731
-            reps = args.reps if n == short else max(3, args.reps // 2)
+            reps = args.reps if n == short or args.tiny else max(3, args.reps // 2)  # tiny: as few as asked
             r_new, tok_new = time_path(new, batch, reps, device)
             stream.close()
             del stream
@@ -131,7 +126,7 @@ def main(argv=None) -> int:
             r_old = rows[0]["training"] if rows else {}
             guess = r_old.get("median_ms", 0) / 1e3 * (n / short) * (1 + max(2, reps // 2))
             if n == short or (not args.skip_old_long and guess <= args.old_long_budget):
-                r_old, tok_old = time_path(old, batch, 3 if n == short else max(2, reps // 2), device)
+                r_old, tok_old = time_path(old, batch, min(reps, 3) if n == short else max(2, reps // 2), device)
                 row["training"] = r_old
                 if tok_old is not None and tok_new is not None:
                     d = (tok_new - tok_old).abs()[batch[2]].double()
@@ -143,15 +138,15 @@ def main(argv=None) -> int:
                                    f"would take about {guess:.0f} s (> --old-long-budget {args.old_long_budget:.0f})"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "tiny": args.tiny,
+    env = environment(device)
+    meta = {"tiny": args.tiny,
             "model": {k: getattr(model.cfg, k) for k in ("vocab_size", "n_layers", "d_model", "mlp_width",
                                                          "prime_mlp_width", "suffix_len", "window")},
             "mini_batch_size": ttt.mini_batch_size, "batch": 1, "reps": args.reps}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"\n{meta['device']}, {meta['date']}, 125M TTT-E2E{' (tiny)' if args.tiny else ''}, batch 1")
+    write_json(out / "results.json", {"meta": meta, "rows": rows}, env)
+    print(f"\n{describe(env)}, 125M TTT-E2E{' (tiny)' if args.tiny else ''}, batch 1")
     print(f"{'context':>8} {'path':>9} {'first s':>8} {'median ms':>10} {'peak GiB':>9} {'loss':>8} "
           f"{'max|diff|':>10} {'mean|diff|':>10} check")
     for row in rows:

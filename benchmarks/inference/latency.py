@@ -38,8 +38,8 @@ import torch
 from ttt_e2e.config import ModelConfig, TTTConfig
 from ttt_e2e.inference import InferenceGraphs, check_memory, feed, start
 from ttt_e2e.model.sizes import paper_config
-from ttt_e2e.model.transformer import Transformer
 
+from benchmarks.core.models import build as core_build, tiny_config
 from benchmarks.core.records import write_json
 
 K = 1024
@@ -49,23 +49,13 @@ TARGETS = {"prefill_speedup_128k": 2.7, "prefill_flatness": 1.15, "decode_vs_swa
 
 
 def model_config(method: str, tiny: bool) -> ModelConfig:
-    ttt = method == "ttt"
-    if tiny:
-        return ModelConfig(vocab_size=258, n_layers=4, d_model=64, n_heads=4, mlp_width=160 if ttt else 192,
-                           suffix_len=2 if ttt else 0, prime_mlp=ttt, seq_length=256,
-                           window=None if method.startswith("fa") else 64, attention_backend="torch")
-    return paper_config("3b", "e2e" if ttt else "swa" if method == "swa" else "fa")
+    variant = "e2e" if method == "ttt" else "swa" if method == "swa" else "fa"
+    return tiny_config(variant) if tiny else paper_config("3b", variant)
 
 
 def build(method: str, tiny: bool, device: str, dtype: torch.dtype):
-    cfg = model_config(method, tiny)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # allocate and init the weights in bf16 on the GPU directly: 3B in seconds
-    try:
-        with torch.device(device):
-            model = Transformer(cfg).eval()
-    finally:
-        torch.set_default_dtype(default)
+    # allocate and init the weights in bf16 on the GPU directly: 3B in seconds
+    model = core_build(model_config(method, tiny), device=device, dtype=dtype, seed=None).eval()
     ttt = TTTConfig(train_mode="meta", mini_batch_size=16 if tiny else 1024) if method == "ttt" else None
     return model, ttt
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.inference.prefill_overlap                      # 3B, bf16, CUDA graphs, as benchmarks/inference/latency.py
     python -m benchmarks.inference.prefill_overlap --contexts 131072 --reps 5
+    python -m benchmarks.inference.prefill_overlap --tiny      # a toy model: a smoke run (the CPU's too)
 
 With the look-ahead, the next 8K chunk's prefix blocks run on a second CUDA stream while the current chunk's
 inner steps replay on the first. The two settings alternate prompt by prompt, so that drift in the machine's
@@ -16,31 +17,36 @@ import time
 
 import torch
 
-from benchmarks.inference.latency import build
 from ttt_e2e.inference import InferenceGraphs, feed, start
+
+from benchmarks.core.env import describe, environment
+from benchmarks.core.timing import default_device, sync
+from benchmarks.inference.latency import build
 
 
 def prefill_s(model, ttt, graphs, n: int, overlap: bool) -> float:
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, n), device="cuda")
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, n), device=model.wte.weight.device)
     state = start(model, ttt, 1, graphs=graphs, overlap_prefix=overlap)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     feed(state, prompt)
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t0
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 131072])
     p.add_argument("--reps", type=int, nargs="+", default=[9, 5, 3], help="prompts per setting, per context")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a GPU")
+    p.add_argument("--tiny", action="store_true", help="a toy model (a smoke run; give small --contexts)")
+    args = p.parse_args(argv)
+    device = default_device()
+    if device != "cuda" and not args.tiny:
+        raise SystemExit("needs a GPU (--tiny for a smoke run)")
     reps = args.reps + [args.reps[-1]] * (len(args.contexts) - len(args.reps))
-    model, ttt = build("ttt", False, "cuda", torch.bfloat16)
-    graphs = InferenceGraphs()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    model, ttt = build("ttt", args.tiny, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    graphs = InferenceGraphs(capture=device == "cuda")
+    print(describe(environment(device)))
     with torch.no_grad():
         for overlap in (False, True):  # warm-up: kernels compiled, every step graph captured (past 2 W)
             prefill_s(model, ttt, graphs, 3 * model.cfg.window + 1, overlap)

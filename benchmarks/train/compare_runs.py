@@ -20,13 +20,13 @@ def load(run: str) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs=2)
     p.add_argument("--labels", nargs=2, default=["a", "b"])
     p.add_argument("--plot")
     p.add_argument("--json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     a, b = (load(r) for r in args.runs)
     if [r["step"] for r in a] != [r["step"] for r in b]:
         sys.exit(f"the runs logged different steps: {len(a)} vs {len(b)} records")

@@ -10,12 +10,11 @@ norm flat in n. The inner steps are varied by the sequence length (n = T / b), t
         --out growth.json
 
 Checkpoints of a byte-token run (data.tokenizer=bytes); the sequences are this Python's largest standard-library
-files (the source the issue's run trained on).
+files (the source the issue's run trained on). The figures are on the CPU (float32, where the model was built).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import sysconfig
@@ -25,6 +24,8 @@ import torch
 
 from ttt_e2e.pretrained import load_pretrained
 from ttt_e2e.ttt.meta import sequence_loss
+
+from benchmarks.core.records import write_json
 
 
 def stdlib_sequences(n: int, length: int) -> torch.Tensor:
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     x = stdlib_sequences(a.sequences, max(lengths) + 1)
     rows = [r for c in a.checkpoints for r in measure(c, x, [float(m) for m in a.mults.split(",")], lengths)]
     if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=1))
+        write_json(a.out, {"rows": rows}, device="cpu")
     return 0
 
 

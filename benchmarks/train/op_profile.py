@@ -8,42 +8,46 @@ profiler with shapes recorded; prints the top kernels by GPU time and the top op
 they launched. The eager step's kernels are the ones a CUDA-graph replay runs, so this says where the graphed
 step's time goes too (the host time it also shows is what the graph removes).
 """
-import sys
+import argparse
 
 import torch
 
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
 
+from benchmarks.core.env import describe, environment
 from benchmarks.core.models import train_configs
+from benchmarks.core.timing import default_device, profiler_activities, sync
+
+DEVICE = default_device()
 
 
 def _gpu_us(e) -> float:
-    return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    return getattr(e, "self_device_time_total", 0)
 
 
 def profile(size: str, mode: str, remat_inner: bool, remat_prefix: bool, rows: int = 45, by_node: bool = False):
-    mcfg, tcfg = train_configs(size, remat_inner=remat_inner, remat_prefix=remat_prefix)[mode]
+    T, b, W = (64, 16, 32) if size == "tiny" else (8192, 1024, 8192)
+    mcfg, tcfg = train_configs(size, T, b, W, remat_inner=remat_inner, remat_prefix=remat_prefix)[mode]
     torch.manual_seed(0)
-    model = Transformer(mcfg, tcfg).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ids = torch.randint(0, mcfg.vocab_size, (1, 8193), device="cuda")
+    model = Transformer(mcfg, tcfg).to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEVICE == "cuda")
+    ids = torch.randint(0, mcfg.vocab_size, (1, T + 1), device=DEVICE)
     x, y = ids[:, :-1], ids[:, 1:]
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda"):
             loss = sequence_loss(model, x, y, None, tcfg).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
+    for _ in range(2 if DEVICE == "cuda" else 1):
         step()
-    torch.cuda.synchronize()
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+    sync()
+    with torch.profiler.profile(activities=profiler_activities(cpu=True), record_shapes=True) as prof:
         step()
-        torch.cuda.synchronize()
+        sync()
     print(f"\n===== {size} {mode} remat_inner={remat_inner} remat_prefix={remat_prefix}")
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     print(f"GPU total {sum(map(_gpu_us, kernels)) / 1e3:.1f} ms in {sum(e.count for e in kernels)} kernels")
@@ -87,9 +91,22 @@ def _by_node(prof, rows: int) -> None:
         print(f"N {t / 1e3:8.2f} ms {n:6d}  {node[:34]:34s} {top[:26]:26s} {name:8s} {shapes}")
 
 
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("specs", nargs="+", help="size:mode:remat_inner:remat_prefix, e.g. 125m:e2e:0:0 (size tiny: a "
+                   "smoke run, the CPU's too)")
+    p.add_argument("--by-node", action="store_true", help="also memory-bound ops by the autograd node running them")
+    args = p.parse_args(argv)
+    print(describe(environment(DEVICE)))
+    for spec in args.specs:
+        try:
+            size, mode, ri, rp = spec.split(":")
+        except ValueError:
+            p.error(f"{spec!r}: expected size:mode:remat_inner:remat_prefix")
+        profile(size, mode, ri == "1", rp == "1", by_node=args.by_node)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
-    by_node = "--by-node" in sys.argv
-    for spec in [a for a in sys.argv[1:] if a != "--by-node"]:
-        size, mode, ri, rp = spec.split(":")
-        profile(size, mode, ri == "1", rp == "1", by_node=by_node)
-        torch.cuda.empty_cache()
+    main()

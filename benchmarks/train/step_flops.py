@@ -13,7 +13,6 @@ half for a full-length window, the visible part of each (mini-batch x cached key
 from __future__ import annotations
 
 import argparse
-import json
 from contextlib import contextmanager
 
 import torch
@@ -24,6 +23,8 @@ from ttt_e2e.config import Kernels, TTTConfig
 from ttt_e2e.model.sizes import PAPER_SIZES, paper_config
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
+
+from benchmarks.core.records import write_json
 
 _attend = attention.attend
 
@@ -89,21 +90,20 @@ def step_flops(size: str, T: int, b: int) -> dict:
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["125m", "1b"], choices=list(PAPER_SIZES))
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--mini-batch", type=int, default=1024)
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     res = {s: step_flops(s, args.seq, args.mini_batch) for s in args.sizes}
     for s, r in res.items():
         print(f"{s}: fa {r['fa']['total_tflop']:.2f} TFLOP ({r['fa']['attention_tflop']:.2f} attention), "
               f"e2e {r['e2e']['total_tflop']:.2f} ({r['e2e']['attention_tflop']:.2f} attention): "
               f"ratio {r['ratio']:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.json, {"seq": args.seq, "mini_batch": args.mini_batch, "sizes": res}, device="cpu")
 
 
 if __name__ == "__main__":

@@ -285,15 +285,17 @@ def driver(args) -> None:
                 wall_s=time.time() - t_start)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "versions.json").write_text(json.dumps(dict(meta=meta, summary=summary, processes=procs),
-                                                              indent=1))
+        from benchmarks.core.records import write_json  # the driver's side: this checkout's package
+
+        write_json(Path(args.out, "versions.json"), dict(meta=meta, summary=summary, processes=procs),
+                   device=args.device)
     print(f"\n{device}, {meta['date']}, {len(order)} processes in {meta['wall_s']:.0f} s "
           f"(order {' '.join(meta['order'])}); step: ms per CUDA-graph replay (median of {args.steps}), prefill: "
           f"s per 128K prompt (median of {args.prefill_reps}); the median over processes of their medians")
     print(table(summary, labels))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trees", nargs="*", help="two source trees: before, after")
     p.add_argument("--labels", nargs=2)
@@ -307,7 +309,7 @@ def main() -> None:
     p.add_argument("--out")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tree", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         worker(args)
         return
