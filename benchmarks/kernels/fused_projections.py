@@ -8,12 +8,10 @@ replays of 50 calls each).
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from benchmarks.core.env import describe, environment
-from benchmarks.core.timing import default_device, graph_us
+from benchmarks.core.cli import parser, start_run
+from benchmarks.core.timing import graph_us
 
 SHAPES = ((1024, 768, 1664), (8192, 768, 1664), (1024, 2048, 5504), (8192, 2048, 5504))  # rows, d_model, MLP width
 TINY_SHAPES = ((32, 16, 24),)
@@ -47,12 +45,8 @@ def products(M: int, d: int, h: int, us, dev: str, dt: torch.dtype) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="toy widths, one replay (a smoke run)")
-    args = p.parse_args(argv)
-    dev = default_device()
-    dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    print(describe(environment(dev)))
+    args = parser(__doc__, "toy widths, one replay (a smoke run)").parse_args(argv)
+    dev, dt, _ = start_run()
     inner, reps = (2, 1) if args.tiny else (50, 7)
     for M, d, h in TINY_SHAPES if args.tiny else SHAPES:
         r = products(M, d, h, lambda fn: graph_us(fn, inner=inner, reps=reps), dev, dt)

@@ -10,15 +10,12 @@ same config: their difference is the run-to-run spread.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from ttt_e2e.kernels.swa import common
 from ttt_e2e.kernels.swa.forward import swa_forward
 
-from benchmarks.core.env import describe, environment
-from benchmarks.core.timing import default_device
+from benchmarks.core.cli import parser, start_run
 from benchmarks.kernels.attention import time_step
 
 SHAPES = {"suffix 1024/8192": (1024, 8192, 8192, 7168, 0), "suffix 1024/4096": (1024, 4096, 8192, 3072, 0),
@@ -27,12 +24,8 @@ TINY_SHAPES = {"suffix 16/48": (16, 48, 32, 32, 0)}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="toy shapes, one timing each (a smoke run)")
-    args = p.parse_args(argv)
-    dev = default_device()
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    print(describe(environment(dev)))
+    args = parser(__doc__, "toy shapes, one timing each (a smoke run)").parse_args(argv)
+    dev, dtype, _ = start_run()
     dims, heads, shapes = ((16,), (2,), TINY_SHAPES) if args.tiny else ((64, 128), (12, 32), SHAPES)
     repeats, target_s, min_reps = (1, 0.0, 1) if args.tiny else (3, 0.2, 5)
     for D in dims:

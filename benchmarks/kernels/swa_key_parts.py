@@ -6,8 +6,6 @@ parts) for scale, and the results with 3 parts against one part's.
     python -m benchmarks.kernels.swa_key_parts      # H100 output: benchmarks/history/data/swa_key_parts_h100.txt
     python -m benchmarks.kernels.swa_key_parts --tiny   # toy shapes: a smoke run (CPU: Triton's interpreter)
 """
-import argparse
-
 import torch
 
 from ttt_e2e.kernels.swa import common
@@ -15,20 +13,16 @@ from ttt_e2e.kernels.swa.backward import swa_backward_delta, swa_backward_dq
 from ttt_e2e.kernels.swa.double_backward import swa_double_backward
 from ttt_e2e.kernels.swa.forward import swa_forward
 
-from benchmarks.core.env import describe, environment
-from benchmarks.core.timing import default_device, graph_us
+from benchmarks.core.cli import parser, start_run
+from benchmarks.core.timing import graph_us
 
 SHAPES = (8192, 1024, ((12, 64, (2048, 5120, 9216)), (32, 80, (9216,))))  # W, TQ, (heads, head dim, key counts)
 TINY_SHAPES = (32, 16, ((2, 16, (48,)),))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="toy shapes, parts 1 and auto only (a smoke run)")
-    args = p.parse_args(argv)
-    dev = default_device()
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    print(describe(environment(dev)))
+    args = parser(__doc__, "toy shapes, parts 1 and auto only (a smoke run)").parse_args(argv)
+    dev, dtype, _ = start_run()
     W, TQ, heads = TINY_SHAPES if args.tiny else SHAPES
     torch.manual_seed(0)
     for H, D, tks in heads:
