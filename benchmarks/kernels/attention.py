@@ -342,6 +342,8 @@ def main(argv=None):
         write_json(args.json, dict(meta=meta, rows=rows), env)
     if not args.tune:
         print(report(rows, meta))
+    if args.tiny and any("error" in r and not r["error"].startswith("n/a") for r in rows):
+        return 1  # a smoke run fails on any failed row
 
 
 if __name__ == "__main__":
