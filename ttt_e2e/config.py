@@ -118,7 +118,7 @@ class TTTConfig:
     # rest keep their activations: memory for time between the two extremes
     recompute_logits: bool = False  # cross-entropy without keeping the head's logits
     # (kernels/cross_entropy/linear_ce.py): less memory, more time, since the logits are recomputed in the backward
-    # (the measured trade: benchmarks/history/RESULTS-diary.md)
+    # (the measured trade: docs/results-history/RESULTS-diary.md)
 
     def ilr_multiplier(self, step: int) -> float:
         if self.ilr_warmup_steps <= 0:

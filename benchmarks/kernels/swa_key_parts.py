@@ -3,7 +3,7 @@ block shapes (1024 queries against a cache + block of TK keys, W = 8192), bf16, 
 choice, each timed as 10 calls in one CUDA graph (median of 15 replays, us per call), with the double backward (no
 parts) for scale, and the results with 3 parts against one part's.
 
-    python -m benchmarks.kernels.swa_key_parts      # H100 output: benchmarks/history/data/swa_key_parts_h100.txt
+    python -m benchmarks.kernels.swa_key_parts      # H100 output: docs/results-history/data/swa_key_parts_h100.txt
     python -m benchmarks.kernels.swa_key_parts --tiny   # toy shapes: a smoke run (CPU: Triton's interpreter)
 """
 import torch

@@ -158,7 +158,7 @@ class TileConfig:
 _GPU_CONFIGS = {
     # kernel: {padded head dim: TileConfig}; block_m = query rows, block_n = key rows in every kernel. 80: the
     # 64 + 16 column split of the forward and backward (head_split), from a sweep at the 3B shapes
-    # (benchmarks/history/data/swa_d80_tiles_h100.txt); the forward's 4 stages since its loads go through TMA
+    # (docs/results-history/data/swa_d80_tiles_h100.txt); the forward's 4 stages since its loads go through TMA
     # descriptors: deeper pipelining hides their latency (benchmarks/kernels/swa_fwd_versions.py; RESULTS.md).
     "fwd": {64: TileConfig(64, 64, 4, 3), 80: TileConfig(128, 64, 4, 4), 128: TileConfig(64, 64, 4, 3)},
     "bwd_dq": {64: TileConfig(64, 64, 4, 3), 80: TileConfig(64, 32, 4, 3), 128: TileConfig(64, 32, 4, 3)},
@@ -214,7 +214,7 @@ def default_scale(d: int, scale):
 # slots for them (12 heads x 16 query tiles of a 1K suffix block = 192 programs on 132 SMs) splits each query
 # tile's key range over NPARTS programs, which write fp32 partial results that one small launch combines
 # (parts.py). _PER_SM is in effect a tuning knob: 2 parts were faster than 1, 3 and 4 for the 125M suffix's forward
-# and dQ (benchmarks/kernels/swa_key_parts.py, benchmarks/history/data/swa_key_parts_h100.txt). The double
+# and dQ (benchmarks/kernels/swa_key_parts.py, docs/results-history/data/swa_key_parts_h100.txt). The double
 # backward's row-parallel passes gained nothing consistent from parts and take none. Programs that fill the slots
 # nearly (FULL_ENOUGH) take no parts either: the 3B inner step's forward, 256 programs for 264 slots, is faster
 # in one part (the partial outputs and their merge cost more than 8 idle slots; benchmarks/RESULTS.md).
