@@ -46,7 +46,7 @@ SMOKE = {
     "train.step_flops": ([["--sizes", "125m", "--seq", "256", "--mini-batch", "64", "--json", "{tmp}/flops.json"]],
                          ["flops.json"]),
     "train.compare_runs": ([["{tmp}/run_a", "{tmp}/run_b", "--json", "{tmp}/cmp.json", "--plot", "{tmp}/cmp.png"]],
-                           []),
+                           ["cmp.json"]),
     "train.meta_grad_growth": ([["{tmp}/ckpt", "--sequences", "1", "--lengths", "32,64", "--mults", "1", "--out",
                                  "{tmp}/growth.json"]], ["growth.json"]),
     "train.versions": ([[str(ROOT), str(ROOT), "--labels", "a", "b", "--tiny", "--device", "cpu", "--rounds", "1",

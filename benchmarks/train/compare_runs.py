@@ -13,6 +13,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from benchmarks.core.records import write_json
+
 
 def load(run: str) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
@@ -40,7 +42,7 @@ def main(argv=None) -> None:
         print(f"step {x['step']:5d}  {args.labels[0]} {x['loss']:.6f}  {args.labels[1]} {y['loss']:.6f}")
     print(json.dumps(summary))
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "a": a, "b": b}, indent=1))
+        write_json(args.json, {"summary": summary, "a": a, "b": b}, device="cpu")
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")
