@@ -43,7 +43,7 @@ SMOKE = {
     "train.op_profile": ([["tiny:e2e:0:0", "--by-node"]], []),
     "train.inner_step_profile": ([["--size", "tiny"], ["--size", "tiny", "--prefix"],
                                   ["--size", "tiny", "--feed", "128", "--ops"]], []),
-    "train.step_flops": ([["--sizes", "125m", "--seq", "256", "--mini-batch", "64", "--json", "{tmp}/flops.json"]],
+    "train.step_flops": ([["--sizes", "125m", "--seq", "128", "--mini-batch", "64", "--json", "{tmp}/flops.json"]],
                          ["flops.json"]),
     "train.compare_runs": ([["{tmp}/run_a", "{tmp}/run_b", "--json", "{tmp}/cmp.json", "--plot", "{tmp}/cmp.png"]],
                            ["cmp.json"]),

@@ -25,7 +25,7 @@ def tiny_config(variant: str, seq_length: int = 256, window: int = 64, **overrid
 def model_config(size: str, variant: str, seq_length: int = 8192, **overrides) -> ModelConfig:
     """The paper's `size` ("125m" ... "3b") as `variant`, or the tiny model when size is "tiny"."""
     if size == "tiny":
-        return tiny_config(variant, **overrides)
+        return tiny_config(variant, seq_length, **overrides)
     return paper_config(size, variant, seq_length, **overrides)
 
 
