@@ -1,9 +1,10 @@
 """The environment record every result carries: the machine (device, driver), the software (python, torch, CUDA,
 triton), the code (git commit and whether the tree differed from it) and the date.
 
-The commit comes from git when the tree is a checkout. A copy of the tree without git (the GPU machine gets one)
-names its commit through TTT_E2E_COMMIT, set by whoever copied it; the record then says where the commit came
-from and leaves the dirty flag unknown (None) rather than guess."""
+The commit comes from TTT_E2E_COMMIT where whoever copied the tree set it (a copy without its own git: the GPU
+machine's copy may even sit inside another checkout, whose HEAD is not this tree's), else from git when this tree
+is the top of a checkout. The record says where the commit came from, and leaves the dirty flag unknown (None)
+rather than guess."""
 from __future__ import annotations
 
 import datetime
@@ -27,15 +28,16 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def git_state() -> dict:
-    """{"commit", "dirty", "commit_from"}: the checkout's HEAD and whether tracked files differ from it, else the
-    commit named by TTT_E2E_COMMIT (dirty unknown), else nothing known."""
-    commit = _run(["git", "rev-parse", "HEAD"])
-    if commit:
-        status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
-        return {"commit": commit, "dirty": None if status is None else bool(status), "commit_from": "git"}
+    """{"commit", "dirty", "commit_from"}: the commit named by TTT_E2E_COMMIT (dirty unknown), else the HEAD of
+    the checkout whose top is this tree and whether tracked files differ from it, else nothing known."""
     given = os.environ.get(COMMIT_VARIABLE)
     if given:
         return {"commit": given.strip(), "dirty": None, "commit_from": COMMIT_VARIABLE}
+    top = _run(["git", "rev-parse", "--show-toplevel"])
+    commit = _run(["git", "rev-parse", "HEAD"]) if top and Path(top).resolve() == REPO else None
+    if commit:
+        status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+        return {"commit": commit, "dirty": None if status is None else bool(status), "commit_from": "git"}
     return {"commit": None, "dirty": None, "commit_from": None}
 
 

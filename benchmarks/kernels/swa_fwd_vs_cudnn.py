@@ -52,7 +52,6 @@ def main(argv=None):
 
     scale = D ** -0.5
     print(f"{describe(environment(device))}; B 1, H {H}, D {D}")
-    cudnn_only = sdpa_kernel([SDPBackend.CUDNN_ATTENTION]) if cuda else contextlib.nullcontext()
     with torch.no_grad():
         for name, (tq, tk, w, q0) in shapes.items():
             q, k, v = mk(tq), mk(tk), mk(tk)
@@ -67,7 +66,7 @@ def main(argv=None):
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             ms = {"swa_attention": kernel_ms(lambda: swa_attention(q, k, v, w, q0, 0)),
                   "swa_forward": kernel_ms(lambda: swa_forward(q, k, v, w, q0, 0, scale))}
-            with cudnn_only:
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]) if cuda else contextlib.nullcontext():
                 ms["cuDNN"] = kernel_ms(cudnn)
             print(f"{name}: " + ", ".join(f"{k} {1e3 * t:.0f} us ({flop / (t * 1e-3) / 1e12:.0f} TFLOP/s)"
                                           for k, t in ms.items()))
