@@ -37,6 +37,16 @@ TARGETS = ["125m fa", "125m e2e", "1b fa", "1b e2e", "3b prefill 128K"]
 # ---------------------------------------------------------------------------------------------- worker side
 
 
+def _timing():
+    """This checkout's benchmarks/core/timing.py, loaded by path: the worker imports the package of the tree it
+    times, but both trees are timed by the same code."""
+    path = Path(__file__).resolve().parents[1] / "core" / "timing.py"
+    spec = importlib.util.spec_from_file_location("_benchmark_timing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _import_tree(tree: Path):
     """Import ttt_e2e from `tree` (first on sys.path through PYTHONPATH) with its kernels/ as ttt_e2e.kernels."""
     import ttt_e2e
@@ -91,14 +101,13 @@ def _step_ms(size: str, mode: str, device: str, steps: int, tiny: bool) -> list[
         opt.step()
         return loss.detach()
 
+    timing = _timing()
     if not cuda:  # no graphs off CUDA: the eager step on the wall clock (the code path, not a figure)
-        out = []
-        for i in range(steps + 1):
+        def eager():
             opt.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
             step()
-            out.append(1e3 * (time.perf_counter() - t0))
-        return out[1:]
+
+        return timing.host_ms(eager, steps, warmup=1)
     side = torch.cuda.Stream()  # warm-up on a side stream (kernels compiled, optimizer state made), then capture
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -112,16 +121,7 @@ def _step_ms(size: str, mode: str, device: str, steps: int, tiny: bool) -> list[
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    for _ in range(2):
-        graph.replay()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = timing.cuda_ms(graph.replay, steps, warmup=2)
     del graph, model, opt
     torch.cuda.empty_cache()
     return times
