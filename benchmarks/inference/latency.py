@@ -40,6 +40,7 @@ from ttt_e2e.inference import InferenceGraphs, check_memory, feed, start
 from ttt_e2e.model.sizes import paper_config
 
 from benchmarks.core.models import build as core_build, tiny_config
+from benchmarks.core.env import describe, environment
 from benchmarks.core.records import write_json
 
 K = 1024
@@ -208,7 +209,7 @@ def summarize(rows, big: int, mid: int) -> dict:
 
 
 def markdown(rows, summary, meta) -> str:
-    lines = [f"Measured {meta['date']} on {meta['device']}, torch {meta['torch']}, `{meta['command']}`. "
+    lines = [f"Measured on {describe(meta)}: `{meta['command']}`. "
              f"3B config (docs/METHOD.md section 5), random weights, bf16, batch 1, W = 8192, b = 1024. "
              + ("CUDA graphs for every TTT inner step and decoded token (captured during a warm-up prompt; a new "
                 "prompt's first token captures its decoding graph anew, counted in its decode mean and max). "
@@ -303,14 +304,13 @@ def main(argv=None):
         rows = [r for r in json.loads(Path(path).read_text())["rows"] if r["method"] not in args.methods] + rows
     mid, big = (256, 4096) if args.tiny else (128 * K, 2048 * K)
     summary = summarize(rows, big, mid)
-    meta = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "plot": args.plot,
-            "graphs": not args.no_graphs,
-            "device": torch.cuda.get_device_name() if device == "cuda" else "CPU",
+    env = environment(device)
+    meta = {"plot": args.plot, "graphs": not args.no_graphs,
             "command": "python -m benchmarks.inference.latency " + " ".join(sys.argv[1:] if argv is None else argv)}
-    text = markdown(rows, summary, meta)
+    text = markdown(rows, summary, {**env, **meta})
     print(text)
     if args.out:
-        write_json(args.out, {"meta": meta, "rows": rows, "summary": summary}, device=device)
+        write_json(args.out, {"meta": meta, "rows": rows, "summary": summary}, env)
     if args.plot:
         plot(rows, args.plot)
     if args.write_results:
