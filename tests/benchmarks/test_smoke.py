@@ -43,3 +43,11 @@ def test_smoke(name, tmp_path, monkeypatch):
     for out in smoke.SMOKE[name][1]:
         env = json.loads((tmp_path / out).read_text())["environment"]
         assert env["commit"] and env["device"] and env["torch"] and env["date"], env
+
+
+def test_no_benchmark_edits_sys_path():
+    """The package imports its modules by name (`python -m benchmarks...`); the study scripts are the study's."""
+    root = Path(benchmarks.__file__).parent
+    edits = [str(p.relative_to(root)) for p in root.rglob("*.py")
+             if "sys.path" in p.read_text() and not p.name.startswith("study") and "study" not in p.parts]
+    assert not edits, edits
