@@ -53,3 +53,9 @@ def test_no_benchmark_edits_sys_path():
     edits = [str(p.relative_to(root)) for p in root.rglob("*.py")
              if edit.search(p.read_text()) and not p.name.startswith("study") and "study" not in p.parts]
     assert not edits, edits
+
+
+def test_the_readme_names_every_entry_point():
+    readme = (Path(benchmarks.__file__).parent / "README.md").read_text()
+    unnamed = [name for name in entry_points() if name.split(".")[1] not in readme]
+    assert not unnamed, f"benchmarks/README.md does not say what these answer: {unnamed}"
