@@ -1,6 +1,6 @@
 """TTT prefill with and without the prefix look-ahead (`start(..., overlap_prefix=...)`, inference/engine.py).
 
-    python -m benchmarks.inference.prefill_overlap                      # 3B, bf16, CUDA graphs, as benchmarks/inference/latency.py
+    python -m benchmarks.inference.prefill_overlap          # 3B, bf16, CUDA graphs, as benchmarks/inference/latency.py
     python -m benchmarks.inference.prefill_overlap --contexts 131072 --reps 5
     python -m benchmarks.inference.prefill_overlap --tiny      # a toy model: a smoke run (the CPU's too)
 

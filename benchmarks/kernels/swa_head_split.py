@@ -7,8 +7,9 @@ queries against a full 8K cache and against an early 2K one. Prints CUDA-event m
     python -m benchmarks.kernels.swa_head_split --fwd-tile table
     python -m benchmarks.kernels.swa_head_split --tiny   # toy shapes: a smoke run (CPU: Triton's interpreter)
 
-Run against another commit's kernels by putting that checkout first on PYTHONPATH, with `python -P -m` (how the head dim 80 split of
-the forward and backward kernels was compared with the 128-wide padded tile before it; benchmarks/RESULTS.md).
+Run against another commit's kernels by putting that checkout first on PYTHONPATH, with `python -P -m` (how the
+head dim 80 split of the forward and backward kernels was compared with the 128-wide padded tile before it;
+benchmarks/RESULTS.md).
 """
 import argparse
 

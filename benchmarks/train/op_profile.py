@@ -1,7 +1,7 @@
 """Which kernels and which ATen ops (with their input shapes) take the GPU time of one training step.
 
     python -m benchmarks.train.op_profile 125m:e2e:0:0 125m:fa:0:0 1b:e2e:0:1     # size:mode:remat_inner:remat_prefix
-    python -m benchmarks.train.op_profile --by-node 1b:e2e:0:0    # also: memory-bound ops by the autograd node running them
+    python -m benchmarks.train.op_profile --by-node 1b:e2e:0:0   # also: memory-bound ops by the autograd node
 
 One eager step (T = 8192, b = 1024, W = 8192, bf16 autocast, AdamW) after two warm-up steps, under the PyTorch
 profiler with shapes recorded; prints the top kernels by GPU time and the top ops by the GPU time of the kernels

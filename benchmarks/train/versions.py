@@ -11,8 +11,8 @@ of the machine (clock, temperature) falls on both trees alike. Each process meas
         W = 8192, every activation kept, as RESULTS.md's figures), bf16 autocast, fp32 AdamW, each captured whole
         as a CUDA graph and replayed (benchmarks/train/meta_step.py --graph's path): ms per step, median of --steps
         replays (CUDA events);
-  prefill  the 3B TTT prefill of a 128K prompt with CUDA graphs (benchmarks/inference/latency.py's path): seconds, median
-        of --prefill-reps runs after a warm-up prompt that captures every graph.
+  prefill  the 3B TTT prefill of a 128K prompt with CUDA graphs (benchmarks/inference/latency.py's path): seconds,
+        median of --prefill-reps runs after a warm-up prompt that captures every graph.
 Reported per (target, tree): the median over processes of each process's median, and the spread: the range of
 the per-process medians and the largest in-process relative spread (max - min over median of the repeats).
 The last lines are a table; --out gets versions.json with every repeat. About 5-6 minutes on an H100.

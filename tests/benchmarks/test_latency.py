@@ -11,7 +11,8 @@ def test_latency_benchmark_smoke(tmp_path, capsys):
                   "--short-reps", "3", "--out", str(out)])
     record = json.loads(out.read_text())
     rows = record["rows"]
-    assert [(r["method"], r["context"]) for r in rows] == [(m, n) for m in ("ttt", "swa", "fa-cudnn") for n in (64, 128)]
+    methods = ("ttt", "swa", "fa-cudnn")
+    assert [(r["method"], r["context"]) for r in rows] == [(m, n) for m in methods for n in (64, 128)]
     assert all("error" not in r and r["decode_tokens"] in (8, 16) for r in rows)
     # short contexts: three prefills (one with decoding), their median reported and the fastest beside it
     assert all(len(r["prefill_runs_s"]) == 3 and r["prefill_s"] == r["prefill_runs_s"][1] and
