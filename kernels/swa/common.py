@@ -49,14 +49,28 @@ def check_inputs(q, k, v, window, q_pos0, k_pos0, scale=None):
         raise ValueError(f"swa_attention: device mismatch q {q.device}, k {k.device}, v {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"swa_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"swa_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"swa_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head dim")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"swa_attention: k's {k.shape[1]} heads must divide q's {q.shape[1]} (grouped-query "
+                         f"attention: query head h reads kv head h // (H // Hkv))")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"swa_attention: window must be an int >= 1, got {window!r}")
     for name, p in (("q_pos0", q_pos0), ("k_pos0", k_pos0)):
         if isinstance(p, bool) or not isinstance(p, int):
             raise ValueError(f"swa_attention: {name} must be an int, got {p!r}")
+
+
+def check_cache(k_cache, k):
+    """The cache and the block's keys are one sequence: as many heads in both."""
+    if k_cache.shape[1] != k.shape[1]:
+        raise ValueError(f"swa_attention: the cache has {k_cache.shape[1]} kv heads, the block's keys "
+                         f"{k.shape[1]}: they must agree")
+
+
+def kv_group(q, k) -> int:
+    """Query heads per kv head (1: multi-head attention); query head h reads kv head h // group."""
+    return q.shape[1] // k.shape[1]
 
 
 def check_kernel_inputs(q):

@@ -292,7 +292,7 @@ def test_cached_attention_forward_and_bad_cache():
     o, keys, values = swa_attention_cached(q, kc, vc, k, v, 12, 7, 0)
     ref = cached_reference(q, kc, vc, k, v, 12, 7, 0)
     assert rel_err(o, ref[0]) < TOL and torch.equal(keys, ref[1]) and torch.equal(values, ref[2])
-    with pytest.raises(ValueError, match="batch, heads and head dim"):
+    with pytest.raises(ValueError, match="batch and head dim"):
         swa_attention_cached(q, fresh_randn(1, 2, 7, 32), fresh_randn(1, 2, 7, 32), k, v, 12, 7, 0)
     with pytest.raises(ValueError, match="dtype mismatch"):
         swa_attention_cached(q, kc.double(), vc, k, v, 12, 7, 0)
@@ -402,7 +402,9 @@ def test_bad_inputs_raise_value_error():
         swa_attention(x, x, x, 4)
     with pytest.raises(ValueError, match="dtype mismatch"):
         swa_attention(q, q.double(), q, 4)
-    with pytest.raises(ValueError, match="batch, heads and head dim"):
+    with pytest.raises(ValueError, match="batch and head dim"):
+        swa_attention(q, fresh_randn(2, 2, 8, 32), fresh_randn(2, 2, 8, 32), 4)
+    with pytest.raises(ValueError, match="k's 3 heads must divide q's 2"):
         swa_attention(q, fresh_randn(1, 3, 8, 32), fresh_randn(1, 3, 8, 32), 4)
     with pytest.raises(ValueError, match="same shape"):
         swa_attention(q, q, fresh_randn(1, 2, 9, 32), 4)
