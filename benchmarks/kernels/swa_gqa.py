@@ -1,0 +1,304 @@
+"""Grouped-query attention in the SWA kernels on the GPU: correctness at real head layouts, and speed against the
+same shapes with K/V repeated to full heads.
+
+  python -m benchmarks.kernels.swa_gqa check --layout llama --dtype bf16 --kv-heads 8,32
+  python -m benchmarks.kernels.swa_gqa time --layouts llama,qwen3 --json out.json
+  python benchmarks/kernels/swa_gqa.py ...        (the same)
+
+Layouts: Llama-3.2-1B's attention (32 query heads, 8 kv heads, head dim 64) and Qwen3's (32/8, head dim 128); the
+shapes a prefix (T x T, window W) and a suffix block (T/4 queries after a cache of W keys).
+
+check: forward, backward and double backward (the gradients of <cot, (dq, dk, dv)> w.r.t. q, k, v, dO) against the
+materialized reference (`swa_reference`, which repeats K/V): bf16 against the fp32 reference (TF32 off) on the same
+bf16 inputs, under 1e-2 relative and no worse than 2x the materialized bf16 autograd's error (the rule of
+tests/kernels/test_swa_gpu.py); fp32 against float64 under 2e-5 (tests/kernels/test_swa.py's). Two runs must give
+the same bits (each kv head's gradient is one program's sum over its group, no atomics). With --baseline PKG (a
+copy of kernels/swa from before GQA, importable as a package) multi-head attention (kv heads = heads) must equal
+the old kernels bit for bit: the same kernels for MHA. Exit status 1 on any failure.
+
+time: medians of CUDA-event times (interleaved rounds, after warm-up) of fwd, fwd+bwd, fwd+bwd+dbwd (autograd, as
+benchmarks/attention.py) and of the double backward's kernels alone ("dbwd"), for
+  gqa     the kernels on k, v with Hkv heads
+  repeat  expand_kv(k), expand_kv(v) then the kernels, autograd summing each group's gradients: what a model
+          without GQA kernels runs (in "dbwd": the cotangents of dk, dv expanded, grad k, grad v summed)
+  mha     the kernels on k, v that already have H heads (no copy, no sum): the kernels' own time at full heads
+  main    with --baseline: the old kernels on the mha inputs (the MHA regression check)
+and each one's peak memory over its inputs (one call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: the repository root on the path, as `python -m` has it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from benchmarks.timing import cuda_event_ms  # noqa: E402
+from ttt_e2e.kernels import swa  # noqa: E402
+from ttt_e2e.kernels.swa.reference import expand_kv  # noqa: E402
+
+# The GPU; on a CPU, `check` runs the Triton interpreter (TRITON_INTERPRET=1; small --T only)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LAYOUTS = {"llama": (32, 8, 64), "qwen3": (32, 8, 128)}  # (query heads, kv heads, head dim)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+NAMES = ("o", "dq", "dk", "dv", "ggq", "ggk", "ggv", "ggdo")
+MODES = ("fwd", "fwd_bwd", "fwd_bwd_dbwd", "dbwd")
+
+
+def shapes(T: int, W: int) -> dict:
+    """name: (Tq, Tk, window, q_pos0, k_pos0)."""
+    b = T // 4
+    return {f"prefix-T{T}-W{W}": (T, T, W, 0, 0), f"suffix-b{b}-W{W}": (b, W + b, W, W, 0)}
+
+
+def inputs(B, H, HKV, D, shape, dtype, seed):
+    tq, tk = shape[:2]
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    mk = lambda h, t: torch.randn(B, h, t, D, device=DEVICE, generator=g).to(dtype)  # noqa: E731
+    q, k, v, do = mk(H, tq), mk(HKV, tk), mk(HKV, tk), mk(H, tq)
+    return q, k, v, do, (mk(H, tq), mk(HKV, tk), mk(HKV, tk))
+
+
+def all_outputs(attn, shape, q, k, v, do, cot, dtype):
+    """o, (dq, dk, dv) = vjp(o, dO), then the gradients of <cot, (dq, dk, dv)> w.r.t. q, k, v, dO: in `dtype`."""
+    _, _, w, q0, k0 = shape
+    q, k, v, do = (t.detach().to(dtype).requires_grad_() for t in (q, k, v, do))
+    o = attn(q, k, v, w, q0, k0)
+    first = torch.autograd.grad(o, (q, k, v), do, create_graph=True)
+    second = torch.autograd.grad(first, (q, k, v, do), [c.to(dtype) for c in cot])
+    return [t.detach() for t in (o, *first, *second)]
+
+
+def rel(a, b):
+    if not torch.isfinite(a).all():
+        return float("inf")
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(layout, dtype_name, kv_heads, T, W, baseline):
+    """Print one line per (kv heads, shape, path) and return whether everything passed."""
+    H, _, D = LAYOUTS[layout]
+    dtype = DTYPES[dtype_name]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    old = importlib.import_module(baseline) if baseline else None
+    ok, rows = True, []
+    for hkv in kv_heads:
+        for sname, shape in shapes(T, W).items():
+            t0 = time.perf_counter()
+            q, k, v, do, cot = inputs(1, H, hkv, D, shape, dtype, seed=hkv * 1000 + shape[0])
+            got = all_outputs(swa.swa_attention, shape, q, k, v, do, cot, dtype)
+            again = all_outputs(swa.swa_attention, shape, q, k, v, do, cot, dtype)
+            same_bits = all(torch.equal(a, b) for a, b in zip(got, again))
+            ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+            ref = all_outputs(swa.swa_reference, shape, q, k, v, do, cot, ref_dtype)
+            errs = [rel(a, b) for a, b in zip(got, ref)]
+            row = dict(layout=layout, dtype=dtype_name, H=H, Hkv=hkv, D=D, shape=sname, errs=dict(zip(NAMES, errs)),
+                       same_bits_twice=same_bits)
+            if dtype == torch.float32:
+                passed = all(e < 2e-5 for e in errs)
+            else:
+                mat = [rel(a, b) for a, b in zip(all_outputs(swa.swa_reference, shape, q, k, v, do, cot, dtype), ref)]
+                row["materialized_bf16_errs"] = dict(zip(NAMES, mat))
+                passed = all(e < 1e-2 and e < 2 * m + 1e-3 for e, m in zip(errs, mat))
+            shapes_ok = [a.shape for a in got] == [a.shape for a in ref] and got[2].shape[1] == hkv
+            passed = passed and same_bits and shapes_ok
+            if old is not None and hkv == H:
+                main = all_outputs(old.swa_attention, shape, q, k, v, do, cot, dtype)
+                row["equals_main_bitwise"] = all(torch.equal(a, b) for a, b in zip(got, main))
+                passed = passed and row["equals_main_bitwise"]
+            row.update(passed=passed, wall_s=round(time.perf_counter() - t0, 1))
+            ok &= passed
+            rows.append(row)
+            extra = f" main-bitwise={row['equals_main_bitwise']}" if "equals_main_bitwise" in row else ""
+            print(f"{'PASS' if passed else 'FAIL'} {layout} {dtype_name} H{H}/Hkv{hkv} D{D} {sname}: "
+                  + " ".join(f"{n}={e:.1e}" for n, e in zip(NAMES, errs))
+                  + (" | mat-bf16 " + " ".join(f"{e:.1e}" for e in mat) if dtype != torch.float32 else "")
+                  + f" | bits-twice={same_bits}{extra} ({row['wall_s']}s)", flush=True)
+            del q, k, v, do, cot, got, again, ref
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+    return ok, rows
+
+
+# --- timing ------------------------------------------------------------------------------------------------------
+
+def attention_of(variant, pkg):
+    """(q, k, v, window, q_pos0, k_pos0) -> o for a variant; `repeat` expands k, v inside (autograd sums back)."""
+    if variant == "repeat":
+        return lambda q, k, v, *a: pkg.swa_attention(q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), *a)
+    return pkg.swa_attention
+
+
+def dbwd_alone(pkg, variant, shape, q, k, v, do, cot):
+    """The double backward's kernels alone (lse and delta computed once, outside the timed call)."""
+    _, _, w, q0, k0 = shape
+    scale = q.shape[-1] ** -0.5
+    H = q.shape[1]
+    kx, vx = (expand_kv(t, H) for t in (k, v)) if variant == "repeat" else (k, v)
+    o, lse = pkg.forward.swa_forward(q, kx, vx, w, q0, k0, scale)
+    delta = pkg.backward.swa_backward_delta(o, do)
+    gq, gk, gv = cot
+    dbwd = pkg.double_backward.swa_double_backward
+    if variant != "repeat":
+        return lambda: dbwd(q, k, v, do, lse, delta, gq, gk, gv, w, q0, k0, scale)
+
+    def run():  # what autograd does around the MHA kernels: expand the inputs, sum grad k, grad v over the group
+        gk_x, gv_x = expand_kv(gk, H), expand_kv(gv, H)
+        out_q, out_k, out_v, out_do = dbwd(q, expand_kv(k, H), expand_kv(v, H), do, lse, delta, gq, gk_x, gv_x,
+                                           w, q0, k0, scale)
+        hkv = k.shape[1]
+        return out_q, out_k.unflatten(1, (hkv, -1)).sum(2), out_v.unflatten(1, (hkv, -1)).sum(2), out_do
+    return run
+
+
+def step_of(mode, variant, pkg, shape, q, k, v, do, cot):
+    if mode == "dbwd":
+        return dbwd_alone(pkg, variant, shape, q, k, v, do, cot)
+    attn = attention_of(variant, pkg)
+    args = shape[2:]
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return attn(q, k, v, *args)
+    elif mode == "fwd_bwd":
+        def step():
+            return torch.autograd.grad(attn(q, k, v, *args), (q, k, v), do)
+    else:
+        def step():
+            first = torch.autograd.grad(attn(q, k, v, *args), (q, k, v), do, create_graph=True)
+            return torch.autograd.grad(first, (q, k, v, do), cot)
+    return step
+
+
+def peak_bytes(step):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step()
+    torch.cuda.synchronize()
+    del out
+    return torch.cuda.max_memory_allocated() - before
+
+
+def time_layout(layout, T, W, modes, variants, old, rounds, per_round_s, B=1):
+    H, HKV, D = LAYOUTS[layout]
+    rows = []
+    for sname, shape in shapes(T, W).items():
+        q, k, v, do, cot = inputs(B, H, HKV, D, shape, torch.bfloat16, seed=7)
+        kf, vf = expand_kv(k, H).contiguous(), expand_kv(v, H).contiguous()
+        cot_f = (cot[0], expand_kv(cot[1], H).contiguous(), expand_kv(cot[2], H).contiguous())
+        for t in (q, k, v, do, kf, vf):
+            t.requires_grad_()
+        for mode in modes:
+            steps = {}
+            for var in variants:
+                full = var in ("mha", "main")
+                pkg = old if var == "main" else swa
+                steps[var] = step_of(mode, var, pkg, shape, q, kf if full else k, vf if full else v, do,
+                                     cot_f if full else cot)
+            times = {var: [] for var in steps}
+            for var, step in steps.items():  # warm-up: compilation, autotuned nothing, allocator
+                step(), step()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            steps["gqa"]()
+            torch.cuda.synchronize()
+            reps = max(3, min(50, int(per_round_s / max(time.perf_counter() - t0, 1e-6))))
+            for _ in range(rounds):  # interleaved, so that a clock drop under sustained load hits every variant
+                for var, step in steps.items():
+                    times[var] += cuda_event_ms(step, reps)
+            row = dict(layout=layout, H=H, Hkv=HKV, D=D, B=B, shape=sname, mode=mode, reps=reps * rounds,
+                       ms={var: statistics.median(ts) for var, ts in times.items()},
+                       peak_gib={var: peak_bytes(step) / 2**30 for var, step in steps.items()})
+            rows.append(row)
+            print(fmt(row), flush=True)
+            del steps
+            torch.cuda.empty_cache()
+    return rows
+
+
+def fmt(r):
+    ms = r["ms"]
+    cells = " ".join(f"{v}={t:8.3f}ms" for v, t in ms.items())
+    ratios = " ".join(f"gqa/{v}={ms['gqa'] / t:.2f}" for v, t in ms.items() if v != "gqa")
+    mem = " ".join(f"{v}={g:.2f}" for v, g in r["peak_gib"].items())
+    return f"{r['layout']:<5} {r['shape']:<17} {r['mode']:<12} {cells} | {ratios} | peak GiB {mem}"
+
+
+def table(rows):
+    variants = list(rows[0]["ms"])
+    lines = ["| layout | shape | mode | " + " | ".join(f"{v} ms" for v in variants)
+             + " | " + " | ".join(f"gqa/{v}" for v in variants if v != "gqa") + " | peak GiB gqa/repeat |",
+             "|---" * (4 + 2 * len(variants)) + "|"]
+    for r in rows:
+        ms, mem = r["ms"], r["peak_gib"]
+        lines.append(f"| {r['layout']} {r['H']}/{r['Hkv']}x{r['D']} | {r['shape']} | {r['mode']} | "
+                     + " | ".join(f"{ms[v]:.3f}" for v in variants) + " | "
+                     + " | ".join(f"{ms['gqa'] / ms[v]:.2f}" for v in variants if v != "gqa")
+                     + f" | {mem['gqa']:.2f}/{mem.get('repeat', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="GQA kernels vs the reference (forward, backward, double backward)")
+    c.add_argument("--layout", choices=LAYOUTS, default="llama")
+    c.add_argument("--dtype", choices=DTYPES, default="bf16")
+    c.add_argument("--kv-heads", default="8", help="comma-separated kv head counts (each dividing 32)")
+    t = sub.add_parser("time", help="speed of GQA vs K/V repeated to full heads")
+    t.add_argument("--layouts", default="llama,qwen3")
+    t.add_argument("--modes", default=",".join(MODES))
+    t.add_argument("--rounds", type=int, default=5)
+    t.add_argument("--per-round-s", type=float, default=0.05, help="time per variant per round (sets reps)")
+    for a in (c, t):
+        a.add_argument("--T", type=int, default=2048)
+        a.add_argument("--window", type=int, default=1024)
+        a.add_argument("--baseline", default=None, help="package of the kernels before GQA (the MHA check)")
+        a.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() and not (args.cmd == "check" and swa.common.INTERPRET):
+        print("swa_gqa: needs a CUDA GPU (or, for check, TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    try:
+        kv = [int(x) for x in args.kv_heads.split(",")] if args.cmd == "check" else []
+        layouts = args.layouts.split(",") if args.cmd == "time" else [args.layout]
+        modes = args.modes.split(",") if args.cmd == "time" else []
+    except ValueError:
+        print(f"swa_gqa: --kv-heads must be integers, got {args.kv_heads!r}", file=sys.stderr)
+        return 2
+    bad = [x for x in layouts if x not in LAYOUTS] + [m for m in modes if m not in MODES] \
+        + [str(h) for h in kv if h < 1 or 32 % h]
+    if bad:
+        print(f"swa_gqa: unknown layout/mode or kv heads not dividing 32: {', '.join(bad)}", file=sys.stderr)
+        return 2
+    meta = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)",
+                torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), argv=sys.argv[1:])
+    print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}", flush=True)
+    if args.cmd == "check":
+        ok, rows = check(args.layout, args.dtype, kv, args.T, args.window, args.baseline)
+    else:
+        old = importlib.import_module(args.baseline) if args.baseline else None
+        variants = ["gqa", "repeat", "mha"] + (["main"] if old else [])
+        rows = [r for lay in layouts for r in time_layout(lay, args.T, args.window, modes, variants, old,
+                                                          args.rounds, args.per_round_s)]
+        print("\n" + table(rows), flush=True)
+        ok = True
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
