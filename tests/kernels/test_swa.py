@@ -677,3 +677,20 @@ def test_gqa_bad_heads_raise_value_error():
     for fn in (swa_attention_cached, swa_attention_split):
         with pytest.raises(ValueError, match="the cache has 3 kv heads, the block's keys 2"):
             fn(q, kc, kc, k2, k2, 4, 5, 0)
+
+
+def test_gqa_descriptor_loads(monkeypatch):
+    """16-bit keys and values go through TMA descriptors (indexed by kv head) in the forward: the same bits as
+    the pointer loads, and the reference's output, for a ring cache then a block with 2 query heads per kv head."""
+    from ttt_e2e.kernels.swa import forward
+    B, H, HKV, TQ, TC, D, W, QP, rot = 1, 4, 2, 16, 48, 16, 48, 16, 16
+    q = fresh_randn(B, TQ, H, D, dtype=torch.float16).transpose(1, 2)
+    k, v, kc, vc = (fresh_randn(B, n, HKV, D, dtype=torch.float16).transpose(1, 2) for n in (TQ, TQ, TC, TC))
+    assert common.key_descriptors((kc, vc, k, v), 16, *common.head_split(D)) is not None
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(forward, "USE_DESCRIPTORS", on)
+        outs.append(forward.swa_forward(q, _ring(kc, rot), _ring(vc, rot), W, QP, QP - TC, D ** -0.5, k, v, rot))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    ref = cached_reference(*(t.double() for t in (q, kc, vc, k, v)), W, QP, QP - TC)[0]
+    assert rel_err(outs[0][0], ref) < 2e-3  # fp16 operands (as test_split_forward_vs_reference)
