@@ -10,7 +10,8 @@ Head dims that are not a power of two run as two column blocks, as in the forwar
 
 Grouped-query attention: dQ's programs (per query head) read their kv head as the forward does; dK, dV's (per kv
 head and key tile) loop over the query heads of the group, so each kv head's gradient is one program's sum,
-deterministic, with no atomics and no per-query-head copies to reduce.
+deterministic, with no atomics; where that makes the grid short, a few programs share a group and their fp32
+partial sums are added after (common.group_parts).
 
 dQ reads its keys as the forward does (a cache, possibly a ring, then a block: forward.py). dK, dV can be
 restricted to the keys from index k_grad_from on: TTT's inner gradient treats the KV cache as a
@@ -21,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, block_d, dot_precision, empty_like_layout, head_split, key_parts, kv_group,
-                     tile_config, unroll_ring)
+from .common import (LOG2E, block_d, dot_precision, empty_like_layout, group_parts, head_split, key_parts,
+                     kv_group, tile_config, unroll_ring)
 from .parts import sum_parts
 from .tiles import (key_range, part_range, query_range, source_tile, source_tile_is_full, tile_is_full, visible,
                     visible_t)
@@ -139,14 +140,15 @@ def _swa_bwd_dq_kernel(
 @triton.jit
 def _swa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt, sgp,
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
 ):
     # One program per key tile from key KG0 on, of one kv head; everything is computed transposed (keys as rows)
-    # so dK, dV accumulate in place, over the GROUP query heads that read this kv head (grouped-query attention:
-    # a sum in a fixed order, no atomics). DK/DV row j holds key KG0 + j.
+    # so dK, dV accumulate in place, over the query heads that read this kv head (grouped-query attention: a sum
+    # in a fixed order, no atomics). HEADS < GROUP: group parts (common.group_parts), program_id(2) sums HEADS of
+    # them into its own fp32 slot of DK, DV (sgp apart). DK/DV row j holds key KG0 + j.
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // (H // GROUP)).to(tl.int64)
@@ -155,6 +157,12 @@ def _swa_bwd_dkdv_kernel(
     V += b * svb + hk * svh
     DK += b * sgb + hk * sgh  # DK and DV are allocated alike: one set of strides
     DV += b * sgb + hk * sgh
+    g0 = 0
+    if HEADS < GROUP:
+        part = tl.program_id(2)
+        g0 = part * HEADS
+        DK += part.to(tl.int64) * sgp
+        DV += part.to(tl.int64) * sgp
 
     n0 = KG0 + pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -175,8 +183,8 @@ def _swa_bwd_dkdv_kernel(
     dv_t = tl.zeros([BLOCK_N, TAIL if TAIL > 0 else 16], dtype=tl.float32)
 
     lo, hi = query_range(n0, BLOCK_N, BLOCK_M, TQ, TK, WINDOW, Q_POS0, K_POS0)
-    for g in range(GROUP):
-        h = hk * GROUP + g  # the group's query heads, in order
+    for g in range(g0, g0 + HEADS):
+        h = hk * GROUP + g  # the group's query heads (this part's), in order
         Qh = Q + b * sqb + h * sqh
         DOh = DO + b * sdb + h * sdh
         LSEh = LSE + (b * H + h) * TQ
@@ -267,18 +275,26 @@ def swa_backward_dq(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k2=N
 
 def swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_from=0):
     """(dk, dv) of the keys k_grad_from.. (in k's and v's dtypes and Hkv heads, q's layout), each kv head's summed
-    over the query heads of its group."""
+    over the query heads of its group (in parts where the grid would be short: common.group_parts)."""
     B, H, TQ, D = q.shape
     HKV, TK = k.shape[1], k.shape[2]
+    shape = (B, HKV, TK - k_grad_from, D)
     # in q's layout (the model's k and v come out of the projections as q does); dv takes dk's strides
-    dk = empty_like_layout(q, (B, HKV, TK - k_grad_from, D), k.dtype)
-    dv = empty_like_layout(q, (B, HKV, TK - k_grad_from, D), v.dtype)
+    dk = empty_like_layout(q, shape, k.dtype)
+    dv = empty_like_layout(q, shape, v.dtype)
     main, tail = head_split(D)
     cfg = tile_config("bwd_dkdv", D, q.device, q.dtype)
-    _swa_bwd_dkdv_kernel[(triton.cdiv(TK - k_grad_from, cfg.block_n), B * HKV)](
-        q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v, do, dk),
-        H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), GROUP=kv_group(q, k),
+    group = kv_group(q, k)
+    grid = (triton.cdiv(TK - k_grad_from, cfg.block_n), B * HKV)
+    nparts = group_parts(grid[0] * grid[1], group, q.device, cfg.num_warps)
+    # the parts' fp32 partial sums in dk's memory order (sum_parts adds them element by element in that order)
+    out_k, out_v = (dk, dv) if nparts == 1 else (empty_like_layout(q, shape, torch.float32, nparts) for _ in "kv")
+    _swa_bwd_dkdv_kernel[(*grid, nparts)](
+        q, k, v, do, lse, delta, out_k, out_v, *_strides(q, k, v, do, out_k[0] if nparts > 1 else dk),
+        out_k.stride(0) if nparts > 1 else 0, H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), GROUP=group, HEADS=group // nparts,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if nparts > 1:
+        sum_parts(out_k, dk), sum_parts(out_v, dv)
     return dk, dv

@@ -252,3 +252,29 @@ def key_parts(kernel: str, programs: int, tk: int, block_n: int, device: torch.d
     if programs >= FULL_ENOUGH * slots:
         return 1
     return max(1, min(MAX_KEY_PARTS, triton.cdiv(slots, programs), tk // (4 * block_n)))
+
+
+# Group parts (grouped-query attention): the column-parallel kernels (dK/dV, the double backward's grad K/V) run one
+# program per key tile of a kv head, summing over the group's query heads: `group` times fewer programs than
+# multi-head attention, each `group` times longer. Where that leaves slots idle, or loads them unevenly (a window's
+# last key tiles see fewer queries, and few long programs cannot even that out), each group's heads are split over
+# several programs (a divisor of the group), which write fp32 partial sums that one more launch adds up in a fixed
+# order (parts.sum_parts): deterministic, as without parts. GROUP_WAVES (programs wanted per slot) is a tuning knob
+# (benchmarks/kernels/swa_gqa.py).
+GROUP_WAVES = 2
+# An override for experiments and tests: the largest divisor of the group not above it (1: never split).
+GROUP_PARTS_OVERRIDE: int | None = (int(os.environ["TTT_E2E_SWA_GROUP_PARTS"])
+                                    if os.environ.get("TTT_E2E_SWA_GROUP_PARTS") else None)
+
+
+def group_parts(programs: int, group: int, device: torch.device, num_warps: int = 4) -> int:
+    """Into how many parts to split each group's query heads in a column-parallel launch of `programs` programs
+    (one per key tile and kv head): the fewest (a divisor of group) that give GROUP_WAVES programs per slot (two
+    4-warp programs per SM), else the whole group (one query head a program, as multi-head attention runs)."""
+    divisors = [p for p in range(1, group + 1) if group % p == 0]
+    if GROUP_PARTS_OVERRIDE is not None:
+        return max(p for p in divisors if p <= max(1, GROUP_PARTS_OVERRIDE))
+    if group == 1 or device.type != "cuda":
+        return 1
+    slots = _num_sms(device.index or 0) * max(1, 8 // num_warps)
+    return next((p for p in divisors if programs * p >= GROUP_WAVES * slots), group)

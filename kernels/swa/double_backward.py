@@ -19,7 +19,8 @@ S, P, dP, G, H per tile from Q, K, V, dO, gQ, gK, gV and the saved lse and delta
 
 Grouped-query attention (k, v with Hkv heads, query head h reading kv head h // GROUP): the row-parallel passes
 (per query head) read their kv head's K, V, gK, gV; the column-parallel one runs per kv head and sums grad K,
-grad V over the group's query heads in one program (fixed order, no atomics).
+grad V over the group's query heads in one program (fixed order, no atomics), or in a few (group parts, summed
+after in a fixed order: common.group_parts).
 
 Missing cotangents (None upstream) are compile-time flags: HAS_GQ / HAS_GK / HAS_GV drop the products they
 feed (with neither gQ nor gK, G = 0 and r = 0, g_dP = 0). gK and gV may cover only the keys from KG0 on (the
@@ -31,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, as_kernel_operand, block_d, dot_precision, empty_like_layout, kv_group, tile_config
+from .common import (LOG2E, as_kernel_operand, block_d, dot_precision, empty_like_layout, group_parts, kv_group,
+                     tile_config)
+from .parts import sum_parts
 from .tiles import key_range, query_range, tile_is_full, visible, visible_t
 
 
@@ -213,15 +216,15 @@ def _swa_dbwd_row_kernel(
 def _swa_dbwd_col_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA, R, U, OUT_K, OUT_V,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt, sob, soh, sot,
+    sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt, sob, soh, sot, sop,
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, GROUP: tl.constexpr,
+    DOT_PREC: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
 ):
     # grad K = scale * (dS^T gQ + g_S^T Q) and grad V = g_dP^T dO, all tiles transposed (keys as rows): one
-    # program per key tile of one kv head, summing over the GROUP query heads that read it (grouped-query
-    # attention; a fixed order, no atomics).
+    # program per key tile of one kv head, summing over the query heads that read it (grouped-query attention; a
+    # fixed order, no atomics); HEADS < GROUP: group parts, as in backward.py's dK/dV (slots sop apart).
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // (H // GROUP)).to(tl.int64)
@@ -232,6 +235,12 @@ def _swa_dbwd_col_kernel(
     GV += b * sgvb + hk * sgvh
     OUT_K += b * sob + hk * soh
     OUT_V += b * sob + hk * soh
+    g0 = 0
+    if HEADS < GROUP:
+        part = tl.program_id(2)
+        g0 = part * HEADS
+        OUT_K += part.to(tl.int64) * sop
+        OUT_V += part.to(tl.int64) * sop
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -252,8 +261,8 @@ def _swa_dbwd_col_kernel(
     acc_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     lo, hi = query_range(n0, BLOCK_N, BLOCK_M, TQ, TK, WINDOW, Q_POS0, K_POS0)
-    for g in range(GROUP):
-        h = hk * GROUP + g  # the group's query heads, in order
+    for g in range(g0, g0 + HEADS):
+        h = hk * GROUP + g  # the group's query heads (this part's), in order
         Qh = Q + b * sqb + h * sqh
         GQh = GQ + b * sgqb + h * sgqh
         DOh = DO + b * sdb + h * sdh
@@ -346,7 +355,17 @@ def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_p
         q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, out_q, out_do, *strides, *out_q.stride()[:3], *sizes,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     cfg = tile_config("dbwd_col", D, q.device, q.dtype)
-    _swa_dbwd_col_kernel[(triton.cdiv(TK, cfg.block_n), B * HKV)](
-        q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, out_k, out_v, *strides, *out_k.stride()[:3], *sizes,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
+    grid = (triton.cdiv(TK, cfg.block_n), B * HKV)
+    group = kv_group(q, k)
+    nparts = group_parts(grid[0] * grid[1], group, q.device, cfg.num_warps)
+    # the parts' fp32 partial sums in out_k's memory order (sum_parts adds them element by element in that order)
+    part_k, part_v = ((out_k, out_v) if nparts == 1 else
+                      (empty_like_layout(q, (B, HKV, TK, D), torch.float32, nparts) for _ in "kv"))
+    _swa_dbwd_col_kernel[(*grid, nparts)](
+        q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, part_k, part_v, *strides,
+        *(part_k[0] if nparts > 1 else out_k).stride()[:3], part_k.stride(0) if nparts > 1 else 0, *sizes,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEADS=group // nparts, **common)
+    if nparts > 1:
+        sum_parts(part_k, out_k), sum_parts(part_v, out_v)
     return out_q, out_k, out_v, out_do

@@ -694,3 +694,35 @@ def test_gqa_descriptor_loads(monkeypatch):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     ref = cached_reference(*(t.double() for t in (q, kc, vc, k, v)), W, QP, QP - TC)[0]
     assert rel_err(outs[0][0], ref) < 2e-3  # fp16 operands (as test_split_forward_vs_reference)
+
+
+@pytest.mark.parametrize("nparts", [2, 4])
+def test_gqa_group_parts(monkeypatch, nparts):
+    """Each group's query heads split over several programs in dK/dV and the double backward's grad K/V (fp32
+    partial sums, added after by sum_parts), in the model's layout: still the reference's results."""
+    from ttt_e2e.kernels.swa import backward, double_backward
+    monkeypatch.setattr(common, "GROUP_PARTS_OVERRIDE", nparts)
+    calls = []
+    for mod in (backward, double_backward):
+        monkeypatch.setattr(mod, "sum_parts", lambda p, o, _m=mod.__name__, _r=mod.sum_parts: calls.append(_m)
+                            or _r(p, o))
+    test_gqa_model_layout()
+    _compare_gqa(1, 8, 2, 20, 44, 32, 24, 20, -4, "kv")
+    assert sorted(set(calls)) == ["ttt_e2e.kernels.swa.backward", "ttt_e2e.kernels.swa.double_backward"], calls
+
+
+def test_group_parts_rule(monkeypatch):
+    """Parts only for groups, on a GPU, where the programs give fewer than GROUP_WAVES per slot: the fewest
+    (a divisor of the group) that do, else the whole group."""
+    monkeypatch.setattr(common, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(common, "GROUP_PARTS_OVERRIDE", None)
+    gpu = torch.device("cuda", 0)
+    assert common.group_parts(10, 1, gpu) == 1  # multi-head attention
+    assert common.group_parts(1000, 4, gpu) == 1  # 528 slots x 2 waves reached alone
+    assert common.group_parts(256, 4, gpu) == 4  # 2 x 256 < 528 <= 4 x 256
+    assert common.group_parts(300, 4, gpu) == 2
+    assert common.group_parts(100, 4, gpu) == 4 and common.group_parts(100, 6, gpu) == 6
+    assert common.group_parts(128, 4, gpu, num_warps=8) == 4 and common.group_parts(140, 4, gpu, num_warps=8) == 2
+    assert common.group_parts(10, 4, torch.device("cpu")) == 1
+    monkeypatch.setattr(common, "GROUP_PARTS_OVERRIDE", 3)
+    assert common.group_parts(10, 4, gpu) == 2 and common.group_parts(10, 6, gpu) == 3
