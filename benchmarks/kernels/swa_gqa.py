@@ -14,11 +14,12 @@ bf16 inputs, under 1e-2 relative and no worse than 2x the materialized bf16 auto
 tests/kernels/test_swa_gpu.py); fp32 against float64 under 2e-5 (tests/kernels/test_swa.py's). Two runs must give
 the same bits (each kv head's gradient is one program's sum over its group, no atomics). With --baseline PKG (a
 copy of kernels/swa from before GQA, importable as a package) multi-head attention (kv heads = heads) must equal
-the old kernels bit for bit: the same kernels for MHA. Exit status 1 on any failure.
+the old kernels bit for bit: the same kernels for MHA. --group-parts: the column kernels' group parts to check
+(common.group_parts: "rule", or a number forced). Exit status 1 on any failure.
 
 time: medians of CUDA-event times (interleaved rounds, after warm-up) of fwd, fwd+bwd, fwd+bwd+dbwd (autograd, as
 benchmarks/attention.py) and of the double backward's kernels alone ("dbwd"), for
-  gqa     the kernels on k, v with Hkv heads
+  gqa     the kernels on k, v with Hkv heads (gqa-pN: N group parts forced in the column kernels; gqa: the rule's)
   repeat  expand_kv(k), expand_kv(v) then the kernels, autograd summing each group's gradients: what a model
           without GQA kernels runs (in "dbwd": the cotangents of dk, dv expanded, grad k, grad v summed)
   mha     the kernels on k, v that already have H heads (no copy, no sum): the kernels' own time at full heads
@@ -84,48 +85,74 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def check(layout, dtype_name, kv_heads, T, W, baseline):
-    """Print one line per (kv heads, shape, path) and return whether everything passed."""
+def forced_parts(fn, parts):
+    """fn with the column kernels' group parts forced to `parts` ("rule": common.group_parts decides)."""
+    if parts == "rule":
+        return fn
+
+    def run(*args):
+        swa.common.GROUP_PARTS_OVERRIDE = int(parts)
+        try:
+            return fn(*args)
+        finally:
+            swa.common.GROUP_PARTS_OVERRIDE = None
+    return run
+
+
+def rule_parts(H, HKV, D, tk, B=1):
+    """The group parts common.group_parts picks for dK/dV and grad K/V at these shapes (bf16)."""
+    out = {}
+    for kernel in ("bwd_dkdv", "dbwd_col"):
+        cfg = swa.common.tile_config(kernel, D, torch.device(DEVICE), torch.bfloat16)
+        programs = -(-tk // cfg.block_n) * B * HKV
+        out[kernel] = swa.common.group_parts(programs, H // HKV, torch.device(DEVICE), cfg.num_warps)
+    return out
+
+
+def check(layout, dtype_name, kv_heads, T, W, baseline, group_parts):
+    """Print one line per (kv heads, shape, group parts) and return whether everything passed."""
     H, _, D = LAYOUTS[layout]
     dtype = DTYPES[dtype_name]
     torch.backends.cuda.matmul.allow_tf32 = False
     old = importlib.import_module(baseline) if baseline else None
     ok, rows = True, []
-    for hkv in kv_heads:
-        for sname, shape in shapes(T, W).items():
-            t0 = time.perf_counter()
-            q, k, v, do, cot = inputs(1, H, hkv, D, shape, dtype, seed=hkv * 1000 + shape[0])
-            got = all_outputs(swa.swa_attention, shape, q, k, v, do, cot, dtype)
-            again = all_outputs(swa.swa_attention, shape, q, k, v, do, cot, dtype)
-            same_bits = all(torch.equal(a, b) for a, b in zip(got, again))
-            ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
-            ref = all_outputs(swa.swa_reference, shape, q, k, v, do, cot, ref_dtype)
-            errs = [rel(a, b) for a, b in zip(got, ref)]
-            row = dict(layout=layout, dtype=dtype_name, H=H, Hkv=hkv, D=D, shape=sname, errs=dict(zip(NAMES, errs)),
-                       same_bits_twice=same_bits)
-            if dtype == torch.float32:
-                passed = all(e < 2e-5 for e in errs)
-            else:
-                mat = [rel(a, b) for a, b in zip(all_outputs(swa.swa_reference, shape, q, k, v, do, cot, dtype), ref)]
-                row["materialized_bf16_errs"] = dict(zip(NAMES, mat))
-                passed = all(e < 1e-2 and e < 2 * m + 1e-3 for e, m in zip(errs, mat))
-            shapes_ok = [a.shape for a in got] == [a.shape for a in ref] and got[2].shape[1] == hkv
-            passed = passed and same_bits and shapes_ok
-            if old is not None and hkv == H:
-                main = all_outputs(old.swa_attention, shape, q, k, v, do, cot, dtype)
-                row["equals_main_bitwise"] = all(torch.equal(a, b) for a, b in zip(got, main))
-                passed = passed and row["equals_main_bitwise"]
-            row.update(passed=passed, wall_s=round(time.perf_counter() - t0, 1))
-            ok &= passed
-            rows.append(row)
-            extra = f" main-bitwise={row['equals_main_bitwise']}" if "equals_main_bitwise" in row else ""
-            print(f"{'PASS' if passed else 'FAIL'} {layout} {dtype_name} H{H}/Hkv{hkv} D{D} {sname}: "
-                  + " ".join(f"{n}={e:.1e}" for n, e in zip(NAMES, errs))
-                  + (" | mat-bf16 " + " ".join(f"{e:.1e}" for e in mat) if dtype != torch.float32 else "")
-                  + f" | bits-twice={same_bits}{extra} ({row['wall_s']}s)", flush=True)
-            del q, k, v, do, cot, got, again, ref
-            if DEVICE == "cuda":
-                torch.cuda.empty_cache()
+    cases = [(hkv, sname, shape, parts) for hkv in kv_heads for sname, shape in shapes(T, W).items()
+             for parts in (group_parts if hkv < H else ["rule"])]
+    for hkv, sname, shape, parts in cases:
+        t0 = time.perf_counter()
+        q, k, v, do, cot = inputs(1, H, hkv, D, shape, dtype, seed=hkv * 1000 + shape[0])
+        attn = forced_parts(swa.swa_attention, parts)
+        got = all_outputs(attn, shape, q, k, v, do, cot, dtype)
+        again = all_outputs(attn, shape, q, k, v, do, cot, dtype)
+        same_bits = all(torch.equal(a, b) for a, b in zip(got, again))
+        ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+        ref = all_outputs(swa.swa_reference, shape, q, k, v, do, cot, ref_dtype)
+        errs = [rel(a, b) for a, b in zip(got, ref)]
+        row = dict(layout=layout, dtype=dtype_name, H=H, Hkv=hkv, D=D, shape=sname, group_parts=parts,
+                   errs=dict(zip(NAMES, errs)), same_bits_twice=same_bits)
+        if dtype == torch.float32:
+            passed = all(e < 2e-5 for e in errs)
+        else:
+            mat = [rel(a, b) for a, b in zip(all_outputs(swa.swa_reference, shape, q, k, v, do, cot, dtype), ref)]
+            row["materialized_bf16_errs"] = dict(zip(NAMES, mat))
+            passed = all(e < 1e-2 and e < 2 * m + 1e-3 for e, m in zip(errs, mat))
+        shapes_ok = [a.shape for a in got] == [a.shape for a in ref] and got[2].shape[1] == hkv
+        passed = passed and same_bits and shapes_ok
+        if old is not None and hkv == H:
+            main = all_outputs(old.swa_attention, shape, q, k, v, do, cot, dtype)
+            row["equals_main_bitwise"] = all(torch.equal(a, b) for a, b in zip(got, main))
+            passed = passed and row["equals_main_bitwise"]
+        row.update(passed=passed, wall_s=round(time.perf_counter() - t0, 1))
+        ok &= passed
+        rows.append(row)
+        extra = f" main-bitwise={row['equals_main_bitwise']}" if "equals_main_bitwise" in row else ""
+        print(f"{'PASS' if passed else 'FAIL'} {layout} {dtype_name} H{H}/Hkv{hkv} D{D} {sname} parts={parts}: "
+              + " ".join(f"{n}={e:.1e}" for n, e in zip(NAMES, errs))
+              + (" | mat-bf16 " + " ".join(f"{e:.1e}" for e in mat) if dtype != torch.float32 else "")
+              + f" | bits-twice={same_bits}{extra} ({row['wall_s']}s)", flush=True)
+        del q, k, v, do, cot, got, again, ref
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     return ok, rows
 
 
@@ -136,6 +163,11 @@ def attention_of(variant, pkg):
     if variant == "repeat":
         return lambda q, k, v, *a: pkg.swa_attention(q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), *a)
     return pkg.swa_attention
+
+
+def variant_parts(variant):
+    """gqa-pN: N group parts forced; every other variant: the rule."""
+    return variant.split("-p")[1] if variant.startswith("gqa-p") else "rule"
 
 
 def dbwd_alone(pkg, variant, shape, q, k, v, do, cot):
@@ -203,8 +235,8 @@ def time_layout(layout, T, W, modes, variants, old, rounds, per_round_s, B=1):
             for var in variants:
                 full = var in ("mha", "main")
                 pkg = old if var == "main" else swa
-                steps[var] = step_of(mode, var, pkg, shape, q, kf if full else k, vf if full else v, do,
-                                     cot_f if full else cot)
+                steps[var] = forced_parts(step_of(mode, var, pkg, shape, q, kf if full else k, vf if full else v,
+                                                  do, cot_f if full else cot), variant_parts(var))
             times = {var: [] for var in steps}
             for var, step in steps.items():  # warm-up: compilation, autotuned nothing, allocator
                 step(), step()
@@ -217,6 +249,7 @@ def time_layout(layout, T, W, modes, variants, old, rounds, per_round_s, B=1):
                 for var, step in steps.items():
                     times[var] += cuda_event_ms(step, reps)
             row = dict(layout=layout, H=H, Hkv=HKV, D=D, B=B, shape=sname, mode=mode, reps=reps * rounds,
+                       rule_parts=rule_parts(H, HKV, D, shape[1], B),
                        ms={var: statistics.median(ts) for var, ts in times.items()},
                        peak_gib={var: peak_bytes(step) / 2**30 for var, step in steps.items()})
             rows.append(row)
@@ -255,9 +288,11 @@ def main(argv=None):
     c.add_argument("--layout", choices=LAYOUTS, default="llama")
     c.add_argument("--dtype", choices=DTYPES, default="bf16")
     c.add_argument("--kv-heads", default="8", help="comma-separated kv head counts (each dividing 32)")
+    c.add_argument("--group-parts", default="rule", help='comma-separated: "rule" or a number of parts to force')
     t = sub.add_parser("time", help="speed of GQA vs K/V repeated to full heads")
     t.add_argument("--layouts", default="llama,qwen3")
     t.add_argument("--modes", default=",".join(MODES))
+    t.add_argument("--variants", default="gqa,gqa-p1,gqa-p2,repeat,mha", help="and main, with --baseline")
     t.add_argument("--rounds", type=int, default=5)
     t.add_argument("--per-round-s", type=float, default=0.05, help="time per variant per round (sets reps)")
     for a in (c, t):
@@ -286,10 +321,10 @@ def main(argv=None):
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), argv=sys.argv[1:])
     print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}", flush=True)
     if args.cmd == "check":
-        ok, rows = check(args.layout, args.dtype, kv, args.T, args.window, args.baseline)
+        ok, rows = check(args.layout, args.dtype, kv, args.T, args.window, args.baseline, args.group_parts.split(","))
     else:
         old = importlib.import_module(args.baseline) if args.baseline else None
-        variants = ["gqa", "repeat", "mha"] + (["main"] if old else [])
+        variants = args.variants.split(",") + (["main"] if old else [])
         rows = [r for lay in layouts for r in time_layout(lay, args.T, args.window, modes, variants, old,
                                                           args.rounds, args.per_round_s)]
         print("\n" + table(rows), flush=True)

@@ -25,8 +25,8 @@ import triton.language as tl
 from .common import (LOG2E, block_d, dot_precision, empty_like_layout, group_parts, head_split, key_parts,
                      kv_group, tile_config, unroll_ring)
 from .parts import sum_parts
-from .tiles import (key_range, part_range, query_range, source_tile, source_tile_is_full, tile_is_full, visible,
-                    visible_t)
+from .tiles import (key_range, kv_program, part_range, query_range, source_tile, source_tile_is_full, tile_is_full,
+                    visible, visible_t)
 
 
 @triton.jit
@@ -150,19 +150,11 @@ def _swa_bwd_dkdv_kernel(
     # in a fixed order, no atomics). HEADS < GROUP: group parts (common.group_parts), program_id(2) sums HEADS of
     # them into its own fp32 slot of DK, DV (sgp apart). DK/DV row j holds key KG0 + j.
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = (bhk // (H // GROUP)).to(tl.int64)
-    hk = (bhk % (H // GROUP)).to(tl.int64)
+    b, hk, g0, part = kv_program(H, GROUP, HEADS)
     K += b * skb + hk * skh
     V += b * svb + hk * svh
-    DK += b * sgb + hk * sgh  # DK and DV are allocated alike: one set of strides
-    DV += b * sgb + hk * sgh
-    g0 = 0
-    if HEADS < GROUP:
-        part = tl.program_id(2)
-        g0 = part * HEADS
-        DK += part.to(tl.int64) * sgp
-        DV += part.to(tl.int64) * sgp
+    DK += b * sgb + hk * sgh + part * sgp  # DK and DV are allocated alike: one set of strides
+    DV += b * sgb + hk * sgh + part * sgp
 
     n0 = KG0 + pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)

@@ -35,7 +35,7 @@ import triton.language as tl
 from .common import (LOG2E, as_kernel_operand, block_d, dot_precision, empty_like_layout, group_parts, kv_group,
                      tile_config)
 from .parts import sum_parts
-from .tiles import key_range, query_range, tile_is_full, visible, visible_t
+from .tiles import key_range, kv_program, query_range, tile_is_full, visible, visible_t
 
 
 @triton.jit
@@ -226,21 +226,13 @@ def _swa_dbwd_col_kernel(
     # program per key tile of one kv head, summing over the query heads that read it (grouped-query attention; a
     # fixed order, no atomics); HEADS < GROUP: group parts, as in backward.py's dK/dV (slots sop apart).
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = (bhk // (H // GROUP)).to(tl.int64)
-    hk = (bhk % (H // GROUP)).to(tl.int64)
+    b, hk, g0, part = kv_program(H, GROUP, HEADS)
+    OUT_K += b * sob + hk * soh + part * sop
+    OUT_V += b * sob + hk * soh + part * sop
     K += b * skb + hk * skh
     GK += b * sgkb + hk * sgkh
     V += b * svb + hk * svh
     GV += b * sgvb + hk * sgvh
-    OUT_K += b * sob + hk * soh
-    OUT_V += b * sob + hk * soh
-    g0 = 0
-    if HEADS < GROUP:
-        part = tl.program_id(2)
-        g0 = part * HEADS
-        OUT_K += part.to(tl.int64) * sop
-        OUT_V += part.to(tl.int64) * sop
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
