@@ -179,8 +179,9 @@ def _swa_bwd_dkdv_kernel(
         h = hk * GROUP + g  # the group's query heads (this part's), in order
         Qh = Q + b * sqb + h * sqh
         DOh = DO + b * sdb + h * sdh
-        LSEh = LSE + (b * H + h) * TQ
-        DELTAh = DELTA + (b * H + h) * TQ
+        row0 = (tl.program_id(1).to(tl.int64) * GROUP + g) * TQ  # this head's rows of lse, delta: b * H + h
+        LSEh = LSE + row0
+        DELTAh = DELTA + row0
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_valid = offs_m < TQ

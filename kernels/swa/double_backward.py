@@ -258,7 +258,7 @@ def _swa_dbwd_col_kernel(
         Qh = Q + b * sqb + h * sqh
         GQh = GQ + b * sgqb + h * sgqh
         DOh = DO + b * sdb + h * sdh
-        row0 = (b * H + h) * TQ  # this head's rows of lse, delta, r, u
+        row0 = (tl.program_id(1).to(tl.int64) * GROUP + g) * TQ  # this head's rows of lse, delta, r, u: b * H + h
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_valid = offs_m < TQ
