@@ -17,8 +17,10 @@ copy of kernels/swa from before GQA, importable as a package) multi-head attenti
 the old kernels bit for bit: the same kernels for MHA. --group-parts: the column kernels' group parts to check
 (common.group_parts: "rule", or a number forced). Exit status 1 on any failure.
 
-time: medians of CUDA-event times (interleaved rounds, after warm-up) of fwd, fwd+bwd, fwd+bwd+dbwd (autograd, as
-benchmarks/attention.py) and of the double backward's kernels alone ("dbwd"), for
+time: medians of CUDA-event times of CUDA-graph replays (no launch overhead: at 2K the Python launches would
+otherwise outlast the kernels; plain calls where capture fails), in interleaved rounds after warm-up, of fwd,
+fwd+bwd, fwd+bwd+dbwd (autograd, as benchmarks/attention.py) and of the double backward's kernels alone ("dbwd"),
+at the shape sets of SETS, for
   gqa     the kernels on k, v with Hkv heads (gqa-pN: N group parts forced in the column kernels; gqa: the rule's)
   repeat  expand_kv(k), expand_kv(v) then the kernels, autograd summing each group's gradients: what a model
           without GQA kernels runs (in "dbwd": the cotangents of dk, dv expanded, grad k, grad v summed)
@@ -58,6 +60,12 @@ def shapes(T: int, W: int) -> dict:
     """name: (Tq, Tk, window, q_pos0, k_pos0)."""
     b = T // 4
     return {f"prefix-T{T}-W{W}": (T, T, W, 0, 0), f"suffix-b{b}-W{W}": (b, W + b, W, W, 0)}
+
+
+# The timed shapes: moderate ones, and the TTT recipe's (benchmarks/attention.py's causal-8K and suffix-b1024-W8K:
+# full causal attention over 8K tokens, a 1K mini-batch after a full 8K-key window)
+SETS = {"2k": shapes(2048, 1024),
+        "8k": {"causal-T8192": (8192, 8192, 8192, 0, 0), "suffix-b1024-W8192": (1024, 9216, 8192, 8192, 0)}}
 
 
 def inputs(B, H, HKV, D, shape, dtype, seed):
@@ -221,10 +229,33 @@ def peak_bytes(step):
     return torch.cuda.max_memory_allocated() - before
 
 
-def time_layout(layout, T, W, modes, variants, old, rounds, per_round_s, B=1):
+def graphed(step, inner):
+    """(replay, calls per replay): a CUDA graph of `inner` calls of step (warmed up on a side stream first, as
+    capture wants), or (step, 1) where capture fails."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                step()
+        graph.replay()
+        torch.cuda.synchronize()
+        return graph.replay, inner
+    except Exception as e:  # noqa: BLE001 - then time plain calls, and say so
+        print(f"(CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]}; plain calls)", flush=True)
+        torch.cuda.synchronize()
+        return step, 1
+
+
+def time_layout(layout, sets, modes, variants, old, rounds, per_round_s, warm_only=False, B=1):
     H, HKV, D = LAYOUTS[layout]
     rows = []
-    for sname, shape in shapes(T, W).items():
+    for sname, shape in ((n, s) for name in sets for n, s in SETS[name].items()):
         q, k, v, do, cot = inputs(B, H, HKV, D, shape, torch.bfloat16, seed=7)
         kf, vf = expand_kv(k, H).contiguous(), expand_kv(v, H).contiguous()
         cot_f = (cot[0], expand_kv(cot[1], H).contiguous(), expand_kv(cot[2], H).contiguous())
@@ -237,21 +268,31 @@ def time_layout(layout, T, W, modes, variants, old, rounds, per_round_s, B=1):
                 pkg = old if var == "main" else swa
                 steps[var] = forced_parts(step_of(mode, var, pkg, shape, q, kf if full else k, vf if full else v,
                                                   do, cot_f if full else cot), variant_parts(var))
-            times = {var: [] for var in steps}
-            for var, step in steps.items():  # warm-up: compilation, autotuned nothing, allocator
+            for var, step in steps.items():  # warm-up: compilation, allocator
                 step(), step()
             torch.cuda.synchronize()
+            if warm_only:
+                print(f"warm {layout} {sname} {mode} {' '.join(steps)}", flush=True)
+                continue
             t0 = time.perf_counter()
-            steps["gqa"]()
+            steps[variants[0]]()
             torch.cuda.synchronize()
-            reps = max(3, min(50, int(per_round_s / max(time.perf_counter() - t0, 1e-6))))
+            inner = max(1, min(10, int(0.01 / max(time.perf_counter() - t0, 1e-6))))  # replays of >= ~10 ms
+            replays = {var: graphed(step, inner) for var, step in steps.items()}
+            t0 = time.perf_counter()
+            next(iter(replays.values()))[0]()
+            torch.cuda.synchronize()
+            reps = max(2, min(50, int(per_round_s / max(time.perf_counter() - t0, 1e-6))))
+            times = {var: [] for var in steps}
             for _ in range(rounds):  # interleaved, so that a clock drop under sustained load hits every variant
-                for var, step in steps.items():
-                    times[var] += cuda_event_ms(step, reps)
+                for var, (replay, calls) in replays.items():
+                    times[var] += [t / calls for t in cuda_event_ms(replay, reps)]
             row = dict(layout=layout, H=H, Hkv=HKV, D=D, B=B, shape=sname, mode=mode, reps=reps * rounds,
+                       graphs={var: calls for var, (_, calls) in replays.items()},
                        rule_parts=rule_parts(H, HKV, D, shape[1], B),
                        ms={var: statistics.median(ts) for var, ts in times.items()},
                        peak_gib={var: peak_bytes(step) / 2**30 for var, step in steps.items()})
+            del replays
             rows.append(row)
             print(fmt(row), flush=True)
             del steps
@@ -264,19 +305,22 @@ def fmt(r):
     cells = " ".join(f"{v}={t:8.3f}ms" for v, t in ms.items())
     ratios = " ".join(f"gqa/{v}={ms['gqa'] / t:.2f}" for v, t in ms.items() if v != "gqa")
     mem = " ".join(f"{v}={g:.2f}" for v, g in r["peak_gib"].items())
-    return f"{r['layout']:<5} {r['shape']:<17} {r['mode']:<12} {cells} | {ratios} | peak GiB {mem}"
+    parts = "/".join(str(p) for p in r["rule_parts"].values())
+    return f"{r['layout']:<5} {r['shape']:<18} {r['mode']:<12} {cells} | {ratios} | rule parts {parts} | peak GiB {mem}"
 
 
 def table(rows):
     variants = list(rows[0]["ms"])
     lines = ["| layout | shape | mode | " + " | ".join(f"{v} ms" for v in variants)
-             + " | " + " | ".join(f"gqa/{v}" for v in variants if v != "gqa") + " | peak GiB gqa/repeat |",
-             "|---" * (4 + 2 * len(variants)) + "|"]
+             + " | " + " | ".join(f"gqa/{v}" for v in variants if v != "gqa")
+             + " | rule's parts dK,dV / gK,gV | peak GiB gqa/repeat |",
+             "|---" * (5 + 2 * len(variants)) + "|"]
     for r in rows:
         ms, mem = r["ms"], r["peak_gib"]
         lines.append(f"| {r['layout']} {r['H']}/{r['Hkv']}x{r['D']} | {r['shape']} | {r['mode']} | "
                      + " | ".join(f"{ms[v]:.3f}" for v in variants) + " | "
                      + " | ".join(f"{ms['gqa'] / ms[v]:.2f}" for v in variants if v != "gqa")
+                     + " | " + "/".join(str(p) for p in r["rule_parts"].values())
                      + f" | {mem['gqa']:.2f}/{mem.get('repeat', float('nan')):.2f} |")
     return "\n".join(lines)
 
@@ -291,13 +335,15 @@ def main(argv=None):
     c.add_argument("--group-parts", default="rule", help='comma-separated: "rule" or a number of parts to force')
     t = sub.add_parser("time", help="speed of GQA vs K/V repeated to full heads")
     t.add_argument("--layouts", default="llama,qwen3")
-    t.add_argument("--modes", default=",".join(MODES))
-    t.add_argument("--variants", default="gqa,gqa-p1,gqa-p2,repeat,mha", help="and main, with --baseline")
+    t.add_argument("--sets", default="2k,8k", help=f"shape sets, of {', '.join(SETS)}")
+    t.add_argument("--modes", default="fwd,fwd_bwd,dbwd", help=f"of {', '.join(MODES)}")
+    t.add_argument("--variants", default="gqa,gqa-p1,gqa-p4,repeat,mha", help="and main, with --baseline")
+    t.add_argument("--warm-only", action="store_true", help="compile every step (run each twice), time nothing")
     t.add_argument("--rounds", type=int, default=5)
     t.add_argument("--per-round-s", type=float, default=0.05, help="time per variant per round (sets reps)")
+    c.add_argument("--T", type=int, default=2048)
+    c.add_argument("--window", type=int, default=1024)
     for a in (c, t):
-        a.add_argument("--T", type=int, default=2048)
-        a.add_argument("--window", type=int, default=1024)
         a.add_argument("--baseline", default=None, help="package of the kernels before GQA (the MHA check)")
         a.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -308,13 +354,14 @@ def main(argv=None):
         kv = [int(x) for x in args.kv_heads.split(",")] if args.cmd == "check" else []
         layouts = args.layouts.split(",") if args.cmd == "time" else [args.layout]
         modes = args.modes.split(",") if args.cmd == "time" else []
+        sets = args.sets.split(",") if args.cmd == "time" else []
     except ValueError:
         print(f"swa_gqa: --kv-heads must be integers, got {args.kv_heads!r}", file=sys.stderr)
         return 2
     bad = [x for x in layouts if x not in LAYOUTS] + [m for m in modes if m not in MODES] \
-        + [str(h) for h in kv if h < 1 or 32 % h]
+        + [x for x in sets if x not in SETS] + [str(h) for h in kv if h < 1 or 32 % h]
     if bad:
-        print(f"swa_gqa: unknown layout/mode or kv heads not dividing 32: {', '.join(bad)}", file=sys.stderr)
+        print(f"swa_gqa: unknown layout/mode/set or kv heads not dividing 32: {', '.join(bad)}", file=sys.stderr)
         return 2
     meta = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)",
                 torch=torch.__version__,
@@ -325,9 +372,10 @@ def main(argv=None):
     else:
         old = importlib.import_module(args.baseline) if args.baseline else None
         variants = args.variants.split(",") + (["main"] if old else [])
-        rows = [r for lay in layouts for r in time_layout(lay, args.T, args.window, modes, variants, old,
-                                                          args.rounds, args.per_round_s)]
-        print("\n" + table(rows), flush=True)
+        rows = [r for lay in layouts for r in time_layout(lay, sets, modes, variants, old, args.rounds,
+                                                          args.per_round_s, args.warm_only)]
+        if rows:
+            print("\n" + table(rows), flush=True)
         ok = True
     if args.json:
         with open(args.json, "w") as f:
