@@ -17,8 +17,8 @@ copy of kernels/swa from before GQA, importable as a package) multi-head attenti
 the old kernels bit for bit: the same kernels for MHA. --group-parts: the column kernels' group parts to check
 (common.group_parts: "rule", or a number forced). Exit status 1 on any failure.
 
-time: medians of CUDA-event times of CUDA-graph replays (no launch overhead: at 2K the Python launches would
-otherwise outlast the kernels; plain calls where capture fails), in interleaved rounds after warm-up, of fwd,
+time: the median over interleaved rounds of each round's median time of a CUDA graph's replays (benchmarks/timing.py
+graph_us: no launch overhead, which at 2K would outlast the kernels; plain calls where capture fails), of fwd,
 fwd+bwd, fwd+bwd+dbwd (autograd, as benchmarks/attention.py) and of the double backward's kernels alone ("dbwd"),
 at the shape sets of SETS, for
   gqa     the kernels on k, v with Hkv heads (gqa-pN: N group parts forced in the column kernels; gqa: the rule's)
@@ -44,7 +44,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: the repository root on the path, as `python -m` has it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from benchmarks.timing import cuda_event_ms  # noqa: E402
+from benchmarks.timing import cuda_event_ms, graph_us  # noqa: E402
 from ttt_e2e.kernels import swa  # noqa: E402
 from ttt_e2e.kernels.swa.reference import expand_kv  # noqa: E402
 
@@ -229,27 +229,15 @@ def peak_bytes(step):
     return torch.cuda.max_memory_allocated() - before
 
 
-def graphed(step, inner):
-    """(replay, calls per replay): a CUDA graph of `inner` calls of step (warmed up on a side stream first, as
-    capture wants), or (step, 1) where capture fails."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
+def per_call_ms(step, inner, reps):
+    """(ms per call: the median over reps replays of a CUDA graph of `inner` calls, whether a graph was used):
+    plain calls (CUDA events) where capture fails."""
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(inner):
-                step()
-        graph.replay()
-        torch.cuda.synchronize()
-        return graph.replay, inner
+        return graph_us(step, inner, reps) / 1e3, True
     except Exception as e:  # noqa: BLE001 - then time plain calls, and say so
         print(f"(CUDA graph capture failed: {type(e).__name__}: {str(e)[:120]}; plain calls)", flush=True)
         torch.cuda.synchronize()
-        return step, 1
+        return statistics.median(cuda_event_ms(step, reps * inner)), False
 
 
 def time_layout(layout, sets, modes, variants, old, rounds, per_round_s, warm_only=False, B=1):
@@ -277,22 +265,19 @@ def time_layout(layout, sets, modes, variants, old, rounds, per_round_s, warm_on
             t0 = time.perf_counter()
             steps[variants[0]]()
             torch.cuda.synchronize()
-            inner = max(1, min(10, int(0.01 / max(time.perf_counter() - t0, 1e-6))))  # replays of >= ~10 ms
-            replays = {var: graphed(step, inner) for var, step in steps.items()}
-            t0 = time.perf_counter()
-            next(iter(replays.values()))[0]()
-            torch.cuda.synchronize()
-            reps = max(2, min(50, int(per_round_s / max(time.perf_counter() - t0, 1e-6))))
-            times = {var: [] for var in steps}
+            call_s = max(time.perf_counter() - t0, 1e-6)
+            inner = max(1, min(10, int(0.01 / call_s)))  # replays of about 10 ms at least
+            reps = max(2, min(20, int(per_round_s / (inner * call_s))))
+            times, graphs = {var: [] for var in steps}, {}
             for _ in range(rounds):  # interleaved, so that a clock drop under sustained load hits every variant
-                for var, (replay, calls) in replays.items():
-                    times[var] += [t / calls for t in cuda_event_ms(replay, reps)]
-            row = dict(layout=layout, H=H, Hkv=HKV, D=D, B=B, shape=sname, mode=mode, reps=reps * rounds,
-                       graphs={var: calls for var, (_, calls) in replays.items()},
+                for var, step in steps.items():
+                    ms, graphs[var] = per_call_ms(step, inner, reps)
+                    times[var].append(ms)
+            row = dict(layout=layout, H=H, Hkv=HKV, D=D, B=B, shape=sname, mode=mode, rounds=rounds, inner=inner,
+                       reps=reps, graphs=graphs,
                        rule_parts=rule_parts(H, HKV, D, shape[1], B),
                        ms={var: statistics.median(ts) for var, ts in times.items()},
                        peak_gib={var: peak_bytes(step) / 2**30 for var, step in steps.items()})
-            del replays
             rows.append(row)
             print(fmt(row), flush=True)
             del steps
