@@ -13,8 +13,9 @@ materialized reference (`swa_reference`, which repeats K/V): bf16 against the fp
 bf16 inputs, under 1e-2 relative and no worse than 2x the materialized bf16 autograd's error (the rule of
 tests/kernels/test_swa_gpu.py); fp32 against float64 under 2e-5 (tests/kernels/test_swa.py's). Two runs must give
 the same bits (each kv head's gradient is one program's sum over its group, no atomics). With --baseline PKG (a
-copy of kernels/swa from before GQA, importable as a package) multi-head attention (kv heads = heads) must equal
-the old kernels bit for bit: the same kernels for MHA. --group-parts: the column kernels' group parts to check
+copy of kernels/swa from before GQA, importable as a package, e.g. `git archive 6cc5823 kernels/swa | tar -x -C /tmp
+&& cp -r /tmp/kernels/swa benchmarks/kernels/main_swa`, then `--baseline benchmarks.kernels.main_swa`) multi-head
+attention (kv heads = heads) must equal the old kernels bit for bit: the same kernels for MHA. --group-parts: the column kernels' group parts to check
 (common.group_parts: "rule", or a number forced). Exit status 1 on any failure.
 
 time: the median over interleaved rounds of each round's median time of a CUDA graph's replays (benchmarks/timing.py
