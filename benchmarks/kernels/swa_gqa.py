@@ -241,9 +241,10 @@ def per_call_ms(step, inner, reps):
         return statistics.median(cuda_event_ms(step, reps * inner)), False
 
 
-def time_layout(layout, sets, modes, variants, old, rounds, per_round_s, warm_only=False, B=1):
+def time_layout(layout, sets, modes, variants, old, rounds, per_round_s, warm_only=False, B=1, rows=None, save=None):
+    """Append a row per (shape, mode) to rows, calling save() after each (a run cut short keeps what it timed)."""
     H, HKV, D = LAYOUTS[layout]
-    rows = []
+    rows = [] if rows is None else rows
     for sname, shape in ((n, s) for name in sets for n, s in SETS[name].items()):
         q, k, v, do, cot = inputs(B, H, HKV, D, shape, torch.bfloat16, seed=7)
         kf, vf = expand_kv(k, H).contiguous(), expand_kv(v, H).contiguous()
@@ -281,6 +282,8 @@ def time_layout(layout, sets, modes, variants, old, rounds, per_round_s, warm_on
                        peak_gib={var: peak_bytes(step) / 2**30 for var, step in steps.items()})
             rows.append(row)
             print(fmt(row), flush=True)
+            if save:
+                save()
             del steps
             torch.cuda.empty_cache()
     return rows
@@ -358,15 +361,21 @@ def main(argv=None):
     else:
         old = importlib.import_module(args.baseline) if args.baseline else None
         variants = args.variants.split(",") + (["main"] if old else [])
-        rows = [r for lay in layouts for r in time_layout(lay, sets, modes, variants, old, args.rounds,
-                                                          args.per_round_s, args.warm_only)]
+        rows = []
+        for lay in layouts:
+            time_layout(lay, sets, modes, variants, old, args.rounds, args.per_round_s, args.warm_only, rows=rows,
+                        save=lambda: save(args.json, meta, rows))
         if rows:
             print("\n" + table(rows), flush=True)
         ok = True
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f)
+    save(args.json, meta, rows)
     return 0 if ok else 1
+
+
+def save(path, meta, rows):
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f)
 
 
 if __name__ == "__main__":
