@@ -2,12 +2,14 @@
 
     from ttt_e2e.kernels.swa import swa_attention, swa_reference
 
-    o = swa_attention(q, k, v, window, q_pos0=0, k_pos0=0, scale=None)   # q (B,H,Tq,D), k/v (B,H,Tk,D)
+    o = swa_attention(q, k, v, window, q_pos0=0, k_pos0=0, scale=None)   # q (B,H,Tq,D), k/v (B,Hkv,Tk,D)
     o, keys, values = swa_attention_cached(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0)
     o = swa_attention_split(q, k_cache, v_cache, k, v, window, q_pos0, k_pos0, rot=0)   # a constant cache
 
 Query i sits at position q_pos0 + i, key j at k_pos0 + j; key j is visible to query i iff
-q_pos - window < k_pos <= q_pos and k_pos >= 0. On CUDA tensors (or on the CPU under TRITON_INTERPRET=1, set
+q_pos - window < k_pos <= q_pos and k_pos >= 0. Grouped-query attention: k, v (and the caches) may have Hkv heads,
+Hkv dividing H; query head h reads kv head h // (H // Hkv) (Hugging Face's repeat_kv layout), read in place (K/V
+are never repeated), and the gradients of k, v come back with Hkv heads, summed over each group's query heads. On CUDA tensors (or on the CPU under TRITON_INTERPRET=1, set
 before this package is imported) the Triton kernels run; elsewhere the materialized `swa_reference`.
 """
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import as_kernel_operand, check_inputs, check_kernel_inputs, default_scale, use_triton
+from .common import as_kernel_operand, check_cache, check_inputs, check_kernel_inputs, default_scale, use_triton
 from .function import _SWACachedAttention, _SWAttention, _SWASplitAttention
 from .reference import swa_mask, swa_reference
 
@@ -41,6 +43,7 @@ def swa_attention_cached(q, k_cache, v_cache, k, v, window: int, q_pos0: int = 0
     (TTT's inner gradient, inference), the backward computes dK, dV of the block's keys only."""
     check_inputs(q, k, v, window, q_pos0, k_pos0, scale)
     check_inputs(q, k_cache, v_cache, window, q_pos0, k_pos0)
+    check_cache(k_cache, k)
     if not use_triton(q):
         keys, values = torch.cat((k_cache, k), 2), torch.cat((v_cache, v), 2)
         return swa_reference(q, keys, values, window, q_pos0, k_pos0, scale), keys, values
@@ -59,6 +62,7 @@ def swa_attention_split(q, k_cache, v_cache, k, v, window: int, q_pos0: int = 0,
     (j + rot) mod Tc, so that a step writes only its own b keys into it. Differentiable once, w.r.t. q, k, v."""
     check_inputs(q, k, v, window, q_pos0, k_pos0, scale)
     check_inputs(q, k_cache, v_cache, window, q_pos0, k_pos0)
+    check_cache(k_cache, k)
     tc = k_cache.shape[2]
     if not (0 <= rot < max(tc, 1)):
         raise ValueError(f"swa_attention_split: rot must lie in [0, {tc}) for a cache of {tc} keys, got {rot}")

@@ -8,6 +8,11 @@ dQ and dK/dV are separate launches rather than one kernel with atomic adds into 
 deterministic (the outer loop differentiates through this op again) at the cost of recomputing S and dP once more.
 Head dims that are not a power of two run as two column blocks, as in the forward (forward.py).
 
+Grouped-query attention: dQ's programs (per query head) read their kv head as the forward does; dK, dV's (per kv
+head and key tile) loop over the query heads of the group, so each kv head's gradient is one program's sum,
+deterministic, with no atomics; where that makes the grid short, a few programs share a group and their fp32
+partial sums are added after (common.group_parts).
+
 dQ reads its keys as the forward does (a cache, possibly a ring, then a block: forward.py). dK, dV can be
 restricted to the keys from index k_grad_from on: TTT's inner gradient treats the KV cache as a
 constant, and the cache's key tiles hold ~15/16 of the visible pairs of a suffix block at W = 8b.
@@ -17,11 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, block_d, dot_precision, empty_like_layout, head_split, key_parts, tile_config,
-                     unroll_ring)
+from .common import (LOG2E, block_d, dot_precision, empty_like_layout, group_parts, head_split, key_parts,
+                     kv_group, tile_config, unroll_ring)
 from .parts import sum_parts
-from .tiles import (key_range, part_range, query_range, source_tile, source_tile_is_full, tile_is_full, visible,
-                    visible_t)
+from .tiles import (key_range, kv_program, part_range, query_range, source_tile, source_tile_is_full, tile_is_full,
+                    visible, visible_t)
 
 
 @triton.jit
@@ -75,7 +80,7 @@ def _swa_bwd_dq_kernel(
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sk2b, sk2h, sk2t, sv2b, sv2h, sv2t, sdb, sdh, sdt, sgb, sgh, sgt,
     sgp, H, TQ, TK, SPLIT, ROT, WINDOW, Q_POS0, K_POS0, qk_scale, scale, NPARTS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SOURCES: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SOURCES: tl.constexpr, GROUP: tl.constexpr,
 ):
     # Last query tiles first: under a causal mask they see the most keys, so the long programs start early and
     # the short ones fill the tail of the launch.
@@ -84,9 +89,10 @@ def _swa_bwd_dq_kernel(
     part = tl.program_id(2)  # of NPARTS: with more than one, DQ is this part's fp32 partial sum
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    hk = h // GROUP  # the kv head of query head h (forward.py)
     Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
+    K += b * skb + hk * skh
+    V += b * svb + hk * svh
     DO += b * sdb + h * sdh
     DQ += b * sgb + h * sgh + part.to(tl.int64) * sgp
     LSE += bh.to(tl.int64) * TQ
@@ -118,8 +124,8 @@ def _swa_bwd_dq_kernel(
                            SPLIT, ROT, m0, q_pos, m_valid, offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0,
                            qk_scale, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
     if TWO_SOURCES:
-        K2 += b * sk2b + h * sk2h - SPLIT * sk2t
-        V2 += b * sv2b + h * sv2h - SPLIT * sv2t
+        K2 += b * sk2b + hk * sk2h - SPLIT * sk2t
+        V2 += b * sv2b + hk * sv2h - SPLIT * sv2t
         lo2 = tl.maximum(lo, (SPLIT // BLOCK_N) * BLOCK_N)
         acc, acc_t = _dq_tiles(q, q_t, do, do_t, lse, delta, acc, acc_t, K2, V2, sk2t, sv2t, lo2, hi, SPLIT, TK, 0,
                                m0, q_pos, m_valid, offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0,
@@ -134,25 +140,21 @@ def _swa_bwd_dq_kernel(
 @triton.jit
 def _swa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt, sgp,
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
 ):
-    # One program per key tile from key KG0 on; everything is computed transposed (keys as rows) so dK, dV
-    # accumulate in place. DK/DV row j holds key KG0 + j.
+    # One program per key tile from key KG0 on, of one kv head; everything is computed transposed (keys as rows)
+    # so dK, dV accumulate in place, over the query heads that read this kv head (grouped-query attention: a sum
+    # in a fixed order, no atomics). HEADS < GROUP: group parts (common.group_parts), program_id(2) sums HEADS of
+    # them into its own fp32 slot of DK, DV (sgp apart). DK/DV row j holds key KG0 + j.
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    DO += b * sdb + h * sdh
-    DK += b * sgb + h * sgh  # DK and DV are allocated alike: one set of strides
-    DV += b * sgb + h * sgh
-    LSE += bh.to(tl.int64) * TQ
-    DELTA += bh.to(tl.int64) * TQ
+    b, hk, g0, part = kv_program(H, GROUP, HEADS)
+    K += b * skb + hk * skh
+    V += b * svb + hk * svh
+    DK += b * sgb + hk * sgh + part * sgp  # DK and DV are allocated alike: one set of strides
+    DV += b * sgb + hk * sgh + part * sgp
 
     n0 = KG0 + pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -173,30 +175,37 @@ def _swa_bwd_dkdv_kernel(
     dv_t = tl.zeros([BLOCK_N, TAIL if TAIL > 0 else 16], dtype=tl.float32)
 
     lo, hi = query_range(n0, BLOCK_N, BLOCK_M, TQ, TK, WINDOW, Q_POS0, K_POS0)
-    for m0 in range(lo, hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < TQ
-        row_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
-        do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
-        lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        if TAIL > 0:
-            q_t = tl.load(Q + offs_m[:, None] * sqt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
-            do_t = tl.load(DO + offs_m[:, None] * sdt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
-            st = tl.dot(k_t, tl.trans(q_t), st, input_precision=DOT_PREC)
-            dpt = tl.dot(v_t, tl.trans(do_t), dpt, input_precision=DOT_PREC)
-        pt = tl.math.exp2(st * qk_scale - lse[None, :])
-        if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
-            pt = tl.where(visible_t(k_pos, Q_POS0 + offs_m, n_valid, m_valid, WINDOW), pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
-        if TAIL > 0:
-            dv_t += tl.dot(pt.to(do_t.dtype), do_t, input_precision=DOT_PREC)
-            dk_t += tl.dot(dst.to(q_t.dtype), q_t, input_precision=DOT_PREC)
+    for g in range(g0, g0 + HEADS):
+        h = hk * GROUP + g  # the group's query heads (this part's), in order
+        Qh = Q + b * sqb + h * sqh
+        DOh = DO + b * sdb + h * sdh
+        row0 = (tl.program_id(1).to(tl.int64) * GROUP + g) * TQ  # this head's rows of lse, delta: b * H + h
+        LSEh = LSE + row0
+        DELTAh = DELTA + row0
+        for m0 in range(lo, hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < TQ
+            row_mask = m_valid[:, None] & d_valid[None, :]
+            q = tl.load(Qh + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
+            do = tl.load(DOh + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
+            lse = tl.load(LSEh + offs_m, mask=m_valid, other=0.0)
+            delta = tl.load(DELTAh + offs_m, mask=m_valid, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            if TAIL > 0:
+                q_t = tl.load(Qh + offs_m[:, None] * sqt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
+                do_t = tl.load(DOh + offs_m[:, None] * sdt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
+                st = tl.dot(k_t, tl.trans(q_t), st, input_precision=DOT_PREC)
+                dpt = tl.dot(v_t, tl.trans(do_t), dpt, input_precision=DOT_PREC)
+            pt = tl.math.exp2(st * qk_scale - lse[None, :])
+            if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
+                pt = tl.where(visible_t(k_pos, Q_POS0 + offs_m, n_valid, m_valid, WINDOW), pt, 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+            if TAIL > 0:
+                dv_t += tl.dot(pt.to(do_t.dtype), do_t, input_precision=DOT_PREC)
+                dk_t += tl.dot(dst.to(q_t.dtype), q_t, input_precision=DOT_PREC)
 
     out_offs = (offs_n - KG0)[:, None] * sgt + offs_d[None, :]
     tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=col_mask)
@@ -252,24 +261,33 @@ def swa_backward_dq(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k2=N
         q, k, v, k2, v2, do, lse, delta, out, *_strides(q, k, v, k2, v2, do, out[0] if nparts > 1 else out),
         out.stride(0) if nparts > 1 else 0, H, TQ, TK, split, rot, window, q_pos0, k_pos0, scale * LOG2E, scale,
         nparts, HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), TWO_SOURCES=two,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GROUP=kv_group(q, k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq if nparts == 1 else sum_parts(out, dq)
 
 
 def swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_grad_from=0):
-    """(dk, dv) of the keys k_grad_from.. (in k's and v's dtypes, q's layout)."""
+    """(dk, dv) of the keys k_grad_from.. (in k's and v's dtypes and Hkv heads, q's layout), each kv head's summed
+    over the query heads of its group (in parts where the grid would be short: common.group_parts)."""
     B, H, TQ, D = q.shape
-    TK = k.shape[2]
+    HKV, TK = k.shape[1], k.shape[2]
+    shape = (B, HKV, TK - k_grad_from, D)
     # in q's layout (the model's k and v come out of the projections as q does); dv takes dk's strides
-    dk = empty_like_layout(q, (B, H, TK - k_grad_from, D), k.dtype)
-    dv = empty_like_layout(q, (B, H, TK - k_grad_from, D), v.dtype)
+    dk = empty_like_layout(q, shape, k.dtype)
+    dv = empty_like_layout(q, shape, v.dtype)
     main, tail = head_split(D)
     cfg = tile_config("bwd_dkdv", D, q.device, q.dtype)
-    _swa_bwd_dkdv_kernel[(triton.cdiv(TK - k_grad_from, cfg.block_n), B * H)](
-        q, k, v, do, lse, delta, dk, dv, *_strides(q, k, v, do, dk),
-        H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype),
+    group = kv_group(q, k)
+    grid = (triton.cdiv(TK - k_grad_from, cfg.block_n), B * HKV)
+    nparts = group_parts(grid[0] * grid[1], group, q.device, cfg.num_warps)
+    # the parts' fp32 partial sums in dk's memory order (sum_parts adds them element by element in that order)
+    out_k, out_v = (dk, dv) if nparts == 1 else (empty_like_layout(q, shape, torch.float32, nparts) for _ in "kv")
+    _swa_bwd_dkdv_kernel[(*grid, nparts)](
+        q, k, v, do, lse, delta, out_k, out_v, *_strides(q, k, v, do, out_k[0] if nparts > 1 else dk),
+        out_k.stride(0) if nparts > 1 else 0, H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), GROUP=group, HEADS=group // nparts,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if nparts > 1:
+        sum_parts(out_k, dk), sum_parts(out_v, dv)
     return dk, dv

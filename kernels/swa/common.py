@@ -49,14 +49,28 @@ def check_inputs(q, k, v, window, q_pos0, k_pos0, scale=None):
         raise ValueError(f"swa_attention: device mismatch q {q.device}, k {k.device}, v {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"swa_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"swa_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"swa_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head dim")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"swa_attention: k's {k.shape[1]} heads must divide q's {q.shape[1]} (grouped-query "
+                         f"attention: query head h reads kv head h // (H // Hkv))")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"swa_attention: window must be an int >= 1, got {window!r}")
     for name, p in (("q_pos0", q_pos0), ("k_pos0", k_pos0)):
         if isinstance(p, bool) or not isinstance(p, int):
             raise ValueError(f"swa_attention: {name} must be an int, got {p!r}")
+
+
+def check_cache(k_cache, k):
+    """The cache and the block's keys are one sequence: as many heads in both."""
+    if k_cache.shape[1] != k.shape[1]:
+        raise ValueError(f"swa_attention: the cache has {k_cache.shape[1]} kv heads, the block's keys "
+                         f"{k.shape[1]}: they must agree")
+
+
+def kv_group(q, k) -> int:
+    """Query heads per kv head (1: multi-head attention); query head h reads kv head h // group."""
+    return q.shape[1] // k.shape[1]
 
 
 def check_kernel_inputs(q):
@@ -238,3 +252,29 @@ def key_parts(kernel: str, programs: int, tk: int, block_n: int, device: torch.d
     if programs >= FULL_ENOUGH * slots:
         return 1
     return max(1, min(MAX_KEY_PARTS, triton.cdiv(slots, programs), tk // (4 * block_n)))
+
+
+# Group parts (grouped-query attention): the column-parallel kernels (dK/dV, the double backward's grad K/V) run one
+# program per key tile of a kv head, summing over the group's query heads: `group` times fewer programs than
+# multi-head attention, each `group` times longer. Where that leaves slots idle, or loads them unevenly (a window's
+# last key tiles see fewer queries, and few long programs cannot even that out), each group's heads are split over
+# several programs (a divisor of the group), which write fp32 partial sums that one more launch adds up in a fixed
+# order (parts.sum_parts): deterministic, as without parts. GROUP_WAVES (programs wanted per slot) is a tuning knob
+# (benchmarks/kernels/swa_gqa.py).
+GROUP_WAVES = 2
+# An override for experiments and tests: the largest divisor of the group not above it (1: never split).
+GROUP_PARTS_OVERRIDE: int | None = (int(os.environ["TTT_E2E_SWA_GROUP_PARTS"])
+                                    if os.environ.get("TTT_E2E_SWA_GROUP_PARTS") else None)
+
+
+def group_parts(programs: int, group: int, device: torch.device, num_warps: int = 4) -> int:
+    """Into how many parts to split each group's query heads in a column-parallel launch of `programs` programs
+    (one per key tile and kv head): the fewest (a divisor of group) that give GROUP_WAVES programs per slot (two
+    4-warp programs per SM), else the whole group (one query head a program, as multi-head attention runs)."""
+    divisors = [p for p in range(1, group + 1) if group % p == 0]
+    if GROUP_PARTS_OVERRIDE is not None:
+        return max(p for p in divisors if p <= max(1, GROUP_PARTS_OVERRIDE))
+    if group == 1 or device.type != "cuda":
+        return 1
+    slots = _num_sms(device.index or 0) * max(1, 8 // num_warps)
+    return next((p for p in divisors if programs * p >= GROUP_WAVES * slots), group)

@@ -3,6 +3,9 @@
 Saves lse (fp32, base-2 units: log2 of the row's softmax normalizer including the max) for the backward passes,
 which recompute P = exp2(S * log2e * scale - lse) per tile instead of storing P.
 
+Grouped-query attention: a program (one query tile of one query head h) reads kv head h // GROUP where it lies;
+the GROUP query heads of a kv head are neighbours in the grid, so their programs share its K/V tiles in L2.
+
 The keys may come from two tensors, a KV cache then a block (inference reads both where they lie rather than
 concatenating them), the cache possibly a ring rotated by whole tiles (`_fwd_tiles`).
 
@@ -24,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, dot_precision, empty_like_layout, forward_tile, head_split, key_descriptors, key_parts,
-                     unroll_ring)
+                     kv_group, unroll_ring)
 from .parts import merge_forward
 from .tiles import key_range, part_range, source_tile, source_tile_desc, source_tile_is_full, visible
 
@@ -81,6 +84,7 @@ def _swa_fwd_kernel(
     H, TQ, TK, SPLIT, ROT, WINDOW, Q_POS0, K_POS0, qk_scale, NPARTS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, TWO_SOURCES: tl.constexpr, DESC: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     # Last query tiles first: under a causal mask they see the most keys, so the long programs start early and
     # the short ones fill the tail of the launch.
@@ -89,11 +93,13 @@ def _swa_fwd_kernel(
     part = tl.program_id(2)  # of NPARTS: with more than one, O and LSE are this part's fp32 partial results
     b_i = bh // H  # int32 coordinates for the descriptors
     h_i = bh % H
+    hk_i = h_i // GROUP  # the kv head this query head reads (grouped-query attention; GROUP 1: h)
     b = b_i.to(tl.int64)
     h = h_i.to(tl.int64)
+    hk = hk_i.to(tl.int64)
     Q += b * sqb + h * sqh
-    K += b * skb + h * skh
-    V += b * svb + h * svh
+    K += b * skb + hk * skh
+    V += b * svb + hk * svh
     O += b * sob + h * soh + part.to(tl.int64) * sop
     LSE += bh.to(tl.int64) * TQ + part.to(tl.int64) * slp
 
@@ -120,15 +126,15 @@ def _swa_fwd_kernel(
     lo, hi = key_range(m0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
     lo, hi = part_range(lo, hi, part, NPARTS, BLOCK_N)
     m_i, l_i, acc, acc_t = _fwd_tiles(
-        q, q_t, m_i, l_i, acc, acc_t, K, V, KD, VD, KTD, VTD, b_i, h_i, 0, skt, svt, lo, tl.minimum(hi, SPLIT), 0,
+        q, q_t, m_i, l_i, acc, acc_t, K, V, KD, VD, KTD, VTD, b_i, hk_i, 0, skt, svt, lo, tl.minimum(hi, SPLIT), 0,
         SPLIT, ROT, m0, q_pos, m_valid, offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, BLOCK_M,
         BLOCK_N, BLOCK_D, TAIL, DOT_PREC, DESC)
     if TWO_SOURCES:
-        K2 += b * sk2b + h * sk2h - SPLIT * sk2t
-        V2 += b * sv2b + h * sv2h - SPLIT * sv2t
+        K2 += b * sk2b + hk * sk2h - SPLIT * sk2t
+        V2 += b * sv2b + hk * sv2h - SPLIT * sv2t
         lo2 = tl.maximum(lo, (SPLIT // BLOCK_N) * BLOCK_N)
         m_i, l_i, acc, acc_t = _fwd_tiles(
-            q, q_t, m_i, l_i, acc, acc_t, K2, V2, K2D, V2D, K2TD, V2TD, b_i, h_i, SPLIT, sk2t, sv2t, lo2, hi,
+            q, q_t, m_i, l_i, acc, acc_t, K2, V2, K2D, V2D, K2TD, V2TD, b_i, hk_i, SPLIT, sk2t, sv2t, lo2, hi,
             SPLIT, TK, 0, m0, q_pos, m_valid, offs_d, offs_t, d_valid, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale,
             BLOCK_M, BLOCK_N, BLOCK_D, TAIL, DOT_PREC, DESC)
 
@@ -146,7 +152,8 @@ def _swa_fwd_kernel(
 
 def swa_forward(q, k, v, window, q_pos0, k_pos0, scale, k2=None, v2=None, rot=0):
     """o (q's shape, in q's layout: common.empty_like_layout) and lse (B*H, Tq) fp32 in base-2 units. Inputs
-    already checked, head dim stride 1.
+    already checked, head dim stride 1; k, v (and k2, v2) have Hkv heads, Hkv dividing q's H (grouped-query
+    attention: query head h reads kv head h // (H // Hkv), in place).
     k2, v2: more keys/values after k, v (the keys are cat(k, k2), read in place: no concatenation). rot: k, v
     are a ring whose first key sits at row rot (the keys are cat(k.roll(-rot, 2), k2))."""
     B, H, TQ, D = q.shape
@@ -174,7 +181,8 @@ def swa_forward(q, k, v, window, q_pos0, k_pos0, scale, k2=None, v2=None, rot=0)
         o_out.stride(0) if nparts > 1 else 0, lse_out.stride(0) if nparts > 1 else 0,
         H, TQ, TK, split, rot, window, q_pos0, k_pos0, scale * LOG2E, nparts,
         HEAD_DIM=D, BLOCK_D=main, TAIL=tail, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DOT_PREC=dot_precision(q.dtype), TWO_SOURCES=two, DESC=descs is not None, num_warps=cfg.num_warps,
+        DOT_PREC=dot_precision(q.dtype), TWO_SOURCES=two, DESC=descs is not None, GROUP=kv_group(q, k),
+        num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     if nparts > 1:

@@ -1,6 +1,7 @@
-"""The second launch of a row-parallel kernel whose key range was split into parts (common.key_parts): each part's
-program wrote fp32 partial results; these add them up (dQ: a plain sum over keys) or merge them by their
-log-sum-exp (the forward). The parts are added in a fixed order: the result
+"""The second launch of a row-parallel kernel whose key range was split into parts (common.key_parts), or of a
+column-parallel one whose group of query heads was (common.group_parts): each part's program wrote fp32 partial
+results; these add them up (dQ: a plain sum over keys; dK, dV, grad K, grad V: over query heads) or merge them by
+their log-sum-exp (the forward). The parts are added in a fixed order: the result
 is deterministic, as without parts.
 """
 

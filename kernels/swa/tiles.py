@@ -114,3 +114,19 @@ def source_tile_desc(KD, VD, b, h, n0, N_LO, N_HI, ROT, BASE, BLOCK_N: tl.conste
     k = tl.reshape(KD.load([b, h, row, 0]), [BLOCK_N, BLOCK_D])
     v = tl.reshape(VD.load([b, h, row, 0]), [BLOCK_N, BLOCK_D])
     return offs_n, n_valid, row, k, v
+
+
+@triton.jit
+def kv_program(H, GROUP: tl.constexpr, HEADS: tl.constexpr):
+    """(b, kv head, g0, part) of a column-parallel program (grid: key tiles, batch x kv heads, group parts): it sums
+    over the HEADS query heads g0.. of its kv head's group of GROUP (grouped-query attention; all of them, g0 = 0,
+    without parts) and, with group parts (HEADS < GROUP: common.group_parts), writes its fp32 partial sums into
+    slot `part` (int64; 0 without parts)."""
+    bhk = tl.program_id(1)
+    b = (bhk // (H // GROUP)).to(tl.int64)
+    hk = (bhk % (H // GROUP)).to(tl.int64)
+    if HEADS < GROUP:
+        part = tl.program_id(2)
+    else:
+        part = tl.full([], 0, tl.int32)
+    return b, hk, part * HEADS, part.to(tl.int64)

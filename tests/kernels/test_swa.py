@@ -3,7 +3,8 @@
 On a CPU the kernels run in the Triton interpreter (conftest.py sets TRITON_INTERPRET=1) in fp32 with 16x16 tiles;
 on a GPU the same cases run compiled (fp32 operands with IEEE products). Shapes are small and ragged: lengths not
 multiples of the tile, windows below/at/above the length, head dim 80 (padded tile), KV-cache offsets with
-negative positions, Tq != Tk. Every case draws fresh random inputs.
+negative positions, Tq != Tk; grouped-query attention (k, v with fewer heads than q) at the end. Every case draws
+fresh random inputs.
 """
 
 import os
@@ -292,7 +293,7 @@ def test_cached_attention_forward_and_bad_cache():
     o, keys, values = swa_attention_cached(q, kc, vc, k, v, 12, 7, 0)
     ref = cached_reference(q, kc, vc, k, v, 12, 7, 0)
     assert rel_err(o, ref[0]) < TOL and torch.equal(keys, ref[1]) and torch.equal(values, ref[2])
-    with pytest.raises(ValueError, match="batch, heads and head dim"):
+    with pytest.raises(ValueError, match="batch and head dim"):
         swa_attention_cached(q, fresh_randn(1, 2, 7, 32), fresh_randn(1, 2, 7, 32), k, v, 12, 7, 0)
     with pytest.raises(ValueError, match="dtype mismatch"):
         swa_attention_cached(q, kc.double(), vc, k, v, 12, 7, 0)
@@ -402,7 +403,9 @@ def test_bad_inputs_raise_value_error():
         swa_attention(x, x, x, 4)
     with pytest.raises(ValueError, match="dtype mismatch"):
         swa_attention(q, q.double(), q, 4)
-    with pytest.raises(ValueError, match="batch, heads and head dim"):
+    with pytest.raises(ValueError, match="batch and head dim"):
+        swa_attention(q, fresh_randn(2, 2, 8, 32), fresh_randn(2, 2, 8, 32), 4)
+    with pytest.raises(ValueError, match="k's 3 heads must divide q's 2"):
         swa_attention(q, fresh_randn(1, 3, 8, 32), fresh_randn(1, 3, 8, 32), 4)
     with pytest.raises(ValueError, match="same shape"):
         swa_attention(q, q, fresh_randn(1, 2, 9, 32), 4)
@@ -555,3 +558,171 @@ def test_descriptor_loads_equal_pointer_loads(monkeypatch, B, H, TQ, TC, D, W, Q
     odd = fresh_randn(B, H, TQ, D + 1, dtype=torch.float16)[..., 1:]  # 2 bytes off, rows 2 (D + 1) bytes apart
     assert common.key_descriptors((k.float(), v, k, v), 16, *common.head_split(D)) is None
     assert common.key_descriptors((odd, v, k, v), 16, *common.head_split(D)) is None
+
+
+# --- grouped-query attention ---------------------------------------------------------------------------------------
+# k, v with Hkv heads, query head h reading kv head h // (H // Hkv); the reference repeats K/V (expand_kv), the
+# kernels read them in place, and dk, dv (and the double backward's grad k, grad v) come back with Hkv heads, each
+# the sum over its group's query heads. Cases with two or more kv heads tell h // group from h % Hkv.
+
+def _compare_gqa(B, H, HKV, TQ, TK, D, W, QP, KP, used="qkv"):
+    q, k, v = fresh_randn(B, H, TQ, D), fresh_randn(B, HKV, TK, D), fresh_randn(B, HKV, TK, D)
+    do = fresh_randn(B, H, TQ, D)
+    cot = tuple(fresh_randn(*x.shape) if n in used else None for n, x in zip("qkv", (q, k, v)))
+    got = _run_all(swa_attention, q, k, v, do, cot, W, QP, KP, torch.float32)
+    ref = _run_all(swa_reference, q, k, v, do, cot, W, QP, KP, torch.float64)
+    for n, a, b in zip(NAMES, got, ref):
+        assert a.shape == b.shape, (n, a.shape, b.shape)  # dk, dv, grad k, grad v: Hkv heads
+    errs = {n: rel_err(a, b) for n, a, b in zip(NAMES, got, ref)}
+    assert all(e < TOL for e in errs.values()), errs
+    for n, a, b in zip(NAMES, got, ref):
+        if used != "qkv" and b.norm() == 0:  # a missing cotangent's terms are skipped, not computed as zeros
+            assert a.abs().max() == 0, n
+
+
+# (B, H, Hkv, Tq, Tk, D, window, q_pos0, k_pos0)
+GQA_CASES = [
+    pytest.param(1, 2, 2, 20, 45, 16, 16, 30, 5, id="g1-tq-ne-tk-offsets"),
+    pytest.param(2, 4, 2, 37, 37, 16, 10, 0, 0, id="g2-prefix-T37-W10"),
+    pytest.param(1, 4, 1, 20, 44, 32, 24, 20, -4, id="g4-one-kv-head-suffix-cache-negative"),
+    pytest.param(1, 8, 2, 33, 33, 16, 1, 0, 0, id="g4-W1-diagonal-only"),
+    pytest.param(1, 4, 2, 18, 43, 80, 25, 7, -18, id="g2-D80-ragged"),
+    pytest.param(1, 6, 2, 40, 64, 32, 100, 0, -24, id="g3-window-beyond-everything"),
+]
+
+
+@pytest.mark.parametrize("B,H,HKV,TQ,TK,D,W,QP,KP", GQA_CASES)
+def test_gqa_fwd_bwd_double_bwd_vs_reference(B, H, HKV, TQ, TK, D, W, QP, KP):
+    _compare_gqa(B, H, HKV, TQ, TK, D, W, QP, KP)
+
+
+@pytest.mark.parametrize("used", ["k", "qv"])
+def test_gqa_double_backward_with_missing_cotangents(used):
+    _compare_gqa(1, 4, 2, 21, 40, 32, 22, 19, -3, used)
+
+
+def test_gqa_key_parts(monkeypatch):
+    """The forward's and dQ's key range split over programs (parts.py) with query heads reading shared kv heads."""
+    monkeypatch.setattr(common, "KEY_PARTS_OVERRIDE", 3)
+    _compare_gqa(1, 4, 2, 40, 70, 32, 30, 30, 0)
+
+
+def test_gqa_model_layout():
+    """q, dO as the model's (B, T, H, D) views, k, v as (B, T, Hkv, D) views: read by their strides, and every
+    output in that layout (dk, dv and grad k, grad v with Hkv heads)."""
+    B, H, HKV, T, D, W = 2, 4, 2, 27, 32, 9
+    q, do = (fresh_randn(B, T, H, D).transpose(1, 2) for _ in range(2))
+    k, v, gk, gv = (fresh_randn(B, T, HKV, D).transpose(1, 2) for _ in range(4))
+    cot = (fresh_randn(B, T, H, D).transpose(1, 2), gk, gv)
+    got = _run_all(swa_attention, q, k, v, do, cot, W, 0, 0, torch.float32)
+    ref = _run_all(swa_reference, q, k, v, do, cot, W, 0, 0, torch.float64)
+    errs = {n: rel_err(a, b) for n, a, b in zip(NAMES, got, ref)}
+    assert all(e < TOL for e in errs.values()), errs
+    for n, a in zip(NAMES, got):
+        assert a.stride(1) < a.stride(2), (n, a.stride())  # heads inside time
+
+
+def test_gqa_cached_inner_gradient_then_outer():
+    """TTT's suffix pattern with kv heads: the inner gradient (cache a constant, dK, dV of the block only), then
+    the outer gradient w.r.t. everything, cache included, through the double backward."""
+    B, H, HKV, TQ, TC, D, W, QP = 1, 4, 2, 13, 21, 16, 20, 21
+    q = fresh_randn(B, H, TQ, D)
+    k, v, kc, vc = fresh_randn(B, HKV, TQ, D), fresh_randn(B, HKV, TQ, D), fresh_randn(B, HKV, TC, D), \
+        fresh_randn(B, HKV, TC, D)
+    cot = [fresh_randn(B, H, TQ, D), fresh_randn(B, H, TQ, D), fresh_randn(B, HKV, TQ, D), fresh_randn(B, HKV, TQ, D),
+           fresh_randn(B, H, TQ, D), fresh_randn(B, HKV, TC + TQ, D), fresh_randn(B, HKV, TC + TQ, D)]
+    got = inner_then_outer(swa_attention_cached, q, k, v, kc, vc, cot, W, QP)
+    ref = inner_then_outer(cached_reference, *(t.double() for t in (q, k, v, kc, vc)), cot, W, QP)
+    errs = [rel_err(a, b) for a, b in zip(got, ref)]
+    assert all(e < TOL for e in errs), errs
+
+
+# (B, H, Hkv, Tq, Tc, D, window, q_pos0): a constant cache (a ring) and a block, read where they lie
+GQA_SPLIT = [
+    pytest.param(1, 4, 2, 16, 48, 16, 48, 16, id="g2-ring-early"),
+    pytest.param(1, 4, 1, 13, 21, 32, 20, 21, id="g4-boundary-inside-a-tile"),
+]
+
+
+@pytest.mark.parametrize("B,H,HKV,TQ,TC,D,W,QP", GQA_SPLIT)
+def test_gqa_split_vs_reference(B, H, HKV, TQ, TC, D, W, QP):
+    """Forward for several ring rotations (whole tiles: rotated in the kernels; else rolled first), and the inner
+    gradient (dq, and dk, dv of the block with Hkv heads) through torch.func."""
+    q, do = fresh_randn(B, H, TQ, D), fresh_randn(B, H, TQ, D)
+    k, v, kc, vc = (fresh_randn(B, HKV, n, D) for n in (TQ, TQ, TC, TC))
+    ref = cached_reference(*(t.double() for t in (q, kc, vc, k, v)), W, QP, QP - TC)[0]
+    for rot in (0, 16 if TC % 16 == 0 else TC // 3):
+        with torch.no_grad():
+            o = swa_attention_split(q, _ring(kc, rot), _ring(vc, rot), k, v, W, QP, QP - TC, rot=rot)
+        assert rel_err(o, ref) < TOL, rot
+
+    def loss(q, k, v, kc, vc, fn):
+        return (fn(q, kc, vc, k, v) * do.to(q.dtype)).sum()
+
+    rot = 16 if TC % 16 == 0 else TC // 3
+    ours = lambda q, kc, vc, k, v: swa_attention_split(q, kc, vc, k, v, W, QP, QP - TC, rot=rot)  # noqa: E731
+    theirs = lambda q, kc, vc, k, v: cached_reference(q, kc, vc, k, v, W, QP, QP - TC)[0]  # noqa: E731
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(q, k, v, _ring(kc, rot), _ring(vc, rot), ours)
+    want = torch.func.grad(loss, argnums=(0, 1, 2))(*(t.double() for t in (q, k, v, kc, vc)), theirs)
+    assert [g.shape[1] for g in got] == [H, HKV, HKV]
+    errs = [rel_err(a, b) for a, b in zip(got, want)]
+    assert all(e < TOL for e in errs), errs
+
+
+def test_gqa_bad_heads_raise_value_error():
+    q, k = fresh_randn(1, 6, 8, 16), fresh_randn(1, 4, 8, 16)
+    with pytest.raises(ValueError, match="k's 4 heads must divide q's 6"):
+        swa_attention(q, k, k, 4)
+    kc, k2 = fresh_randn(1, 3, 5, 16), fresh_randn(1, 2, 8, 16)
+    for fn in (swa_attention_cached, swa_attention_split):
+        with pytest.raises(ValueError, match="the cache has 3 kv heads, the block's keys 2"):
+            fn(q, kc, kc, k2, k2, 4, 5, 0)
+
+
+def test_gqa_descriptor_loads(monkeypatch):
+    """16-bit keys and values go through TMA descriptors (indexed by kv head) in the forward: the same bits as
+    the pointer loads, and the reference's output, for a ring cache then a block with 2 query heads per kv head."""
+    from ttt_e2e.kernels.swa import forward
+    B, H, HKV, TQ, TC, D, W, QP, rot = 1, 4, 2, 16, 48, 16, 48, 16, 16
+    q = fresh_randn(B, TQ, H, D, dtype=torch.float16).transpose(1, 2)
+    k, v, kc, vc = (fresh_randn(B, n, HKV, D, dtype=torch.float16).transpose(1, 2) for n in (TQ, TQ, TC, TC))
+    assert common.key_descriptors((kc, vc, k, v), 16, *common.head_split(D)) is not None
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(forward, "USE_DESCRIPTORS", on)
+        outs.append(forward.swa_forward(q, _ring(kc, rot), _ring(vc, rot), W, QP, QP - TC, D ** -0.5, k, v, rot))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    ref = cached_reference(*(t.double() for t in (q, kc, vc, k, v)), W, QP, QP - TC)[0]
+    assert rel_err(outs[0][0], ref) < 2e-3  # fp16 operands (as test_split_forward_vs_reference)
+
+
+@pytest.mark.parametrize("nparts", [2, 4])
+def test_gqa_group_parts(monkeypatch, nparts):
+    """Each group's query heads split over several programs in dK/dV and the double backward's grad K/V (fp32
+    partial sums, added after by sum_parts), in the model's layout: still the reference's results."""
+    from ttt_e2e.kernels.swa import backward, double_backward
+    monkeypatch.setattr(common, "GROUP_PARTS_OVERRIDE", nparts)
+    calls = []
+    for mod in (backward, double_backward):
+        monkeypatch.setattr(mod, "sum_parts", lambda p, o, _m=mod.__name__, _r=mod.sum_parts: calls.append(_m)
+                            or _r(p, o))
+    test_gqa_model_layout()
+    _compare_gqa(1, 8, 2, 20, 44, 32, 24, 20, -4, "kv")
+    assert sorted(set(calls)) == ["ttt_e2e.kernels.swa.backward", "ttt_e2e.kernels.swa.double_backward"], calls
+
+
+def test_group_parts_rule(monkeypatch):
+    """Parts only for groups, on a GPU, where the programs give fewer than GROUP_WAVES per slot: the fewest
+    (a divisor of the group) that do, else the whole group."""
+    monkeypatch.setattr(common, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(common, "GROUP_PARTS_OVERRIDE", None)
+    gpu = torch.device("cuda", 0)
+    assert common.group_parts(10, 1, gpu) == 1  # multi-head attention
+    assert common.group_parts(1000, 4, gpu) == 1  # 528 slots x 2 waves reached alone
+    assert common.group_parts(256, 4, gpu) == 4  # 2 x 256 < 528 <= 4 x 256
+    assert common.group_parts(300, 4, gpu) == 2
+    assert common.group_parts(100, 4, gpu) == 4 and common.group_parts(100, 6, gpu) == 6
+    assert common.group_parts(128, 4, gpu, num_warps=8) == 4 and common.group_parts(140, 4, gpu, num_warps=8) == 2
+    assert common.group_parts(10, 4, torch.device("cpu")) == 1
+    monkeypatch.setattr(common, "GROUP_PARTS_OVERRIDE", 3)
+    assert common.group_parts(10, 4, gpu) == 2 and common.group_parts(10, 6, gpu) == 3

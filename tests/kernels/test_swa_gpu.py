@@ -52,12 +52,30 @@ SHAPES = [
 @pytest.mark.parametrize("D", [64, 80, 128])
 @pytest.mark.parametrize("TQ,TK,W,QP,KP", SHAPES)
 def test_bf16_real_shapes(TQ, TK, W, QP, KP, D):
+    _check_bf16(2, 2, TQ, TK, W, QP, KP, D)
+
+
+# Grouped-query attention at Llama-3.2-1B's head layout (32 query heads, 8 kv heads, head dim 64) and Qwen3's (head
+# dim 128): a prefix and a suffix block after a cache of W keys (Tq, Tk, window, q_pos0, k_pos0).
+GQA_SHAPES = [
+    pytest.param(2048, 2048, 1024, 0, 0, id="prefix-T2048-W1024"),
+    pytest.param(512, 1536, 1024, 1024, 0, id="suffix-b512-W1024"),
+]
+
+
+@pytest.mark.parametrize("D", [64, 128], ids=["llama-3.2-1b", "qwen3"])
+@pytest.mark.parametrize("TQ,TK,W,QP,KP", GQA_SHAPES)
+def test_bf16_gqa_layouts(TQ, TK, W, QP, KP, D):
+    _check_bf16(32, 8, TQ, TK, W, QP, KP, D)
+
+
+def _check_bf16(H, HKV, TQ, TK, W, QP, KP, D):
     torch.backends.cuda.matmul.allow_tf32 = False
-    g = torch.Generator(device="cuda").manual_seed(TQ * 7 + TK * 3 + W + QP + D)
-    B, H = 1, 2
-    mk = lambda T: torch.randn(B, H, T, D, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
-    q, k, v, do = mk(TQ), mk(TK), mk(TK), mk(TQ)
-    cot = (mk(TQ), mk(TK), mk(TK))
+    g = torch.Generator(device="cuda").manual_seed(TQ * 7 + TK * 3 + W + QP + D + H - HKV)
+    B = 1
+    mk = lambda h, T: torch.randn(B, h, T, D, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
+    q, k, v, do = mk(H, TQ), mk(HKV, TK), mk(HKV, TK), mk(H, TQ)
+    cot = (mk(H, TQ), mk(HKV, TK), mk(HKV, TK))
     ref = _run_all(swa_reference, q, k, v, do, cot, W, QP, KP, torch.float32)
     mat = _run_all(swa_reference, q, k, v, do, cot, W, QP, KP, torch.bfloat16)
     torch.cuda.empty_cache()
@@ -65,7 +83,7 @@ def test_bf16_real_shapes(TQ, TK, W, QP, KP, D):
     got = _run_all(swa_attention, q, k, v, do, cot, W, QP, KP, torch.bfloat16)
     errs = {n: _rel(a, b) for n, a, b in zip(NAMES, got, ref)}
     mat_errs = {n: _rel(a, b) for n, a, b in zip(NAMES, mat, ref)}
-    print(f"\n[T{TQ}x{TK} W{W} q0={QP} D{D}] triton " + " ".join(f"{n}={e:.1e}" for n, e in errs.items())
+    print(f"\n[T{TQ}x{TK} W{W} q0={QP} H{H}/{HKV} D{D}] triton " + " ".join(f"{n}={e:.1e}" for n, e in errs.items())
           + "\n    materialized-bf16 " + " ".join(f"{n}={e:.1e}" for n, e in mat_errs.items()))
     assert all(e < TOL for e in errs.values()), errs
     assert all(errs[n] < 2 * mat_errs[n] + 1e-3 for n in NAMES), (errs, mat_errs)
@@ -77,13 +95,24 @@ def test_bf16_cached_inner_gradient_then_outer(QP, D):
     """The suffix's pattern at its real shape (b = 1024 queries after the W = 8192 keys before them, fewer
     early on), bf16: the inner gradient w.r.t. the block (the kernels skip the cache's key gradients there),
     differentiated again w.r.t. everything; same tolerance and yardstick as above."""
+    _check_bf16_cached(2, 2, 1024, 8192, QP, D)
+
+
+@pytest.mark.parametrize("D", [64, 128], ids=["llama-3.2-1b", "qwen3"])
+@pytest.mark.parametrize("QP", [512, 2048], ids=["early", "full-cache"])
+def test_bf16_gqa_cached_inner_gradient_then_outer(QP, D):
+    """The same with 32 query heads reading 8 kv heads, a 512-query block after up to W = 1024 cache keys."""
+    _check_bf16_cached(32, 8, 512, 1024, QP, D)
+
+
+def _check_bf16_cached(H, HKV, TQ, W, QP, D):
     torch.backends.cuda.matmul.allow_tf32 = False
-    g = torch.Generator(device="cuda").manual_seed(QP + D)
-    B, H, TQ, W = 1, 2, 1024, 8192
+    g = torch.Generator(device="cuda").manual_seed(QP + D + H - HKV)
+    B = 1
     TC = min(QP, W)
-    mk = lambda T: torch.randn(B, H, T, D, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
-    q, k, v, kc, vc = mk(TQ), mk(TQ), mk(TQ), mk(TC), mk(TC)
-    cot = [mk(TQ) for _ in range(5)] + [mk(TC + TQ) for _ in range(2)]
+    mk = lambda h, T: torch.randn(B, h, T, D, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
+    q, k, v, kc, vc = mk(H, TQ), mk(HKV, TQ), mk(HKV, TQ), mk(HKV, TC), mk(HKV, TC)
+    cot = [mk(H, TQ), mk(H, TQ), mk(HKV, TQ), mk(HKV, TQ), mk(H, TQ)] + [mk(HKV, TC + TQ) for _ in range(2)]
     ref = inner_then_outer(cached_reference, *(t.float() for t in (q, k, v, kc, vc)), cot, W, QP)
     mat = inner_then_outer(cached_reference, q, k, v, kc, vc, cot, W, QP)
     torch.cuda.empty_cache()
@@ -92,7 +121,7 @@ def test_bf16_cached_inner_gradient_then_outer(QP, D):
     names = ("q", "k", "v", "k_cache", "v_cache")
     errs = {n: _rel(a.float(), b) for n, a, b in zip(names, got, ref)}
     mat_errs = {n: _rel(a.float(), b) for n, a, b in zip(names, mat, ref)}
-    print(f"\n[cached q0={QP} D{D}] triton " + " ".join(f"{n}={e:.1e}" for n, e in errs.items())
+    print(f"\n[cached q0={QP} H{H}/{HKV} D{D}] triton " + " ".join(f"{n}={e:.1e}" for n, e in errs.items())
           + "\n    materialized-bf16 " + " ".join(f"{n}={e:.1e}" for n, e in mat_errs.items()))
     assert all(e < TOL for e in errs.values()), errs
     assert all(errs[n] < 2 * mat_errs[n] + 1e-3 for n in names), (errs, mat_errs)
