@@ -1,4 +1,4 @@
-"""GPU evidence for issue 23 on one GPU: graphed DDP = eager DDP, DDP-graphed vs single-GPU-graphed step time, 3B
+"""GPU evidence for issues 23 and 31 on one GPU: graphed DDP = eager DDP, DDP-graphed vs single-GPU-graphed step time, 3B
 meta-training under FSDP2 with CPU offload, and what eager FSDP2 costs. Every figure comes from the trainer's own
 metrics of a real `python train.py` / `torchrun train.py` job (benchmarks/scaling.py's worker: Hydra composition
 of conf/experiment/<size>/pretrain/<mode>, stdlib bytes as data, no eval, no checkpoints, batch 1 x T = 8192).
@@ -15,6 +15,13 @@ Parts:
   c  3B e2e meta-training under FSDP2 on one GPU with CPU offload (and without, last: it may not fit):
      step time and peak GPU memory.
   d  125M e2e: eager FSDP2 (1 rank) against graphed DDP (from b): what FSDP2 costs.
+  e  correctness of graphed FSDP2 (issue 31): a small model in bf16 (the default precision, the same Triton kernels),
+     torchrun with 1 rank (NCCL): graphed FSDP2 (train/sharded.py) against eager FSDP2, 8 steps with
+     accumulation: losses and gradient norms.
+  f  --sizes, torchrun with 1 rank: graphed FSDP2 e2e against graphed DDP e2e (target <= 1.15), and fa on the
+     graphed FSDP2 path (meta / pretrain target <= 1.8).
+  g  3B at T = 8192 under FSDP2 without offload (remat of the inner loop and the prefix): e2e graphed, e2e eager,
+     fa graphed: step time and peak memory (--steps-3b steps each, the first --skip-3b untimed).
 Writes parallel_gpu.json under --out (only that: the jobs' run dirs go to --work); prints a table last.
 """
 from __future__ import annotations
@@ -37,13 +44,17 @@ TINY_MODEL = ["model.n_layers=2", "model.suffix_len=1", "model.d_model=64", "mod
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
+    ap.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=list("abcdefg"))
+    ap.add_argument("--steps-3b", type=int, default=4, help="part g: steps per job")
+    ap.add_argument("--skip-3b", type=int, default=2, help="part g: untimed first steps")
+    ap.add_argument("--timeout-3b", type=float, default=200, help="part g: per job, seconds")
     ap.add_argument("--sizes", nargs="+", default=["125m", "1b"], help="part b")
     ap.add_argument("--steps", type=int, default=25, help="steps per 125M job (1B: 2/3 of it, 3B: 5)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--tiny", action="store_true", help="a small model everywhere (CPU check of the script)")
     ap.add_argument("--timeout", type=float, default=240, help="per job, seconds")
     ap.add_argument("--work", default=None, help="the jobs' run dirs and token cache (default: a temporary dir)")
+    ap.add_argument("--no-fa", action="store_true", help="part f: only the e2e jobs")
     ap.add_argument("--no-3b-without-offload", action="store_true", help="part c: only the offloaded run")
     args = ap.parse_args()
     out = Path(args.out)
@@ -62,22 +73,31 @@ def main():
         pass
     t_start = time.time()
 
-    def job(name, size, mode, dist, launcher, steps, extra, skip=3):
+    def job(name, size, mode, dist, launcher, steps, extra, skip=3, timeout=None):
         r = run_job(overrides(size, mode, dist, 1, steps, cache, dev + tiny + extra), 1, work / name,
-                    launcher=launcher, timeout=args.timeout, skip=skip)
+                    launcher=launcher, timeout=timeout or args.timeout, skip=skip)
         r["name"] = name
         print(json.dumps({k: v for k, v in r.items() if k not in ("ms_all", "losses", "grad_norms", "args")}),
               f"[{time.time() - t_start:.0f} s]", flush=True)
+        results.setdefault("jobs", {})[name] = r  # written after every job: a run cut short keeps what it had
+        (out / "parallel_gpu.json").write_text(json.dumps(results, indent=1))
         return r
 
-    if "a" in args.parts:
-        small = ["model.n_layers=2", "model.suffix_len=1", "model.d_model=64", "model.n_heads=2",
-                 "model.mlp_width=128", "model.prime_mlp_width=128", "model.vocab_size=258", "model.seq_length=512", "model.window=128",
-                 "ttt.mini_batch_size=128", "model.compute_dtype=float32", "model.fused_kernels=true",
-                 "training.global_batch_size=4", "training.micro_batch_size=2"]
+    def ratio(part, key, num, den):
+        """part[key] = num's step time over den's, where both ran."""
+        a, b = (part.get(n, {}).get("ms_per_step") for n in (num, den))
+        if a and b:
+            part[key] = a / b
+
+    def eager_vs_graphed(part_name, dist, small, tol):
+        """8 steps with accumulation of a small model (torchrun, 1 rank), eager and graphed: losses and gradient
+        norms, equal where their largest relative difference is below tol."""
+        small = small + ["model.vocab_size=258", "model.seq_length=512", "model.window=128", "model.suffix_len=1",
+                         "ttt.mini_batch_size=128", "model.fused_kernels=true", "training.global_batch_size=4",
+                         "training.micro_batch_size=2"]
         if args.device == "cuda":
             small.append("model.attention_backend=triton")
-        runs = {g: job(f"a_{g}", "125m", "e2e", "ddp", "torchrun", 8,
+        runs = {g: job(f"{part_name}_{g}", "125m", "e2e", dist, "torchrun", 8,
                        small + [f"training.cuda_graph={'true' if g == 'graphed' else 'false'}"], skip=0)
                 for g in (("eager", "graphed") if args.device == "cuda" else ("eager",))}
         part = {"runs": runs}
@@ -85,8 +105,13 @@ def main():
             e, g = runs["eager"], runs["graphed"]
             part["max_rel_diff_loss"] = max(abs(a - b) / abs(a) for a, b in zip(e["losses"], g["losses"]))
             part["max_rel_diff_grad_norm"] = max(abs(a - b) / abs(a) for a, b in zip(e["grad_norms"], g["grad_norms"]))
-            part["equal"] = part["max_rel_diff_loss"] < 1e-5 and part["max_rel_diff_grad_norm"] < 1e-5
-        results["parts"]["a"] = part
+            part["losses_eager"], part["losses_graphed"] = e["losses"], g["losses"]
+            part["equal"] = part["max_rel_diff_loss"] < tol and part["max_rel_diff_grad_norm"] < tol
+        results["parts"][part_name] = part
+
+    if "a" in args.parts:  # fp32: the same kernels in the same order
+        eager_vs_graphed("a", "ddp", ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.mlp_width=128",
+                                      "model.prime_mlp_width=128", "model.compute_dtype=float32"], 1e-5)
 
     if "b" in args.parts:
         part = {}
@@ -125,6 +150,36 @@ def main():
             part["fsdp_eager_over_ddp_graphed"] = part["fsdp_eager"]["ms_per_step"] / ddp["ms_per_step"]
         results["parts"]["d"] = part
 
+    if "e" in args.parts:  # bf16 (the default): rounding only; a dropped micro-batch or stale weights is >1e-2
+        eager_vs_graphed("e", "fsdp", ["model.n_layers=4", "model.d_model=128", "model.n_heads=2",
+                                       "model.mlp_width=256", "model.prime_mlp_width=256"], 4e-3)
+
+    if "f" in args.parts:
+        part = {}
+        for size in args.sizes:
+            steps = args.steps if size == "125m" else max(6, 2 * args.steps // 3)
+            for name, mode, dist in (("fsdp_e2e", "e2e", "fsdp"), ("ddp_e2e", "e2e", "ddp"),
+                                     ("fsdp_fa", "fa", "fsdp")):
+                if mode == "fa" and args.no_fa:
+                    continue
+                part[f"f_{size}_{name}"] = job(f"f_{size}_{name}", size, mode, dist, "torchrun", steps, [])
+            ratio(part, f"{size}_fsdp_over_ddp_e2e", f"f_{size}_fsdp_e2e", f"f_{size}_ddp_e2e")
+            ratio(part, f"{size}_meta_over_pretrain_fsdp", f"f_{size}_fsdp_e2e", f"f_{size}_fsdp_fa")
+        results["parts"]["f"] = part
+
+    if "g" in args.parts:
+        size = "125m" if args.tiny else "3b"
+        remat = ["ttt.remat_inner=true", "ttt.remat_prefix=true"]
+        part = {}
+        for name, mode, graph in (("e2e_graphed", "e2e", "true"), ("fa_graphed", "fa", "true"),
+                                  ("e2e_eager", "e2e", "false")):
+            part[f"g_{size}_{name}"] = job(f"g_{size}_{name}", size, mode, "fsdp", "python", args.steps_3b,
+                                           remat + [f"training.cuda_graph={graph}"], skip=args.skip_3b,
+                                           timeout=args.timeout_3b)
+        ratio(part, f"{size}_meta_over_pretrain_graphed", f"g_{size}_e2e_graphed", f"g_{size}_fa_graphed")
+        ratio(part, f"{size}_eager_over_graphed_e2e", f"g_{size}_e2e_eager", f"g_{size}_e2e_graphed")
+        results["parts"]["g"] = part
+
     results["wall_s"] = time.time() - t_start
     (out / "parallel_gpu.json").write_text(json.dumps(results, indent=1))
     print(f"\n{results.get('device')}, torch {results.get('torch')}, {results['date']}, {results['wall_s']:.0f} s; "
@@ -142,7 +197,8 @@ def main():
             elif isinstance(r, (float, bool)):
                 print(f"| {key}: {name} | {r:.4g} | | | |" if isinstance(r, float) else f"| {key}: {name} | {r} | | | |")
         for name, r in part.get("runs", {}).items():
-            print(f"| a_{name} | {r.get('ms_per_step', float('nan')):.1f} | | | {r.get('error', '')[-150:]!r} |")
+            print(f"| {key}_{name} | {r.get('ms_per_step', float('nan')):.1f} | | {r.get('max_memory_gib', float('nan')):.1f}"
+                  f" | {r.get('error', '')[-150:]!r} |")
 
 
 if __name__ == "__main__":
