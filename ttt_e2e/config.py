@@ -286,8 +286,6 @@ class TrainConfig:
             raise ConfigError(f"training.device must be auto, cpu or cuda, got {self.device!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ConfigError(f"training.distributed must be ddp or fsdp, got {self.distributed!r}")
-        if self.fsdp_cpu_offload and self.distributed != "fsdp":
-            raise ConfigError("training.fsdp_cpu_offload=true needs training.distributed=fsdp")
         if self.load_part not in ("all", "params"):
             raise ConfigError(f"training.load_part must be all or params, got {self.load_part!r}")
         if self.load_part == "params" and not self.init_from:

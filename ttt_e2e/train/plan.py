@@ -59,6 +59,8 @@ class RunPlan:
 def check_config(cfg: Config) -> None:
     """The combinations refused before any work (the single-setting checks are the config's validate)."""
     tc = cfg.training
+    if tc.fsdp_cpu_offload and tc.distributed != "fsdp":
+        raise ConfigError("training.fsdp_cpu_offload=true needs training.distributed=fsdp")
     if tc.cuda_graph and tc.compile:
         raise ConfigError("training.cuda_graph=true does not compose with training.compile=true; choose one")
     if tc.cuda_graph and tc.fsdp_cpu_offload:

@@ -35,14 +35,15 @@ from .optim import build_optimizer, build_scheduler
 from .parallel import LossModule
 from .plan import RunPlan, check_config, resolve_plan
 from .precision import autocast, param_dtype
-from .spikes import SNAPSHOT_FILE, SpikeGuard, backed_off
+from .spikes import SNAPSHOT_FILE, Action, SpikeGuard, backed_off
 from .step import Parallel, build
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training stopped at a NaN/inf loss or gradient; nothing was saved after the last good checkpoint."""
+class TrainingStopped(RuntimeError):
+    """The spike policy ended the run (a non-finite loss or gradient, too many skipped steps in a row, or more
+    spikes after the last allowed rollback); nothing was saved after the last good checkpoint."""
 
     def __init__(self, step: int, what: str, checkpoint: Optional[Path]):
         self.step, self.checkpoint = step, checkpoint
@@ -269,19 +270,17 @@ def _train_step(run: Run, step: int) -> dict:
     micro.end()
     stats.finish(len(batches) * plan.world_size)
     loss = stats.loss.item()
-    # optim.spike_policy: stop, skip this step's update, or roll back (spikes.py)
+    # optim.spike_policy's verdict: apply, skip, roll back or stop (spikes.py)
     grad_norm = _grad_norm(run.parallel.params, cfg.optim.grad_clip) if math.isfinite(loss) else math.nan
-    stop = guard.check(loss, grad_norm)
-    if stop:
-        raise NonFiniteLossError(step + 1, stop, run.ckpt.latest())
+    verdict = guard.judge(loss, grad_norm)
+    if verdict.action is Action.STOP:
+        raise TrainingStopped(step + 1, verdict.why, run.ckpt.latest())
     lr = run.scheduler.get_last_lr()[0]
-    if not guard.skipped:
+    if verdict.action is Action.APPLY:
         run.optimizer.step()
     run.scheduler.step()
     micro.zero_grad()
-    stop = guard.after_step(step + 1, run.model, run.optimizer, run.scheduler)
-    if stop:
-        raise NonFiniteLossError(step + 1, stop, run.ckpt.latest())
+    guard.after(verdict, step + 1, run.model, run.optimizer, run.scheduler)
     record = {"loss": loss, "minibatch_losses": stats.minibatch_losses.tolist(), "grad_norm": grad_norm, "lr": lr,
               "ilr": cfg.ttt.inner_lr * ilr, "skipped": guard.skipped, "skipped_steps": guard.total,
               "rollbacks": guard.rollbacks}
