@@ -7,10 +7,12 @@ double backward) and is host-bound on a fast GPU; its shapes are static and it h
 (copied into static buffers) and the inner-lr multiplier (a 0-d tensor; the outer lr is the optimizer's, which
 stays eager with the clip and the non-finite checks).
 
-Gradients: every parameter's .grad is a view into a few flat fp32 buckets allocated before capture, so the
+Gradients: every parameter's .grad is a view into a few flat fp32 buckets allocated before capture (at the first
+step's begin(), after a resumed run's optimizer state is loaded: torch.distributed.checkpoint initializes an empty
+optimizer's state only where no parameter has a .grad), so the
 captured backward accumulates into them (gradient accumulation works unchanged; `zero_grad` zeroes the buckets
 in place). Data parallelism is done here, not by DDP: the graph holds the UNWRAPPED LossModule's forward and
-backward, and after the last micro-batch of a step `sync_gradients` all-reduces each bucket once, outside the
+backward, and after the last micro-batch of a step `end()` all-reduces each bucket once, outside the
 graph (each bucket divided by the world size, then summed: DDP's own order, so the mean is the same). Why not DDP
 inside the graph: DDP's hooks run Python bookkeeping per bucket during the backward and its bucket rebuild and
 unused-parameter search break a static capture; NCCL could be captured, but the reduction would then be replayed
