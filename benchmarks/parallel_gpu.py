@@ -17,7 +17,8 @@ Parts:
   d  125M e2e: eager FSDP2 (1 rank) against graphed DDP (from b): what FSDP2 costs.
   e  correctness of graphed FSDP2 (issue 31): a small model in bf16 (the default precision, the same Triton kernels),
      torchrun with 1 rank (NCCL): graphed FSDP2 (train/sharded.py) against eager FSDP2, 8 steps with
-     accumulation: losses and gradient norms.
+     accumulation: losses and gradient norms. --e-125m: instead 125M, eager FSDP2 with the graphed path's kernels
+     against part f's graphed FSDP2 job (--steps steps; run after f).
   f  --sizes, torchrun with 1 rank: graphed FSDP2 e2e against graphed DDP e2e (target <= 1.15), and fa on the
      graphed FSDP2 path (meta / pretrain target <= 1.8).
   g  3B at T = 8192 under FSDP2 without offload (remat of the inner loop and the prefix): e2e graphed, e2e eager,
@@ -55,6 +56,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=240, help="per job, seconds")
     ap.add_argument("--work", default=None, help="the jobs' run dirs and token cache (default: a temporary dir)")
     ap.add_argument("--no-fa", action="store_true", help="part f: only the e2e jobs")
+    ap.add_argument("--e-125m", action="store_true", help="part e: 125M eager FSDP2 against part f's graphed job")
     ap.add_argument("--no-3b-without-offload", action="store_true", help="part c: only the offloaded run")
     args = ap.parse_args()
     out = Path(args.out)
@@ -89,17 +91,9 @@ def main():
         if a and b:
             part[key] = a / b
 
-    def eager_vs_graphed(part_name, dist, small, tol):
-        """8 steps with accumulation of a small model (torchrun, 1 rank), eager and graphed: losses and gradient
-        norms, equal where their largest relative difference is below tol."""
-        small = small + ["model.vocab_size=258", "model.seq_length=512", "model.window=128", "model.suffix_len=1",
-                         "ttt.mini_batch_size=128", "model.fused_kernels=true", "training.global_batch_size=4",
-                         "training.micro_batch_size=2"]
-        if args.device == "cuda":
-            small.append("model.attention_backend=triton")
-        runs = {g: job(f"{part_name}_{g}", "125m", "e2e", dist, "torchrun", 8,
-                       small + [f"training.cuda_graph={'true' if g == 'graphed' else 'false'}"], skip=0)
-                for g in (("eager", "graphed") if args.device == "cuda" else ("eager",))}
+    def compare(part_name, runs, tol):
+        """runs["eager"] against runs["graphed"]: losses and gradient norms step by step, equal where their largest
+        relative difference is below tol."""
         part = {"runs": runs}
         if all("losses" in r for r in runs.values()) and len(runs) == 2:
             e, g = runs["eager"], runs["graphed"]
@@ -108,6 +102,17 @@ def main():
             part["losses_eager"], part["losses_graphed"] = e["losses"], g["losses"]
             part["equal"] = part["max_rel_diff_loss"] < tol and part["max_rel_diff_grad_norm"] < tol
         results["parts"][part_name] = part
+
+    def eager_vs_graphed(part_name, dist, small, tol):
+        """8 steps with accumulation of a small model (torchrun, 1 rank), eager and graphed."""
+        small = small + ["model.vocab_size=258", "model.seq_length=512", "model.window=128", "model.suffix_len=1",
+                         "ttt.mini_batch_size=128", "model.fused_kernels=true", "training.global_batch_size=4",
+                         "training.micro_batch_size=2"]
+        if args.device == "cuda":
+            small.append("model.attention_backend=triton")
+        compare(part_name, {g: job(f"{part_name}_{g}", "125m", "e2e", dist, "torchrun", 8,
+                                   small + [f"training.cuda_graph={'true' if g == 'graphed' else 'false'}"], skip=0)
+                            for g in (("eager", "graphed") if args.device == "cuda" else ("eager",))}, tol)
 
     if "a" in args.parts:  # fp32: the same kernels in the same order
         eager_vs_graphed("a", "ddp", ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.mlp_width=128",
@@ -150,10 +155,6 @@ def main():
             part["fsdp_eager_over_ddp_graphed"] = part["fsdp_eager"]["ms_per_step"] / ddp["ms_per_step"]
         results["parts"]["d"] = part
 
-    if "e" in args.parts:  # bf16 (the default): rounding only; a dropped micro-batch or stale weights is >1e-2
-        eager_vs_graphed("e", "fsdp", ["model.n_layers=4", "model.d_model=128", "model.n_heads=2",
-                                       "model.mlp_width=256", "model.prime_mlp_width=256"], 4e-3)
-
     if "f" in args.parts:
         part = {}
         for size in args.sizes:
@@ -166,6 +167,16 @@ def main():
             ratio(part, f"{size}_fsdp_over_ddp_e2e", f"f_{size}_fsdp_e2e", f"f_{size}_ddp_e2e")
             ratio(part, f"{size}_meta_over_pretrain_fsdp", f"f_{size}_fsdp_e2e", f"f_{size}_fsdp_fa")
         results["parts"]["f"] = part
+
+    if "e" in args.parts:  # bf16 (the default): rounding only; a dropped micro-batch or stale weights is >1e-2
+        if args.e_125m:  # eager FSDP2 with the graphed path's kernels, against part f's graphed 125M job
+            graphed = results["parts"].get("f", {}).get("f_125m_fsdp_e2e", {})
+            eager = job("e_125m_eager", "125m", "e2e", "fsdp", "torchrun", args.steps,
+                        ["model.fused_kernels=true", "training.cuda_graph=false"])
+            compare("e", {"eager": eager, "graphed": graphed}, 4e-3)
+        else:
+            eager_vs_graphed("e", "fsdp", ["model.n_layers=4", "model.d_model=128", "model.n_heads=2",
+                                           "model.mlp_width=256", "model.prime_mlp_width=256"], 4e-3)
 
     if "g" in args.parts:
         size = "125m" if args.tiny else "3b"

@@ -106,6 +106,8 @@ def resolve_plan(cfg: Config, info: DistInfo, group: bool) -> RunPlan:
         raise ConfigError("training.fsdp_cpu_offload=true offloads from a GPU to the CPU: it needs a CUDA device "
                           f"(training.device resolved to {info.device.type})")
     parallel = tc.distributed if group else "none"
+    if why and tc.cuda_graph is None and info.rank == 0:  # the default turned the graphs off: say so, once
+        log.warning("training.cuda_graph: off (%s); the step runs eagerly", why)
     return RunPlan(device=info.device, rank=info.rank, world_size=info.world_size, parallel=parallel, graph=graph,
                    capture=graph, why_eager=why, compile=tc.compile, cpu_offload=tc.fsdp_cpu_offload,
                    kernels=use_fused_kernels(cfg, graph), train_mode=cfg.ttt.train_mode)
