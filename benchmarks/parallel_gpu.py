@@ -21,6 +21,9 @@ Parts:
      against part f's graphed FSDP2 job (--steps steps; run after f).
   f  --sizes, torchrun with 1 rank: graphed FSDP2 e2e against graphed DDP e2e (target <= 1.15), and fa on the
      graphed FSDP2 path (meta / pretrain target <= 1.8).
+  j  --jobs in the given order (the most wanted first, with --deadline); ratios where both sides ran: FSDP2 over
+     DDP (graphed e2e), meta over pretrain (graphed FSDP2), eager over graphed (FSDP2 e2e), and the eager job's
+     losses against the graphed one's (the same kernels: equal to bf16 rounding).
   g  3B at T = 8192 under FSDP2 without offload (remat of the inner loop and the prefix): e2e graphed, e2e eager,
      fa graphed: step time and peak memory (--steps-3b steps each, the first --skip-3b untimed).
 Writes parallel_gpu.json under --out (only that: the jobs' run dirs go to --work); prints a table last.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -45,7 +49,7 @@ TINY_MODEL = ["model.n_layers=2", "model.suffix_len=1", "model.d_model=64", "mod
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=list("abcdefg"))
+    ap.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=list("abcdefgj"))
     ap.add_argument("--steps-3b", type=int, default=4, help="part g: steps per job")
     ap.add_argument("--skip-3b", type=int, default=2, help="part g: untimed first steps")
     ap.add_argument("--timeout-3b", type=float, default=200, help="part g: per job, seconds")
@@ -56,6 +60,13 @@ def main():
     ap.add_argument("--timeout", type=float, default=240, help="per job, seconds")
     ap.add_argument("--work", default=None, help="the jobs' run dirs and token cache (default: a temporary dir)")
     ap.add_argument("--no-fa", action="store_true", help="part f: only the e2e jobs")
+    ap.add_argument("--jobs", nargs="+", default=[], help="part j: jobs in this order, each "
+                    "[if-oom:]size/mode/dist/graphed|eager|offload[/steps[/skip]] (3b: remat of the inner loop, the "
+                    "prefix and the logits; eager: with the graphed path's kernels, so that its losses are "
+                    "comparable; if-oom: only where an earlier job of that size ran out of memory)")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds: no job is started after it, and a "
+                    "running one is cut at it")
+    ap.add_argument("--min-job-s", type=float, default=15, help="with --deadline: start no job with less left")
     ap.add_argument("--e-125m", action="store_true", help="part e: 125M eager FSDP2 against part f's graphed job")
     ap.add_argument("--no-3b-without-offload", action="store_true", help="part c: only the offloaded run")
     args = ap.parse_args()
@@ -75,9 +86,20 @@ def main():
         pass
     t_start = time.time()
 
+    def on_term(*_):  # killed from outside (a budget's timeout): report what ran, then go
+        report(results, out, t_start)
+        sys.exit(124)
+
+    signal.signal(signal.SIGTERM, on_term)
+
     def job(name, size, mode, dist, launcher, steps, extra, skip=3, timeout=None):
+        left = args.deadline - (time.time() - t_start) if args.deadline else float("inf")
+        if left < args.min_job_s:  # --deadline: what would not finish is not started
+            r = {"name": name, "error": f"not run: {left:.0f} s left of --deadline"}
+            results.setdefault("jobs", {})[name] = r
+            return r
         r = run_job(overrides(size, mode, dist, 1, steps, cache, dev + tiny + extra), 1, work / name,
-                    launcher=launcher, timeout=timeout or args.timeout, skip=skip)
+                    launcher=launcher, timeout=min(timeout or args.timeout, left - 2), skip=skip)
         r["name"] = name
         print(json.dumps({k: v for k, v in r.items() if k not in ("ms_all", "losses", "grad_norms", "args")}),
               f"[{time.time() - t_start:.0f} s]", flush=True)
@@ -191,6 +213,40 @@ def main():
         ratio(part, f"{size}_eager_over_graphed_e2e", f"g_{size}_e2e_eager", f"g_{size}_e2e_graphed")
         results["parts"]["g"] = part
 
+    if "j" in args.parts:
+        part = results["parts"]["j"] = {}  # filled as the jobs end: a run cut short reports what ran
+        for spec in args.jobs:
+            if spec.startswith("if-oom:"):  # only where an earlier job of that size ran out of memory
+                spec = spec[len("if-oom:"):]
+                if not any("out of memory" in r.get("error", "") for k, r in part.items()
+                           if k.startswith(f"j_{spec.split('/')[0]}_")):
+                    continue
+            size, mode, dist, how, *rest = spec.split("/")
+            steps, skip = (int(rest[0]) if rest else 6), (int(rest[1]) if len(rest) > 1 else 2)
+            extra = [f"training.cuda_graph={'true' if how == 'graphed' else 'false'}"]
+            extra += ["model.fused_kernels=true"] if how == "eager" else []
+            # 3B on one GPU: the inner loop, the prefix and the logits recomputed in the backward
+            extra += ["ttt.remat_inner=true", "ttt.remat_prefix=true", "ttt.recompute_logits=true"] if size == "3b" else []
+            extra += ["training.fsdp_cpu_offload=true"] if how == "offload" else []
+            name = f"j_{size}_{mode}_{dist}_{how}"
+            # FSDP2 as `python train.py` (a 1-rank group), DDP as torchrun with one rank
+            part[name] = job(name, size, mode, dist, "python" if dist == "fsdp" else "torchrun", steps, extra,
+                             skip=skip)
+        for size in {spec.split(":")[-1].split("/")[0] for spec in args.jobs}:
+            n = lambda mode, dist, how: f"j_{size}_{mode}_{dist}_{how}"  # noqa: E731
+            ratio(part, f"{size}_fsdp_over_ddp_e2e", n("e2e", "fsdp", "graphed"), n("e2e", "ddp", "graphed"))
+            ratio(part, f"{size}_meta_over_pretrain_fsdp", n("e2e", "fsdp", "graphed"), n("fa", "fsdp", "graphed"))
+            ratio(part, f"{size}_eager_over_graphed_fsdp_e2e", n("e2e", "fsdp", "eager"), n("e2e", "fsdp", "graphed"))
+            e, g = part.get(n("e2e", "fsdp", "eager"), {}), part.get(n("e2e", "fsdp", "graphed"), {})
+            if "losses" in e and "losses" in g:
+                part[f"{size}_eager_vs_graphed_max_rel_diff_loss"] = max(
+                    abs(a - b) / abs(a) for a, b in zip(e["losses"], g["losses"]))
+
+    report(results, out, t_start)
+
+
+def report(results: dict, out: Path, t_start: float) -> None:
+    """parallel_gpu.json, and the table (last: the tail of the output is what comes back)."""
     results["wall_s"] = time.time() - t_start
     (out / "parallel_gpu.json").write_text(json.dumps(results, indent=1))
     print(f"\n{results.get('device')}, torch {results.get('torch')}, {results['date']}, {results['wall_s']:.0f} s; "
@@ -204,7 +260,7 @@ def main():
                     print(f"| {r['name']} | | | | {r['error'][-150:]!r} |")
                 else:
                     print(f"| {r['name']} | {r['ms_per_step']:.1f} | {r['tokens_per_s_per_gpu']:.0f} | "
-                          f"{r['max_memory_gib']:.1f} | |")
+                          f"{r['max_memory_gib']:.1f} | {'graph' if r.get('cuda_graph') else 'eager'} |")
             elif isinstance(r, (float, bool)):
                 print(f"| {key}: {name} | {r:.4g} | | | |" if isinstance(r, float) else f"| {key}: {name} | {r} | | | |")
         for name, r in part.get("runs", {}).items():

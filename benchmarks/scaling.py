@@ -123,7 +123,8 @@ def run_job(args: list[str], n_gpus: int, out: Path, launcher: str = "torchrun",
     med = statistics.median(times)
     result.update(ms_per_step=med, ms_all=times, tokens_per_s_per_gpu=T / med * 1e3,
                   losses=[r["loss"] for r in records], grad_norms=[r["grad_norm"] for r in records],
-                  max_memory_gib=max(r.get("max_memory_gib", 0.0) for r in records))
+                  max_memory_gib=max(r.get("max_memory_gib", 0.0) for r in records),
+                  cuda_graph=records[-1].get("cuda_graph"))  # whether the step replayed a graph
     return result
 
 

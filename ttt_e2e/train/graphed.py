@@ -124,6 +124,11 @@ class GraphedMicroStep:
         return GraphedStep(self._forward_backward, x, y, m, ilr, warmup=self.warmup, zero_grad=self.grads.zero_,
                            capture_error_mode=mode)
 
+    @property
+    def captured(self) -> bool:
+        """Whether the step replays a graph (False before the first call, on a CPU, or after a failed capture)."""
+        return self.graph is not None
+
     def begin(self) -> None:
         """Before a step's first micro-batch: the gradient buckets (at the first step), under FSDP2 the whole
         parameters from the shards."""

@@ -16,6 +16,7 @@ which combinations work live here and nowhere else:
   as reshard_after_forward=False keeps them (the optimizer state stays sharded).
 - FSDP2 with compile: pretrain mode only.
 - model.fused_kernels=None: on, but the elementwise kernels off for eager meta-mode training (use_fused_kernels).
+- AdamW fused under FSDP2 on CUDA (its DTensor shards make each foreach op a host-side dispatch over every one).
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ class RunPlan:
     cpu_offload: bool
     kernels: Kernels
     train_mode: str
+    fused_optimizer: bool  # torch's fused AdamW: under FSDP2 on CUDA, where every foreach op of the default
+    # implementation would be dispatched over every DTensor shard on the host, once per op; fused it is once
 
     @property
     def is_main(self) -> bool:
@@ -110,4 +113,5 @@ def resolve_plan(cfg: Config, info: DistInfo, group: bool) -> RunPlan:
         log.warning("training.cuda_graph: off (%s); the step runs eagerly", why)
     return RunPlan(device=info.device, rank=info.rank, world_size=info.world_size, parallel=parallel, graph=graph,
                    capture=graph, why_eager=why, compile=tc.compile, cpu_offload=tc.fsdp_cpu_offload,
-                   kernels=use_fused_kernels(cfg, graph), train_mode=cfg.ttt.train_mode)
+                   kernels=use_fused_kernels(cfg, graph), train_mode=cfg.ttt.train_mode,
+                   fused_optimizer=parallel == "fsdp" and info.device.type == "cuda")

@@ -51,6 +51,8 @@ def _no_sync(wrapped, sync: bool):
 
 
 class EagerMicroStep:
+    captured = False  # (the graphed step's: whether it replays a graph)
+
     def __init__(self, wrapped: nn.Module, params: list[torch.Tensor], amp: Callable, n_micro: int):
         self.wrapped, self.params, self.amp, self.n_micro = wrapped, params, amp, n_micro
 

@@ -193,7 +193,7 @@ def _train(cfg: Config, run_dir: Path, plan: RunPlan) -> TrainResult:
     # every loss, the evaluation's included
     loss_module = LossModule(model, cfg.ttt, plan.kernels)
     par = build(plan, cfg, loss_module, amp, data.accumulation)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, fused=plan.fused_optimizer)
     scheduler = build_scheduler(optimizer, tc.steps, cfg.optim)
     ckpt = Checkpointer(run_dir / "checkpoints", tc.keep_last, plan.is_main)
     barrier()  # rank 0 has cleared leftovers of killed saves before anyone looks for checkpoints
@@ -283,7 +283,7 @@ def _train_step(run: Run, step: int) -> dict:
     guard.after(verdict, step + 1, run.model, run.optimizer, run.scheduler)
     record = {"loss": loss, "minibatch_losses": stats.minibatch_losses.tolist(), "grad_norm": grad_norm, "lr": lr,
               "ilr": cfg.ttt.inner_lr * ilr, "skipped": guard.skipped, "skipped_steps": guard.total,
-              "rollbacks": guard.rollbacks}
+              "rollbacks": guard.rollbacks, "cuda_graph": micro.captured}
     if cfg.ttt.train_mode == "meta" and len(stats.inner_grad_norms):
         inner = stats.inner_grad_norms
         record.update(inner_grad_norm=inner.mean().item(), inner_grad_norm_by_minibatch=inner.tolist())
