@@ -61,7 +61,7 @@ def main():
     ap.add_argument("--work", default=None, help="the jobs' run dirs and token cache (default: a temporary dir)")
     ap.add_argument("--no-fa", action="store_true", help="part f: only the e2e jobs")
     ap.add_argument("--jobs", nargs="+", default=[], help="part j: jobs in this order, each "
-                    "[if-oom:]size/mode/dist/graphed|eager|offload[/steps[/skip]] (3b: remat of the inner loop, the "
+                    "[if-oom:]size/mode/dist/graphed|eager|offload[/steps[/skip[/min_s]]] (min_s: the least time left to start it; 3b: remat of the inner loop, the "
                     "prefix and the logits; eager: with the graphed path's kernels, so that its losses are "
                     "comparable; if-oom: only where an earlier job of that size ran out of memory)")
     ap.add_argument("--deadline", type=float, default=None, help="seconds: no job is started after it, and a "
@@ -92,9 +92,9 @@ def main():
 
     signal.signal(signal.SIGTERM, on_term)
 
-    def job(name, size, mode, dist, launcher, steps, extra, skip=3, timeout=None):
+    def job(name, size, mode, dist, launcher, steps, extra, skip=3, timeout=None, min_s=None):
         left = args.deadline - (time.time() - t_start) if args.deadline else float("inf")
-        if left < args.min_job_s:  # --deadline: what would not finish is not started
+        if left < (min_s or args.min_job_s):  # --deadline: what would not finish is not started
             r = {"name": name, "error": f"not run: {left:.0f} s left of --deadline"}
             results.setdefault("jobs", {})[name] = r
             return r
@@ -223,6 +223,7 @@ def main():
                     continue
             size, mode, dist, how, *rest = spec.split("/")
             steps, skip = (int(rest[0]) if rest else 6), (int(rest[1]) if len(rest) > 1 else 2)
+            min_s = float(rest[2]) if len(rest) > 2 else None
             extra = [f"training.cuda_graph={'true' if how == 'graphed' else 'false'}"]
             extra += ["model.fused_kernels=true"] if how == "eager" else []
             # 3B on one GPU: the inner loop, the prefix and the logits recomputed in the backward
@@ -231,7 +232,7 @@ def main():
             name = f"j_{size}_{mode}_{dist}_{how}"
             # FSDP2 as `python train.py` (a 1-rank group), DDP as torchrun with one rank
             part[name] = job(name, size, mode, dist, "python" if dist == "fsdp" else "torchrun", steps, extra,
-                             skip=skip)
+                             skip=skip, min_s=min_s)
         for size in {spec.split(":")[-1].split("/")[0] for spec in args.jobs}:
             n = lambda mode, dist, how: f"j_{size}_{mode}_{dist}_{how}"  # noqa: E731
             ratio(part, f"{size}_fsdp_over_ddp_e2e", n("e2e", "fsdp", "graphed"), n("e2e", "ddp", "graphed"))

@@ -1,9 +1,10 @@
 """The outer training loop (docs/METHOD.md section 3), for either train mode.
 
-One step: the rank's share of the global batch, in micro-batches (gradient accumulation; DDP/FSDP2, or the
-graphed micro-step's own all-reduce, reduce only on the last) -> sequence_loss (the inner loop lives there) ->
-backward (the meta-gradient in meta mode) -> the spike policy (stop on a non-finite loss or gradient, skip the
-update, or roll back to a snapshot: spikes.py) -> clip -> AdamW -> schedule. The inner-lr multiplier of step s is
+The run's plan is resolved once (plan.py) and picks the micro-step (step.py: eager, or graphed; the same for one
+GPU, DDP and FSDP2). One step: the rank's share of the global batch, in micro-batches (gradient accumulation,
+the gradients reduced once, after the last) -> sequence_loss (the inner loop lives there) -> backward (the
+meta-gradient in meta mode) -> clip -> the spike guard's verdict (apply, skip, roll back to a snapshot, or stop:
+spikes.py) -> AdamW -> schedule. The inner-lr multiplier of step s is
 ttt.ilr_multiplier(s) (times the spike policy's back-off), s = optimizer steps already taken.
 """
 from __future__ import annotations
@@ -72,9 +73,7 @@ def train(cfg: Config, run_dir: str | Path) -> TrainResult:
     info = init_distributed(cfg.training.device, need_group=cfg.training.distributed == "fsdp",
                             cpu_and_cuda=cfg.training.fsdp_cpu_offload)
     try:
-        import torch.distributed as dist
-
-        plan = resolve_plan(cfg, info, group=dist.is_initialized())
+        plan = resolve_plan(cfg, info, group=torch.distributed.is_initialized())
         result = _train(cfg, Path(broadcast_object(str(run_dir))), plan)
         # Every rank done before any tears its process group down: a gloo rank whose peer had already left was
         # seen to abort at exit ("terminate called without an active exception") after a complete run.
