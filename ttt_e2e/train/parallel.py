@@ -20,6 +20,11 @@ training.fsdp_cpu_offload: FSDP2's CPUOffloadPolicy keeps the sharded parameters
 state in (pinned) CPU memory and runs the optimizer there; each unit is copied to the GPU when gathered. This is
 what lets one GPU meta-train the 3B model (`python train.py training.distributed=fsdp training.fsdp_cpu_offload=true`).
 Mixed precision is autocast as without FSDP (parameters fp32).
+
+Under a CUDA graph (the default on CUDA) none of FSDP2's hooks run in training: the graphed micro-step runs on a
+replica with whole parameters gathered from these shards once per step and hands the gradients back to them
+(sharded.py); the sharding above still holds the parameters between steps, the optimizer state and the
+checkpoints, and serves the evaluation.
 """
 from __future__ import annotations
 
