@@ -85,3 +85,49 @@ def test_graphed_resume_from_a_mid_run_checkpoint_is_exact(compose, tmp_path, di
     assert _losses(resumed) == _losses(full)
     a, b = _weights(full, 4), _weights(resumed, 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _bridge_worker(rank: int, world: int, port: int, out: str):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from ttt_e2e.train.sharded import ShardBridge, replica_of
+
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3))  # 5 and 3 rows: uneven shards
+        full = {n: p.detach().clone() for n, p in model.named_parameters()}
+        template = replica_of(model)
+        fully_shard(model)
+        bridge = ShardBridge(model, template)
+        with torch.no_grad():  # an optimizer step on the shards, then the gather that the next step begins with
+            for p in model.parameters():
+                p.to_local().add_(1.0)
+        bridge.gather()
+        whole = {n: p.detach().clone() for n, p in bridge.replica.named_parameters()}
+        for n, w in bridge.replica.named_parameters():  # a whole gradient whose rows are their indices
+            w.grad = torch.arange(w.shape[0], dtype=w.dtype)[:, None].expand_as(w).contiguous() if w.dim() > 1 \
+                else torch.arange(w.shape[0], dtype=w.dtype)
+        bridge.scatter_grads()
+        torch.save({"full": full, "whole": whole,
+                    "grads": {n: p.grad.full_tensor() for n, p in model.named_parameters()}}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_bridge_gathers_and_hands_back_uneven_shards(tmp_path):
+    """2 ranks, parameters of 5 and 3 rows (FSDP2 gives rank 0 three rows and rank 1 two, then two and one):
+    the replica's whole parameters are the shards' current values, and each shard's gradient is its own rows
+    of the whole gradient (a wrong row offset puts another rank's rows there)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_bridge_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        for n, p in r["full"].items():
+            torch.testing.assert_close(r["whole"][n], p + 1.0, rtol=0, atol=0)
+            rows = torch.arange(p.shape[0], dtype=p.dtype)
+            assert torch.equal(r["grads"][n], rows[:, None].expand_as(p) if p.dim() > 1 else rows), n
