@@ -57,7 +57,12 @@ class ShardBridge:
             local = p._local_tensor  # to_local() without its autograd function: this runs every step
             if w.data_ptr() == local.data_ptr():
                 continue
-            w.copy_(p.full_tensor() if self.world > 1 else local)
+            if self.world == 1:
+                w.copy_(local)
+            elif p.shape[0] % self.world == 0 and local.is_contiguous():  # even shards: straight into w
+                dist.all_gather_into_tensor(w, local, group=p.device_mesh.get_group())
+            else:
+                w.copy_(p.full_tensor())
 
     def scatter_grads(self) -> None:
         """Each sharded parameter's .grad its rows of the whole (already averaged) gradient: views set once, which
