@@ -51,6 +51,10 @@ def _losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
+def _val_losses(run_dir):
+    return [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["meta", "pretrain"])
 def test_graphed_fsdp2_equals_eager_fsdp2_and_ddp_on_two_ranks(compose, tmp_path, mode):
@@ -65,6 +69,9 @@ def test_graphed_fsdp2_equals_eager_fsdp2_and_ddp_on_two_ranks(compose, tmp_path
         for k in g:
             torch.testing.assert_close(g[k], w[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{ref} {k}: {m}")
         assert _losses(tmp_path / "graphed") == pytest.approx(_losses(tmp_path / ref), rel=1e-6)
+        # the validation (before the first step and after the last) on the replica, its whole parameters gathered
+        # first: a stale replica would give the first step's weights' loss at the end
+        assert _val_losses(tmp_path / "graphed") == pytest.approx(_val_losses(tmp_path / ref), rel=1e-6)
     assert len(_losses(tmp_path / "graphed")) == STEPS
 
 

@@ -76,9 +76,19 @@ class EagerMicroStep:
 
 @dataclass
 class Parallel:
-    wrapped: nn.Module  # what the evaluation calls (DDP, FSDP2-sharded or bare)
+    wrapped: nn.Module  # DDP, FSDP2-sharded or bare
     params: list[torch.Tensor]  # the parameters the optimizer steps (FSDP2: the sharded ones), taken once
     micro_step: EagerMicroStep | GraphedMicroStep
+
+    def eval_module(self) -> nn.Module:
+        """What the evaluation calls: the wrapped module, or under graphed FSDP2 the replica with its whole
+        parameters made current, which needs no FSDP2 gathers and which the inference engine's path evaluates
+        in memory constant in the context (evaluate.py) rather than the training-mode loss."""
+        bridge = getattr(self.micro_step, "bridge", None)
+        if bridge is None:
+            return self.wrapped
+        bridge.gather()
+        return self.micro_step.module
 
 
 def build(plan: RunPlan, cfg: Config, loss_module: LossModule, amp: Callable, n_micro: int) -> Parallel:

@@ -215,7 +215,7 @@ def _train(cfg: Config, run_dir: Path, plan: RunPlan) -> TrainResult:
     def run_eval(step: int) -> Optional[float]:
         if data.val is None:
             return None
-        r = evaluate(par.wrapped, data.val, data.tokenizer.bos_id, data.micro_batch_size,
+        r = evaluate(par.eval_module(), data.val, data.tokenizer.bos_id, data.micro_batch_size,
                      tc.eval_batches * tc.global_batch_size, cfg.ttt.eval_ilr_multiplier(step) * guard.ilr_scale,
                      info, amp)
         return r.loss
