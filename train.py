@@ -34,7 +34,7 @@ from ttt_e2e.config import ConfigError
 from ttt_e2e.data import DataError
 from ttt_e2e.train.checkpoint import CheckpointError
 from ttt_e2e.train.hydra_store import register_configs
-from ttt_e2e.train.trainer import NonFiniteLossError, train
+from ttt_e2e.train.trainer import TrainingStopped, train
 
 register_configs()
 
@@ -51,7 +51,7 @@ def main(dcfg: DictConfig):
     except (ConfigError, DataError, CheckpointError, OmegaConfBaseException) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except NonFiniteLossError as e:
+    except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # In a sweep, a job that diverged (too large a learning rate, say) is one of its results, not the end of

@@ -85,7 +85,7 @@ class Kernels:
     model.attention_backend): model.fused_kernels resolved once per run and passed down whole, to the model's own
     modules (Transformer.use_fused_kernels) and to the loss and the inner loop (sequence_loss, InnerSettings, the
     inference engine, the evaluation's stream_loss). Outside training `Kernels.of(cfg.model)`, every function's
-    default; the trainer resolves its own (train/graphed.py: use_fused_kernels) and gives it to its LossModule,
+    default; the trainer resolves its own (train/plan.py: use_fused_kernels) and gives it to its LossModule,
     which sets the model's modules from the same value."""
     elementwise: bool = True  # RMSNorm, RoPE, the SwiGLU gate, the inner SGD update; and the meta step's weight
     # gradients formed once per weight (model/linear.py)
@@ -255,7 +255,8 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available else cpu | cpu | cuda. Precision: model.compute_dtype
     compile: bool = False  # torch.compile the blocks that run as plain modules (see ttt_e2e/train/parallel.py)
     cuda_graph: Optional[bool] = None  # capture each micro-batch's forward + backward once and replay it (see
-    # ttt_e2e/train/graphed.py), on one GPU and under DDP. None: on for CUDA without compile or fsdp
+    # ttt_e2e/train/graphed.py), on one GPU, under DDP and FSDP2. None: on for CUDA without compile or CPU offload
+    # (the rules between these settings: ttt_e2e/train/plan.py)
     distributed: str = "ddp"  # with a process group: ddp | fsdp (FSDP2 fully_shard, pretrain and meta mode;
     # also in one process: a 1-rank group)
     fsdp_cpu_offload: bool = False  # with fsdp: parameters, gradients and AdamW state in CPU memory (FSDP2's
@@ -285,13 +286,6 @@ class TrainConfig:
             raise ConfigError(f"training.device must be auto, cpu or cuda, got {self.device!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ConfigError(f"training.distributed must be ddp or fsdp, got {self.distributed!r}")
-        if self.fsdp_cpu_offload and self.distributed != "fsdp":
-            raise ConfigError("training.fsdp_cpu_offload=true needs training.distributed=fsdp")
-        if self.distributed == "fsdp" and self.cuda_graph:
-            raise ConfigError("training.cuda_graph=true does not compose with training.distributed=fsdp (FSDP2's "
-                              "all-gathers and hooks are not captured); drop cuda_graph or use training.distributed=ddp")
-        if self.cuda_graph and self.compile:
-            raise ConfigError("training.cuda_graph=true does not compose with training.compile=true; choose one")
         if self.load_part not in ("all", "params"):
             raise ConfigError(f"training.load_part must be all or params, got {self.load_part!r}")
         if self.load_part == "params" and not self.init_from:

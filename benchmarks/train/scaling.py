@@ -5,7 +5,7 @@
 
 Each configuration is one torchrun job (--standalone, N processes) of this file in --worker mode, which composes
 conf/ + experiment/<size>/pretrain/<mode> with Hydra exactly as train.py does and calls
-`ttt_e2e.train.trainer.train`: the same code a user launches (CUDA graphs under DDP by default, FSDP2 eager).
+`ttt_e2e.train.trainer.train`: the same code a user launches (CUDA graphs by default under DDP and FSDP2).
 The data are the Python stdlib's bytes (data.source=stdlib, always present; the token values do not change a
 step's time), no validation, no checkpoints. Step times are the trainer's own `step_time_s` records (rank 0's is
 the job's; every rank's is reported too), median after --skip steps (the capture and the first allocations).
@@ -122,7 +122,8 @@ def run_job(args: list[str], n_gpus: int, out: Path, launcher: str = "torchrun",
     med = statistics.median(times)
     result.update(ms_per_step=med, ms_all=times, tokens_per_s_per_gpu=T / med * 1e3,
                   losses=[r["loss"] for r in records], grad_norms=[r["grad_norm"] for r in records],
-                  max_memory_gib=max(r.get("max_memory_gib", 0.0) for r in records))
+                  max_memory_gib=max(r.get("max_memory_gib", 0.0) for r in records),
+                  cuda_graph=records[-1].get("cuda_graph"))  # whether the step replayed a graph
     return result
 
 

@@ -9,7 +9,7 @@ import torch
 from ttt_e2e.config import ConfigError
 from ttt_e2e.data import DataError
 from ttt_e2e.train.checkpoint import CheckpointError
-from ttt_e2e.train.trainer import NonFiniteLossError, train
+from ttt_e2e.train.trainer import TrainingStopped, train
 
 
 def _one_line(excinfo) -> str:
@@ -101,7 +101,7 @@ def test_resume_false_refuses_a_run_dir_with_checkpoints(compose, tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(compose, tmp_path, metrics):
     run = tmp_path / "run"
     # lr 1e30: the first update blows the weights up, so the second step's loss is NaN.
-    with pytest.raises(NonFiniteLossError) as e:
+    with pytest.raises(TrainingStopped) as e:
         train(compose(**{"optim.lr": 1e30, "optim.min_lr": 0, "training.steps": 6,
                          "training.checkpoint_every": 1}), run)
     msg = _one_line(e)

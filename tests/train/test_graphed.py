@@ -10,9 +10,8 @@ from ttt_e2e.eval import stream_loss
 from ttt_e2e.model.attention import Attention
 from ttt_e2e.model.layers import RMSNorm, SwiGLU
 from ttt_e2e.model.transformer import Transformer
-from ttt_e2e.train import trainer
-from ttt_e2e.train.distributed import DistInfo
-from ttt_e2e.train.graphed import use_cuda_graph, use_fused_kernels
+from ttt_e2e.train import plan
+from ttt_e2e.train.plan import use_cuda_graph, use_fused_kernels
 from ttt_e2e.train.parallel import LossModule
 from ttt_e2e.train.trainer import train
 from ttt_e2e.ttt import meta
@@ -28,16 +27,19 @@ def test_cuda_graph_needs_cuda(compose, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("device, ranks, compile_, dist_, setting, expected", [
-    ("cuda", 1, "false", "ddp", "null", True), ("cuda", 2, "false", "ddp", "null", True),
-    ("cuda", 2, "false", "fsdp", "null", False), ("cuda", 1, "true", "ddp", "null", False),
-    ("cpu", 1, "false", "ddp", "null", False), ("cuda", 1, "false", "ddp", "false", False),
-    ("cuda", 4, "false", "ddp", "true", True),
+@pytest.mark.parametrize("device, compile_, dist_, offload, setting, expected, why", [
+    ("cuda", "false", "ddp", "false", "null", True, None), ("cuda", "false", "fsdp", "false", "null", True, None),
+    ("cuda", "true", "ddp", "false", "null", False, "training.compile=true"),
+    ("cuda", "false", "fsdp", "true", "null", False, "training.fsdp_cpu_offload=true"),
+    ("cpu", "false", "ddp", "false", "null", False, None), ("cpu", "false", "fsdp", "false", "null", False, None),
+    ("cuda", "false", "ddp", "false", "false", False, "training.cuda_graph=false"),
+    ("cuda", "false", "fsdp", "false", "true", True, None),
 ])
-def test_default_is_on_for_cuda_with_ddp(compose, device, ranks, compile_, dist_, setting, expected):
-    cfg = compose(**{"training.cuda_graph": setting, "training.compile": compile_, "training.distributed": dist_})
-    info = DistInfo(rank=0, world_size=ranks, local_rank=0, device=torch.device(device))
-    assert use_cuda_graph(cfg, info) is expected
+def test_default_is_on_for_cuda_with_ddp_and_fsdp(compose, device, compile_, dist_, offload, setting, expected, why):
+    """Where the default turns the graphs off on CUDA, the reason goes with it (the run's plan line logs it)."""
+    cfg = compose(**{"training.cuda_graph": setting, "training.compile": compile_, "training.distributed": dist_,
+                     "training.fsdp_cpu_offload": offload})
+    assert use_cuda_graph(cfg, torch.device(device)) == (expected, why)
 
 
 @pytest.mark.parametrize("mode, graph, setting, expected, ce", [
@@ -62,7 +64,7 @@ def test_one_kernel_choice_per_run(compose, tmp_path, monkeypatch, mode):
     the deferred weight gradients) and the evaluation's engine path all run with it, and nothing else."""
     chosen = Kernels(elementwise=False, cross_entropy=False)
     assert Kernels.of(compose().model) == Kernels(True, True)
-    monkeypatch.setattr(trainer, "use_fused_kernels", lambda cfg, graph: chosen)
+    monkeypatch.setattr(plan, "use_fused_kernels", lambda cfg, graph: chosen)
     seen = {"modules": [], "ce": [], "settings": [], "shared_weight": 0}
 
     def modules(model):
@@ -108,7 +110,8 @@ def test_one_kernel_choice_per_run(compose, tmp_path, monkeypatch, mode):
 
 
 @pytest.mark.parametrize("setting, message", [
-    ({"training.distributed": "fsdp"}, "cuda_graph=true does not compose with training.distributed=fsdp"),
+    ({"training.distributed": "fsdp", "training.fsdp_cpu_offload": "true"},
+     "cuda_graph=true does not compose with training.fsdp_cpu_offload=true"),
     ({"training.compile": "true"}, "cuda_graph=true does not compose with training.compile=true"),
 ])
 def test_explicit_cuda_graph_that_cannot_work_is_refused(compose, tmp_path, setting, message):
@@ -140,15 +143,18 @@ def test_graphed_training_equals_eager(compose, tmp_path, metrics, mode, micro):
 
 
 @pytest.mark.gpu
-def test_graphed_ddp_step_equals_eager_ddp(tmp_path, tiny_args, run_cli, metrics):
+@pytest.mark.parametrize("dist_, mode", [("ddp", "meta"), ("fsdp", "meta"), ("fsdp", "pretrain")])
+def test_graphed_step_equals_eager_under_a_process_group(tmp_path, tiny_args, run_cli, metrics, dist_, mode):
     """torchrun with one rank (a real NCCL process group): the graphed micro-steps with their own all-reduce
-    give the eager DDP run's losses and gradient norms (fp32, the same kernels), with accumulation."""
+    give the eager DDP run's losses and gradient norms (fp32, the same kernels), with accumulation; under FSDP2
+    (whole parameters from the shards, the gradient handed back to them: train/sharded.py) the eager FSDP2 run's."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     runs = {}
     for graph in ("false", "true"):
         run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
                  *tiny_args(tmp_path / graph, **{"training.cuda_graph": graph, "training.device": "cuda",
+                                                 "training.distributed": dist_, "ttt.train_mode": mode,
                                                  "training.micro_batch_size": 2, "model.compute_dtype": "float32",
                                                  "model.attention_backend": "triton", "model.fused_kernels": "true",
                                                  "training.eval_every": 0})])
@@ -199,11 +205,11 @@ def _ddp_vs_flat_grads(rank: int, world: int, init_file: str, out: str):
                 (ddp(x, y, m, 1.0)["loss"] / len(batches)).backward()
         flat_module = _tiny_loss_module(seed=rank)
         broadcast_parameters(flat_module)
-        step = GraphedMicroStep(flat_module, list(flat_module.parameters()), contextlib.nullcontext, len(batches),
-                                capture=False)
+        step = GraphedMicroStep(flat_module, contextlib.nullcontext, len(batches), capture=False)
+        step.begin()
         for x, y, m in batches:
             step(x, y, m, 1.0)
-        step.sync_gradients()
+        step.end()
         torch.save({"ddp": {n: p.grad for n, p in ddp_module.named_parameters()},
                     "flat": {n: p.grad for n, p in flat_module.named_parameters()},
                     "weights": {n: p.detach() for n, p in flat_module.named_parameters()}}, f"{out}/rank{rank}.pt")
@@ -246,8 +252,9 @@ def test_failed_capture_falls_back_to_eager_with_a_warning(monkeypatch):
 
     monkeypatch.setattr(graphed, "GraphedStep", broken)
     module = _tiny_loss_module(seed=0)
-    step = graphed.GraphedMicroStep(module, list(module.parameters()), contextlib.nullcontext, 2)
+    step = graphed.GraphedMicroStep(module, contextlib.nullcontext, 2)
     batches = _batches(0)
+    step.begin()
     with pytest.warns(RuntimeWarning, match=r"capture failed \(RuntimeError: operation not permitted.*EAGERLY"):
         step(*batches[0], 1.0)
     step(*batches[1], 1.0)
@@ -257,3 +264,4 @@ def test_failed_capture_falls_back_to_eager_with_a_warning(monkeypatch):
         (ref(x, y, m, 1.0)["loss"] / 2).backward()
     for (name, p), q in zip(module.named_parameters(), ref.parameters()):
         assert torch.equal(p.grad, q.grad), name
+

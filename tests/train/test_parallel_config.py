@@ -29,8 +29,8 @@ def test_fsdp_in_one_process_meta_equals_plain(compose, tmp_path, metrics, remat
      "training.compile=true with training.distributed=fsdp is offered in pretrain mode only"),
     ({"training.distributed": "fsdp", "training.fsdp_cpu_offload": "true", "training.device": "cpu"},
      "training.fsdp_cpu_offload=true offloads from a GPU to the CPU: it needs a CUDA device"),
-    ({"training.distributed": "fsdp", "training.cuda_graph": "true"},
-     "cuda_graph=true does not compose with training.distributed=fsdp"),
+    ({"training.distributed": "fsdp", "training.fsdp_cpu_offload": "true", "training.cuda_graph": "true"},
+     "cuda_graph=true does not compose with training.fsdp_cpu_offload=true"),
 ])
 def test_unsupported_parallel_options_are_refused(compose, tmp_path, setting, message):
     with pytest.raises(ConfigError, match=message) as e:

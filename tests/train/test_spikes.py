@@ -10,8 +10,8 @@ import torch
 
 from ttt_e2e.config import ConfigError, OptimConfig
 from ttt_e2e.train.checkpoint import read_config
-from ttt_e2e.train.spikes import SpikeGuard
-from ttt_e2e.train.trainer import NonFiniteLossError, train
+from ttt_e2e.train.spikes import APPLY, Action, SpikeGuard, Verdict
+from ttt_e2e.train.trainer import TrainingStopped, train
 
 
 def _guard(**kw) -> SpikeGuard:
@@ -23,31 +23,32 @@ def test_skip_policy_skips_non_finite_and_far_above_median_then_recovers():
     g = _guard()
     # history warm-up: large norms are accepted while fewer than spike_min_history are known
     for n in (50.0, 2.0, 3.0):
-        assert g.check(1.0, n) is None and not g.skipped
-    assert g.check(1.0, 30.1) is None and g.skipped  # > 10 x median(50, 2, 3) = 30
-    assert g.check(1.0, 29.9) is None and not g.skipped  # just under: accepted, enters the history
-    assert g.check(math.nan, 1.0) is None and g.skipped
-    assert g.check(1.0, math.inf) is None and g.skipped
+        assert g.judge(1.0, n) == APPLY and not g.skipped
+    v = g.judge(1.0, 30.1)  # > 10 x median(50, 2, 3) = 30
+    assert v.action is Action.SKIP and v.why == "gradient norm 30.1 > 10 x median 3" and g.skipped
+    assert g.judge(1.0, 29.9) == APPLY and not g.skipped  # just under: accepted, enters the history
+    assert g.judge(math.nan, 1.0) == Verdict(Action.SKIP, "non-finite loss") and g.skipped
+    assert g.judge(1.0, math.inf) == Verdict(Action.SKIP, "non-finite gradient norm") and g.skipped
     assert g.total == 3 and g.in_a_row == 2
-    assert g.check(1.0, 1.0) is None and not g.skipped and g.in_a_row == 0
+    assert g.judge(1.0, 1.0) == APPLY and not g.skipped and g.in_a_row == 0
     # skipped norms never enter the history: median of (50, 2, 3, 29.9, 1.0) = 3
     assert list(g.history) == [50.0, 2.0, 3.0, 29.9, 1.0]
-    assert g.check(1.0, 31.0) is None and g.skipped
+    assert g.judge(1.0, 31.0).action is Action.SKIP and g.skipped
 
 
 def test_skip_policy_stops_after_max_consecutive():
     g = _guard()
-    assert g.check(1.0, math.nan) is None and g.check(1.0, math.nan) is None
-    why = g.check(math.inf, 1.0)
-    assert why.startswith("non-finite loss, 3 skipped steps in a row") and g.total == 3
+    assert g.judge(1.0, math.nan).action is Action.SKIP and g.judge(1.0, math.nan).action is Action.SKIP
+    v = g.judge(math.inf, 1.0)
+    assert v.action is Action.STOP and v.why.startswith("non-finite loss, 3 skipped steps in a row") and g.total == 3
 
 
 def test_stop_policy_stops_only_on_non_finite():
     g = SpikeGuard(OptimConfig(spike_min_history=1))
     for n in (1.0, 1e12, 1.0):  # a finite spike is left to the clip
-        assert g.check(1.0, n) is None and not g.skipped
-    assert g.check(1.0, math.inf) == "non-finite gradient norm"
-    assert g.check(math.nan, 1.0) == "non-finite loss"
+        assert g.judge(1.0, n) == APPLY and not g.skipped
+    assert g.judge(1.0, math.inf) == Verdict(Action.STOP, "non-finite gradient norm")
+    assert g.judge(math.nan, 1.0) == Verdict(Action.STOP, "non-finite loss")
 
 
 def test_bad_settings_are_refused():
@@ -82,7 +83,7 @@ def test_trainer_skips_the_update_of_a_skipped_step(compose, tmp_path, metrics):
 
 def test_trainer_stops_after_consecutive_skips(compose, tmp_path, metrics):
     # lr 1e30: step 1 blows the weights up; every later loss is NaN, skipped, until 3 in a row stop the run.
-    with pytest.raises(NonFiniteLossError) as e:
+    with pytest.raises(TrainingStopped) as e:
         train(compose(**{"optim.lr": 1e30, "optim.min_lr": 0, "optim.spike_policy": "skip",
                          "optim.spike_max_consecutive": 3, "training.steps": 8}), tmp_path / "run")
     assert str(e.value).startswith("non-finite loss, 3 skipped steps in a row (optim.spike_max_consecutive) "
@@ -107,19 +108,23 @@ def test_rollback_restores_the_snapshot_in_place_and_backs_off():
     g.start(0, model, opt)  # snapshot of step 0: no optimizer state yet
     kept = {}
     for step, norm in enumerate((1.0, 1.0, 1.0, 1.0), 1):  # accepted: snapshots after steps 2 and 4
-        assert g.check(1.0, norm) is None and not g.skipped
+        assert g.judge(1.0, norm) == APPLY and not g.skipped
         _adamw_step(model, opt, step)
-        assert g.after_step(step, model, opt, sched) is None
+        g.after(APPLY, step, model, opt, sched)
         kept[step] = ([p.detach().clone() for p in model.parameters()],
                       [opt.state[p]["exp_avg"].clone() for p in model.parameters()])
     assert g.snapshot.step == 4
-    assert g.check(1.0, 1.0) is None and not g.skipped  # an accepted step after the snapshot moves the weights
+    assert g.judge(1.0, 1.0) == APPLY and not g.skipped  # an accepted step after the snapshot moves the weights
     _adamw_step(model, opt, 5)
-    assert g.after_step(5, model, opt, sched) is None
-    assert g.check(1.0, 1e6) is None and g.skipped  # one spike: not yet
-    assert g.after_step(6, model, opt, sched) is None and g.rollbacks == 0
-    assert g.check(1.0, math.nan) is None and g.skipped  # the second since the snapshot: roll back
-    assert g.after_step(7, model, opt, sched) is None and g.rollbacks == 1
+    g.after(APPLY, 5, model, opt, sched)
+    v = g.judge(1.0, 1e6)  # one spike: not yet
+    assert v.action is Action.SKIP and g.skipped
+    g.after(v, 6, model, opt, sched)
+    assert g.rollbacks == 0
+    v = g.judge(1.0, math.nan)  # the second since the snapshot: roll back
+    assert v == Verdict(Action.ROLL_BACK, "non-finite gradient norm") and g.skipped
+    g.after(v, 7, model, opt, sched)
+    assert g.rollbacks == 1
     params, moments = kept[4]
     for p, want, m in zip(model.parameters(), params, moments):
         assert torch.equal(p, want) and torch.equal(opt.state[p]["exp_avg"], m)
@@ -127,9 +132,11 @@ def test_rollback_restores_the_snapshot_in_place_and_backs_off():
     assert g.ilr_scale == 0.5 and sched.base_lrs == [0.025] and opt.param_groups[0]["lr"] == 0.025
     assert g.snapshot.step == 4 and g.since_snapshot == 0
     # spikes again before a new snapshot: the one rollback allowed is spent, so the run stops
-    assert g.check(1.0, math.inf) is None and g.after_step(8, model, opt, sched) is None
-    assert g.check(1.0, math.inf) is None
-    assert g.after_step(9, model, opt, sched).startswith("2 spikes since the last snapshot after 1 rollbacks")
+    v = g.judge(1.0, math.inf)
+    assert v.action is Action.SKIP
+    g.after(v, 8, model, opt, sched)
+    v = g.judge(1.0, math.inf)
+    assert v.action is Action.STOP and v.why.startswith("2 spikes since the last snapshot after 1 rollbacks")
 
 
 def test_rollback_to_a_fresh_start_drops_the_optimizer_state():
@@ -139,10 +146,13 @@ def test_rollback_to_a_fresh_start_drops_the_optimizer_state():
     g = _guard(spike_policy="rollback", spike_snapshot_every=5, spike_rollback_after=1)
     w0 = [p.detach().clone() for p in model.parameters()]
     g.start(0, model, opt)
-    assert g.check(1.0, 1.0) is None
+    assert g.judge(1.0, 1.0) == APPLY
     _adamw_step(model, opt, 1.0)
-    assert g.after_step(1, model, opt, sched) is None
-    assert g.check(1.0, math.nan) is None and g.after_step(2, model, opt, sched) is None and g.rollbacks == 1
+    g.after(APPLY, 1, model, opt, sched)
+    v = g.judge(1.0, math.nan)
+    assert v.action is Action.ROLL_BACK
+    g.after(v, 2, model, opt, sched)
+    assert g.rollbacks == 1
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0)) and not opt.state
 
 

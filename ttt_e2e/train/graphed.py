@@ -1,5 +1,5 @@
 """training.cuda_graph: one micro-batch's forward and backward captured as a CUDA graph and replayed every step,
-on one GPU and under DDP.
+on one GPU, under DDP and under FSDP2 (the same micro-step; FSDP2's parameters in and gradients out: sharded.py).
 
 A meta-mode step launches tens of thousands of small kernels (every op of every inner step, its backward and
 double backward) and is host-bound on a fast GPU; its shapes are static and it has no host syncs, so one capture
@@ -7,10 +7,12 @@ double backward) and is host-bound on a fast GPU; its shapes are static and it h
 (copied into static buffers) and the inner-lr multiplier (a 0-d tensor; the outer lr is the optimizer's, which
 stays eager with the clip and the non-finite checks).
 
-Gradients: every parameter's .grad is a view into a few flat fp32 buckets allocated before capture, so the
+Gradients: every parameter's .grad is a view into a few flat fp32 buckets allocated before capture (at the first
+step's begin(), after a resumed run's optimizer state is loaded: torch.distributed.checkpoint initializes an empty
+optimizer's state only where no parameter has a .grad), so the
 captured backward accumulates into them (gradient accumulation works unchanged; `zero_grad` zeroes the buckets
 in place). Data parallelism is done here, not by DDP: the graph holds the UNWRAPPED LossModule's forward and
-backward, and after the last micro-batch of a step `sync_gradients` all-reduces each bucket once, outside the
+backward, and after the last micro-batch of a step `end()` all-reduces each bucket once, outside the
 graph (each bucket divided by the world size, then summed: DDP's own order, so the mean is the same). Why not DDP
 inside the graph: DDP's hooks run Python bookkeeping per bucket during the backward and its bucket rebuild and
 unused-parameter search break a static capture; NCCL could be captured, but the reduction would then be replayed
@@ -35,39 +37,11 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ttt_e2e.config import Config, ConfigError, Kernels
 from ttt_e2e.cuda_graph import GraphedStep
-
-from .distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
 BUCKET_BYTES = 256 * 2**20  # per flat gradient buffer (NCCL reaches full bandwidth well below this)
-
-
-def use_fused_kernels(cfg: Config, graph: bool) -> Kernels:
-    """model.fused_kernels resolved for training (the rule outside training: Kernels.of). Measured on an H100
-    (benchmarks/RESULTS.md): the kernels cut the GPU time of every step, but an eager meta step is host-bound, and
-    each small kernel call under torch.func costs more host time than the PyTorch ops it replaces; so None turns
-    the elementwise ones off exactly there. The cross-entropy kernels replace a dozen passes over (tokens,
-    vocabulary) tensors per call and stay on."""
-    if cfg.model.fused_kernels is not None:
-        return Kernels.of(cfg.model)
-    return Kernels(elementwise=graph or cfg.ttt.train_mode != "meta", cross_entropy=True)
-
-
-def use_cuda_graph(cfg: Config, info: DistInfo) -> bool:
-    """training.cuda_graph resolved: None is on for CUDA ranks (one or many, DDP) without training.compile and
-    without FSDP2 (under which the step runs eagerly); an explicit true that cannot work is a ConfigError."""
-    tc = cfg.training
-    if tc.cuda_graph is None:
-        return info.device.type == "cuda" and not tc.compile and tc.distributed == "ddp"
-    if not tc.cuda_graph:
-        return False
-    if info.device.type != "cuda":
-        raise ConfigError("training.cuda_graph=true needs a CUDA device (training.device resolved to "
-                          f"{info.device.type})")
-    return True  # with fsdp or compile, refused by TrainConfig.validate
 
 
 class FlatGrads:
@@ -100,7 +74,7 @@ class FlatGrads:
 
     def all_reduce_mean(self) -> None:
         """The mean over the process group's ranks, in place (a no-op without a process group)."""
-        if not dist.is_initialized():
+        if not dist.is_initialized() or dist.get_world_size() == 1:
             return
         world = dist.get_world_size()
         for b in self.buckets:
@@ -116,18 +90,26 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
 
 
 class GraphedMicroStep:
-    """Called like the eager micro-step, on the unwrapped LossModule; captures at the first call (with that
-    micro-batch as the example). `sync_gradients()` after the last micro-batch of a step, `zero_grad()` after the
-    optimizer step. capture=False runs the same step eagerly (the fallback, and the CPU tests of this path)."""
+    """The graphed micro-step (train/step.py's interface), on an unwrapped LossModule; captures at the first call
+    (with that micro-batch as the example). `bridge` (FSDP2): the ShardBridge whose replica `module` runs on.
+    capture=False runs the same step eagerly (the fallback, and the CPU tests of this path)."""
 
-    def __init__(self, module: torch.nn.Module, params: list[torch.nn.Parameter], amp: Callable, n_micro: int,
-                 warmup: int = 2, capture: bool = True):
-        self.module, self.amp, self.n_micro, self.warmup = module, amp, n_micro, warmup
-        self.grads = FlatGrads([p for p in params if p.requires_grad])
+    def __init__(self, module: torch.nn.Module, amp: Callable, n_micro: int, warmup: int = 2,
+                 capture: bool = True, bridge=None):
+        self.module, self.amp, self.n_micro, self.warmup, self.bridge = module, amp, n_micro, warmup, bridge
+        self._grads: Optional[FlatGrads] = None
         self.graph: Optional[GraphedStep] = None
         self.capture = capture
         self.fallback_reason: Optional[str] = None
         self._ilr: Optional[torch.Tensor] = None
+
+    @property
+    def grads(self) -> FlatGrads:
+        """Allocated at first use, not at construction: a checkpoint's optimizer state is loaded in between, and
+        torch.distributed.checkpoint initializes an empty optimizer's state only where no parameter has a .grad."""
+        if self._grads is None:
+            self._grads = FlatGrads([p for p in self.module.parameters() if p.requires_grad])
+        return self._grads
 
     def _forward_backward(self, x, y, m, ilr) -> dict:
         with self.amp():
@@ -142,13 +124,29 @@ class GraphedMicroStep:
         return GraphedStep(self._forward_backward, x, y, m, ilr, warmup=self.warmup, zero_grad=self.grads.zero_,
                            capture_error_mode=mode)
 
-    def zero_grad(self) -> None:
-        self.grads.zero_()
+    @property
+    def captured(self) -> bool:
+        """Whether the step replays a graph (False before the first call, on a CPU, or after a failed capture)."""
+        return self.graph is not None
 
-    def sync_gradients(self) -> None:
+    def begin(self) -> None:
+        """Before a step's first micro-batch: the gradient buckets (at the first step), under FSDP2 the whole
+        parameters from the shards."""
+        self.grads  # noqa: B018 -- allocated here, before any backward adds to the .grad it replaces
+        if self.bridge is not None:
+            self.bridge.gather()
+
+    def end(self) -> None:
+        """After a step's last micro-batch: the gradients' mean over ranks (one all-reduce per bucket, outside the
+        graph; a no-op on one rank), under FSDP2 each rank's rows of it as its shards' gradients."""
         self.grads.all_reduce_mean()
+        if self.bridge is not None:
+            self.bridge.scatter_grads()
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, ilr: float) -> dict:
+    def zero_grad(self) -> None:
+        self.grads.zero_()  # in place: the graph's backward accumulates into these very tensors
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, ilr: float, last: bool = True) -> dict:
         """The micro-batch's outputs (when graphed, static tensors: read them before the next call); its gradient
         is added to the buckets."""
         if self._ilr is None:

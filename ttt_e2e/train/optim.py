@@ -8,15 +8,16 @@ import torch
 from ttt_e2e.config import OptimConfig
 
 
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(params, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
     """Weight decay on matrices (linears, embedding) only: decaying RMSNorm scales pulls them toward 0, which
     is not a regularizer of anything; optim.decay_norms=true decays every parameter, as the reference does.
-    Parameters are taken in module order so optimizer state lines up (two groups either way)."""
+    Parameters are taken in module order so optimizer state lines up (two groups either way). fused: torch's
+    one-kernel AdamW (the run's plan chooses it: plan.py)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2 or cfg.decay_norms]
     no_decay = [p for p in params if not (p.dim() >= 2 or cfg.decay_norms)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps, **({"fused": True} if fused else {}))
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:

@@ -20,20 +20,24 @@ training.fsdp_cpu_offload: FSDP2's CPUOffloadPolicy keeps the sharded parameters
 state in (pinned) CPU memory and runs the optimizer there; each unit is copied to the GPU when gathered. This is
 what lets one GPU meta-train the 3B model (`python train.py training.distributed=fsdp training.fsdp_cpu_offload=true`).
 Mixed precision is autocast as without FSDP (parameters fp32).
+
+Under a CUDA graph (the default on CUDA) none of FSDP2's hooks run in training: the graphed micro-step runs on a
+replica with whole parameters gathered from these shards once per step and hands the gradients back to them
+(sharded.py); the sharding above still holds the parameters between steps, the optimizer state and the
+checkpoints, and serves the evaluation.
 """
 from __future__ import annotations
 
 import warnings
 
-import torch.distributed as dist
 import torch.nn as nn
 
-from ttt_e2e.config import Config, ConfigError, Kernels, TTTConfig
+from ttt_e2e.config import Config, Kernels, TTTConfig
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
 
-from .distributed import DistInfo
 from .graphed import broadcast_parameters
+from .plan import RunPlan
 
 _FIELDS = ("loss", "minibatch_losses", "token_losses", "inner_grad_norm")
 
@@ -56,14 +60,6 @@ class LossModule(nn.Module):
         return {k: getattr(out, k) for k in _FIELDS if getattr(out, k) is not None}
 
 
-def check_parallel_config(cfg: Config) -> None:
-    """Combinations refused before any work (the single-setting checks are TrainConfig.validate's)."""
-    tc = cfg.training
-    if tc.distributed == "fsdp" and tc.compile and cfg.ttt.train_mode == "meta":
-        raise ConfigError("training.compile=true with training.distributed=fsdp is offered in pretrain mode only "
-                          "(not tested with the meta-mode sharding); drop training.compile")
-
-
 def compile_blocks(model: Transformer, train_mode: str) -> None:
     """torch.compile each block that runs as a plain module call: the prefix always; the suffix only in pretrain
     mode (in meta mode it runs under torch.func.grad with substituted weights, possibly inside the remat
@@ -75,35 +71,33 @@ def compile_blocks(model: Transformer, train_mode: str) -> None:
             block.compile()
 
 
-def parallelize(loss_module: LossModule, cfg: Config, info: DistInfo, graph: bool = False) -> nn.Module:
-    """The module the loop calls: loss_module itself (no process group, or graph=True: the graphed micro-step
-    reduces the gradients itself, train/graphed.py), DDP around it, or FSDP2-sharded in place."""
-    if cfg.training.compile:
+def parallelize(loss_module: LossModule, cfg: Config, plan: RunPlan) -> nn.Module:
+    """The module the evaluation calls (and the eager micro-step): loss_module itself (no process group), DDP
+    around it (but not under the graphed micro-step, which reduces the gradients itself: rank 0's parameters are
+    broadcast instead, as DDP's constructor does), or FSDP2-sharded in place."""
+    if plan.compile:
         compile_blocks(loss_module.model, cfg.ttt.train_mode)
-    if cfg.training.distributed == "fsdp":
+    if plan.parallel == "fsdp":
         from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
         # Blocks return their (keys, values) as views; nothing modifies them in place, which is what the warning
         # is about.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-        if cfg.training.fsdp_cpu_offload and info.device.type != "cuda":
-            raise ConfigError("training.fsdp_cpu_offload=true offloads from a GPU to the CPU: it needs a CUDA device "
-                              f"(training.device resolved to {info.device.type})")
-        offload = CPUOffloadPolicy() if cfg.training.fsdp_cpu_offload else OffloadPolicy()
+        offload = CPUOffloadPolicy() if plan.cpu_offload else OffloadPolicy()
         model = loss_module.model
         units = model.prefix if cfg.ttt.train_mode == "meta" else (*model.prefix, *model.suffix.blocks)
         for block in units:
             fully_shard(block, offload_policy=offload)
         fully_shard(loss_module, offload_policy=offload)
         return loss_module
-    if not dist.is_initialized():
+    if plan.parallel == "none":
         return loss_module
-    if graph:
+    if plan.graph:
         broadcast_parameters(loss_module)
         return loss_module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    ids = [info.device.index] if info.device.type == "cuda" else None
+    ids = [plan.device.index] if plan.device.type == "cuda" else None
     return DDP(loss_module, device_ids=ids)
 
 

@@ -31,6 +31,7 @@ import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Optional
 
 import torch
@@ -130,11 +131,31 @@ def backed_off(cfg: Config, ilr_scale: float) -> Config:
     return replace(cfg, ttt=replace(ttt, inner_lr=ttt.inner_lr * ilr_scale, ilr_init=init))
 
 
+class Action(Enum):
+    APPLY = "apply"  # the update is taken
+    SKIP = "skip"  # no update (the batch is consumed, the schedule advances)
+    ROLL_BACK = "roll back"  # no update, and the weights and optimizer state of the last snapshot restored
+    STOP = "stop"  # the run ends
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    why: Optional[str] = None  # what was wrong with the step (for STOP: why the run ends)
+
+
+APPLY = Verdict(Action.APPLY)
+
+
 class SpikeGuard:
+    """The spike policy. Per step the trainer asks `judge(loss, grad_norm)` for a verdict, acts on it (updates or
+    not), then hands it back to `after(verdict, ...)`, which rolls back or takes a snapshot."""
+
     def __init__(self, cfg: OptimConfig):
         self.cfg = cfg
+        self.rolls_back = cfg.spike_policy == "rollback"
         self.history: deque[float] = deque(maxlen=cfg.spike_window)
-        self.skipped = False  # the last checked step was skipped
+        self.skipped = False  # the last judged step took no update
         self.total = 0  # skipped steps so far
         self.in_a_row = 0
         self.rollbacks = 0
@@ -143,59 +164,60 @@ class SpikeGuard:
         self.accepted_since_snapshot = 0
         self.snapshot: Optional[Snapshot] = None
 
-    def check(self, loss: float, grad_norm: float) -> Optional[str]:
-        """Judge one step. Returns None to go on (see .skipped: update or not), or why the run must stop."""
+    def _problem(self, loss: float, grad_norm: float) -> tuple[Optional[str], bool]:
+        """(what is wrong with the step or None, whether it is a non-finite value)."""
         if not math.isfinite(loss):
-            why = "non-finite loss"
-        elif not math.isfinite(grad_norm):
-            why = "non-finite gradient norm"
-        elif (len(self.history) >= self.cfg.spike_min_history
-              and grad_norm > self.cfg.spike_factor * statistics.median(self.history)):
-            why = f"gradient norm {grad_norm:.3g} > {self.cfg.spike_factor:g} x median {statistics.median(self.history):.3g}"
-        else:
-            why = None
+            return "non-finite loss", True
+        if not math.isfinite(grad_norm):
+            return "non-finite gradient norm", True
+        if len(self.history) >= self.cfg.spike_min_history:
+            median = statistics.median(self.history)
+            if grad_norm > self.cfg.spike_factor * median:
+                return f"gradient norm {grad_norm:.3g} > {self.cfg.spike_factor:g} x median {median:.3g}", False
+        return None, False
+
+    def judge(self, loss: float, grad_norm: float) -> Verdict:
+        """The verdict on one step (counted: call once per step)."""
+        why, non_finite = self._problem(loss, grad_norm)
         if self.cfg.spike_policy == "stop":
             # Only a non-finite value stops; a large finite norm is left to the clip, as before.
             self.skipped = False
-            return why if why is not None and why.startswith("non-finite") else None
+            return Verdict(Action.STOP, why) if non_finite else APPLY
         self.skipped = why is not None
         if not self.skipped:
             self.history.append(grad_norm)
             self.in_a_row = 0
-            return None
+            return APPLY
         self.total += 1
         self.in_a_row += 1
         self.since_snapshot += 1
         if self.in_a_row >= self.cfg.spike_max_consecutive:
-            return f"{why}, {self.in_a_row} skipped steps in a row (optim.spike_max_consecutive)"
-        return None
+            return Verdict(Action.STOP, f"{why}, {self.in_a_row} skipped steps in a row (optim.spike_max_consecutive)")
+        if self.rolls_back and self.since_snapshot >= self.cfg.spike_rollback_after:
+            if self.rollbacks >= self.cfg.spike_max_rollbacks:
+                return Verdict(Action.STOP, f"{self.since_snapshot} spikes since the last snapshot after "
+                                            f"{self.rollbacks} rollbacks (optim.spike_max_rollbacks)")
+            return Verdict(Action.ROLL_BACK, why)
+        return Verdict(Action.SKIP, why)
 
     # ----------------------------------------------------------------------------------- the rollback policy
 
     def start(self, step: int, model, optimizer) -> None:
         """The first snapshot, where the run starts or where it resumes from a checkpoint that holds none."""
-        if self.cfg.spike_policy == "rollback" and self.snapshot is None:
+        if self.rolls_back and self.snapshot is None:
             self.snapshot = Snapshot.take(step, model, optimizer)
             self.accepted_since_snapshot = 0
 
-    def after_step(self, step: int, model, optimizer, scheduler) -> Optional[str]:
-        """After step `step` (steps taken, this one included) was judged and applied or skipped: a snapshot, or a
-        rollback, or why the run must stop. A no-op but for the rollback policy."""
-        if self.cfg.spike_policy != "rollback":
-            return None
-        if self.skipped:
-            if self.since_snapshot < self.cfg.spike_rollback_after:
-                return None
-            if self.rollbacks >= self.cfg.spike_max_rollbacks:
-                return (f"{self.since_snapshot} spikes since the last snapshot after {self.rollbacks} rollbacks "
-                        f"(optim.spike_max_rollbacks)")
+    def after(self, verdict: Verdict, step: int, model, optimizer, scheduler) -> None:
+        """After step `step` (steps taken, this one included) was applied or not as `verdict` said: the rollback
+        it called for, or (under the rollback policy) a snapshot when one is due."""
+        if verdict.action is Action.ROLL_BACK:
             self._roll_back(step, model, optimizer, scheduler)
-            return None
-        self.accepted_since_snapshot += 1
-        if self.accepted_since_snapshot >= self.cfg.spike_snapshot_every:
-            self.snapshot = Snapshot.take(step, model, optimizer)
-            self.accepted_since_snapshot = self.since_snapshot = 0
-        return None
+        elif verdict.action is Action.APPLY and self.rolls_back:
+            self.accepted_since_snapshot += 1
+            if self.accepted_since_snapshot >= self.cfg.spike_snapshot_every:
+                self.snapshot = Snapshot.take(step, model, optimizer)
+                self.accepted_since_snapshot = self.since_snapshot = 0
 
     def _roll_back(self, step: int, model, optimizer, scheduler) -> None:
         self.snapshot.restore(model, optimizer)
@@ -225,11 +247,11 @@ class SpikeGuard:
     def checkpoint_files(self, model, is_main: bool = True) -> dict:
         """The extra files of a checkpoint: the snapshot under rollback (collective: every rank calls it; only the
         main rank, which writes, keeps the gathered tensors)."""
-        if self.cfg.spike_policy != "rollback" or self.snapshot is None:
+        if not self.rolls_back or self.snapshot is None:
             return {}
         return {SNAPSHOT_FILE: self.snapshot.full_state(model, keep=is_main)}
 
     def load_snapshot(self, full: dict, model) -> None:
         """The snapshot a checkpoint saved (collective); start() then keeps it instead of taking a new one."""
-        if self.cfg.spike_policy == "rollback":
+        if self.rolls_back:
             self.snapshot = Snapshot.from_full(full, model)
