@@ -115,6 +115,16 @@ def main(argv=None) -> int:
             diffs = [x - y for x, y in zip(fa["train_last_quarter"], swa["train_last_quarter"])]
             report["gap_by_step"][data_name] = [(i + 20, statistics.mean(diffs[i:i + 20]))
                                                 for i in range(0, len(diffs) - 19, 20)]
+    print("\nrun | steps | tokens | step s (shared) | max mem GiB | skipped | train loss, last quarter (end)")
+    for name, r in report["runs"].items():
+        end = r["train_last_quarter"][-5:]
+        print(f"{name} | {r['steps']} | {r['tokens']:,} | {r['step_time_s'] or float('nan'):.3f} | "
+              f"{r['max_memory_gib'] or float('nan'):.1f} | {r['skipped']} | "
+              f"{statistics.mean(end) if end else float('nan'):.3f}" + (f" | {r['log_tail']}" if r["log_tail"] else ""))
+    for data_name, rows in report["gap_by_step"].items():
+        print(f"fa - swa, training loss over the last quarter, {data_name}: " +
+              ", ".join(f"{s}: {g:+.3f}" for s, g in rows))
+    (out / "probe.json").write_text(json.dumps(report, indent=1))
     from ttt_e2e.train.checkpoint import latest_checkpoint
 
     for name in names:
@@ -137,17 +147,10 @@ def main(argv=None) -> int:
                                                                   "last_quarter": last_quarter(r["loss_by_position"])}
                 except Exception as e:  # reported; the others go on
                     report["eval"][f"{name}{suffix} {corpus}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                print(f"[{time.time() - t0:5.1f}s] eval {name}{suffix} {corpus} ({time.time() - t:.1f}s)", flush=True)
+                e = report["eval"][f"{name}{suffix} {corpus}"]
+                print(f"[{time.time() - t0:5.1f}s] eval {name}{suffix} {corpus} ({time.time() - t:.1f}s): "
+                      f"last quarter {e.get('last_quarter', float('nan')):.3f}", flush=True)
     (out / "probe.json").write_text(json.dumps(report, indent=1))
-    print("\nrun | steps | tokens | step s (shared) | max mem GiB | skipped | train loss, last quarter (end)")
-    for name, r in report["runs"].items():
-        end = r["train_last_quarter"][-5:]
-        print(f"{name} | {r['steps']} | {r['tokens']:,} | {r['step_time_s'] or float('nan'):.3f} | "
-              f"{r['max_memory_gib'] or float('nan'):.1f} | {r['skipped']} | "
-              f"{statistics.mean(end) if end else float('nan'):.3f}" + (f" | {r['log_tail']}" if r["log_tail"] else ""))
-    for data_name, rows in report["gap_by_step"].items():
-        print(f"fa - swa, training loss over the last quarter, {data_name}: " +
-              ", ".join(f"{s}: {g:+.3f}" for s, g in rows))
     print("\nheld-out | step | loss | last quarter")
     for k, r in report["eval"].items():
         print(f"{k} | {r.get('step')} | {r.get('loss', float('nan')):.3f} | {r.get('last_quarter', float('nan')):.3f}"
