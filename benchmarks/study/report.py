@@ -194,7 +194,7 @@ def render_markdown(results: dict) -> str:
             first = next(iter(by_seed.values()))
             picks = sorted({round(i * (len(first["gap"]) - 1) / 4) for i in range(5)})
             lines.append(f"- {k}: " + ", ".join(
-                f"{first['tokens'][i] / 1e6:.1f}M tokens {_fmt([v['gap'][i] for v in by_seed.values()], 3)}"
+                f"{first['tokens'][i] / 1e6:.3g}M tokens {_fmt([v['gap'][i] for v in by_seed.values()], 3)}"
                 for i in picks))
     if s["sweep"] and any(r["name"].startswith("e2e_ilr") for r in s["sweep"]):
         lines += ["", "Sweep (Hydra multirun; inner lr 0 is the ablation) and the main e2e runs:", ""]
