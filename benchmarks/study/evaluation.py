@@ -54,7 +54,8 @@ def run_task(task: dict) -> dict:
         r = evaluate_checkpoint(task["checkpoint"], task["overrides"], task["windows"], task["batch_size"],
                                 task["device"])
         return {"loss": r["loss"], "tokens": r["tokens"], "windows": r["windows"], "step": r["step"],
-                "train_mode": r["train_mode"], "loss_by_position": r["loss_by_position"]}
+                "train_mode": r["train_mode"],
+                "loss_by_position": [None if x is None else round(x, 4) for x in r["loss_by_position"]]}
     if task["kind"] == "needle":
         from ttt_e2e.eval.needle import evaluate_needle
 
