@@ -129,16 +129,16 @@ def parse(argv=None):
                    help="inner lrs at which tto is evaluated with its inner loop on")
     p.add_argument("--sweep-ilr", default=None, help="a Hydra multirun of e2e over these ttt.inner_lr values "
                                                      "(0: the ablation; default none; tiny 0)")
-    p.add_argument("--sweep-b", default=None, help="... and these ttt.mini_batch_size values (default 32,64; tiny 16)")
+    p.add_argument("--sweep-b", default=None, help="... and these ttt.mini_batch_size values (default 16,64; tiny 16)")
     p.add_argument("--device", default="auto")
     p.add_argument("--spike-policies", default=None, help="issue 26's 128-inner-step run, once per "
                    "optim.spike_policy listed (default none; tiny rollback)")
-    p.add_argument("--windows", type=int, default=None, help="held-out windows per curve (default 64; tiny 2)")
+    p.add_argument("--windows", type=int, default=None, help="held-out windows per curve (default 128; tiny 2)")
     p.add_argument("--eval-batch", type=int, default=None, help="(default 16; tiny 2)")
     p.add_argument("--parallel", type=int, default=None, help="evaluation worker processes (default 8; tiny 2)")
-    p.add_argument("--needle-lengths", default=None, help="(default 512,1024,2048; tiny 128,256)")
+    p.add_argument("--needle-lengths", default=None, help="(default 128,256,512; tiny 128,256)")
     p.add_argument("--needle-depths", default=None, help="(default 0.1,0.3,0.5,0.7,0.9; tiny 0.25,0.75)")
-    p.add_argument("--needle-trials", type=int, default=None, help="(default 8; tiny 2)")
+    p.add_argument("--needle-trials", type=int, default=None, help="(default 16; tiny 2)")
     p.add_argument("--render-s", type=float, default=15.0, help="seconds kept for writing the results")
     p.add_argument("--report-every", type=float, default=20.0, help="seconds between progress lines")
     p.add_argument("--render", default=None, help="only redo study.md and the plots from this results.json")
@@ -146,9 +146,9 @@ def parse(argv=None):
     t = a.tiny
     for k, big, small in (("minutes", 8.8, 3.0), ("train_share", 0.72, 0.6), ("min_steps", 50, 2),
                           ("max_steps", 5000, 6), ("probe_s", 150.0, 60.0), ("seeds", 2, 1), ("sweep_ilr", "", "0"),
-                          ("sweep_b", "32,64", "16"), ("windows", 64, 2), ("eval_batch", 16, 2), ("parallel", 8, 2),
-                          ("needle_lengths", "512,1024,2048", "128,256"),
-                          ("needle_depths", "0.1,0.3,0.5,0.7,0.9", "0.25,0.75"), ("needle_trials", 8, 2),
+                          ("sweep_b", "16,64", "16"), ("windows", 128, 2), ("eval_batch", 16, 2), ("parallel", 8, 2),
+                          ("needle_lengths", "128,256,512", "128,256"),
+                          ("needle_depths", "0.1,0.3,0.5,0.7,0.9", "0.25,0.75"), ("needle_trials", 16, 2),
                           ("spike_policies", "", "rollback")):
         if getattr(a, k) is None:
             setattr(a, k, small if t else big)

@@ -137,7 +137,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
 
 
 def build(out: Path, tiny: bool, vocab_size: int, min_chars: int, val_fraction: float, max_mib: float,
-          repeat_chars: tuple[int, int] = (1000, 5000), repeat_p: float = 0.5) -> dict:
+          repeat_chars: tuple[int, int] = (200, 1000), repeat_p: float = 0.5) -> dict:
     if out.exists():
         shutil.rmtree(out)
     with tempfile.TemporaryDirectory() as work:
@@ -157,25 +157,39 @@ def build(out: Path, tiny: bool, vocab_size: int, min_chars: int, val_fraction: 
     if not (train and val and docs_val):
         raise SystemExit(f"error: too few documents of >= {min_chars} characters: {len(train)} train, "
                          f"{len(val)} held-out code, {len(docs_val)} prose")
-    rng = random.Random(0)
-    rep = {f"{k}_rep": {name: with_repeats(text, *repeat_chars, repeat_p, rng) for name, text in docs.items()}
-           for k, docs in (("code_train", train), ("code_val", val))}
     manifest = {"tokenizer": {"kind": "byte-level BPE (tokenizers)", "vocab_size": vocab_size,
                               "trained_on": "code_train"},
                 "sources": {"code": f"CPython {sys.version.split()[0]} stdlib" +
                                     ("" if tiny else " + " + ", ".join(req for req, _ in WHEELS) + " wheels"),
                             "docs": "installed packages' METADATA" if tiny else f"Debian {DOCS_DEB} _sources"},
-                "min_chars": min_chars, "val_fraction": val_fraction,
-                "repeats": {"span_chars": list(repeat_chars), "p": repeat_p}}
+                "min_chars": min_chars, "val_fraction": val_fraction}
     train_tokenizer(list(train.values()), vocab_size, out / "tokenizer")
+    for folder, docs in (("code_train", train), ("code_val", val), ("docs_val", docs_val)):
+        manifest[folder] = _write_counted(docs, out / folder, out / "tokenizer")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return add_repeats(out, repeat_chars, repeat_p)
+
+
+def _write_counted(docs: dict[str, str], folder: Path, tokenizer: Path) -> dict:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
-    for folder, docs in (("code_train", train), ("code_val", val), ("docs_val", docs_val), *rep.items()):
-        names = _write(docs, out / folder)
-        n_tokens = sum(len(ids) for ids in tok(list(docs.values()), add_special_tokens=False)["input_ids"])
-        manifest[folder] = {"documents": len(names), "chars": sum(map(len, docs.values())), "tokens": n_tokens,
-                            "files": names}
+    names = _write(docs, folder)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    n_tokens = sum(len(ids) for ids in tok(list(docs.values()), add_special_tokens=False)["input_ids"])
+    return {"documents": len(names), "chars": sum(map(len, docs.values())), "tokens": n_tokens, "files": names}
+
+
+def add_repeats(out: Path, repeat_chars: tuple[int, int], repeat_p: float) -> dict:
+    """code_train_rep and code_val_rep from a built folder's code_train and code_val (replaced if there)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    rng = random.Random(0)
+    for folder in ("code_train", "code_val"):
+        files = sorted((out / folder).glob("*.txt"))
+        docs = {name: with_repeats(f.read_text(), *repeat_chars, repeat_p, rng)
+                for name, f in zip(manifest[folder]["files"], files)}
+        shutil.rmtree(out / f"{folder}_rep", ignore_errors=True)
+        manifest[f"{folder}_rep"] = _write_counted(docs, out / f"{folder}_rep", out / "tokenizer")
+    manifest["repeats"] = {"span_chars": list(repeat_chars), "p": repeat_p}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -188,8 +202,9 @@ def main(argv=None) -> None:
     p.add_argument("--min-chars", type=int, default=None, help="shortest document kept (default 16000; tiny 4000)")
     p.add_argument("--val-fraction", type=float, default=0.08, help="share of code files held out")
     p.add_argument("--max-mib", type=float, default=None, help="training text budget (default 64; tiny 1)")
-    p.add_argument("--repeat-chars", default="1000,5000", help="span lengths of the _rep corpora, lo,hi characters")
+    p.add_argument("--repeat-chars", default="200,1000", help="span lengths of the _rep corpora, lo,hi characters")
     p.add_argument("--repeat-p", type=float, default=0.5, help="probability that a span is repeated")
+    p.add_argument("--repeats-only", action="store_true", help="only redo the _rep corpora of the --out folder")
     a = p.parse_args(argv)
     try:
         lo, hi = (int(x) for x in a.repeat_chars.split(","))
@@ -198,7 +213,9 @@ def main(argv=None) -> None:
     except ValueError:
         p.error(f"--repeat-chars must be lo,hi with 0 < lo <= hi and --repeat-p in [0, 1], got {a.repeat_chars} "
                 f"and {a.repeat_p}")
-    m = build(Path(a.out), a.tiny, a.vocab or (512 if a.tiny else 4096), a.min_chars or (4000 if a.tiny else 16000),
+    if a.repeats_only and not (Path(a.out) / "manifest.json").exists():
+        p.error(f"--repeats-only needs a built corpus folder at {a.out}")
+    m = add_repeats(Path(a.out), (lo, hi), a.repeat_p) if a.repeats_only else build(Path(a.out), a.tiny, a.vocab or (512 if a.tiny else 4096), a.min_chars or (4000 if a.tiny else 16000),
               a.val_fraction, a.max_mib or (1.0 if a.tiny else 64.0), (lo, hi), a.repeat_p)
     for k in ("code_train", "code_val", "docs_val", "code_train_rep", "code_val_rep"):
         print(f"{k}: {m[k]['documents']} documents, {m[k]['chars'] / 1e6:.2f}M chars, {m[k]['tokens'] / 1e6:.2f}M "

@@ -1,7 +1,6 @@
 """Choosing the study's configuration on the GPU in about two minutes: does full attention start using its
 context (fa below swa late in the context) on natural code, or on code with repeated spans, within the tokens a
-study run can train? Trains fa and swa on both corpora, e2e (b 64 and b 32) and tto on the repeated one, all at
-once on one GPU, stops them at --seconds, then evaluates every last checkpoint on the held-out code (natural and
+study run can train? Trains fa and swa on both corpora, e2e and tto on the repeated one, all at once on one GPU, stops them at --seconds, then evaluates every last checkpoint on the held-out code (natural and
 with repeats) and tto with its inner loop switched on. Prints the step times, memory, fa - swa over training
 (last quarter of the context, training loss) and over held-out code.
 
@@ -30,7 +29,6 @@ CANDIDATES = {  # name: (experiment, overrides)
     "fa_rep": ("fa", ["data.source={data}/code_train_rep"]),
     "swa_rep": ("swa", ["data.source={data}/code_train_rep"]),
     "e2e_rep": ("e2e", ["data.source={data}/code_train_rep"]),
-    "e2e_rep_b32": ("e2e", ["data.source={data}/code_train_rep", "ttt.mini_batch_size=32"]),
     "tto_rep": ("tto", ["data.source={data}/code_train_rep"]),
 }
 
@@ -132,8 +130,6 @@ def main(argv=None) -> int:
         ckpt = latest_checkpoint(ckpts) if ckpts.is_dir() else None
         if ckpt is None:
             continue
-        if name.endswith("_b32"):
-            continue  # measured for its step time only
         variants = [("", [])]
         if name.startswith("tto"):
             variants += [(f"@ilr{lr:g}", test_time_overrides(lr)) for lr in (0.1, 1.0)]

@@ -124,9 +124,10 @@ class Training:
         self.a = study.a
 
     def common(self, steps: int) -> list[str]:
+        # every checkpoint kept (ten per run): the evaluation takes each job at the same step (common_step)
         return [*self.st.data_overrides(), f"training.steps={steps}", f"ttt.ilr_warmup_steps={max(1, steps // 5)}",
-                f"training.checkpoint_every={max(1, steps // 8)}", "training.keep_last=1", "training.progress=false",
-                f"training.device={self.a.device}", "logger=none"]
+                f"training.checkpoint_every={max(1, steps // 10)}", "training.keep_last=100",
+                "training.progress=false", f"training.device={self.a.device}", "logger=none"]
 
     def plan(self, phase: str, steps: int) -> tuple[list[Job], Optional[Job], list[Job]]:
         """(the single jobs, the sweep's launcher (None without a sweep), the sweep's jobs)."""
@@ -278,6 +279,10 @@ class Training:
                     job.name = f"e2e_ilr{job.swept['inner_lr']:g}_b{job.swept['mini_batch_size']}"
         runs = [self.summary(j) for j in jobs]
         self.st.say("train: done: " + ", ".join(f"{j.name} {self.progress(j, steps)}" for j in jobs))
+        step = common_step(runs)
+        self.st.results["evaluated_step"] = step
+        if step is not None and any(r["checkpoint_step"] != step for r in runs if r["evaluated"] and r["checkpoint"]):
+            self.st.say(f"train: every job is evaluated at step {step}, the last checkpoint all per-seed jobs reached")
         return runs
 
     @staticmethod
@@ -301,7 +306,8 @@ class Training:
                 "per_seed": job.spec.per_seed, "test_time_grid": job.spec.test_time_grid, **setting,
                 "swept": job.swept or None,
                 "dir": str(job.dir), "steps": recs[-1]["step"] if recs else 0,
-                "checkpoint": str(ckpt) if ckpt else None, "returncode": job.returncode, "killed": job.killed,
+                "checkpoint": str(ckpt) if ckpt else None, "checkpoint_step": _step_of(ckpt) if ckpt else None,
+                "returncode": job.returncode, "killed": job.killed,
                 "tokens_per_s": statistics.median(x["tokens_per_s"] for x in timed) if timed else None,
                 "step_time_s": statistics.median(x["step_time_s"] for x in timed) if timed else None,
                 "max_memory_gib": recs[-1].get("max_memory_gib") if recs else None,
@@ -320,3 +326,24 @@ class Training:
                                           or x["grad_norm"] > 100),
                 "wall_s": (time.time() - job.started) if job.started else None,
                 "log_tail": self.tail(job, 5) if (job.returncode not in (0, None) and not job.killed) else None}
+
+
+def _step_of(step_dir: Path) -> int:
+    return int(Path(step_dir).name.rsplit("_", 1)[-1])
+
+
+def common_step(runs: list[dict]) -> Optional[int]:
+    """The last checkpoint step that every per-seed job reached; each evaluated job's "checkpoint" is set to its
+    checkpoint of that step where it has one, so that all are compared after the same training tokens even when
+    one (e2e, the slowest) was stopped at the deadline. None when no per-seed job has a checkpoint."""
+    from ttt_e2e.train.checkpoint import step_dir_name
+
+    reached = [r["checkpoint_step"] for r in runs if r["per_seed"] and r["checkpoint"]]
+    if not reached:
+        return None
+    step = min(reached)
+    for r in runs:
+        at = Path(r["dir"]) / "checkpoints" / step_dir_name(step)
+        if r["evaluated"] and r["checkpoint"] and (at / "model.pt").is_file():
+            r["checkpoint"], r["checkpoint_step"] = str(at), step
+    return step

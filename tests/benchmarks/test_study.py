@@ -16,6 +16,7 @@ import pytest
 from benchmarks.study.__main__ import parse
 from benchmarks.study.data import with_repeats
 from benchmarks.study.report import render_markdown, summarize
+from benchmarks.study.runs import common_step
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,6 +89,21 @@ def test_repeated_spans_copy_whole_lines_from_beyond_the_window():
     assert "".join(rebuilt) == out and 0 < copies < spans and len(out) > len(text)
 
 
+def test_every_job_is_evaluated_at_the_last_step_all_per_seed_jobs_reached(tmp_path):
+    runs = []
+    for name, steps, per_seed in (("fa_s0", (100, 200, 300), True), ("e2e_s0", (100, 200), True),
+                                  ("e2e_ilr0_b16", (100,), False)):
+        for step in steps:
+            (tmp_path / name / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+            (tmp_path / name / "checkpoints" / f"step_{step:08d}" / "model.pt").touch()
+        runs.append({"name": name, "dir": str(tmp_path / name), "per_seed": per_seed, "evaluated": True,
+                     "checkpoint_step": steps[-1], "checkpoint": str(tmp_path / name / "checkpoints" /
+                                                                     f"step_{steps[-1]:08d}")})
+    assert common_step(runs) == 200  # e2e stopped at the deadline after its step-200 checkpoint
+    assert [Path(r["checkpoint"]).name for r in runs] == ["step_00000200", "step_00000200", "step_00000100"]
+    assert [r["checkpoint_step"] for r in runs] == [200, 200, 100]  # a sweep job short of it keeps its last
+
+
 @pytest.mark.parametrize("argv", [["--kinds", "fa,sweep"], ["--kinds", "nope"], ["--steps", "many"],
                                   ["--tto-grid", "0.1,x"]])
 def test_bad_arguments_exit_2(argv):
@@ -113,6 +129,7 @@ def test_tiny_study_end_to_end(tmp_path):
     assert runs["e2e_ilr0_b16"]["inner_lr"] == 0.0 and runs["fa_s0"]["window"] is None
     assert runs["swa_s0"]["window"] == 32 and runs["tto_s0"]["window"] == 32
     steps = r["steps"]
+    assert r["evaluated_step"] == steps  # all finished: their last checkpoints
     assert 2 <= steps <= 6 and r["phases"]["probe"]["step_time_s"]["e2e_s0"] > 0
     for name, x in runs.items():
         assert x["returncode"] == 0 and not x["killed"], (name, x["log_tail"])
