@@ -43,8 +43,9 @@ class Study:
         self.work.mkdir(parents=True, exist_ok=True)
         self.log_file = open(self.out / "progress.log", "a")
         self.procs = []  # every process started, stopped on the way out
+        # STUDY_COMMIT: the commit, where the tree is a copy without its git history (the GPU machine)
         self.results: dict = {"args": vars(a), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                              "phases": {}}
+                              "commit": os.environ.get("STUDY_COMMIT"), "device": _device(), "phases": {}}
         self.env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                         PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
@@ -104,6 +105,12 @@ class Study:
     def data_overrides(self) -> list[str]:
         return [f"data.source={self.data / self.a.train_corpus}", f"data.tokenizer={self.data / 'tokenizer'}",
                 f"data.cache_dir={self.cache}"]
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def parse(argv=None):
@@ -175,7 +182,8 @@ def main(argv=None) -> int:
         print(f"wrote {Path(a.out) / 'study.md'} and the plots")
         return 0
     st = Study(a)
-    st.say(f"study: {'tiny, ' if a.tiny else ''}{a.minutes:g} minutes, out {a.out}, work {a.work}")
+    st.say(f"study: {'tiny, ' if a.tiny else ''}{a.minutes:g} minutes, out {a.out}, work {a.work}, "
+           f"{st.results['device']}, commit {st.results['commit']}")
     try:
         st.prepare_data()
         runs = Training(st).train(st.t0 + a.minutes * 60 * a.train_share)

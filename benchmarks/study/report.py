@@ -163,8 +163,9 @@ def needle_rows(results: dict) -> list[list]:
 def render_markdown(results: dict) -> str:
     s = results["summary"] = summarize(results)
     corp = s["corpora"]
-    lines = [f"# Loss-vs-context study: results ({results.get('started', '')})", "",
-             f"Steps per run: {results.get('steps')}. Values per seed ({', '.join(f's{x}' for x in s['seeds'])}), "
+    lines = [f"# Loss-vs-context study: results ({results.get('started', '')}, {results.get('device', '')}, "
+             f"commit {results.get('commit')})", "",
+             f"Steps per run: {results.get('steps')}, evaluated at step {results.get('evaluated_step')}. Values per seed ({', '.join(f's{x}' for x in s['seeds'])}), "
              f"separated by '/'. Loss in nats per token; last quarter: the last quarter of the context's positions.",
              ""]
     rows = []
