@@ -26,7 +26,7 @@ class Block(nn.Module):
         super().__init__()
         self.pre_attn_norm, self.post_attn_norm = _norm(cfg, cfg.pre_norm), _norm(cfg, cfg.post_norm)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_window, cfg.rope_theta, cfg.qk_norm,
-                              cfg.norm_eps, cfg.attention_backend)
+                              cfg.norm_eps, cfg.attention_backend, cfg.kv_heads, cfg.head_dim, cfg.rope_scale)
         self.prime = SwiGLU(cfg.d_model, cfg.prime_width) if has_prime else None
         if has_prime:
             self.pre_prime_norm, self.post_prime_norm = _norm(cfg, cfg.pre_norm), _norm(cfg, cfg.post_norm)
