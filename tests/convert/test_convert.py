@@ -14,6 +14,7 @@ from ttt_e2e.config import Config, DataConfig, LogConfig, ModelConfig, TrainConf
 from ttt_e2e.convert import from_jax, orbax_io, to_jax
 from ttt_e2e.convert.__main__ import main as convert_main
 from ttt_e2e.convert.layout import PRIME, reference_config, to_reference
+from ttt_e2e.convert.load import PretrainedTransformer
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.pretrained import load_pretrained
 from ttt_e2e.train.checkpoint import CheckpointError, load_checkpoint
@@ -68,7 +69,7 @@ def test_save_pretrained_load_pretrained_exact(tmp_path):
         a, b = model.state_dict(), loaded.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert torch.equal(sequence_loss(loaded, x, y, y != 1, cfg2.ttt).loss, loss)
-    hub = Transformer.from_pretrained(tmp_path / "sharded")  # huggingface_hub's entry point, same loader
+    hub = PretrainedTransformer.from_pretrained(tmp_path / "sharded")  # huggingface_hub's entry point, same loader
     assert all(torch.equal(v, hub.state_dict()[k]) for k, v in model.state_dict().items())
     shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:100])  # a partial download

@@ -13,7 +13,6 @@ from torch.utils.checkpoint import checkpoint
 from ttt_e2e.config import Kernels, ModelConfig, TTTConfig
 
 from .attention import Attention
-from .hub import HubMixin
 from .layers import RMSNorm, SwiGLU, add_normed
 
 
@@ -93,7 +92,7 @@ class Suffix(nn.Module):
         return self.ln_f(x), kvs
 
 
-class Transformer(nn.Module, HubMixin):
+class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, ttt: TTTConfig | None = None):
         """ttt: the settings the model will be trained with, checked against the architecture here so that a bad
         combination fails at construction rather than mid-run."""
