@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,3 +154,51 @@ def test_settings_that_change_the_function_are_refused(tmp_path, capsys):
     llama(src)
     assert convert_main(["from-hf", str(src), str(tmp_path / "dst"), "--set", "model.norm_eps=1e-6"]) == 2
     assert "model.norm_eps" in capsys.readouterr().err and not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("variant, suffix", [("e2e", "1"), ("swa", "0")])
+def test_the_extension_recipe_starts_from_a_converted_model(tmp_path, variant, suffix):
+    """conf/experiment/hf/extension/{e2e,swa}.yaml: composed with a converted model as training.init_from, the
+    architecture comes from its saved config, and training starts from its weights."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ttt_e2e.train.hydra_store import register_configs
+    from ttt_e2e.train.trainer import train
+
+    cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    dst = tmp_path / "converted"
+    assert convert_main(["from-hf", str(tmp_path / "llama"), str(dst), "--window", "16", "--suffix-len", suffix]) == 0
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(200)))
+    register_configs()
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        composed = compose(config_name="config", overrides=[
+            f"+experiment=hf/extension/{variant}", f"training.init_from={dst}", "model.seq_length=32",
+            "ttt.mini_batch_size=8", f"data.source={text}", "data.tokenizer=bytes", f"data.cache_dir={tmp_path}/c",
+            "training.steps=1", "training.global_batch_size=2", "training.micro_batch_size=null",
+            "training.eval_every=0", "training.progress=false", "logger=none"])
+    run = OmegaConf.to_object(composed)
+    converted = load_pretrained(dst)[1].model
+    assert run.model == converted.__class__(**{**converted.__dict__, "seq_length": 32})
+    assert (run.ttt.train_mode, run.model.prime_mlp) == (("meta", True) if variant == "e2e" else ("pretrain", False))
+    r = train(run, tmp_path / "run")
+    assert r.step == 1 and np.isfinite(r.last_loss)
+
+
+def test_the_extension_recipe_needs_a_checkpoint(capsys):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ttt_e2e.train.hydra_store import register_configs
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        composed = compose(config_name="config", overrides=["+experiment=hf/extension/e2e"])
+    with pytest.raises(OmegaConfBaseException, match="init_from"):
+        OmegaConf.to_object(composed)

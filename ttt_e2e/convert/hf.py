@@ -89,21 +89,23 @@ def model_config(hf: dict, window: Optional[int], suffix_len: Optional[int]) -> 
         model = ModelConfig(
             vocab_size=int(hf["vocab_size"]), n_layers=L, d_model=d, n_heads=H,
             n_kv_heads=int(hf.get("num_key_value_heads") or H), attn_head_dim=None if head_dim * H == d else head_dim,
-            mlp_width=int(hf["intermediate_size"]), suffix_len=n, prime_mlp=True, seq_length=W, window=W,
+            mlp_width=int(hf["intermediate_size"]), suffix_len=n, prime_mlp=n > 0, seq_length=W, window=W,
             qk_norm=arch == "Qwen3ForCausalLM", pre_norm=True, post_norm=False,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             init_std=float(hf.get("initializer_range", 0.02)), **_rope(hf))
-        # the paper's extension recipe: the full inner lr from the first step, mini-batches of 1024 (or the window)
-        ttt = TTTConfig(train_mode="meta", mini_batch_size=min(1024, W), inner_lr=1.0, ilr_init=1.0,
-                        ilr_warmup_steps=0)
+        # the paper's extension recipe: the full inner lr from the first step, mini-batches of 1024 (or the window);
+        # no suffix: the sliding-window baseline, trained without TTT
+        ttt = TTTConfig(train_mode="meta" if n else "pretrain", mini_batch_size=min(1024, W), inner_lr=1.0,
+                        ilr_init=1.0, ilr_warmup_steps=0)
         model.validate()
         ttt.validate(model)
     except KeyError as e:
         raise ConvertError(f"config.json has no {e.args[0]}") from None
     except (ConfigError, TypeError, ValueError) as e:
         raise ConvertError(f"the source's config does not fit: {e}") from None
-    if not 1 <= model.suffix_len <= L:
-        raise ConvertError(f"--suffix-len {model.suffix_len} must be in [1, {L}] (the blocks that get MLP')")
+    if not 0 <= model.suffix_len <= L:
+        raise ConvertError(f"--suffix-len {model.suffix_len} must be in [0, {L}] (the blocks that get MLP'; 0: "
+                           f"none, the sliding-window baseline)")
     return Config(model=model, ttt=ttt)
 
 
@@ -146,7 +148,8 @@ def to_ours(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
         out[ours + "pre_mlp_norm.weight"] = take(src + "post_attention_layernorm.weight")
         w13 = torch.cat((take(src + "mlp.gate_proj.weight"), take(src + "mlp.up_proj.weight")))
         out[ours + "mlp.w13"], out[ours + "mlp.w2"] = w13, take(src + "mlp.down_proj.weight")
-        if i >= cfg.n_prefix:  # MLP': the MLP's input side, a zero output: it adds 0 until the first inner step
+        if i >= cfg.n_prefix and cfg.prime_mlp:  # MLP': the MLP's input side, a zero output (adds 0 until the
+            # first inner step)
             out[ours + "prime.w13"] = w13.clone()
             out[ours + "pre_prime_norm.weight"] = out[ours + "pre_mlp_norm.weight"].clone()
             out[ours + "prime.w2"] = torch.zeros(cfg.d_model, cfg.prime_width)
@@ -189,13 +192,13 @@ def from_hf(src: str, dst, window: Optional[int] = None, suffix_len: Optional[in
     if tokenizer is not None:
         cfg.data.tokenizer = "tokenizer"  # the copy inside the checkpoint (load() resolves it there)
     cfg = with_overrides(cfg, overrides)
-    if cfg.model.prime_width != cfg.model.mlp_width:
+    if cfg.model.prime_mlp and cfg.model.prime_width != cfg.model.mlp_width:
         raise ConvertError(f"model.prime_mlp_width={cfg.model.prime_mlp_width}: MLP' starts as a copy of the "
                            f"block's MLP input side, so it has the MLP's width {cfg.model.mlp_width}")
     model_cfg = model_config(hf, cfg.model.window, cfg.model.suffix_len).model
     for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "attn_head_dim", "mlp_width",
-                 "qk_norm", "pre_norm", "post_norm", "tie_embeddings", "norm_eps", "rope_theta", "rope_scaling",
-                 "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions"):
+                 "prime_mlp", "qk_norm", "pre_norm", "post_norm", "tie_embeddings", "norm_eps", "rope_theta",
+                 "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions"):
         if getattr(cfg.model, name) != getattr(model_cfg, name):
             raise ConvertError(f"--set model.{name}: the source's function fixes it ({getattr(model_cfg, name)})")
     sd = to_ours(read_safetensors(folder), cfg.model)

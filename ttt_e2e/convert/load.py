@@ -145,6 +145,25 @@ class PretrainedTransformer(Transformer, PyTorchModelHubMixin, library_name="ttt
                     local_files_only=local_files_only, token=token).model
 
 
+def saved_setting(path: str, key: str):
+    """One setting ("model.n_layers") of the config saved with the checkpoint at path: the Hydra resolver
+    `${checkpoint:PATH,KEY}` (conf/experiment/hf/: a run that takes its architecture from the converted model it
+    starts from, each setting still overridable on the command line)."""
+    if path in (None, "", "None", "???"):
+        raise CheckpointError(f"${{checkpoint:...,{key}}} needs training.init_from=<the converted checkpoint>")
+    node = asdict(read_config(resolve_checkpoint(path)))
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def register_resolvers() -> None:
+    """`${checkpoint:PATH,KEY}` for Hydra configs (saved_setting)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("checkpoint", saved_setting, replace=True, use_cache=False)
+
+
 @dataclass
 class Loaded:
     model: PretrainedTransformer  # in eval mode
