@@ -34,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from triton.testing import do_bench
 
 from ttt_e2e.config import ModelConfig, TTTConfig
 from ttt_e2e.convert import hf
@@ -51,16 +52,13 @@ LLAMA_32_1B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden
 T, W, B_MINI = 8192, 8192, 1024
 
 
-def cuda_ms(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return out
+def cuda_ms_once(fn) -> float:
+    """One call's milliseconds (a replay, to size do_bench's run)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def gqa_kernels_ok() -> bool:
@@ -135,7 +133,9 @@ def step_ms(model: Transformer, ttt: TTTConfig, steps: int) -> dict:
 
     torch.cuda.reset_peak_memory_stats()
     graphed = GraphedStep(step, ids[:, :-1], ids[:, 1:], zero_grad=lambda: opt.zero_grad(set_to_none=True))
-    times = cuda_ms(lambda: graphed(ids[:, :-1], ids[:, 1:]), steps)
+    first = cuda_ms_once(lambda: graphed(ids[:, :-1], ids[:, 1:]))
+    # triton's do_bench: CUDA events around each replay, L2 flushed between them, about `steps` replays
+    times = do_bench(lambda: graphed(ids[:, :-1], ids[:, 1:]), warmup=first, rep=steps * first, return_mode="all")
     loss = graphed.static_outputs.item()
     out = dict(ms=statistics.median(times), ms_all=times, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                loss=loss)
