@@ -195,3 +195,59 @@ def test_refuses_to_overwrite(tmp_path, capsys):
     (tmp_path / "dst").mkdir()
     assert convert_main(["from-jax", str(FIXTURE / "weights.npz"), str(tmp_path / "dst")]) == 2
     assert "already exists" in capsys.readouterr().err and not any((tmp_path / "dst").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The inner learning rate: the reference's ilr_init is an absolute inner lr, ours a multiplier of inner_lr
+
+def _with_training(tmp_path: Path, **training) -> Path:
+    d = tmp_path / "src"
+    d.mkdir(exist_ok=True)
+    shutil.copy(FIXTURE / "weights.npz", d / "weights.npz")
+    ref = json.loads((FIXTURE / "config.json").read_text())
+    inner = training.pop("lr", None)
+    if inner is not None:
+        ref["training"]["optimizer_inner"]["lr"] = inner
+    ref["training"].update(training)
+    (d / "config.json").write_text(json.dumps(ref))
+    return d / "weights.npz"
+
+
+@pytest.mark.parametrize("lr, ilr_init, warmup", [(0.5, 0.1, 10), (2.0, 0.5, 4), (0.25, 0.25, 0)])
+def test_inner_lr_and_its_warm_up_convert_both_ways(tmp_path, lr, ilr_init, warmup):
+    ours = from_jax(_with_training(tmp_path, lr=lr, ilr_init=ilr_init, ilr_warmup_steps=warmup), tmp_path / "ours")
+    _, cfg = load_pretrained(ours)
+    t = cfg.ttt
+    assert t.inner_lr == lr and t.ilr_warmup_steps == warmup
+    # the inner lr of the first outer step is the reference's ilr_init, of the last warm-up step its lr
+    assert t.inner_lr * t.ilr_multiplier(0) == pytest.approx(ilr_init)
+    assert t.inner_lr * t.ilr_multiplier(warmup) == pytest.approx(lr)
+    to_jax(ours, tmp_path / "back.npz")
+    back = json.loads((tmp_path / "back.config.json").read_text())["training"]
+    assert back["optimizer_inner"]["lr"] == lr and back["ilr_init"] == pytest.approx(ilr_init)
+
+
+def test_a_zero_inner_lr_converts_or_is_refused_in_one_line(tmp_path, capsys):
+    ours = from_jax(_with_training(tmp_path, lr=0.0, ilr_init=0.0, ilr_warmup_steps=10), tmp_path / "ours")
+    _, cfg = load_pretrained(ours)
+    assert cfg.ttt.inner_lr * cfg.ttt.ilr_multiplier(0) == 0 and cfg.ttt.inner_lr * cfg.ttt.ilr_multiplier(20) == 0
+    # a warm-up from a nonzero ilr_init towards 0: the reference's inner lr is not 0 on the way, ours would be
+    (tmp_path / "x").mkdir()
+    src = _with_training(tmp_path / "x", lr=0.0, ilr_init=0.1, ilr_warmup_steps=10)
+    _refused(capsys, ["from-jax", str(src), str(tmp_path / "dst")], tmp_path / "dst", "inner lr 0 with ilr_init 0.1")
+
+
+def test_without_a_config_the_released_checkpoints_settings(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    shutil.copy(FIXTURE / "weights.npz", tmp_path / "src" / "weights.npz")
+    assert convert_main(["from-jax", str(tmp_path / "src" / "weights.npz"), str(tmp_path / "ours")]) == 0
+    assert "released checkpoints' settings assumed" in capsys.readouterr().err
+    _, cfg = load_pretrained(tmp_path / "ours")
+    m, t = cfg.model, cfg.ttt
+    assert (m.window, m.seq_length, m.rope_theta, m.norm_eps, m.qk_norm, m.pre_norm, m.post_norm) == (
+        8192, 8192, 500000.0, 1e-6, True, True, True)
+    assert (t.train_mode, t.mini_batch_size, t.inner_lr, t.inner_grad_clip, t.ilr_warmup_steps) == (
+        "meta", 1024, 1.0, 1.0, 0)
+    assert t.inner_lr * t.ilr_multiplier(0) == 1.0
+    # the dimensions come from the arrays
+    assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.suffix_len) == (64, 64, 4, 4, 2)
