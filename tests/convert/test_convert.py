@@ -251,3 +251,25 @@ def test_without_a_config_the_released_checkpoints_settings(tmp_path, capsys):
     assert t.inner_lr * t.ilr_multiplier(0) == 1.0
     # the dimensions come from the arrays
     assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.suffix_len) == (64, 64, 4, 4, 2)
+
+
+def test_the_format_version_decides_the_migration(tmp_path):
+    """Format 1 (q, k, v as separate matrices, or already fused) is migrated; the current format is read as it is
+    (parts there are not guessed at), and a newer one is refused in one line."""
+    ours = from_jax(FIXTURE / "weights.npz", tmp_path / "ours")
+    model, _ = load_pretrained(ours)
+    sd = torch.load(ours / "model.pt", weights_only=True)
+    state = torch.load(ours / "state.pt", weights_only=True)
+    assert state["format"] == 2
+    key = "prefix.0.attn.wqkv.weight"
+    parts = dict(zip(("wq", "wk", "wv"), sd.pop(key).chunk(3)))
+    sd.update({key.replace("wqkv", p): t for p, t in parts.items()})
+    torch.save(sd, ours / "model.pt")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_pretrained(ours)
+    torch.save({**state, "format": 1}, ours / "state.pt")
+    assert torch.equal(load_pretrained(ours)[0].state_dict()[key], model.state_dict()[key])
+    torch.save({**state, "format": 3}, ours / "state.pt")
+    with pytest.raises(CheckpointError, match="has format 3, this code reads 2 and older") as e:
+        load_pretrained(ours)
+    assert "\n" not in str(e.value)
