@@ -48,8 +48,8 @@ def resolve_checkpoint(path, **hub_kwargs) -> Path:
         found = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
         if found is not None:
             return found
-    raise CheckpointError(f"no checkpoint at '{path}' (expected a step dir with model.pt, a checkpoints dir, a run "
-                          f"dir or a save_pretrained dir)")
+    raise CheckpointError(f"no checkpoint at '{path}' (expected a step dir with model.pt, a checkpoints dir or a "
+                          f"run dir)")
 
 
 def with_overrides(saved, overrides: Sequence[str] = ()) -> Config:
