@@ -135,9 +135,9 @@ def main() -> int:
                        "error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "hf_gpu_check.json").write_text(json.dumps({"device": torch.cuda.get_device_name() if args.device == "cuda"
-                                                   else "cpu", "rows": rows}, indent=1))
+            Path(args.out).mkdir(parents=True, exist_ok=True)  # after every case: a timeout keeps what ran
+            device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+            (Path(args.out) / "hf_gpu_check.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
     keys = ["case", "backend", "heads", "head_dim", "logits_T<=W", "logits_T>W", "meta_loss", "meta_loss_fp32_torch",
             "grad_cos_min", "generate_same_as_source", "generate_graphed_vs_eager", "ok"]
     print(" | ".join(keys))
