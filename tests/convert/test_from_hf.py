@@ -131,6 +131,22 @@ def test_the_tokenizer_travels_with_the_checkpoint(tmp_path):
     assert build_tokenizer(cfg.data.tokenizer).encode("w3 w5") == [5, 7]
 
 
+def test_a_tokenizer_without_bos_gets_its_eos_as_bos(tmp_path, capsys):
+    """Qwen3's tokenizer has no BOS; our documents and prompts start with one: its EOS serves."""
+    from tokenizers import Tokenizer, models
+
+    src = tmp_path / "qwen3"
+    qwen3(src)
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, **{f"w{i}": i + 1 for i in range(63)}}, unk_token="w0"))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(src)
+    capsys.readouterr()
+    _, cfg = load_pretrained(convert(tmp_path, src))
+    assert "serves as BOS" in capsys.readouterr().err
+    from ttt_e2e.data import build_tokenizer
+    t = build_tokenizer(cfg.data.tokenizer)
+    assert t.bos_id == t.eos_id == 0
+
+
 @pytest.mark.parametrize("change, error", [
     ({"architectures": ["MistralForCausalLM"]}, "architecture 'MistralForCausalLM' is not supported"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type 'yarn'"),

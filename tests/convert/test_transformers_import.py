@@ -14,6 +14,7 @@ def run_at_root(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_transformers_imports_from_the_repository_root():
     pytest.importorskip("transformers")
     out = run_at_root("import sys; assert sys.path[0] == ''; "
@@ -42,6 +43,7 @@ importlib.metadata.version = hidden_version
 """
 
 
+@pytest.mark.slow
 def test_without_the_hugging_face_package_transformers_imports_and_sees_none():
     pytest.importorskip("transformers")
     out = run_at_root(WITHOUT_HF_KERNELS + "from transformers import LlamaForCausalLM, Qwen3ForCausalLM\n"
@@ -51,3 +53,18 @@ def test_without_the_hugging_face_package_transformers_imports_and_sees_none():
                       "m = LlamaForCausalLM(__import__('transformers').LlamaConfig(num_hidden_layers=1, hidden_size=8,"
                       " intermediate_size=8, num_attention_heads=2, vocab_size=16))\n")
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_converter_runs_from_the_repository_root(tmp_path):
+    """python -m ttt_e2e.convert from-hf, as a user runs it (the Hugging Face kernels package hidden: either way)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    code = (WITHOUT_HF_KERNELS + "import runpy, sys\n"
+            f"sys.argv = ['ttt_e2e.convert', 'from-hf', {str(tmp_path / 'llama')!r}, {str(tmp_path / 'ours')!r}, "
+            "'--window', '8']\n"
+            "runpy.run_module('ttt_e2e.convert', run_name='__main__')\n")
+    out = run_at_root(code)
+    assert out.returncode == 0 and (tmp_path / "ours" / "model.pt").is_file(), out.stderr[-2000:]

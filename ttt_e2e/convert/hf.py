@@ -173,6 +173,10 @@ def _tokenizer_writer(folder: Path, log=None):
     except Exception as e:
         raise ConvertError(f"cannot read the tokenizer in {folder}: {type(e).__name__}: "
                            f"{' '.join(str(e).split())[:200]}") from None
+    if tok.bos_token is None and tok.eos_token is not None:  # Qwen3's: documents only end, with <|endoftext|>
+        tok.bos_token = tok.eos_token  # our data and prompts start with BOS (ttt_e2e/data)
+        if log:
+            log(f"the tokenizer has no BOS token: its EOS {tok.eos_token!r} serves as BOS in the saved copy")
     return lambda dst: tok.save_pretrained(str(dst))
 
 
