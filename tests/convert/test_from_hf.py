@@ -218,3 +218,10 @@ def test_the_extension_recipe_needs_a_checkpoint(capsys):
         composed = compose(config_name="config", overrides=["+experiment=hf/extension/e2e"])
     with pytest.raises(OmegaConfBaseException, match="init_from"):
         OmegaConf.to_object(composed)
+
+
+def test_a_hub_id_that_cannot_be_downloaded_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # these machines reach no Hub: fail fast, as they would
+    assert convert_main(["from-hf", "no-such-owner/no-such-model", str(tmp_path / "dst")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no checkpoint at 'no-such-owner/no-such-model'") and not (tmp_path / "dst").exists()

@@ -23,7 +23,7 @@ import torch
 from ttt_e2e.config import Config, ConfigError, ModelConfig, TTTConfig
 
 from .layout import ConvertError
-from .load import with_overrides
+from .load import is_hub_id, snapshot, with_overrides
 from .pretrained_dir import read_safetensors
 from .steps import write_step
 
@@ -34,20 +34,14 @@ HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "
 
 def source_dir(src: str, log=None) -> Path:
     """The local folder of src: itself, or the Hub snapshot of a repo id ("owner/name")."""
+    if is_hub_id(src):
+        if log:
+            log(f"downloading {src} from the Hugging Face Hub")
+        return snapshot(src, HUB_FILES)
     p = Path(src).expanduser()
-    if p.exists() or src.startswith((".", "/", "~")) or src.count("/") != 1:
-        if not (p / "config.json").is_file():
-            raise ConvertError(f"{src} is not a Hugging Face model folder (no config.json)")
-        return p
-    from huggingface_hub import snapshot_download
-
-    if log:
-        log(f"downloading {src} from the Hugging Face Hub")
-    try:
-        return Path(snapshot_download(src, allow_patterns=HUB_FILES))
-    except Exception as e:  # offline, no such repo, gated: one line
-        raise ConvertError(f"no folder '{src}', and not a Hub repo to download: {type(e).__name__}: "
-                           f"{' '.join(str(e).split())[:300]}") from None
+    if not (p / "config.json").is_file():
+        raise ConvertError(f"{src} is not a Hugging Face model folder (no config.json)")
+    return p
 
 
 def _rope(hf: dict) -> dict:

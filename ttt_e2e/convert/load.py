@@ -24,23 +24,29 @@ from .pretrained_dir import is_pretrained_dir, read_safetensors, read_saved_conf
 from .steps import CheckpointError, latest_checkpoint, migrate, read_torch
 
 
-def _is_hub_id(path: str) -> bool:
+def is_hub_id(path: str) -> bool:
+    """Whether path is a Hugging Face Hub repo id ("owner/name") rather than a local path."""
     return not Path(path).expanduser().exists() and not path.startswith((".", "/", "~")) and path.count("/") == 1
+
+
+def snapshot(repo_id: str, patterns: list[str], **hub_kwargs) -> Path:
+    """The local snapshot of a Hub repo's files matching patterns (downloaded where not cached)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns,
+                                      **{k: v for k, v in hub_kwargs.items() if v is not None}))
+    except Exception as e:  # offline, no such repo, gated: one line
+        raise CheckpointError(f"no checkpoint at '{repo_id}', and not a Hub repo to download: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]}") from None
 
 
 def resolve_checkpoint(path, **hub_kwargs) -> Path:
     """The dir to read: a step dir or save_pretrained dir itself, a checkpoints dir's or a run dir's latest, or the
     local snapshot of a Hub repo id (the hub_kwargs go to snapshot_download)."""
     path = str(path)
-    if _is_hub_id(path):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"],
-                                          **{k: v for k, v in hub_kwargs.items() if v is not None}))
-        except Exception as e:  # offline, no such repo, gated: one line
-            raise CheckpointError(f"no checkpoint at '{path}', and not a Hub repo to download: {type(e).__name__}: "
-                                  f"{' '.join(str(e).split())[:300]}") from None
+    if is_hub_id(path):
+        return snapshot(path, ["*.json", "*.safetensors"], **hub_kwargs)
     p = Path(os.path.expanduser(path))
     if (p / "model.pt").is_file() or is_pretrained_dir(p):
         return p
