@@ -54,19 +54,18 @@ def write_durable(path: Path, write: Callable) -> None:
         os.fsync(f.fileno())
 
 
-def write_step(final: Path, model_sd: Optional[dict], state: dict, files: Optional[dict] = None,
+def write_step(final: Path, model_sd: dict, state: dict, files: Optional[dict] = None,
                folders: Optional[dict[str, Callable[[Path], None]]] = None) -> Path:
-    """The step dir `final` (which must not exist), atomically: model.pt (model_sd; None: none, for a dir that is
-    not a checkpoint), state.pt (state, stamped with FORMAT), meta.json (its step and config, and what it was
-    converted from), each of files {name: object} as a torch file, each of folders {name: write(dir)}."""
+    """The step dir `final` (which must not exist), atomically: model.pt (model_sd), state.pt (state, stamped with
+    FORMAT), meta.json (its step and config, and what it was converted from), each of files {name: object} as a
+    torch file, each of folders {name: write(dir)}."""
     final = Path(final)
     state = {**state, "format": FORMAT}
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        if model_sd is not None:  # straight to the file: a 3B model is 12 GB
-            write_durable(tmp / "model.pt", lambda f: torch.save(model_sd, f))
+        write_durable(tmp / "model.pt", lambda f: torch.save(model_sd, f))  # straight to the file: 3B is 12 GB
         write_durable(tmp / "state.pt", lambda f: torch.save(state, f))
         for name, obj in (files or {}).items():
             write_durable(tmp / name, lambda f, obj=obj: torch.save(obj, f))
