@@ -111,7 +111,8 @@ def check_case(case: str, tmp: Path, device: str, backend: str) -> dict:
     out["generate_graphed_vs_eager"] = sum(a == b for a, b in zip(g.tokens[0], e.tokens[0])) / 24
     out["inner_steps"] = len(g.state.losses)
     out["seconds"] = time.perf_counter() - t0
-    out["ok"] = bool(out["logits_T<=W"] < 1e-3 and out["logits_T>W"] < 1e-3 and out["grads_finite"]
+    tol = 1e-2 if device == "cuda" and backend != "torch" else 1e-4  # the Triton kernels' fp32 dots: TF32 inputs
+    out["ok"] = bool(out["logits_T<=W"] < tol and out["logits_T>W"] < tol and out["grads_finite"]
                      and abs(loss - loss32) < 0.02 * abs(loss32) and out["grad_cos_min"] > 0.99
                      and out["generate_same_as_source"] == 1.0 and out["generate_graphed_vs_eager"] == 1.0)
     return out
