@@ -97,17 +97,18 @@ def model_config(hf: dict, window: Optional[int], suffix_len: Optional[int]) -> 
         raise ConvertError(f"config.json has no {e.args[0]}") from None
     except (ConfigError, TypeError, ValueError) as e:
         raise ConvertError(f"the source's config does not fit: {e}") from None
-    if not 0 <= model.suffix_len <= L:
-        raise ConvertError(f"--suffix-len {model.suffix_len} must be in [0, {L}] (the blocks that get MLP'; 0: "
-                           f"none, the sliding-window baseline)")
     return Config(model=model, ttt=ttt)
 
 
+def pair_order(head_dim: int) -> torch.Tensor:
+    """0, D/2, 1, D/2 + 1, ...: where our (2i, 2i + 1) RoPE pair finds Hugging Face's (i, i + D/2)."""
+    half = torch.arange(head_dim // 2)
+    return torch.stack((half, half + head_dim // 2), 1).flatten()
+
+
 def _interleave_rows(w: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """Rows of each head reordered from Hugging Face's half-split RoPE pairs (i, i + D/2) to ours (2i, 2i + 1)."""
-    half = head_dim // 2
-    order = torch.stack((torch.arange(half), torch.arange(half) + half), 1).flatten()  # 0, D/2, 1, D/2 + 1, ...
-    return w.reshape(heads, head_dim, *w.shape[1:])[:, order].reshape(w.shape)
+    """The rows of each of the heads of a projection (heads * head_dim, d) in our RoPE pair order."""
+    return w.view(heads, head_dim, -1)[:, pair_order(head_dim)].reshape(w.shape)
 
 
 def to_ours(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -137,7 +138,7 @@ def to_ours(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Te
         out[ours + "attn.wo.weight"] = take(attn + "o_proj.weight")
         if cfg.qk_norm:
             for norm in ("q_norm", "k_norm"):
-                out[ours + f"attn.{norm}.weight"] = _interleave_rows(take(attn + f"{norm}.weight")[:, None], 1, D)[:, 0]
+                out[ours + f"attn.{norm}.weight"] = take(attn + f"{norm}.weight")[pair_order(D)]
         out[ours + "pre_attn_norm.weight"] = take(src + "input_layernorm.weight")
         out[ours + "pre_mlp_norm.weight"] = take(src + "post_attention_layernorm.weight")
         w13 = torch.cat((take(src + "mlp.gate_proj.weight"), take(src + "mlp.up_proj.weight")))
@@ -196,7 +197,8 @@ def from_hf(src: str, dst, window: Optional[int] = None, suffix_len: Optional[in
     model_cfg = model_config(hf, cfg.model.window, cfg.model.suffix_len).model
     for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "attn_head_dim", "mlp_width",
                  "prime_mlp", "qk_norm", "pre_norm", "post_norm", "tie_embeddings", "norm_eps", "rope_theta",
-                 "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions"):
+                 "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "rope_original_max_positions"):
         if getattr(cfg.model, name) != getattr(model_cfg, name):
             raise ConvertError(f"--set model.{name}: the source's function fixes it ({getattr(model_cfg, name)})")
     sd = to_ours(read_safetensors(folder), cfg.model)
