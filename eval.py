@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ttt_e2e.config import ConfigError
 from ttt_e2e.data import DataError
 from ttt_e2e.eval.context_curve import evaluate_checkpoint, plot_curves
-from ttt_e2e.train.checkpoint import CheckpointError
+from ttt_e2e.convert.steps import CheckpointError
 
 _OPTIONS = {"out": "eval_out", "windows": "16", "batch_size": "4", "device": "auto", "bins": "64", "path": "auto"}
 

@@ -19,6 +19,9 @@ class ModelConfig:
     n_layers: int = 4
     d_model: int = 128
     n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # grouped-query attention: key/value heads, dividing n_heads (query head h reads
+    # kv head h // (n_heads / n_kv_heads), Hugging Face's layout); None: n_heads
+    attn_head_dim: Optional[int] = None  # width of each attention head; None: d_model // n_heads (Qwen3 sets its own)
     mlp_width: int = 384
     prime_mlp_width: Optional[int] = None  # width of MLP' (the inner weights); None: same as mlp_width
     suffix_len: int = 1  # the last `suffix_len` blocks form the suffix
@@ -30,6 +33,14 @@ class ModelConfig:
     post_norm: bool = True
     tie_embeddings: bool = True
     rope_theta: float = 500000.0
+    # RoPE frequency scaling: None, or "llama3" (Llama 3.1/3.2's rope_scaling: the frequencies whose wavelength
+    # exceeds rope_original_max_positions / rope_low_freq_factor divided by rope_factor, those below
+    # ... / rope_high_freq_factor kept, the band between interpolated)
+    rope_scaling: Optional[str] = None
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
     norm_eps: float = 1e-6
     init_std: float = 0.02
     attention_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere | torch | triton | sdpa (full causal only)
@@ -42,7 +53,20 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def rope_scale(self) -> Optional[tuple]:
+        """The RoPE scaling as model/rope.py takes it: None, or (kind, factor, low_freq_factor, high_freq_factor,
+        original_max_positions)."""
+        if self.rope_scaling is None:
+            return None
+        return (self.rope_scaling, self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                self.rope_original_max_positions)
 
     @property
     def prime_width(self) -> int:
@@ -61,10 +85,24 @@ class ModelConfig:
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "mlp_width", "seq_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+        if self.attn_head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model} (or set "
+                              f"model.attn_head_dim)")
+        if self.attn_head_dim is not None and self.attn_head_dim < 1:
+            raise ConfigError(f"model.attn_head_dim must be >= 1 (or null), got {self.attn_head_dim}")
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
+            raise ConfigError(f"head_dim = {self.head_dim} must be even for RoPE")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ConfigError(f"model.n_kv_heads={self.n_kv_heads} must be >= 1 and divide model.n_heads="
+                              f"{self.n_heads}")
+        if self.rope_scaling not in (None, "llama3"):
+            raise ConfigError(f"model.rope_scaling must be null or llama3, got {self.rope_scaling!r}")
+        if self.rope_scaling is not None and not (self.rope_factor > 0 and self.rope_original_max_positions >= 1
+                                                  and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise ConfigError(f"model.rope_scaling=llama3 needs rope_factor > 0, rope_original_max_positions >= 1 "
+                              f"and 0 < rope_low_freq_factor < rope_high_freq_factor, got {self.rope_factor}, "
+                              f"{self.rope_original_max_positions}, {self.rope_low_freq_factor}, "
+                              f"{self.rope_high_freq_factor}")
         if self.window is not None and self.window < 1:
             raise ConfigError(f"model.window must be >= 1 (or null for full attention), got {self.window}")
         if not 0 <= self.suffix_len <= self.n_layers:

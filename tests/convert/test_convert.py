@@ -14,6 +14,7 @@ from ttt_e2e.config import Config, DataConfig, LogConfig, ModelConfig, TrainConf
 from ttt_e2e.convert import from_jax, orbax_io, to_jax
 from ttt_e2e.convert.__main__ import main as convert_main
 from ttt_e2e.convert.layout import PRIME, reference_config, to_reference
+from ttt_e2e.convert.load import PretrainedTransformer
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.pretrained import load_pretrained
 from ttt_e2e.train.checkpoint import CheckpointError, load_checkpoint
@@ -68,7 +69,7 @@ def test_save_pretrained_load_pretrained_exact(tmp_path):
         a, b = model.state_dict(), loaded.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert torch.equal(sequence_loss(loaded, x, y, y != 1, cfg2.ttt).loss, loss)
-    hub = Transformer.from_pretrained(tmp_path / "sharded")  # huggingface_hub's entry point, same loader
+    hub = PretrainedTransformer.from_pretrained(tmp_path / "sharded")  # huggingface_hub's entry point, same loader
     assert all(torch.equal(v, hub.state_dict()[k]) for k, v in model.state_dict().items())
     shard = sorted((tmp_path / "sharded").glob("model-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:100])  # a partial download
@@ -194,3 +195,81 @@ def test_refuses_to_overwrite(tmp_path, capsys):
     (tmp_path / "dst").mkdir()
     assert convert_main(["from-jax", str(FIXTURE / "weights.npz"), str(tmp_path / "dst")]) == 2
     assert "already exists" in capsys.readouterr().err and not any((tmp_path / "dst").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The inner learning rate: the reference's ilr_init is an absolute inner lr, ours a multiplier of inner_lr
+
+def _with_training(tmp_path: Path, **training) -> Path:
+    d = tmp_path / "src"
+    d.mkdir(exist_ok=True)
+    shutil.copy(FIXTURE / "weights.npz", d / "weights.npz")
+    ref = json.loads((FIXTURE / "config.json").read_text())
+    inner = training.pop("lr", None)
+    if inner is not None:
+        ref["training"]["optimizer_inner"]["lr"] = inner
+    ref["training"].update(training)
+    (d / "config.json").write_text(json.dumps(ref))
+    return d / "weights.npz"
+
+
+@pytest.mark.parametrize("lr, ilr_init, warmup", [(0.5, 0.1, 10), (2.0, 0.5, 4), (0.25, 0.25, 0)])
+def test_inner_lr_and_its_warm_up_convert_both_ways(tmp_path, lr, ilr_init, warmup):
+    ours = from_jax(_with_training(tmp_path, lr=lr, ilr_init=ilr_init, ilr_warmup_steps=warmup), tmp_path / "ours")
+    _, cfg = load_pretrained(ours)
+    t = cfg.ttt
+    assert t.inner_lr == lr and t.ilr_warmup_steps == warmup
+    # the inner lr of the first outer step is the reference's ilr_init, of the last warm-up step its lr
+    assert t.inner_lr * t.ilr_multiplier(0) == pytest.approx(ilr_init)
+    assert t.inner_lr * t.ilr_multiplier(warmup) == pytest.approx(lr)
+    to_jax(ours, tmp_path / "back.npz")
+    back = json.loads((tmp_path / "back.config.json").read_text())["training"]
+    assert back["optimizer_inner"]["lr"] == lr and back["ilr_init"] == pytest.approx(ilr_init)
+
+
+def test_a_zero_inner_lr_converts_or_is_refused_in_one_line(tmp_path, capsys):
+    ours = from_jax(_with_training(tmp_path, lr=0.0, ilr_init=0.0, ilr_warmup_steps=10), tmp_path / "ours")
+    _, cfg = load_pretrained(ours)
+    assert cfg.ttt.inner_lr * cfg.ttt.ilr_multiplier(0) == 0 and cfg.ttt.inner_lr * cfg.ttt.ilr_multiplier(20) == 0
+    # a warm-up from a nonzero ilr_init towards 0: the reference's inner lr is not 0 on the way, ours would be
+    (tmp_path / "x").mkdir()
+    src = _with_training(tmp_path / "x", lr=0.0, ilr_init=0.1, ilr_warmup_steps=10)
+    _refused(capsys, ["from-jax", str(src), str(tmp_path / "dst")], tmp_path / "dst", "inner lr 0 with ilr_init 0.1")
+
+
+def test_without_a_config_the_released_checkpoints_settings(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    shutil.copy(FIXTURE / "weights.npz", tmp_path / "src" / "weights.npz")
+    assert convert_main(["from-jax", str(tmp_path / "src" / "weights.npz"), str(tmp_path / "ours")]) == 0
+    assert "released checkpoints' settings assumed" in capsys.readouterr().err
+    _, cfg = load_pretrained(tmp_path / "ours")
+    m, t = cfg.model, cfg.ttt
+    assert (m.window, m.seq_length, m.rope_theta, m.norm_eps, m.qk_norm, m.pre_norm, m.post_norm) == (
+        8192, 8192, 500000.0, 1e-6, True, True, True)
+    assert (t.train_mode, t.mini_batch_size, t.inner_lr, t.inner_grad_clip, t.ilr_warmup_steps) == (
+        "meta", 1024, 1.0, 1.0, 0)
+    assert t.inner_lr * t.ilr_multiplier(0) == 1.0
+    # the dimensions come from the arrays
+    assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.suffix_len) == (64, 64, 4, 4, 2)
+
+
+def test_the_format_version_decides_the_migration(tmp_path):
+    """Format 1 (q, k, v as separate matrices, or already fused) is migrated; the current format is read as it is
+    (parts there are not guessed at), and a newer one is refused in one line."""
+    ours = from_jax(FIXTURE / "weights.npz", tmp_path / "ours")
+    model, _ = load_pretrained(ours)
+    sd = torch.load(ours / "model.pt", weights_only=True)
+    state = torch.load(ours / "state.pt", weights_only=True)
+    assert state["format"] == 2
+    key = "prefix.0.attn.wqkv.weight"
+    parts = dict(zip(("wq", "wk", "wv"), sd.pop(key).chunk(3)))
+    sd.update({key.replace("wqkv", p): t for p, t in parts.items()})
+    torch.save(sd, ours / "model.pt")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_pretrained(ours)
+    torch.save({**state, "format": 1}, ours / "state.pt")
+    assert torch.equal(load_pretrained(ours)[0].state_dict()[key], model.state_dict()[key])
+    torch.save({**state, "format": 3}, ours / "state.pt")
+    with pytest.raises(CheckpointError, match="has format 3, this code reads 2 and older") as e:
+        load_pretrained(ours)
+    assert "\n" not in str(e.value)

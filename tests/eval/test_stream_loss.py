@@ -8,10 +8,10 @@ from tiny import meta, tiny_model
 from ttt_e2e.config import Kernels
 from ttt_e2e.data import WindowDataset, make_batch
 from ttt_e2e.eval import stream_loss
-from ttt_e2e.eval.stream_loss import StreamLoss, baseline_token_losses, engine_target, meta_token_losses
+from ttt_e2e.eval.stream_loss import StreamLoss, baseline_token_losses, meta_token_losses
 from ttt_e2e.inference import InferenceGraphs
 from ttt_e2e.train.distributed import DistInfo
-from ttt_e2e.train.evaluate import evaluate
+from ttt_e2e.train.evaluate import engine_target, evaluate
 from ttt_e2e.train.parallel import LossModule
 from ttt_e2e.ttt.meta import sequence_loss
 

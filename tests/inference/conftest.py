@@ -6,11 +6,11 @@ from ttt_e2e.config import ModelConfig, TTTConfig
 from ttt_e2e.model.transformer import Transformer
 
 
-def tiny_model(window=16, seq_length=48, n_layers=3, suffix_len=2, prime_mlp=True, seed=0, init_std=0.2):
-    cfg = ModelConfig(vocab_size=37, n_layers=n_layers, d_model=32, n_heads=4, mlp_width=48, prime_mlp_width=40,
-                      suffix_len=suffix_len, prime_mlp=prime_mlp, seq_length=seq_length, window=window,
-                      attention_backend="torch", compute_dtype="float64",
-                      init_std=init_std)  # large init: losses and inner gradients far from trivial
+def tiny_model(window=16, seq_length=48, n_layers=3, suffix_len=2, prime_mlp=True, seed=0, init_std=0.2, **more):
+    cfg = ModelConfig(**{**dict(vocab_size=37, n_layers=n_layers, d_model=32, n_heads=4, mlp_width=48,
+                                prime_mlp_width=40, suffix_len=suffix_len, prime_mlp=prime_mlp, seq_length=seq_length,
+                                window=window, attention_backend="torch", compute_dtype="float64",
+                                init_std=init_std), **more})  # large init: losses and inner gradients far from trivial
     torch.manual_seed(seed)
     return Transformer(cfg).double()
 

@@ -148,3 +148,26 @@ def test_fused_norm_kernels_in_prefill_equal_training(make_model, meta_ttt, monk
     feed(state, tokens)
     assert calls["residual"] > 0 and calls["residual_norm"] > 0 and calls["rope"] > 0
     torch.testing.assert_close(torch.cat(state.token_losses, 1), ref.token_losses, rtol=1e-4, atol=1e-4)
+
+
+# A Hugging Face model's shape (ttt_e2e.convert from-hf): 4 query heads on 2 kv heads of their own width, Llama 3's
+# RoPE scaling, pre-norms only, an untied head
+GQA = dict(n_kv_heads=2, attn_head_dim=6, rope_scaling="llama3", rope_factor=4.0, rope_original_max_positions=16,
+           rope_theta=100.0, post_norm=False, qk_norm=False, tie_embeddings=False)
+
+
+def test_grouped_query_attention_prefill_and_decode_equal_training(make_model, meta_ttt):
+    """The caches hold the kv heads only (never repeated): prefill in chunks of W (the prefix caches adopt each
+    chunk's k and v), then decoding across a mini-batch boundary, give the training-time loss of every token."""
+    model = make_model(**GQA, seq_length=40)
+    T, B = 40, 2
+    tokens = torch.randint(0, model.cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(7))
+    ref = _training(model, meta_ttt, tokens).token_losses
+    state = start(model, meta_ttt, B, prefill_chunk=16)
+    logits = feed(state, tokens[:, :33])
+    assert all(c.k.shape[1] == 2 and c.k.shape[3] == 6 for c in state.caches)
+    torch.testing.assert_close(torch.cat(state.token_losses, 1), ref[:, :32], **TOL)
+    for p in range(32, T):
+        torch.testing.assert_close(_token_losses(logits, tokens[:, p + 1]), ref[:, p], **TOL)
+        logits = feed(state, tokens[:, p + 1:p + 2])
+    assert len(state.losses) == T // meta_ttt.mini_batch_size

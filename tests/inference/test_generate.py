@@ -104,3 +104,20 @@ def test_command_line(tmp_path):
     bad = subprocess.run(cmd[:-5] + ["--prompt", "x", "--model", "vocab_size=100"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode != 0 and "tokenizer" in bad.stderr
+
+
+def test_generate_py_reports_a_bad_checkpoint_in_one_line(tmp_path):
+    """Every loading path's error rule (ttt_e2e/convert/load.py): one line, exit status 2."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    for path, says in ((tmp_path / "no" / "such" / "dir", "no checkpoint at"),
+                       (tmp_path / "empty", "no checkpoint at"), (tmp_path / "hf", "convert it first")):
+        out = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(path), "--prompt", "hi"], cwd=root,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and out.stderr.startswith("error: ") and says in out.stderr, out.stderr[-1500:]
+        assert len(out.stderr.strip().splitlines()) == 1

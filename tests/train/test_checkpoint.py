@@ -127,6 +127,7 @@ def _split_like_the_old_format(path):
             names.insert(names.index(n[:-1] + "2") + 1, n)
         g["params"] = names
     osd["state"] = new_state
+    state["format"] = 1  # what that code wrote (convert/steps.py: migrate)
     torch.save(new_sd, path / "model.pt")
     torch.save(state, path / "state.pt")
     return new_sd

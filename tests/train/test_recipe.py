@@ -104,14 +104,22 @@ def test_trainer_and_eval_py_evaluate_with_the_switched_ilr(compose, tmp_path, m
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(CONF / "experiment").with_suffix("").as_posix()
                                         for p in (CONF / "experiment").glob("*/*/*.yaml")))
-def test_paper_configs_use_the_reference_recipe(path):
+def test_paper_configs_use_the_reference_recipe(path, tmp_path):
+    from dataclasses import asdict
+
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from ttt_e2e.config import Config
+    from ttt_e2e.convert.steps import write_step
     from ttt_e2e.train.hydra_store import register_configs
 
+    overrides = [f"+experiment={path}"]
+    if path.startswith("hf/"):  # these read the architecture from the converted checkpoint they start from
+        write_step(tmp_path / "converted", {}, {"step": 0, "config": asdict(Config())})
+        overrides.append(f"training.init_from={tmp_path / 'converted'}")
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose(config_name="config", overrides=[f"+experiment={path}"]))
+        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
     assert cfg.optim.reference_schedule and cfg.optim.decay_norms
     assert cfg.ttt.reference_ilr_warmup and cfg.ttt.eval_full_ilr

@@ -44,6 +44,11 @@ CASES = {
     "one_suffix_block": (dict(suffix_len=1), {}),
     "untied_head_no_post_norm": (dict(tie_embeddings=False, post_norm=False, qk_norm=False), {}),
     "b_equals_T": ({}, dict(mini_batch_size=24)),
+    # a Hugging Face model's shape (ttt_e2e.convert from-hf): grouped-query attention (4 query heads on 2 kv heads),
+    # a head width of its own, Llama 3's RoPE scaling (its three bands: wavelengths 6.3, 29 and 135 against 8 and 32)
+    "gqa_head_dim_rope_scaling": (dict(n_heads=4, n_kv_heads=2, attn_head_dim=6, rope_theta=100.0,
+                                       rope_scaling="llama3", rope_factor=4.0, rope_original_max_positions=32,
+                                       post_norm=False, tie_embeddings=False), {}),
 }
 
 

@@ -1,5 +1,6 @@
 """python -m ttt_e2e.convert from-jax SRC DST [--config REF_CONFIG.json] [--set key=value ...] [--tokenizer T]
 python -m ttt_e2e.convert to-jax SRC DST
+python -m ttt_e2e.convert from-hf SRC DST [--window W] [--suffix-len N] [--set key=value ...]
 
 from-jax: SRC is the authors' checkpoint (github test-time-training/e2e): an orbax CheckpointManager dir (its
 latest step), one step dir, or an .npz keyed by their parameter paths. DST becomes one of our checkpoint dirs
@@ -11,6 +12,13 @@ the released checkpoints' settings; --set overrides any of our settings (e.g. mo
 to-jax: SRC is one of our checkpoints or a save_pretrained dir; DST ending in .npz: an .npz (and DST's
 <stem>.config.json), else an orbax CheckpointManager dir with the reference's config.json inside.
 
+from-hf: SRC is a Hugging Face LlamaForCausalLM or Qwen3ForCausalLM (a local folder or a Hub id, safetensors
+weights); DST becomes one of our checkpoint dirs (parameters only, the source's tokenizer inside), a TTT-E2E model
+with sliding-window attention (window W, default 8192) whose last N blocks (default a quarter) carry MLP', that
+computes the source's function exactly while the context fits in the window and before any inner step
+(ttt_e2e/convert/hf.py, docs/METHOD.md section 8). --set changes our other settings (model.seq_length,
+ttt.mini_batch_size, ...), never the source's function.
+
 Nothing is written at DST unless the conversion completes. Exit status 2 with a one-line error for input that
 cannot be converted.
 """
@@ -20,10 +28,12 @@ import argparse
 import sys
 import time
 
-from ttt_e2e.train.checkpoint import CheckpointError
+from ttt_e2e.config import ConfigError
 
+from .hf import from_hf
 from .layout import ConvertError
 from .reference import from_jax, to_jax
+from .steps import CheckpointError
 
 
 def main(argv=None) -> int:
@@ -39,15 +49,24 @@ def main(argv=None) -> int:
     b = sub.add_parser("to-jax", help="our checkpoint -> the authors' layout (.npz or orbax)")
     b.add_argument("src")
     b.add_argument("dst")
+    c = sub.add_parser("from-hf", help="a Hugging Face Llama / Qwen3 (folder or Hub id) -> our checkpoint dir")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--window", type=int, help="the sliding window W (default 8192)")
+    c.add_argument("--suffix-len", type=int, help="the last N blocks get MLP' (default a quarter of the blocks)")
+    c.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="our settings, e.g. model.seq_length=32768")
     args = p.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     t0 = time.perf_counter()
     try:
         if args.command == "from-jax":
             out = from_jax(args.src, args.dst, args.config, args.set, args.tokenizer, log=log)
+        elif args.command == "from-hf":
+            out = from_hf(args.src, args.dst, args.window, args.suffix_len, args.set, log=log)
         else:
             out = to_jax(args.src, args.dst, log=log)
-    except (ConvertError, CheckpointError) as e:
+    except (ConvertError, CheckpointError, ConfigError) as e:
         print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)

@@ -180,6 +180,10 @@ def model_config(flat: dict[str, np.ndarray], ref: Optional[dict]) -> Config:
                            f"{INNER_SPEC}")
     seq_length = t.get("seq_length", m.get("seq_len", RELEASED["training"]["seq_length"]))
     lr = float(inner.get("lr", 1.0))
+    ilr_init, warmup = float(t.get("ilr_init", lr)), int(t.get("ilr_warmup_steps", 0))
+    if lr == 0 and ilr_init != 0 and warmup > 0:
+        raise ConvertError(f"inner lr 0 with ilr_init {ilr_init} over {warmup} warm-up steps: the reference's inner "
+                           f"lr is nonzero during that warm-up, which no multiple of a zero inner lr gives")
     try:
         model = ModelConfig(
             vocab_size=V, n_layers=L, d_model=d, n_heads=d // head_dim, mlp_width=hidden,
@@ -191,7 +195,8 @@ def model_config(flat: dict[str, np.ndarray], ref: Optional[dict]) -> Config:
         # their ilr_init is an inner learning rate, ours a multiplier of it
         ttt = TTTConfig(train_mode=str(t.get("train_mode", "meta")), mini_batch_size=m.get("mini_batch_size", 1024),
                         inner_lr=lr, inner_grad_clip=float(inner.get("clip_gradient", 1.0)),
-                        ilr_init=float(t.get("ilr_init", lr)) / lr, ilr_warmup_steps=int(t.get("ilr_warmup_steps", 0)))
+                        # (a zero inner lr stays zero whatever its multiplier: 1)
+                        ilr_init=ilr_init / lr if lr else 1.0, ilr_warmup_steps=warmup)
         model.validate()
         ttt.validate(model)
     except (ConfigError, TypeError) as e:

@@ -5,21 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-import time
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from ttt_e2e.config import Config
-from ttt_e2e.train.checkpoint import FORMAT, _write_durable
 
 from . import layout, orbax_io
 from .layout import ConvertError
+from .load import load, with_overrides
+from .steps import write_durable, write_step
 
 LLAMA3 = "meta-llama/Meta-Llama-3-8B"  # the authors' tokenizer (their datasets are Llama-3 tokenized)
 LLAMA3_VOCAB = 128256
@@ -65,19 +63,6 @@ def find_reference_config(src: Path) -> Optional[Path]:
     return None
 
 
-def _apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    if not overrides:
-        return cfg
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise ConvertError(f"bad --set {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
-
-
 def _fresh(dst: Path) -> Path:
     """A hidden temporary dir beside dst, renamed onto it only once everything is written."""
     if dst.exists():
@@ -86,24 +71,6 @@ def _fresh(dst: Path) -> Path:
     tmp = dst.parent / f".tmp-{dst.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     return tmp
-
-
-def write_checkpoint(dst: Path, sd: dict, cfg: Config, step: int, source: str) -> None:
-    """One of our checkpoint step dirs (model.pt, state.pt, meta.json), parameters only: state.pt has no
-    optimizer, so training.load_part=all refuses it (load_checkpoint) and load_part=params takes it."""
-    tmp = _fresh(dst)
-    tmp.mkdir()
-    try:
-        config = asdict(cfg)
-        state = {"format": FORMAT, "step": step, "config": config, "converted_from": source}
-        for name, obj in (("model.pt", sd), ("state.pt", state)):  # straight to the file: a 3B model is 12 GB
-            _write_durable(tmp / name, lambda f, obj=obj: torch.save(obj, f))
-        meta = {"step": step, "time": time.time(), "config": config, "converted_from": source}
-        _write_durable(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def from_jax(src, dst, config: Optional[str] = None, overrides: Sequence[str] = (),
@@ -126,19 +93,18 @@ def from_jax(src, dst, config: Optional[str] = None, overrides: Sequence[str] = 
             f"change them with --set")
     cfg = layout.model_config(flat, ref)
     cfg.data.tokenizer = tokenizer or (LLAMA3 if cfg.model.vocab_size == LLAMA3_VOCAB else cfg.data.tokenizer)
-    cfg = _apply_overrides(cfg, overrides)
+    cfg = with_overrides(cfg, overrides)
     layout.check_reference(flat, cfg.model)
     sd = layout.to_ours(flat, cfg.model)
-    write_checkpoint(dst, sd, cfg, step, str(src))
+    # parameters only: state.pt has no optimizer, so training.load_part=all refuses it and load_part=params takes it
+    write_step(dst, sd, {"step": step, "config": asdict(cfg), "converted_from": str(src)})
     return dst
 
 
 def load_ours(src) -> tuple[dict, Config, int]:
     """(state dict, Config, step) of one of our checkpoints or a save_pretrained dir."""
-    from ttt_e2e.pretrained import load
-
-    model, cfg, step = load(src)
-    return {k: v.detach() for k, v in model.state_dict().items()}, cfg, step
+    loaded = load(src)
+    return {k: v.detach() for k, v in loaded.model.state_dict().items()}, loaded.config, loaded.step
 
 
 def to_jax(src, dst, log=None) -> Path:
@@ -151,21 +117,27 @@ def to_jax(src, dst, log=None) -> Path:
     if cfg.model.suffix_len < 1 or not cfg.model.prime_mlp:
         raise ConvertError(f"{src} is not a TTT-E2E model (model.prime_mlp={cfg.model.prime_mlp}, "
                            f"suffix_len={cfg.model.suffix_len}): the reference's TTT layout needs MLP'")
+    m = cfg.model
+    for bad, what in ((m.kv_heads != m.n_heads, f"grouped-query attention (model.n_kv_heads={m.n_kv_heads})"),
+                      (m.head_dim * m.n_heads != m.d_model, f"a head width of its own ({m.head_dim})"),
+                      (m.rope_scaling is not None, f"RoPE scaling (model.rope_scaling={m.rope_scaling})")):
+        if bad:
+            raise ConvertError(f"{src} has {what}, which the reference's model does not")
     flat = layout.to_reference(sd, cfg.model)
     ref_cfg = json.dumps(layout.reference_config(cfg), indent=1).encode()
     tmp = _fresh(dst)
     try:
         if dst.suffix == ".npz":
             tmp.mkdir()
-            _write_durable(tmp / "weights.npz", lambda f: np.savez(f, **flat))
+            write_durable(tmp / "weights.npz", lambda f: np.savez(f, **flat))
             os.replace(tmp / "weights.npz", dst)
             config_path = dst.with_name(dst.stem + ".config.json")
-            _write_durable(config_path, lambda f: f.write(ref_cfg))
+            write_durable(config_path, lambda f: f.write(ref_cfg))
             if log:
                 log(f"config: {config_path} (from-jax reads it beside the .npz)")
         else:
             orbax_io.write(tmp, step, flat)
-            _write_durable(tmp / "config.json", lambda f: f.write(ref_cfg))
+            write_durable(tmp / "config.json", lambda f: f.write(ref_cfg))
             os.replace(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

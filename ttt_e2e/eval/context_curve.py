@@ -11,9 +11,8 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from ttt_e2e.convert.load import load
 from ttt_e2e.data import DataError, WindowDataset, split_stream
-from ttt_e2e.model.transformer import Transformer
-from ttt_e2e.train.checkpoint import load_checkpoint, read_config, resolve_checkpoint
 from ttt_e2e.train.data import load_stream
 from ttt_e2e.train.distributed import DistInfo, pick_device
 from ttt_e2e.train.evaluate import evaluate
@@ -23,23 +22,19 @@ from ttt_e2e.train.precision import autocast, param_dtype
 
 def evaluate_checkpoint(path: str, overrides: Optional[list[str]] = None, windows: int = 16, batch_size: int = 4,
                         device: str = "auto", eval_path: str = "auto") -> dict:
-    step_dir = resolve_checkpoint(path)
-    cfg = read_config(step_dir, overrides)
-    cfg.model.validate()
-    cfg.ttt.validate(cfg.model)
     info = DistInfo(0, 1, 0, pick_device(device, 0))
+    loaded = load(path, overrides or ())
+    step_dir, cfg = loaded.path, loaded.config
     tokenizer, stream = load_stream(cfg, info)
     _, val_stream = split_stream(stream, cfg.data.val_fraction)
     if len(val_stream) == 0:
         raise DataError(f"checkpoint {step_dir} was trained with data.val_fraction=0: no held-out split; pass "
                         f"data.val_fraction=... (and data.source=... for text it did not train on)")
     val = WindowDataset(val_stream, cfg.model.seq_length, f"the validation split of '{cfg.data.source}'")
-    model = Transformer(cfg.model).to(dtype=param_dtype(cfg.model), device=info.device)
-    state = load_checkpoint(step_dir, model, part="params")
-    model.eval()
+    model = loaded.model.to(dtype=param_dtype(cfg.model), device=info.device)
     r = evaluate(LossModule(model, cfg.ttt), val, tokenizer.bos_id, batch_size, windows,
-                 cfg.ttt.eval_ilr_multiplier(state["step"]), info, lambda: autocast(cfg.model, info.device), eval_path)
-    return {"checkpoint": str(step_dir), "step": state["step"], "train_mode": cfg.ttt.train_mode,
+                 cfg.ttt.eval_ilr_multiplier(loaded.step), info, lambda: autocast(cfg.model, info.device), eval_path)
+    return {"checkpoint": str(step_dir), "step": loaded.step, "train_mode": cfg.ttt.train_mode,
             "eval_path": eval_path, "seq_length": cfg.model.seq_length, "window": cfg.model.window,
             "mini_batch_size": cfg.ttt.mini_batch_size, "data_source": cfg.data.source, "windows": r.windows,
             "tokens": r.tokens, "loss": r.loss, "loss_by_position": [_json_float(x) for x in r.loss_by_position]}

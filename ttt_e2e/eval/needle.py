@@ -24,8 +24,7 @@ from typing import Optional
 import torch
 
 from ttt_e2e.data import DataError
-from ttt_e2e.model.transformer import Transformer
-from ttt_e2e.train.checkpoint import load_checkpoint, read_config, resolve_checkpoint
+from ttt_e2e.convert.load import load
 from ttt_e2e.train.data import load_stream
 from ttt_e2e.train.distributed import DistInfo, pick_device
 from ttt_e2e.train.parallel import LossModule
@@ -80,16 +79,14 @@ def answer_losses(loss_fn, windows: torch.Tensor, answer: torch.Tensor, device, 
 
 def evaluate_needle(path: str, haystack: str, lengths: list[int], depths: list[float], trials: int,
                     batch_size: int = 8, device: str = "auto", overrides: Optional[list[str]] = None) -> dict:
-    step_dir = resolve_checkpoint(path)
-    cfg = read_config(step_dir, [f"data.source={haystack}", *(overrides or [])])
     info = DistInfo(0, 1, 0, pick_device(device, 0))
+    loaded = load(path, [f"data.source={haystack}", *(overrides or [])])
+    step_dir, cfg = loaded.path, loaded.config
     tokenizer, stream = load_stream(cfg, info)
-    model = Transformer(cfg.model).to(dtype=param_dtype(cfg.model), device=info.device)
-    state = load_checkpoint(step_dir, model, part="params")
-    model.eval()
+    model = loaded.model.to(dtype=param_dtype(cfg.model), device=info.device)
     loss_fn = LossModule(model, cfg.ttt)
     amp = lambda: autocast(cfg.model, info.device)  # noqa: E731
-    out = {"checkpoint": str(step_dir), "step": state["step"], "train_mode": cfg.ttt.train_mode,
+    out = {"checkpoint": str(step_dir), "step": loaded.step, "train_mode": cfg.ttt.train_mode,
            "window": cfg.model.window, "mini_batch_size": cfg.ttt.mini_batch_size, "haystack": haystack,
            "lengths": lengths, "depths": depths, "trials": trials, "answer_loss": [], "hit_rate": [],
            "control_loss": [], "control_hit_rate": []}
@@ -118,7 +115,7 @@ _OPTIONS = {"out": "needle.json", "haystack": "", "lengths": "1024,2048,4096", "
 
 def main(argv: list[str]) -> int:
     from ttt_e2e.config import ConfigError
-    from ttt_e2e.train.checkpoint import CheckpointError
+    from ttt_e2e.convert.steps import CheckpointError
 
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)

@@ -74,25 +74,6 @@ def baseline_token_losses(model: Transformer, inputs: torch.Tensor, targets: tor
     return tok, masked_mean(tok.view(B, T // b, b), mask.view(B, T // b, b))
 
 
-def engine_target(loss_fn) -> Optional[tuple[Transformer, TTTConfig, Kernels]]:
-    """(model, ttt, kernels) of the trainer's loss module when the engine path can serve it: a LossModule, bare or
-    inside DDP (its .module; evaluation needs no collective per forward). None where the parameters are sharded
-    (FSDP2: only its own forward gathers them, so that path keeps the training-mode loss through the wrapper) or
-    where the engine cannot run the model (meta mode without a sliding window)."""
-    from torch.distributed.tensor import DTensor
-
-    from ttt_e2e.train.parallel import LossModule, unwrap
-
-    module = unwrap(loss_fn)
-    if not isinstance(module, LossModule):
-        return None
-    if any(isinstance(p, DTensor) for p in module.model.parameters()):
-        return None
-    if module.ttt.train_mode == "meta" and module.model.cfg.window is None:
-        return None
-    return module.model, module.ttt, module.kernels
-
-
 class StreamLoss:
     """loss_fn(inputs, targets, mask, ilr_mult) -> {"token_losses", "minibatch_losses"}, the interface of the
     trainer's LossModule, through the functions above. Holds the CUDA graphs of one evaluation (one set per

@@ -1,13 +1,15 @@
 """Command line: python generate.py (or python -m ttt_e2e.inference) --checkpoint RUN_DIR --prompt-file p.txt
 
-    --checkpoint PATH    a run dir, its checkpoints dir or one step dir (ttt_e2e/train/checkpoint.py layout);
-                         model, TTT settings and tokenizer come from the config saved with it
+    --checkpoint PATH    a run dir, its checkpoints dir, one step dir, a save_pretrained dir or a Hub repo id
+                         (ttt_e2e/convert/load.py); model, TTT settings and tokenizer come from the config saved
+                         with it
     --random-init        no checkpoint: random weights, from ModelConfig defaults plus --model key=value ...
     --no-ttt             decode without test-time training (the baseline; also what train_mode pretrain gives)
 
 The prompt is read from --prompt, --prompt-file, or stdin (--prompt-file -). It is tokenized like the training
 data (ttt_e2e.data.build_tokenizer) and starts with BOS, as every training document does. The completion goes to
-stdout, statistics to stderr.
+stdout, statistics to stderr. A checkpoint, setting or tokenizer that does not work stops with a one-line error
+(exit status 2).
 """
 from __future__ import annotations
 
@@ -20,7 +22,10 @@ from typing import Optional
 
 import torch
 
-from ttt_e2e.config import ModelConfig, TTTConfig
+from ttt_e2e.config import ConfigError, ModelConfig, TTTConfig
+from ttt_e2e.convert.load import load
+from ttt_e2e.convert.steps import CheckpointError
+from ttt_e2e.data import DataError
 from ttt_e2e.model.transformer import Transformer
 
 from .generation import generate
@@ -33,7 +38,7 @@ def parse_overrides(cls, pairs: list[str], base: Optional[dict] = None):
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or key not in fields:
-            raise SystemExit(f"error: bad override {pair!r}: expected key=value with key one of {sorted(fields)}")
+            raise ConfigError(f"bad override {pair!r}: expected key=value with key one of {sorted(fields)}")
         try:
             values[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -47,15 +52,8 @@ def load_model(args) -> tuple[Transformer, TTTConfig, str]:
         ttt = parse_overrides(TTTConfig, args.ttt)
         torch.manual_seed(args.seed or 0)
         return Transformer(mcfg), ttt, args.tokenizer or "bytes"
-    from ttt_e2e.train.checkpoint import load_checkpoint, read_config, resolve_checkpoint
-
-    path = resolve_checkpoint(args.checkpoint)
-    config = dataclasses.asdict(read_config(path))
-    mcfg = parse_overrides(ModelConfig, args.model, config.get("model", {}))
-    ttt = parse_overrides(TTTConfig, args.ttt, config.get("ttt", {}))
-    model = Transformer(mcfg)
-    load_checkpoint(path, model, part="params")
-    return model, ttt, args.tokenizer or config.get("data", {}).get("tokenizer", "bytes")
+    loaded = load(args.checkpoint, [*(f"model.{p}" for p in args.model), *(f"ttt.{p}" for p in args.ttt)])
+    return loaded.model, loaded.config.ttt, args.tokenizer or loaded.config.data.tokenizer
 
 
 def read_prompt(args) -> str:
@@ -67,7 +65,7 @@ def read_prompt(args) -> str:
         return f.read()
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint")
@@ -90,12 +88,16 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     from ttt_e2e.data import build_tokenizer
 
-    model, ttt, tok_spec = load_model(args)
+    try:
+        model, ttt, tok_spec = load_model(args)
+        tok = build_tokenizer(tok_spec)
+        if tok.vocab_size > model.cfg.vocab_size:
+            raise DataError(f"tokenizer {tok_spec} has {tok.vocab_size} ids, the model only {model.cfg.vocab_size}: "
+                            f"not the tokenizer it was trained with")
+    except (CheckpointError, ConfigError, DataError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     model = model.to(args.device).eval()
-    tok = build_tokenizer(tok_spec)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise SystemExit(f"error: tokenizer {tok_spec} has {tok.vocab_size} ids, the model only "
-                         f"{model.cfg.vocab_size}: not the tokenizer it was trained with")
     ids = [tok.bos_id, *tok.encode(read_prompt(args))]
     t0 = time.perf_counter()
     out = generate(model, None if args.no_ttt else ttt, ids, args.max_new_tokens, temperature=args.temperature,
@@ -110,7 +112,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"[{len(ids)} prompt + {len(new)} new tokens in {dt:.2f}s; {steps} TTT steps"
           + (f"; prompt inner loss {out.prompt_losses.mean():.3f}" if out.prompt_losses is not None else "") + "]",
           file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -156,7 +156,7 @@ class InferenceGraphs:
         kv_dtype = state.autocast or next(state.model.parameters()).dtype
         out = torch.promote_types(torch.float32, h.dtype)  # the losses are at least fp32
         like = h.new_empty((), dtype=kv_dtype)
-        shape = (B, cfg.n_heads, cfg.window, cfg.d_model // cfg.n_heads)
+        shape = (B, cfg.kv_heads, cfg.window, cfg.head_dim)
         pair = lambda: (token_major_zeros(like, *shape), token_major_zeros(like, *shape))  # noqa: E731
         self.base = [StepRing(*pair()) if cfg.window % b == 0 else pair() for _ in range(cfg.suffix_len)]
         self._step_in = {"h": torch.empty_like(h), "targets": h.new_empty(B, b, dtype=torch.long),

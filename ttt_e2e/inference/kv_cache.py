@@ -7,7 +7,8 @@ positions are already baked into the keys by RoPE). Memory and time per token st
 
 Full attention (window None): a buffer that grows (capacity doubles, or is reserved up front), O(context).
 
-Every buffer is (B, H, slots, D) in shape but token-major in memory, (B, slots, H, D), the model's own layout for
+Every buffer is (B, Hkv, slots, D) in shape (Hkv: the model's key/value heads, fewer than its query heads under
+grouped-query attention; never repeated) but token-major in memory, (B, slots, Hkv, D), the model's own layout for
 k and v: storing a chunk's keys is then a copy of whole rows of H D (at full bandwidth; into head-major buffers it
 was a transposing copy at half of it; benchmarks/RESULTS.md), and it is the layout SDPA's decoding
 kernels take without a copy. The attention kernels read either layout by its strides.
@@ -54,7 +55,7 @@ class KVCache:
         if window is not None and window < 1:
             raise ValueError(f"KVCache window must be >= 1 or None, got {window}")
         self.window = window
-        self.k: Optional[torch.Tensor] = None  # (B, H, slots, D)
+        self.k: Optional[torch.Tensor] = None  # (B, Hkv, slots, D)
         self.v: Optional[torch.Tensor] = None
         self.n = 0  # positions written so far: the next key is position n
         self._reserve = 0
@@ -122,8 +123,9 @@ class KVCache:
         self.append(k, v)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos0: int, backend: str) -> torch.Tensor:
-        """Attention of the queries at positions pos0.. (this chunk's q, k, v, each (B, H, T, D)) over the held
-        keys then the chunk's own; the chunk's keys/values are then stored. Called by the model's Attention."""
+        """Attention of the queries at positions pos0.. (this chunk's q (B, H, T, D), k and v (B, Hkv, T, D)) over
+        the held keys then the chunk's own; the chunk's keys/values are then stored. Called by the model's
+        Attention."""
         T = q.shape[2]
         if T == 1 and isinstance(pos0, DevicePos):
             return self._attend_in_graph(q, k, v, pos0.tensor)
@@ -132,7 +134,7 @@ class KVCache:
             # Decoding: once its own key is in, every held key is visible to the query, so this is plain
             # unmasked attention: SDPA's flash/cuDNN decoding kernels on a GPU.
             self.append(k, v)
-            return F.scaled_dot_product_attention(q, *self.visible())
+            return F.scaled_dot_product_attention(q, *self.visible(), enable_gqa=k.shape[1] != q.shape[1])
         rot = 0
         if self.window is not None and self.n > self.window and self.n % self.window:
             # A wrapped ring: the kernels read it in place from its oldest slot (no position-ordered copy)
@@ -142,7 +144,7 @@ class KVCache:
         adopt = self.window is not None and T == self.window and self.n % T == 0 and _token_major(k, v)
         if ck is None and self.window is None:
             # Full attention from position 0: plain causal SDPA (the cuDNN / FlashAttention baselines).
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         elif ck is None:
             o = attend(q, k, v, window=self.window or FULL, q_pos0=pos0, k_pos0=pos0, backend=backend)
         else:
@@ -167,7 +169,7 @@ class KVCache:
         self.k.index_copy_(2, slot, k)
         self.v.index_copy_(2, slot, v)
         written = (torch.arange(S, device=q.device) <= pos).view(1, 1, 1, S)
-        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=written)
+        return F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=written, enable_gqa=k.shape[1] != q.shape[1])
 
     def _grow(self, slots: int) -> None:
         k = token_major_zeros(self.k, *self.k.shape[:2], slots, self.k.shape[3])

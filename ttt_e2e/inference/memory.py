@@ -19,8 +19,9 @@ def estimate_bytes(model: Transformer, ttt: Optional[TTTConfig], batch: int, pos
     cfg = model.cfg
     d, width = cfg.d_model, max(cfg.mlp_width, cfg.prime_width)
     slots = positions if cfg.window is None else min(positions, cfg.window)
-    # a sliding-window cache may hold a whole chunk's fused QKV output (KVCache.attend adopts its k and v): 4 d, not 2
-    kv = cfg.n_layers * (2 if cfg.window is None else 4) * batch * d * slots * elem
+    # a sliding-window cache may hold a whole chunk's fused QKV output (KVCache.attend adopts its k and v)
+    kv_width = (2 * cfg.kv_heads if cfg.window is None else cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
+    kv = cfg.n_layers * batch * kv_width * slots * elem
     meta = ttt is not None and ttt.train_mode == "meta"
     c = min(chunk, positions)
     keys = slots if cfg.window is None else cfg.window + c  # keys one chunk attends to

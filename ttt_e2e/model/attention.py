@@ -19,10 +19,11 @@ BACKENDS = ("auto", "torch", "triton", "sdpa")
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, q_pos0: int = 0, k_pos0: int = 0,
            backend: str = "auto", first_order: bool = False) -> torch.Tensor:
-    """q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D). Every backend supports double backward, except
-    'sdpa', which 'auto' picks only for a caller that promises first derivatives at most (first_order: the prefix
-    blocks, outside every inner gradient) when the window covers the whole sequence: plain full causal attention,
-    where PyTorch's cuDNN kernels are faster than ours (benchmarks/RESULTS.md)."""
+    """q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> (B, H, Tq, D): grouped-query attention where Hkv divides H
+    (query head h reads kv head h // (H / Hkv); K and V are never repeated here). Every backend supports double
+    backward, except 'sdpa', which 'auto' picks only for a caller that promises first derivatives at most
+    (first_order: the prefix blocks, outside every inner gradient) when the window covers the whole sequence: plain
+    full causal attention, where PyTorch's cuDNN kernels are faster than ours (benchmarks/RESULTS.md)."""
     if backend == "auto":
         full = q_pos0 == k_pos0 == 0 and q.shape[2] == k.shape[2] and window >= k.shape[2]
         backend = ("sdpa" if first_order and full else "triton") if q.is_cuda else "torch"
@@ -70,19 +71,25 @@ def _sdpa_full_causal(q, k, v, window, q_pos0, k_pos0):
         raise ValueError("attention backend 'sdpa' supports only full causal attention over a whole sequence "
                          f"(got window={window}, q_pos0={q_pos0}, k_pos0={k_pos0}, Tq={T}, Tk={k.shape[2]}); "
                          "use 'triton' or 'torch' for sliding windows and the TTT suffix")
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                            enable_gqa=k.shape[1] != q.shape[1])
 
 
 class Attention(torch.nn.Module):
     def __init__(self, d_model: int, n_heads: int, window: int, rope_theta: float, qk_norm: bool, eps: float,
-                 backend: str):
+                 backend: str, n_kv_heads: int | None = None, head_dim: int | None = None,
+                 rope_scaling: tuple | None = None):
+        """n_kv_heads: grouped-query attention's key/value heads (None: n_heads); query head h reads kv head
+        h // (n_heads / n_kv_heads). head_dim: None, d_model / n_heads. rope_scaling: model/rope.py's."""
         super().__init__()
-        self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.window, self.rope_theta, self.backend = window, rope_theta, backend
-        # q, k, v from one (3 d, d) matrix: one matmul and, in the backward, one for x's gradient (in place of three
-        # and two adds): at the suffix's 1K rows a d x d product is too small to fill the GPU (benchmarks/RESULTS.md)
-        self.wqkv = torch.nn.Linear(d_model, 3 * d_model, bias=False)
-        self.wo = torch.nn.Linear(d_model, d_model, bias=False)
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
+        self.head_dim = head_dim or d_model // n_heads
+        self.window, self.rope_theta, self.rope_scaling, self.backend = window, rope_theta, rope_scaling, backend
+        # q, k, v from one matrix (rows: the n_heads query heads, then the n_kv_heads key heads, then the value
+        # heads): one matmul and, in the backward, one for x's gradient (in place of three and two adds): at the
+        # suffix's 1K rows a d x d product is too small to fill the GPU (benchmarks/RESULTS.md)
+        self.wqkv = torch.nn.Linear(d_model, (n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.wo = torch.nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         # One scale of size head_dim shared by all heads.
         self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else torch.nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else torch.nn.Identity()
@@ -90,19 +97,21 @@ class Attention(torch.nn.Module):
         self.first_order = False  # never differentiated twice (the prefix blocks): attend may pick cuDNN
 
     def project(self, x: torch.Tensor, pos0: int):
-        """q, k, v (B, H, T, D) of x (B, T, d) at absolute positions pos0.., QK-normed and rotated."""
+        """q (B, H, T, D), k and v (B, Hkv, T, D) of x (B, T, d) at absolute positions pos0.., QK-normed and
+        rotated."""
         B, T, _ = x.shape
-        # QK-norm and RoPE in the projection's own (B, T, 3, H, D) layout: the norm kernels read q's and k's heads
-        # where they lie, the attention kernels take v (and the rotated q, k) by their strides.
+        H, Hkv = self.n_heads, self.n_kv_heads
+        # QK-norm and RoPE in the projection's own (B, T, H + 2 Hkv, D) layout: the norm kernels read q's and k's
+        # heads where they lie, the attention kernels take v (and the rotated q, k) by their strides.
         x = for_matmuls(x)
-        q, k, v = linear(x, self.wqkv.weight).view(B, T, 3, self.n_heads, self.head_dim).unbind(2)
-        cos, sin = angles(pos0, T, x.device, self.head_dim, self.rope_theta)
+        q, k, v = linear(x, self.wqkv.weight).view(B, T, H + 2 * Hkv, self.head_dim).split((H, Hkv, Hkv), 2)
+        cos, sin = angles(pos0, T, x.device, self.head_dim, self.rope_theta, self.rope_scaling)
         q, k = norm_rope(q, self.q_norm, cos, sin, self.kernel), norm_rope(k, self.k_norm, cos, sin, self.kernel)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, pos0: int = 0, cache=None, first_order: bool | None = None):
         """x (B, T, d) at absolute positions pos0.. . cache: None, or the (k, v) of earlier positions, each
-        (B, H, Tc, D): then returns the output and the (keys, values) it attended to (the cache then this
+        (B, Hkv, Tc, D): then returns the output and the (keys, values) it attended to (the cache then this
         block's, post-RoPE), from which the caller keeps the last W as the next cache. Or an inference cache
         object (ttt_e2e.inference.kv_cache), which holds the earlier keys itself and attends in its own way (a
         ring buffer): then the second output is this block's own (k, v). first_order: overrides self.first_order

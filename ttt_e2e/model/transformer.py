@@ -13,7 +13,6 @@ from torch.utils.checkpoint import checkpoint
 from ttt_e2e.config import Kernels, ModelConfig, TTTConfig
 
 from .attention import Attention
-from .hub import HubMixin
 from .layers import RMSNorm, SwiGLU, add_normed
 
 
@@ -26,7 +25,7 @@ class Block(nn.Module):
         super().__init__()
         self.pre_attn_norm, self.post_attn_norm = _norm(cfg, cfg.pre_norm), _norm(cfg, cfg.post_norm)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention_window, cfg.rope_theta, cfg.qk_norm,
-                              cfg.norm_eps, cfg.attention_backend)
+                              cfg.norm_eps, cfg.attention_backend, cfg.kv_heads, cfg.head_dim, cfg.rope_scale)
         self.prime = SwiGLU(cfg.d_model, cfg.prime_width) if has_prime else None
         if has_prime:
             self.pre_prime_norm, self.post_prime_norm = _norm(cfg, cfg.pre_norm), _norm(cfg, cfg.post_norm)
@@ -93,7 +92,7 @@ class Suffix(nn.Module):
         return self.ln_f(x), kvs
 
 
-class Transformer(nn.Module, HubMixin):
+class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, ttt: TTTConfig | None = None):
         """ttt: the settings the model will be trained with, checked against the architecture here so that a bad
         combination fails at construction rather than mid-run."""

@@ -13,13 +13,17 @@ wrapper's own forward gathers them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from ttt_e2e.config import Kernels, TTTConfig
 from ttt_e2e.data import DataError, WindowDataset, make_batch
-from ttt_e2e.eval.stream_loss import StreamLoss, engine_target
+from ttt_e2e.eval.stream_loss import StreamLoss
+from ttt_e2e.model.transformer import Transformer
 
 from .distributed import DistInfo, all_reduce_sum
+from .parallel import LossModule, unwrap
 
 PATHS = ("auto", "engine", "training")
 
@@ -30,6 +34,23 @@ class EvalResult:
     loss_by_position: list[float]  # (T,) mean loss at each position of a window (nan where always masked)
     tokens: int  # counted (unmasked) target tokens
     windows: int
+
+
+def engine_target(loss_fn) -> Optional[tuple[Transformer, TTTConfig, Kernels]]:
+    """(model, ttt, kernels) of the trainer's loss module when the engine path can serve it: a LossModule, bare or
+    inside DDP (its .module; evaluation needs no collective per forward). None where the parameters are sharded
+    (FSDP2: only its own forward gathers them, so that path keeps the training-mode loss through the wrapper) or
+    where the engine cannot run the model (meta mode without a sliding window)."""
+    from torch.distributed.tensor import DTensor
+
+    module = unwrap(loss_fn)
+    if not isinstance(module, LossModule):
+        return None
+    if any(isinstance(p, DTensor) for p in module.model.parameters()):
+        return None
+    if module.ttt.train_mode == "meta" and module.model.cfg.window is None:
+        return None
+    return module.model, module.ttt, module.kernels
 
 
 @torch.no_grad()

@@ -8,7 +8,9 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 
 from ttt_e2e.config import Config
+from ttt_e2e.convert.load import register_resolvers
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
+    register_resolvers()  # ${checkpoint:PATH,KEY}: a setting saved with a checkpoint (conf/experiment/hf/)

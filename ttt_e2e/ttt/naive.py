@@ -23,10 +23,23 @@ def rms_norm(P, name, x, eps):
     return x if w is None else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rope(x, pos, theta):
+def frequencies(D, cfg, device):
+    """theta^(-2i/D), with Llama 3's scaling where cfg has it (written as Hugging Face's _compute_llama3_parameters)."""
+    inv = cfg.rope_theta ** (-torch.arange(0, D, 2, dtype=torch.float64, device=device) / D)
+    if cfg.rope_scaling is None:
+        return inv
+    f, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old = cfg.rope_original_max_positions
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / f, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, (1 - smooth) * scaled / f + smooth * scaled, scaled)
+
+
+def rope(x, pos, cfg):
     """Rotate interleaved pairs of x (T, H, D) by the angles of positions pos (stored in fp32, as the model's)."""
-    D = x.shape[-1]
-    angle = pos.double()[:, None, None] * theta ** (-torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D)
+    angle = pos.double()[:, None, None] * frequencies(x.shape[-1], cfg, x.device)
     cos, sin = angle.cos().float().to(x.dtype), angle.sin().float().to(x.dtype)
     x0, x1 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), -1).flatten(-2)
@@ -40,14 +53,16 @@ def mlp(P, name, x):  # SwiGLU, w13 = cat(w1, w3)
 def block(P, name, x, pos, past, cfg):
     """x (T, d) at positions pos; past: this block's (keys, values) of earlier positions. Returns (x, kv)."""
     norm = lambda which, h: rms_norm(P, f"{name}.{which}", h, cfg.norm_eps)  # noqa: E731
-    T, H, D = x.shape[0], cfg.n_heads, cfg.head_dim
-    q, k, v = (norm("pre_attn_norm", x) @ P[f"{name}.attn.wqkv.weight"].T).view(T, 3, H, D).unbind(1)
-    q, k = rope(norm("attn.q_norm", q), pos, cfg.rope_theta), rope(norm("attn.k_norm", k), pos, cfg.rope_theta)
+    T, H, Hkv, D = x.shape[0], cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    qkv = (norm("pre_attn_norm", x) @ P[f"{name}.attn.wqkv.weight"].T).view(T, H + 2 * Hkv, D)
+    q, k, v = qkv.split((H, Hkv, Hkv), 1)
+    q, k = rope(norm("attn.q_norm", q), pos, cfg), rope(norm("attn.k_norm", k), pos, cfg)
     k, v = (k, v) if past is None else (torch.cat((past[0], k)), torch.cat((past[1], v)))
     k_pos = torch.arange(int(pos[-1]) + 1 - len(k), int(pos[-1]) + 1, device=x.device)
     visible = (k_pos[None] <= pos[:, None]) & (k_pos[None] > pos[:, None] - cfg.attention_window)
-    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(D)
-    attn = torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, -math.inf).softmax(-1), v)
+    ks, vs = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)  # query head h: kv head h // (H/Hkv)
+    scores = torch.einsum("qhd,khd->hqk", q, ks) / math.sqrt(D)
+    attn = torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, -math.inf).softmax(-1), vs)
     x = x + norm("post_attn_norm", attn.reshape(T, -1) @ P[f"{name}.attn.wo.weight"].T)
     if f"{name}.prime.w13" in P:  # MLP': the inner weights phi
         x = x + norm("post_prime_norm", mlp(P, f"{name}.prime", norm("pre_prime_norm", x)))
