@@ -1,7 +1,7 @@
 """A converted Llama-3.2-1B-shaped model on one GPU (issue 34): its meta-training step at T = 8192 against the
 source's pretraining step, and its generation latency per token after a 32K prompt.
 
-    python benchmarks/inference/hf_llama.py [--steps 8] [--context 32768] [--decode 32] [--out DIR]
+    python -m benchmarks.inference.hf_llama [--steps 8] [--context 32768] [--decode 32] [--out DIR]
 
 The source is `transformers.LlamaForCausalLM` with Llama-3.2-1B's config (hidden 2048, 16 layers, 32 heads on 8 kv
 heads, head dim 64, intermediate 8192, vocab 128256, tied head, RoPE theta 5e5 with llama3 scaling, factor 32) and
@@ -178,7 +178,7 @@ def generation(model: Transformer, context: int, n_decode: int) -> dict:
     return out
 
 
-def main() -> int:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--context", type=int, default=32768)
@@ -186,7 +186,10 @@ def main() -> int:
     p.add_argument("--parts", default="check,baseline,meta,generate",
                    help="of check, baseline, pretrain (the converted model in pretrain mode), meta, generate")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("hf_llama: needs a CUDA GPU (a 1B model's steps and generation, CUDA-graphed)", file=sys.stderr)
+        return 2
     parts = args.parts.split(",")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M"),

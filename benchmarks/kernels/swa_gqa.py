@@ -42,12 +42,9 @@ import time
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: the repository root on the path, as `python -m` has it
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from benchmarks.timing import cuda_event_ms, graph_us  # noqa: E402
-from ttt_e2e.kernels import swa  # noqa: E402
-from ttt_e2e.kernels.swa.reference import expand_kv  # noqa: E402
+from benchmarks.core.timing import cuda_event_ms, graph_us
+from ttt_e2e.kernels import swa
+from ttt_e2e.kernels.swa.reference import expand_kv
 
 # The GPU; on a CPU, `check` runs the Triton interpreter (TRITON_INTERPRET=1; small --T only)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -3,12 +3,14 @@ end to end in its smoke mode (benchmarks/smoke.py: toy shapes, here on the CPU w
 none of them rots between the GPU runs that give their figures. Each runs in this process through its main(argv)
 (the training-job benchmarks start their jobs as subprocesses themselves); what they write as JSON carries the
 environment record with the commit."""
+import importlib
 import json
 import pkgutil
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import benchmarks
 from benchmarks import smoke
@@ -29,7 +31,7 @@ def entry_points() -> set[str]:
 
 
 def test_every_entry_point_has_a_smoke_run():
-    missing = entry_points() - set(smoke.SMOKE) - set(smoke.COVERED_ELSEWHERE)
+    missing = entry_points() - set(smoke.SMOKE) - set(smoke.COVERED_ELSEWHERE) - set(smoke.GPU_ONLY)
     assert not missing, f"entry points without a smoke run (add them to benchmarks/smoke.py): {sorted(missing)}"
     assert not set(smoke.SMOKE) - entry_points(), "benchmarks/smoke.py names modules that are not entry points"
 
@@ -44,6 +46,15 @@ def test_smoke(name, tmp_path, monkeypatch):
     for out in smoke.SMOKE[name][1]:
         env = json.loads((tmp_path / out).read_text())["environment"]
         assert env["commit"] and env["device"] and env["torch"] and env["date"], env
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the GPU-only entry points run for real")
+@pytest.mark.parametrize("name", sorted(smoke.GPU_ONLY))
+def test_gpu_only_entry_points_refuse_the_cpu_in_one_line(name, capsys):
+    main = importlib.import_module(f"benchmarks.{name}").main
+    assert main(smoke.GPU_ONLY[name][0]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs a CUDA GPU" in err, err
 
 
 def test_no_benchmark_edits_sys_path():

@@ -8,7 +8,7 @@ transformers, converted by `ttt_e2e.convert.from_hf`, then checked on CUDA again
   generate  greedy, fp32: with no inner step in the span (mini-batch longer than prompt + new), the same tokens as
             the source's greedy generate; with inner steps (b = 8), CUDA-graphed and eager decoding agree
 
-    python benchmarks/convert/hf_gpu_check.py [--cases llama:auto,qwen3:auto,llama_gqa:torch,...] [--out DIR]
+    python -m benchmarks.eval.hf_gpu_check [--cases llama:auto,qwen3:auto,llama_gqa:torch,...] [--out DIR]
 
 A case is a source (llama, qwen3: as many kv heads as query heads; llama_gqa, qwen3_gqa: grouped-query) and the
 attention backend of the converted model (auto: the Triton kernels on CUDA; torch: the materialized reference). A
