@@ -80,12 +80,12 @@ def fixtures(name: str, tmp: Path) -> None:
             (tmp / run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if name == "train.meta_grad_growth":
         from ttt_e2e.config import Config, TTTConfig
-        from ttt_e2e.model.transformer import Transformer
+        from ttt_e2e.convert.load import PretrainedTransformer
 
         from benchmarks.core.models import tiny_config
 
         cfg = Config(model=tiny_config("e2e", seq_length=64, window=32), ttt=TTTConfig(mini_batch_size=16))
-        Transformer(cfg.model, cfg.ttt).save_pretrained(tmp / "ckpt", config=cfg)
+        PretrainedTransformer(cfg.model, cfg.ttt).save_pretrained(tmp / "ckpt", config=cfg)
 
 
 
