@@ -94,6 +94,17 @@ def run(name: str, tmp: Path) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     fixtures(name, tmp)
     main = importlib.import_module(f"benchmarks.{name}").main
+    from ttt_e2e.kernels.swa import common
+
+    overrides = dict(common.CONFIG_OVERRIDES)  # a tile study sets the kernels' overrides for its own process
+    try:
+        _run_commands(name, main, tmp)
+    finally:
+        common.CONFIG_OVERRIDES.clear()
+        common.CONFIG_OVERRIDES.update(overrides)
+
+
+def _run_commands(name: str, main, tmp: Path) -> None:
     for argv in SMOKE[name][0] if name in SMOKE else GPU_ONLY[name]:
         argv = [a.replace("{tmp}", str(tmp)) for a in argv]
         if inspect.signature(main).parameters:
