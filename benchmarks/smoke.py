@@ -61,9 +61,10 @@ SMOKE = {
     "inference.prefill_overlap": ([["--tiny", "--contexts", "128", "--reps", "1"]], []),
     "eval.eval_context": ([["--tiny", "--out", "{tmp}/ec", "--reps", "1"]], ["ec/results.json"]),
     "eval.convert_check": ([["--tiny", "--device", "cpu", "--out", "{tmp}/cc"]], ["cc/convert_check.json"]),
-    "eval.hf_gpu_check": ([["--device", "cpu", "--cases", "llama:torch,qwen3_gqa:torch", "--out", "{tmp}/hfc"]], []),
+    "eval.hf_gpu_check": ([["--device", "cpu", "--cases", "llama:torch,qwen3_gqa:torch", "--out", "{tmp}/hfc"]],
+                          ["hfc/hf_gpu_check.json"]),
     "kernels.swa_gqa": ([["check", "--layout", "llama", "--dtype", "fp32", "--kv-heads", "8", "--T", "32",
-                          "--window", "16"]], []),
+                          "--window", "16", "--json", "{tmp}/gqa.json"]], ["gqa.json"]),
 }
 # Entry points whose every part needs a GPU (CUDA graphs of a 1B model): on a CPU their smoke run is the one-line
 # refusal (exit 2) that tests/benchmarks/test_smoke.py checks; on a GPU machine `python -m benchmarks.smoke` runs them

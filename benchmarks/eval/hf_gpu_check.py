@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.core.env import environment
+from benchmarks.core.records import write_json
 from ttt_e2e.config import TTTConfig
 from ttt_e2e.convert import from_hf, load
 from ttt_e2e.inference.generation import generate
@@ -73,6 +75,19 @@ def meta_step(model, ids, ttt, autocast_dtype):
     return loss.item(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
 
 
+def tie_at_first_difference(source, prompt, theirs: list, ours: list) -> float:
+    """Where greedy decoding first parts from the source's: the source's logit of its own token minus its logit of
+    ours, at that position (0.0 where they never part). Two exact functions part only at a near-tie, where the
+    Triton kernels' TF32 rounding may pick the other token, and every later token then differs too."""
+    k = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), None)
+    if k is None:
+        return 0.0
+    seq = torch.cat([prompt, torch.tensor([theirs[:k]], device=prompt.device, dtype=prompt.dtype)], 1)
+    with torch.no_grad():
+        logits = source(seq).logits[0, -1].float()
+    return (logits[theirs[k]] - logits[ours[k]]).item()
+
+
 def check_case(case: str, tmp: Path, device: str, backend: str) -> dict:
     out = {"case": case}
     t0 = time.perf_counter()
@@ -105,6 +120,7 @@ def check_case(case: str, tmp: Path, device: str, backend: str) -> dict:
     no_step = TTTConfig(train_mode="meta", mini_batch_size=64, inner_lr=1.0, ilr_init=1.0)
     ours = generate(model, no_step, prompt, 24, graphs=graphed).tokens[0]
     out["generate_same_as_source"] = sum(a == b for a, b in zip(ours, theirs)) / len(theirs)
+    out["generate_tie_at_difference"] = tie_at_first_difference(source, ids[:1, :16], theirs, ours)
     stepping = TTTConfig(train_mode="meta", mini_batch_size=8, inner_lr=1.0, ilr_init=1.0)
     g = generate(model, stepping, prompt, 24, graphs=graphed)
     e = generate(model, stepping, prompt, 24, graphs=False)
@@ -114,7 +130,8 @@ def check_case(case: str, tmp: Path, device: str, backend: str) -> dict:
     tol = 1e-2 if device == "cuda" and backend != "torch" else 1e-4  # the Triton kernels' fp32 dots: TF32 inputs
     out["ok"] = bool(out["logits_T<=W"] < tol and out["logits_T>W"] < tol and out["grads_finite"]
                      and abs(loss - loss32) < 0.02 * abs(loss32) and out["grad_cos_min"] > 0.99
-                     and out["generate_same_as_source"] == 1.0 and out["generate_graphed_vs_eager"] == 1.0)
+                     and (out["generate_same_as_source"] == 1.0 or out["generate_tie_at_difference"] < tol)
+                     and out["generate_graphed_vs_eager"] == 1.0)
     return out
 
 
@@ -125,7 +142,7 @@ def main() -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons in fp32
-    rows = []
+    rows, env = [], environment(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         for i, spec in enumerate(args.cases.split(",")):
             case, _, backend = spec.partition(":")
@@ -138,9 +155,9 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             Path(args.out).mkdir(parents=True, exist_ok=True)  # after every case: a timeout keeps what ran
             device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-            (Path(args.out) / "hf_gpu_check.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+            write_json(Path(args.out) / "hf_gpu_check.json", {"device": device, "rows": rows}, env)
     keys = ["case", "backend", "heads", "head_dim", "logits_T<=W", "logits_T>W", "meta_loss", "meta_loss_fp32_torch",
-            "grad_cos_min", "generate_same_as_source", "generate_graphed_vs_eager", "ok"]
+            "grad_cos_min", "generate_same_as_source", "generate_tie_at_difference", "generate_graphed_vs_eager", "ok"]
     print(" | ".join(keys))
     for r in rows:
         print(" | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) and not math.isnan(r[k]) else str(r.get(k, "-"))

@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
+from benchmarks.core.env import environment
+from benchmarks.core.records import write_json
+
 from ttt_e2e.config import ModelConfig, TTTConfig
 from ttt_e2e.convert import hf
 from ttt_e2e.cuda_graph import GraphedStep
@@ -191,6 +194,7 @@ def main(argv=None) -> int:
         print("hf_llama: needs a CUDA GPU (a 1B model's steps and generation, CUDA-graphed)", file=sys.stderr)
         return 2
     parts = args.parts.split(",")
+    env = environment("cuda")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M"),
               "source": "LlamaForCausalLM, Llama-3.2-1B config, random weights", "T": T, "window": W,
@@ -204,7 +208,7 @@ def main(argv=None) -> int:
         print(json.dumps({key: {k: v for k, v in value.items() if not k.endswith("_all")}
                           if isinstance(value, dict) else value, "at_s": round(time.perf_counter() - t0, 1)}),
               flush=True)
-        out_file.write_text(json.dumps(result, indent=1))
+        write_json(out_file, result, env)
 
     gqa = gqa_kernels_ok()
     report("attention", "GQA kernels (8 kv heads read in place)" if gqa else

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -42,6 +41,7 @@ import time
 
 import torch
 
+from benchmarks.core.records import write_json
 from benchmarks.core.timing import cuda_event_ms, graph_us
 from ttt_e2e.kernels import swa
 from ttt_e2e.kernels.swa.reference import expand_kv
@@ -371,8 +371,7 @@ def main(argv=None):
 
 def save(path, meta, rows):
     if path:
-        with open(path, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f)
+        write_json(path, dict(meta=meta, rows=rows), device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 if __name__ == "__main__":

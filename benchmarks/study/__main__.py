@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.core.env import environment
+
 from .evaluation import TTO_GRID, Evaluation
 from .report import render
 from .runs import KINDS, REPO, Training
@@ -43,9 +45,11 @@ class Study:
         self.work.mkdir(parents=True, exist_ok=True)
         self.log_file = open(self.out / "progress.log", "a")
         self.procs = []  # every process started, stopped on the way out
-        # STUDY_COMMIT: the commit, where the tree is a copy without its git history (the GPU machine)
-        self.results: dict = {"args": vars(a), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                              "commit": os.environ.get("STUDY_COMMIT"), "device": _device(), "phases": {}}
+        # the environment record of benchmarks/core (the commit: TTT_E2E_COMMIT on a copy without git history)
+        env = environment(None if a.device == "auto" else a.device)
+        self.results: dict = {"environment": env, "args": vars(a),
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                              "commit": env.get("commit"), "device": env.get("device"), "phases": {}}
         self.env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                         PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
@@ -107,12 +111,6 @@ class Study:
                 f"data.cache_dir={self.cache}"]
 
 
-def _device() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="study_out", help="results.json, study.md, plots, progress.log")
@@ -126,7 +124,7 @@ def parse(argv=None):
     p.add_argument("--steps", default="auto", help="steps per run, or auto: probe, then what fits")
     p.add_argument("--min-steps", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--probe-steps", type=int, default=4, help="steps each run logs in the probe")
+    p.add_argument("--probe-steps", type=int, default=8, help="steps each run logs in the probe")
     p.add_argument("--probe-s", type=float, default=None, help="longest probe (default 150 s; tiny 60 s)")
     p.add_argument("--kinds", default="fa,swa,e2e,tto", help=f"the per-seed jobs, among {', '.join(KINDS)}")
     p.add_argument("--seeds", type=int, default=None, help="seeds of each kind (default 2; tiny 1)")

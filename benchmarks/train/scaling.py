@@ -172,6 +172,8 @@ def main():
         return
     import torch
 
+    from benchmarks.core.records import write_json
+
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="scaling_"))
     base = {}
@@ -198,8 +200,8 @@ def main():
                     print(json.dumps({k: v for k, v in r.items() if k not in ("ms_all", "losses", "grad_norms",
                                                                               "args")}), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    (out / "scaling.json").write_text(json.dumps({"device": device, "torch": torch.__version__,
-                                                  "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+    write_json(out / "scaling.json", {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+                                      "rows": rows}, device="cuda" if device != "cpu" else "cpu")
     plot(rows, out / "scaling.png")
     print(f"\n{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; median ms/step after {args.skip}")
     print("| size | mode | dist | GPUs | ms/step | tokens/s/GPU | efficiency | ms/step by rank | peak GiB by rank |")

@@ -54,3 +54,14 @@ def test_every_opening_row_cites_records_that_name_its_commit():
         assert not unstamped, f"{row['target']}: no environment record (benchmarks.core.records) in {unstamped}"
         assert any(e["commit"].startswith(c) or c.startswith(e["commit"]) for e in envs.values()
                    for c in row["commits"]), f"{row['target']}: none of {sorted(envs)} names {row['commits']}"
+
+
+def test_benchmarks_readme_names_sections_that_exist():
+    """benchmarks/README.md's table maps each question to a RESULTS.md section: each named section must exist."""
+    headings = re.findall(r"^## (.+)$", RESULTS.read_text(), re.M)
+    table = (ROOT / "benchmarks" / "README.md").read_text()
+    named = [line.rstrip().rstrip("|").rsplit("|", 1)[-1].strip() for line in table.splitlines()
+             if line.startswith("| ") and not line.startswith(("| question", "|---"))]
+    missing = [n for n in named if not n.startswith(("(", "-", "the diary")) and not any(
+        h.startswith(n.split(" (")[0]) for h in headings)]
+    assert named and not missing, missing

@@ -142,7 +142,7 @@ def test_tiny_study_end_to_end(tmp_path):
             assert len(curve) == 256 and all(v is not None and 3 < v < 9 for v in curve)  # ln 512 = 6.2
     tto = runs["tto_s0"]
     assert tto["eval"]["code_val"]["train_mode"] == "pretrain"
-    assert set(tto["test_time"]) == {"0.01", "0.03", "0.1", "0.3", "1"}
+    assert set(tto["test_time"]) == {"0.01", "0.03", "0.1", "0.3", "1", "3"}
     grid = [tto["test_time"][lr]["code_val"] for lr in ("0.01", "1")]
     # the inner loop switched on at evaluation: meta mode, and the inner lr changes the curve
     assert all(g["train_mode"] == "meta" for g in grid) and grid[0]["loss"] != grid[1]["loss"]

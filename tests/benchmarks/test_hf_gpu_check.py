@@ -1,0 +1,27 @@
+"""benchmarks/eval/hf_gpu_check.py's rule for greedy decodings that part: only at a near-tie of the source's logits."""
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks.eval.hf_gpu_check import tie_at_first_difference
+
+
+class LastLogits:
+    """A source whose next-token logits after any prefix are the given vector."""
+
+    def __init__(self, logits):
+        self.logits = torch.tensor(logits)
+
+    def __call__(self, seq):
+        return SimpleNamespace(logits=self.logits.expand(1, seq.shape[1], -1))
+
+
+def test_equal_decodings_have_no_tie():
+    assert tie_at_first_difference(LastLogits([0.0, 1.0, 2.0]), torch.zeros(1, 3, dtype=torch.long), [2, 2], [2, 2]) == 0
+
+
+def test_the_gap_between_the_two_tokens_at_the_first_difference():
+    src = LastLogits([0.0, 1.9999, 2.0, -5.0])
+    assert abs(tie_at_first_difference(src, torch.zeros(1, 3, dtype=torch.long), [2, 2, 2], [2, 1, 3]) - 1e-4) < 1e-6
+    # parting at a clear preference is not a tie (a wrong kv-head mapping or rope would part like this)
+    assert tie_at_first_difference(src, torch.zeros(1, 3, dtype=torch.long), [2, 2], [3, 2]) == 7.0
