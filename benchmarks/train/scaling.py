@@ -201,7 +201,7 @@ def main():
                                                                               "args")}), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     write_json(out / "scaling.json", {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                                      "rows": rows}, device="cuda" if device != "cpu" else "cpu")
+                                      "rows": rows}, device="cuda" if torch.cuda.is_available() else "cpu")
     plot(rows, out / "scaling.png")
     print(f"\n{device}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; median ms/step after {args.skip}")
     print("| size | mode | dist | GPUs | ms/step | tokens/s/GPU | efficiency | ms/step by rank | peak GiB by rank |")

@@ -25,8 +25,8 @@ import triton.language as tl
 from .common import (LOG2E, block_d, dot_precision, empty_like_layout, group_parts, head_split, key_parts,
                      kv_group, tile_config, unroll_ring)
 from .parts import sum_parts
-from .tiles import (key_range, kv_program, part_range, query_range, source_tile, source_tile_is_full, tile_is_full,
-                    visible, visible_t)
+from .tiles import (key_range, kv_program, part_range, query_range, query_tile, source_tile, source_tile_is_full,
+                    tile_is_full, visible, visible_t)
 
 
 @triton.jit
@@ -99,20 +99,15 @@ def _swa_bwd_dq_kernel(
     DELTA += bh.to(tl.int64) * TQ
 
     m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_t = BLOCK_D + tl.arange(0, TAIL if TAIL > 0 else 16)  # the tail columns of a split head dim
-    m_valid = offs_m < TQ
     d_valid = offs_d < HEAD_DIM
-    row_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
+    offs_m, m_valid, row_mask, q, do, lse, delta = query_tile(Q, DO, LSE, DELTA, sqt, sdt, m0, TQ, offs_d, d_valid,
+                                                              BLOCK_M)
     q_t, do_t = q, do
     if TAIL > 0:
         q_t = tl.load(Q + offs_m[:, None] * sqt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
         do_t = tl.load(DO + offs_m[:, None] * sdt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
-    lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
     q_pos = Q_POS0 + offs_m
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, TAIL if TAIL > 0 else 16], dtype=tl.float32)
@@ -180,16 +175,9 @@ def _swa_bwd_dkdv_kernel(
         Qh = Q + b * sqb + h * sqh
         DOh = DO + b * sdb + h * sdh
         row0 = (tl.program_id(1).to(tl.int64) * GROUP + g) * TQ  # this head's rows of lse, delta: b * H + h
-        LSEh = LSE + row0
-        DELTAh = DELTA + row0
         for m0 in range(lo, hi, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_valid = offs_m < TQ
-            row_mask = m_valid[:, None] & d_valid[None, :]
-            q = tl.load(Qh + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
-            do = tl.load(DOh + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
-            lse = tl.load(LSEh + offs_m, mask=m_valid, other=0.0)
-            delta = tl.load(DELTAh + offs_m, mask=m_valid, other=0.0)
+            offs_m, m_valid, _, q, do, lse, delta = query_tile(Qh, DOh, LSE + row0, DELTA + row0, sqt, sdt, m0, TQ,
+                                                               offs_d, d_valid, BLOCK_M)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             if TAIL > 0:

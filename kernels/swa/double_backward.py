@@ -35,7 +35,7 @@ import triton.language as tl
 from .common import (LOG2E, as_kernel_operand, block_d, dot_precision, empty_like_layout, group_parts, kv_group,
                      tile_config)
 from .parts import sum_parts
-from .tiles import key_range, kv_program, query_range, tile_is_full, visible, visible_t
+from .tiles import key_range, kv_program, query_range, query_tile, source_tile, tile_is_full, visible, visible_t
 
 
 @triton.jit
@@ -69,17 +69,12 @@ def _swa_dbwd_ru_kernel(
     U += bh.to(tl.int64) * TQ
 
     m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < TQ
     d_valid = offs_d < HEAD_DIM
-    row_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
+    offs_m, m_valid, row_mask, q, do, lse, delta = query_tile(Q, DO, LSE, DELTA, sqt, sdt, m0, TQ, offs_d, d_valid,
+                                                              BLOCK_M)
     if HAS_GQ:
         gq = tl.load(GQ + offs_m[:, None] * sgqt + offs_d[None, :], mask=row_mask, other=0.0)
-    lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
     q_pos = Q_POS0 + offs_m
     r = tl.zeros([BLOCK_M], dtype=tl.float32)
     a = tl.zeros([BLOCK_M], dtype=tl.float32)  # rowsum(P * G * (dP - delta)) + rowsum(P * H)
@@ -152,17 +147,12 @@ def _swa_dbwd_row_kernel(
     U += bh.to(tl.int64) * TQ
 
     m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < TQ
     d_valid = offs_d < HEAD_DIM
-    row_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
+    offs_m, m_valid, row_mask, q, do, lse, delta = query_tile(Q, DO, LSE, DELTA, sqt, sdt, m0, TQ, offs_d, d_valid,
+                                                              BLOCK_M)
     if HAS_GQ:
         gq = tl.load(GQ + offs_m[:, None] * sgqt + offs_d[None, :], mask=row_mask, other=0.0)
-    lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
     r = tl.load(R + offs_m, mask=m_valid, other=0.0)
     u = tl.load(U + offs_m, mask=m_valid, other=0.0)
     q_pos = Q_POS0 + offs_m
@@ -171,11 +161,7 @@ def _swa_dbwd_row_kernel(
 
     lo, hi = key_range(m0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0)
     for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < TK
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        offs_n, n_valid, _, k, v = source_tile(K, V, skt, svt, n0, 0, TK, 0, offs_d, d_valid, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
@@ -184,7 +170,7 @@ def _swa_dbwd_row_kernel(
         dpc = dp - delta[:, None]
         g_p = -r[:, None] * dp
         has_kg = n0 + BLOCK_N > KG0  # the tile holds keys with cotangents gK, gV
-        g_mask = kv_mask & (offs_n >= KG0)[:, None]
+        g_mask = n_valid[:, None] & d_valid[None, :] & (offs_n >= KG0)[:, None]
         if HAS_GQ or HAS_GK:
             g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if HAS_GQ:
@@ -260,13 +246,8 @@ def _swa_dbwd_col_kernel(
         DOh = DO + b * sdb + h * sdh
         row0 = (tl.program_id(1).to(tl.int64) * GROUP + g) * TQ  # this head's rows of lse, delta, r, u: b * H + h
         for m0 in range(lo, hi, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_valid = offs_m < TQ
-            row_mask = m_valid[:, None] & d_valid[None, :]
-            q = tl.load(Qh + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
-            do = tl.load(DOh + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
-            lse = tl.load(LSE + row0 + offs_m, mask=m_valid, other=0.0)
-            delta = tl.load(DELTA + row0 + offs_m, mask=m_valid, other=0.0)
+            offs_m, m_valid, row_mask, q, do, lse, delta = query_tile(Qh, DOh, LSE + row0, DELTA + row0, sqt, sdt,
+                                                                      m0, TQ, offs_d, d_valid, BLOCK_M)
             r = tl.load(R + row0 + offs_m, mask=m_valid, other=0.0)
             u = tl.load(U + row0 + offs_m, mask=m_valid, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale

@@ -77,6 +77,21 @@ def tile_is_full(m0, n0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TQ, TK, W
 
 
 @triton.jit
+def query_tile(Q, DO, LSE, DELTA, sqt, sdt, m0, TQ, offs_d, d_valid, BLOCK_M: tl.constexpr):
+    """Query tile m0.. of one head, as every backward kernel reads it: Q, DO, LSE, DELTA already offset to the head.
+    Returns (offs_m, m_valid, row_mask, q, do, lse, delta), q and do the BLOCK_D main columns (a tail's are loaded
+    by the caller)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < TQ
+    row_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * sdt + offs_d[None, :], mask=row_mask, other=0.0)
+    lse = tl.load(LSE + offs_m, mask=m_valid, other=0.0)
+    delta = tl.load(DELTA + offs_m, mask=m_valid, other=0.0)
+    return offs_m, m_valid, row_mask, q, do, lse, delta
+
+
+@triton.jit
 def source_tile(K, V, skt, svt, n0, N_LO, N_HI, ROT, offs_d, d_valid, BLOCK_N: tl.constexpr):
     """Key tile n0.. of one key source of the row-parallel kernels: its keys N_LO..N_HI-1 (global indices), key j
     at row (j + ROT) mod N_HI of K, V (already offset so that row j is global index j; ROT > 0 only with N_LO = 0
