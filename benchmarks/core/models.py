@@ -9,6 +9,28 @@ from ttt_e2e.model.sizes import paper_config
 
 TINY_VOCAB = 258  # the byte tokenizer's vocabulary (256 bytes, BOS, EOS)
 
+# Hugging Face configs the benchmarks convert (ttt_e2e.convert.hf; random weights, no download): name -> config.json
+HF_CONFIGS = {
+    "llama-3.2-1b": dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048,
+                         intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=64, tie_word_embeddings=True, rms_norm_eps=1e-5, hidden_act="silu",
+                         max_position_embeddings=131072, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+HF_SUFFIX_LEN = 4  # the converted models' blocks with MLP'
+
+
+def hf_configs(name: str, T: int, W: int) -> tuple[ModelConfig, ModelConfig]:
+    """(the source's function as our model: full causal attention through SDPA, no MLP'; the converted model: window
+    W, the last HF_SUFFIX_LEN blocks with MLP') of HF_CONFIGS[name] at sequence length T."""
+    from dataclasses import replace
+
+    from ttt_e2e.convert import hf
+
+    converted = replace(hf.model_config(HF_CONFIGS[name], W, HF_SUFFIX_LEN).model, seq_length=T)
+    return replace(converted, suffix_len=0, prime_mlp=False, window=None, attention_backend="sdpa"), converted
+
 
 def tiny_config(variant: str, seq_length: int = 256, window: int = 64, **overrides) -> ModelConfig:
     """A toy model of the variant ("e2e", "swa", "fa") for smoke runs: the code paths of a benchmark, not its
@@ -31,11 +53,14 @@ def model_config(size: str, variant: str, seq_length: int = 8192, **overrides) -
 
 def train_configs(size: str, T: int = 8192, b: int = 1024, W: int = 8192, **ttt) -> dict:
     """The two training steps RESULTS.md compares, as (ModelConfig, TTTConfig): "fa" pretraining with full
-    attention (cuDNN through SDPA) and "e2e" meta-training with window W and inner mini-batch b. `ttt` passes
+    attention (cuDNN through SDPA) and "e2e" meta-training with window W and inner mini-batch b; size: a paper
+    size, "tiny", or a name of HF_CONFIGS (fa: the source's function, e2e: the converted model). `ttt` passes
     TTTConfig options (remat_*, recompute_logits) to both."""
     if size == "tiny":
         fa_model = tiny_config("fa", seq_length=T)
         e2e_model = tiny_config("e2e", seq_length=T, window=W)
+    elif size in HF_CONFIGS:
+        fa_model, e2e_model = hf_configs(size, T, W)
     else:
         fa_model = paper_config(size, "fa", T, attention_backend="sdpa")
         e2e_model = paper_config(size, "e2e", T, window=W)  # attention "auto": cuDNN for the prefix where W >= T

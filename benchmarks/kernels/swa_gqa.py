@@ -22,7 +22,8 @@ time: the median over interleaved rounds of each round's median time of a CUDA g
 graph_us: no launch overhead, which at 2K would outlast the kernels; plain calls where capture fails), of fwd,
 fwd+bwd, fwd+bwd+dbwd (autograd, as benchmarks/attention.py) and of the double backward's kernels alone ("dbwd"),
 at the shape sets of SETS, for
-  gqa     the kernels on k, v with Hkv heads (gqa-pN: N group parts forced in the column kernels; gqa: the rule's)
+  gqa     the kernels on k, v with Hkv heads (gqa-pN: N group parts forced in the column kernels; gqa: the rule's;
+          a -head or -tile suffix on any variant forces the column kernels' grid order: common.column_grid)
   repeat  expand_kv(k), expand_kv(v) then the kernels, autograd summing each group's gradients: what a model
           without GQA kernels runs (in "dbwd": the cotangents of dk, dv expanded, grad k, grad v summed)
   mha     the kernels on k, v that already have H heads (no copy, no sum): the kernels' own time at full heads
@@ -91,17 +92,19 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def forced_parts(fn, parts):
-    """fn with the column kernels' group parts forced to `parts` ("rule": common.group_parts decides)."""
-    if parts == "rule":
+def forced_parts(fn, parts, order=None):
+    """fn with the column kernels' group parts forced to `parts` ("rule": common.group_parts decides) and their
+    grid order to `order` ("tile", "head"; None: common.COLUMN_ORDER)."""
+    if parts == "rule" and order is None:
         return fn
 
     def run(*args):
-        swa.common.GROUP_PARTS_OVERRIDE = int(parts)
+        swa.common.GROUP_PARTS_OVERRIDE = None if parts == "rule" else int(parts)
+        swa.common.COLUMN_ORDER_OVERRIDE = order
         try:
             return fn(*args)
         finally:
-            swa.common.GROUP_PARTS_OVERRIDE = None
+            swa.common.GROUP_PARTS_OVERRIDE = swa.common.COLUMN_ORDER_OVERRIDE = None
     return run
 
 
@@ -166,14 +169,18 @@ def check(layout, dtype_name, kv_heads, T, W, baseline, group_parts):
 
 def attention_of(variant, pkg):
     """(q, k, v, window, q_pos0, k_pos0) -> o for a variant; `repeat` expands k, v inside (autograd sums back)."""
-    if variant == "repeat":
+    if variant_knobs(variant)[0] == "repeat":
         return lambda q, k, v, *a: pkg.swa_attention(q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), *a)
     return pkg.swa_attention
 
 
-def variant_parts(variant):
-    """gqa-pN: N group parts forced; every other variant: the rule."""
-    return variant.split("-p")[1] if variant.startswith("gqa-p") else "rule"
+def variant_knobs(variant):
+    """(base, group parts, column order) of a variant name: base[-pN][-head|-tile], e.g. gqa-p2, gqa-head (the
+    column kernels' grid with key tiles fastest: common.column_grid), mha-head; no suffix: the rule, the default."""
+    base, *knobs = variant.split("-")
+    parts = next((x[1:] for x in knobs if x.startswith("p")), "rule")
+    order = next((x for x in knobs if x in ("head", "tile")), None)
+    return base, parts, order
 
 
 def dbwd_alone(pkg, variant, shape, q, k, v, do, cot):
@@ -181,12 +188,13 @@ def dbwd_alone(pkg, variant, shape, q, k, v, do, cot):
     _, _, w, q0, k0 = shape
     scale = q.shape[-1] ** -0.5
     H = q.shape[1]
-    kx, vx = (expand_kv(t, H) for t in (k, v)) if variant == "repeat" else (k, v)
+    repeat = variant_knobs(variant)[0] == "repeat"
+    kx, vx = (expand_kv(t, H) for t in (k, v)) if repeat else (k, v)
     o, lse = pkg.forward.swa_forward(q, kx, vx, w, q0, k0, scale)
     delta = pkg.backward.swa_backward_delta(o, do)
     gq, gk, gv = cot
     dbwd = pkg.double_backward.swa_double_backward
-    if variant != "repeat":
+    if not repeat:
         return lambda: dbwd(q, k, v, do, lse, delta, gq, gk, gv, w, q0, k0, scale)
 
     def run():  # what autograd does around the MHA kernels: expand the inputs, sum grad k, grad v over the group
@@ -251,10 +259,11 @@ def time_layout(layout, sets, modes, variants, old, rounds, per_round_s, warm_on
         for mode in modes:
             steps = {}
             for var in variants:
-                full = var in ("mha", "main")
-                pkg = old if var == "main" else swa
+                base, parts, order = variant_knobs(var)
+                full = base in ("mha", "main")
+                pkg = old if base == "main" else swa
                 steps[var] = forced_parts(step_of(mode, var, pkg, shape, q, kf if full else k, vf if full else v,
-                                                  do, cot_f if full else cot), variant_parts(var))
+                                                  do, cot_f if full else cot), parts, order)
             for var, step in steps.items():  # warm-up: compilation, allocator
                 step(), step()
             torch.cuda.synchronize()

@@ -1,6 +1,6 @@
 """Executed matmul FLOPs of one training step, `fa` pretrain vs `e2e` meta: the floor of the step-time ratio.
 
-    python -m benchmarks.train.step_flops [--sizes 125m 1b] [--seq 8192]
+    python -m benchmarks.train.step_flops [--sizes 125m 1b llama-3.2-1b] [--seq 8192]
 
 Issue 6 asks for a meta step at most 1.8x the pretraining step. The ratio of the work each step must do bounds
 that from below whatever the kernels: a meta step at the pretraining step's efficiency costs exactly this ratio.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -24,6 +25,7 @@ from ttt_e2e.model.sizes import PAPER_SIZES, paper_config
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
 
+from benchmarks.core.models import HF_CONFIGS, hf_configs
 from benchmarks.core.records import write_json
 
 _attend = attention.attend
@@ -44,7 +46,9 @@ def attention_counting(where: str, pairs: dict):
         if where == "all" or (where == "prefix" and first_order):
             return _attend(q, k, v, window=window, q_pos0=q_pos0, k_pos0=k_pos0, backend="torch",
                            first_order=first_order)
-        return q + k[..., Tk - Tq:, :] + v[..., Tk - Tq:, :]  # same graph shape, no matmul
+        group = q.shape[1] // k.shape[1]  # grouped-query attention: each kv head read by `group` query heads
+        kv = (k[..., Tk - Tq:, :] + v[..., Tk - Tq:, :]).repeat_interleave(group, dim=1)
+        return q + kv  # same graph shape, no matmul
 
     attention.attend = attend
     try:
@@ -67,17 +71,19 @@ def count(mcfg, tcfg, where: str) -> tuple[int, dict]:
 
 
 def step_flops(size: str, T: int, b: int) -> dict:
-    modes = {
-        "fa": (paper_config(size, "fa", T, attention_backend="torch"),
-               TTTConfig(train_mode="pretrain", mini_batch_size=T)),
-        "e2e": (paper_config(size, "e2e", T, attention_backend="torch"),
-                TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0, remat_inner=False)),
-    }
+    if size in HF_CONFIGS:  # the source's function and the converted model (benchmarks/core/models.py)
+        fa, e2e = (replace(c, attention_backend="torch") for c in hf_configs(size, T, T))
+    else:
+        fa, e2e = (paper_config(size, v, T, attention_backend="torch") for v in ("fa", "e2e"))
+    modes = {"fa": (fa, TTTConfig(train_mode="pretrain", mini_batch_size=T)),
+             "e2e": (e2e, TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0, remat_inner=False))}
     out = {}
     for name, (mcfg, tcfg) in modes.items():
         if name == "fa":  # one attention call per layer, all of it first-order-like: count it as 'suffix'
             none, _ = count(mcfg, tcfg, "none")
             full, pairs = count(mcfg, tcfg, "all")
+            # the source's function (no suffix) attends first-order only: its calls are under 'prefix'
+            pairs = {"suffix": [sum(p[i] for p in pairs.values()) for i in (0, 1)]}
             parts = {"suffix": full - none}
         else:
             none, _ = count(mcfg, tcfg, "none")
@@ -92,7 +98,7 @@ def step_flops(size: str, T: int, b: int) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["125m", "1b"], choices=list(PAPER_SIZES))
+    ap.add_argument("--sizes", nargs="+", default=["125m", "1b"], choices=[*PAPER_SIZES, *HF_CONFIGS])
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--mini-batch", type=int, default=1024)
     ap.add_argument("--json", default=None)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, block_d, dot_precision, empty_like_layout, group_parts, head_split, key_parts,
+from .common import (LOG2E, block_d, column_grid, dot_precision, empty_like_layout, group_parts, head_split, key_parts,
                      kv_group, tile_config, unroll_ring)
 from .parts import sum_parts
 from .tiles import (key_range, kv_program, part_range, query_range, query_tile, source_tile, source_tile_is_full,
@@ -139,13 +139,13 @@ def _swa_bwd_dkdv_kernel(
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
+    TILE_MAJOR: tl.constexpr,
 ):
     # One program per key tile from key KG0 on, of one kv head; everything is computed transposed (keys as rows)
     # so dK, dV accumulate in place, over the query heads that read this kv head (grouped-query attention: a sum
     # in a fixed order, no atomics). HEADS < GROUP: group parts (common.group_parts), program_id(2) sums HEADS of
     # them into its own fp32 slot of DK, DV (sgp apart). DK/DV row j holds key KG0 + j.
-    pid_n = tl.program_id(0)
-    b, hk, g0, part = kv_program(H, GROUP, HEADS)
+    pid_n, b, hk, g0, part, bhk = kv_program(H, GROUP, HEADS, TILE_MAJOR)
     K += b * skb + hk * skh
     V += b * svb + hk * svh
     DK += b * sgb + hk * sgh + part * sgp  # DK and DV are allocated alike: one set of strides
@@ -174,7 +174,7 @@ def _swa_bwd_dkdv_kernel(
         h = hk * GROUP + g  # the group's query heads (this part's), in order
         Qh = Q + b * sqb + h * sqh
         DOh = DO + b * sdb + h * sdh
-        row0 = (tl.program_id(1).to(tl.int64) * GROUP + g) * TQ  # this head's rows of lse, delta: b * H + h
+        row0 = (bhk * GROUP + g) * TQ  # this head's rows of lse, delta: b * H + h
         for m0 in range(lo, hi, BLOCK_M):
             offs_m, m_valid, _, q, do, lse, delta = query_tile(Qh, DOh, LSE + row0, DELTA + row0, sqt, sdt, m0, TQ,
                                                                offs_d, d_valid, BLOCK_M)
@@ -266,15 +266,16 @@ def swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_
     main, tail = head_split(D)
     cfg = tile_config("bwd_dkdv", D, q.device, q.dtype)
     group = kv_group(q, k)
-    grid = (triton.cdiv(TK - k_grad_from, cfg.block_n), B * HKV)
-    nparts = group_parts(grid[0] * grid[1], group, q.device, cfg.num_warps)
+    tiles = triton.cdiv(TK - k_grad_from, cfg.block_n)
+    nparts = group_parts(tiles * B * HKV, group, q.device, cfg.num_warps)
+    grid, tile_major = column_grid(tiles, B * HKV, nparts)
     # the parts' fp32 partial sums in dk's memory order (sum_parts adds them element by element in that order)
     out_k, out_v = (dk, dv) if nparts == 1 else (empty_like_layout(q, shape, torch.float32, nparts) for _ in "kv")
-    _swa_bwd_dkdv_kernel[(*grid, nparts)](
+    _swa_bwd_dkdv_kernel[grid](
         q, k, v, do, lse, delta, out_k, out_v, *_strides(q, k, v, do, out_k[0] if nparts > 1 else dk),
         out_k.stride(0) if nparts > 1 else 0, H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), GROUP=group, HEADS=group // nparts,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TILE_MAJOR=tile_major, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if nparts > 1:
         sum_parts(out_k, dk), sum_parts(out_v, dv)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, as_kernel_operand, block_d, dot_precision, empty_like_layout, group_parts, kv_group,
+from .common import (LOG2E, as_kernel_operand, block_d, column_grid, dot_precision, empty_like_layout, group_parts, kv_group,
                      tile_config)
 from .parts import sum_parts
 from .tiles import key_range, kv_program, query_range, query_tile, source_tile, tile_is_full, visible, visible_t
@@ -206,13 +206,12 @@ def _swa_dbwd_col_kernel(
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HAS_GQ: tl.constexpr, HAS_GK: tl.constexpr, HAS_GV: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
+    DOT_PREC: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr, TILE_MAJOR: tl.constexpr,
 ):
     # grad K = scale * (dS^T gQ + g_S^T Q) and grad V = g_dP^T dO, all tiles transposed (keys as rows): one
     # program per key tile of one kv head, summing over the query heads that read it (grouped-query attention; a
     # fixed order, no atomics); HEADS < GROUP: group parts, as in backward.py's dK/dV (slots sop apart).
-    pid_n = tl.program_id(0)
-    b, hk, g0, part = kv_program(H, GROUP, HEADS)
+    pid_n, b, hk, g0, part, bhk = kv_program(H, GROUP, HEADS, TILE_MAJOR)
     OUT_K += b * sob + hk * soh + part * sop
     OUT_V += b * sob + hk * soh + part * sop
     K += b * skb + hk * skh
@@ -244,7 +243,7 @@ def _swa_dbwd_col_kernel(
         Qh = Q + b * sqb + h * sqh
         GQh = GQ + b * sgqb + h * sgqh
         DOh = DO + b * sdb + h * sdh
-        row0 = (tl.program_id(1).to(tl.int64) * GROUP + g) * TQ  # this head's rows of lse, delta, r, u: b * H + h
+        row0 = (bhk * GROUP + g) * TQ  # this head's rows of lse, delta, r, u: b * H + h
         for m0 in range(lo, hi, BLOCK_M):
             offs_m, m_valid, row_mask, q, do, lse, delta = query_tile(Qh, DOh, LSE + row0, DELTA + row0, sqt, sdt,
                                                                       m0, TQ, offs_d, d_valid, BLOCK_M)
@@ -328,17 +327,18 @@ def swa_double_backward(q, k, v, do, lse, delta, gq, gk, gv, window, q_pos0, k_p
         q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, out_q, out_do, *strides, *out_q.stride()[:3], *sizes,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common)
     cfg = tile_config("dbwd_col", D, q.device, q.dtype)
-    grid = (triton.cdiv(TK, cfg.block_n), B * HKV)
+    tiles = triton.cdiv(TK, cfg.block_n)
     group = kv_group(q, k)
-    nparts = group_parts(grid[0] * grid[1], group, q.device, cfg.num_warps)
+    nparts = group_parts(tiles * B * HKV, group, q.device, cfg.num_warps)
+    grid, tile_major = column_grid(tiles, B * HKV, nparts)
     # the parts' fp32 partial sums in out_k's memory order (sum_parts adds them element by element in that order)
     part_k, part_v = ((out_k, out_v) if nparts == 1 else
                       (empty_like_layout(q, (B, HKV, TK, D), torch.float32, nparts) for _ in "kv"))
-    _swa_dbwd_col_kernel[(*grid, nparts)](
+    _swa_dbwd_col_kernel[grid](
         q, k, v, do, gq_, gk_, gv_, lse, delta, r, u, part_k, part_v, *strides,
         *(part_k[0] if nparts > 1 else out_k).stride()[:3], part_k.stride(0) if nparts > 1 else 0, *sizes,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        HEADS=group // nparts, **common)
+        HEADS=group // nparts, TILE_MAJOR=tile_major, **common)
     if nparts > 1:
         sum_parts(part_k, out_k), sum_parts(part_v, out_v)
     return out_q, out_k, out_v, out_do

@@ -132,16 +132,23 @@ def source_tile_desc(KD, VD, b, h, n0, N_LO, N_HI, ROT, BASE, BLOCK_N: tl.conste
 
 
 @triton.jit
-def kv_program(H, GROUP: tl.constexpr, HEADS: tl.constexpr):
-    """(b, kv head, g0, part) of a column-parallel program (grid: key tiles, batch x kv heads, group parts): it sums
-    over the HEADS query heads g0.. of its kv head's group of GROUP (grouped-query attention; all of them, g0 = 0,
-    without parts) and, with group parts (HEADS < GROUP: common.group_parts), writes its fp32 partial sums into
-    slot `part` (int64; 0 without parts)."""
-    bhk = tl.program_id(1)
+def kv_program(H, GROUP: tl.constexpr, HEADS: tl.constexpr, TILE_MAJOR: tl.constexpr):
+    """(key tile, b, kv head, g0, part, b * kv heads + kv head) of a column-parallel program: it sums over the
+    HEADS query heads g0.. of its kv head's group of GROUP (grouped-query attention; all of them, g0 = 0, without
+    parts) and, with group parts (HEADS < GROUP: common.group_parts), writes its fp32 partial sums into slot `part`
+    (int64; 0 without parts). The grid (common.column_grid): TILE_MAJOR, (batch x kv heads x parts, key tiles),
+    so that every head's first key tiles start first; else (key tiles, batch x kv heads, parts)."""
+    if TILE_MAJOR:
+        pid_n = tl.program_id(1)
+        bhk = tl.program_id(0) // (GROUP // HEADS)
+        part = tl.program_id(0) % (GROUP // HEADS)
+    else:
+        pid_n = tl.program_id(0)
+        bhk = tl.program_id(1)
+        if HEADS < GROUP:
+            part = tl.program_id(2)
+        else:
+            part = tl.full([], 0, tl.int32)
     b = (bhk // (H // GROUP)).to(tl.int64)
     hk = (bhk % (H // GROUP)).to(tl.int64)
-    if HEADS < GROUP:
-        part = tl.program_id(2)
-    else:
-        part = tl.full([], 0, tl.int32)
-    return b, hk, part * HEADS, part.to(tl.int64)
+    return pid_n, b, hk, part * HEADS, part.to(tl.int64), bhk.to(tl.int64)

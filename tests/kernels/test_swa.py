@@ -711,6 +711,42 @@ def test_gqa_group_parts(monkeypatch, nparts):
     assert sorted(set(calls)) == ["ttt_e2e.kernels.swa.backward", "ttt_e2e.kernels.swa.double_backward"], calls
 
 
+@pytest.mark.parametrize("nparts", [1, 2])
+def test_column_orders_same_bits(monkeypatch, nparts):
+    """The column kernels' two grid orders (key tiles fastest, or kv heads and parts fastest: common.column_grid)
+    compute every program alike: the same bits for dK/dV and the double backward's grad K/V, batch 2 included."""
+    B, H, HKV, TQ, TK, D, W, QP, KP = 2, 4, 2, 20, 44, 16, 24, 20, -4
+    q, k, v, do = (fresh_randn(B, h, t, D) for h, t in ((H, TQ), (HKV, TK), (HKV, TK), (H, TQ)))
+    cot = (fresh_randn(B, H, TQ, D), fresh_randn(B, HKV, TK, D), fresh_randn(B, HKV, TK, D))
+    monkeypatch.setattr(common, "GROUP_PARTS_OVERRIDE", nparts)
+    grids = []
+    real_grid = common.column_grid
+    for mod in ("backward", "double_backward"):
+        monkeypatch.setattr(f"ttt_e2e.kernels.swa.{mod}.column_grid",
+                            lambda *a: grids.append(real_grid(*a)) or grids[-1])
+    outs = {}
+    for order in ("tile", "head"):
+        monkeypatch.setattr(common, "COLUMN_ORDER_OVERRIDE", order)
+        outs[order] = _run_all(swa_attention, q, k, v, do, cot, W, QP, KP, torch.float32)
+    assert {tm for _, tm in grids} == {True, False}, grids
+    for n, a, b in zip(NAMES, outs["tile"], outs["head"]):
+        assert torch.equal(a, b), n
+
+
+def test_column_grid():
+    """Key-tile-major unless the key tiles overflow the grid's y dimension; a bad order named."""
+    assert common.column_grid(128, 8, 2) == ((16, 128), True)
+    assert common.column_grid(70000, 8, 1) == ((70000, 8, 1), False)
+    common.COLUMN_ORDER_OVERRIDE = "head"
+    try:
+        assert common.column_grid(128, 8, 2) == ((128, 8, 2), False)
+        common.COLUMN_ORDER_OVERRIDE = "rows"
+        with pytest.raises(ValueError, match="column order must be"):
+            common.column_grid(128, 8, 2)
+    finally:
+        common.COLUMN_ORDER_OVERRIDE = None
+
+
 def test_group_parts_rule(monkeypatch):
     """Parts only for groups, on a GPU, where the programs give fewer than GROUP_WAVES per slot: the fewest
     (a divisor of the group) that do, else the whole group."""
