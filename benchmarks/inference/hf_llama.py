@@ -13,7 +13,8 @@ model_config, to_ours): window 8192, the last 4 blocks with MLP', mini-batches o
   steps     one optimizer step as the trainer takes it (sequence_loss -> backward -> clip -> AdamW), captured as a
             CUDA graph and replayed (ttt_e2e/cuda_graph.py), median of --steps replays (CUDA events): the source's
             function in pretrain mode (no MLP', full causal attention through SDPA: the baseline), the converted
-            model in pretrain mode, and in meta mode; the ratio meta / baseline is the issue's figure (target 1.8x)
+            model in pretrain mode, and in meta mode with train.py's settings (REMAT_INNER; meta_remat: the inner
+            steps recomputed in the outer backward); the ratio meta / baseline is the issue's figure (target 1.8x)
   generate  a --context prompt through the inference engine (CUDA graphs), then --decode greedy tokens: prefill us
             per token, decode ms per token (median; the first decoded token also takes the last prompt mini-batch's
             inner step, so the mean is given too)
@@ -37,6 +38,7 @@ import torch
 from triton.testing import do_bench
 
 from benchmarks.core.env import environment
+from benchmarks.core.models import HF_CONFIGS, HF_SUFFIX_LEN
 from benchmarks.core.records import write_json
 
 from ttt_e2e.config import ModelConfig, TTTConfig
@@ -46,13 +48,15 @@ from ttt_e2e.inference import InferenceGraphs, feed, start
 from ttt_e2e.model.transformer import Transformer
 from ttt_e2e.ttt.meta import sequence_loss
 
-LLAMA_32_1B = dict(architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                   num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                   tie_word_embeddings=True, rms_norm_eps=1e-5, hidden_act="silu", max_position_embeddings=131072,
-                   rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                      "high_freq_factor": 4.0,
-                                                      "original_max_position_embeddings": 8192})
+LLAMA_32_1B = HF_CONFIGS["llama-3.2-1b"]
 T, W, B_MINI = 8192, 8192, 1024
+# The meta step as train.py takes it: conf/config.yaml's ttt.remat_inner (false: every inner step kept for the
+# outer backward; tests/benchmarks/test_hf_llama.py holds the two equal). "meta_remat": recomputed instead.
+REMAT_INNER = False
+
+
+def meta_ttt(remat_inner: bool = REMAT_INNER) -> TTTConfig:
+    return TTTConfig(train_mode="meta", mini_batch_size=B_MINI, inner_lr=1.0, ilr_init=1.0, remat_inner=remat_inner)
 
 
 def cuda_ms_once(fn) -> float:
@@ -109,7 +113,7 @@ def converted(gqa: bool):
     torch.manual_seed(0)
     with torch.device("cuda"):
         source = transformers.LlamaForCausalLM(src_cfg).eval()  # fp32: the check compares in fp32 first
-    cfg = hf.model_config(LLAMA_32_1B, W, 4)
+    cfg = hf.model_config(LLAMA_32_1B, W, HF_SUFFIX_LEN)
     cfg.model.seq_length = T
     sd = hf.to_ours(source.state_dict(), cfg.model)
     mcfg = cfg.model
@@ -155,7 +159,7 @@ def step_ms(model: Transformer, ttt: TTTConfig, steps: int) -> dict:
 
 
 def generation(model: Transformer, context: int, n_decode: int) -> dict:
-    ttt = TTTConfig(train_mode="meta", mini_batch_size=B_MINI, inner_lr=1.0, ilr_init=1.0)
+    ttt = meta_ttt()
     model.eval()
     prompt = torch.randint(0, model.cfg.vocab_size, (1, context), device="cuda")
     graphs = InferenceGraphs()
@@ -187,7 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--parts", default="check,baseline,meta,generate",
-                   help="of check, baseline, pretrain (the converted model in pretrain mode), meta, generate")
+                   help="of check, baseline, pretrain (the converted model in pretrain mode), meta, meta_remat (the "
+                   "inner steps recomputed in the outer backward), generate")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -247,10 +252,14 @@ def main(argv=None) -> int:
         report("converted_pretrain_step", step_ms(model, TTTConfig(train_mode="pretrain", mini_batch_size=B_MINI),
                                                   args.steps))
     if "meta" in parts:
-        report("converted_meta_step", step_ms(model, TTTConfig(train_mode="meta", mini_batch_size=B_MINI,
-                                                               inner_lr=1.0, ilr_init=1.0), args.steps))
+        report("converted_meta_step", dict(step_ms(model, meta_ttt(), args.steps), remat_inner=REMAT_INNER))
+    if "meta_remat" in parts:
+        report("converted_meta_step_remat_inner", dict(step_ms(model, meta_ttt(True), args.steps), remat_inner=True))
     if "baseline_pretrain_step" in result and "converted_meta_step" in result:
         report("meta_over_baseline", result["converted_meta_step"]["ms"] / result["baseline_pretrain_step"]["ms"])
+    if "baseline_pretrain_step" in result and "converted_meta_step_remat_inner" in result:
+        report("meta_remat_over_baseline",
+               result["converted_meta_step_remat_inner"]["ms"] / result["baseline_pretrain_step"]["ms"])
     if "generate" in parts:
         report("generate", generation(model, args.context, args.decode))
     print(f"\n{result['device']}, {result['date']}, {result['attention']}")
@@ -260,11 +269,14 @@ def main(argv=None) -> int:
               f"{c['argmax_agree']:.3f} |")
     for key, label in (("baseline_pretrain_step", "source pretrain step (SDPA, no MLP') ms"),
                        ("converted_pretrain_step", "converted, pretrain mode ms"),
-                       ("converted_meta_step", "converted, meta step ms")):
+                       ("converted_meta_step", "converted, meta step ms"),
+                       ("converted_meta_step_remat_inner", "converted, meta step, inner steps recomputed, ms")):
         if key in result:
             print(f"| {label} | {result[key]['ms']:.1f} (peak {result[key]['peak_gib']:.1f} GiB) |")
     if "meta_over_baseline" in result:
         print(f"| meta / source pretrain | {result['meta_over_baseline']:.2f}x |")
+    if "meta_remat_over_baseline" in result:
+        print(f"| meta (inner steps recomputed) / source pretrain | {result['meta_remat_over_baseline']:.2f}x |")
     if "generate" in result:
         g = result["generate"]
         print(f"| prefill at {g['context']} | {g['prefill_us_per_token']:.1f} us/token |")
