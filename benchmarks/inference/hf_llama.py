@@ -38,7 +38,7 @@ import torch
 from triton.testing import do_bench
 
 from benchmarks.core.env import environment
-from benchmarks.core.models import HF_CONFIGS, HF_SUFFIX_LEN
+from benchmarks.core.models import HF_CONFIGS, hf_configs
 from benchmarks.core.records import write_json
 
 from ttt_e2e.config import ModelConfig, TTTConfig
@@ -113,10 +113,8 @@ def converted(gqa: bool):
     torch.manual_seed(0)
     with torch.device("cuda"):
         source = transformers.LlamaForCausalLM(src_cfg).eval()  # fp32: the check compares in fp32 first
-    cfg = hf.model_config(LLAMA_32_1B, W, HF_SUFFIX_LEN)
-    cfg.model.seq_length = T
-    sd = hf.to_ours(source.state_dict(), cfg.model)
-    mcfg = cfg.model
+    mcfg = hf_configs("llama-3.2-1b", T, W)[1]
+    sd = hf.to_ours(source.state_dict(), mcfg)
     if not gqa:
         sd, mcfg = as_mha(sd, mcfg)
     return sd, mcfg, source
@@ -242,8 +240,7 @@ def main(argv=None) -> int:
     del source
     torch.cuda.empty_cache()
     if "baseline" in parts:  # the source's function: no MLP', full causal attention through SDPA, pretrain mode
-        base_cfg = replace(mcfg, suffix_len=0, prime_mlp=False, window=None, attention_backend="sdpa")
-        base = build(base_cfg, None)
+        base = build(hf_configs("llama-3.2-1b", T, W)[0], None)
         report("baseline_pretrain_step", step_ms(base, TTTConfig(train_mode="pretrain", mini_batch_size=T),
                                                  args.steps))
         del base

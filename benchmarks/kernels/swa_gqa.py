@@ -94,17 +94,19 @@ def rel(a, b):
 
 def forced_parts(fn, parts, order=None):
     """fn with the column kernels' group parts forced to `parts` ("rule": common.group_parts decides) and their
-    grid order to `order` ("tile", "head"; None: common.COLUMN_ORDER)."""
+    grid order to `order` ("tile", "head"; None: common.COLUMN_ORDER as it is)."""
     if parts == "rule" and order is None:
         return fn
 
     def run(*args):
-        swa.common.GROUP_PARTS_OVERRIDE = None if parts == "rule" else int(parts)
-        swa.common.COLUMN_ORDER_OVERRIDE = order
+        before = swa.common.GROUP_PARTS_OVERRIDE, swa.common.COLUMN_ORDER
+        if parts != "rule":
+            swa.common.GROUP_PARTS_OVERRIDE = int(parts)
+        swa.common.COLUMN_ORDER = order or before[1]
         try:
             return fn(*args)
         finally:
-            swa.common.GROUP_PARTS_OVERRIDE = swa.common.COLUMN_ORDER_OVERRIDE = None
+            swa.common.GROUP_PARTS_OVERRIDE, swa.common.COLUMN_ORDER = before
     return run
 
 

@@ -79,10 +79,9 @@ def step_flops(size: str, T: int, b: int) -> dict:
              "e2e": (e2e, TTTConfig(train_mode="meta", mini_batch_size=b, ilr_init=1.0, remat_inner=False))}
     out = {}
     for name, (mcfg, tcfg) in modes.items():
-        if name == "fa":  # one attention call per layer, all of it first-order-like: count it as 'suffix'
+        if name == "fa":  # one causal attention call per layer, wherever recorded: all of it counted as 'suffix'
             none, _ = count(mcfg, tcfg, "none")
             full, pairs = count(mcfg, tcfg, "all")
-            # the source's function (no suffix) attends first-order only: its calls are under 'prefix'
             pairs = {"suffix": [sum(p[i] for p in pairs.values()) for i in (0, 1)]}
             parts = {"suffix": full - none}
         else:

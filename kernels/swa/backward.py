@@ -249,7 +249,8 @@ def swa_backward_dq(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k2=N
         q, k, v, k2, v2, do, lse, delta, out, *_strides(q, k, v, k2, v2, do, out[0] if nparts > 1 else out),
         out.stride(0) if nparts > 1 else 0, H, TQ, TK, split, rot, window, q_pos0, k_pos0, scale * LOG2E, scale,
         nparts, HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), TWO_SOURCES=two,
-        GROUP=kv_group(q, k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GROUP=kv_group(q, k), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return dq if nparts == 1 else sum_parts(out, dq)
 
@@ -275,7 +276,8 @@ def swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_
         q, k, v, do, lse, delta, out_k, out_v, *_strides(q, k, v, do, out_k[0] if nparts > 1 else dk),
         out_k.stride(0) if nparts > 1 else 0, H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), GROUP=group, HEADS=group // nparts,
-        TILE_MAJOR=tile_major, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TILE_MAJOR=tile_major, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if nparts > 1:
         sum_parts(out_k, dk), sum_parts(out_v, dv)

@@ -286,18 +286,16 @@ def group_parts(programs: int, group: int, device: torch.device, num_warps: int 
 # the last head's longest programs end well after the rest (the tail of the full-causal 8K backward,
 # benchmarks/RESULTS.md). Key-tile-major order (kv heads and parts fastest) starts every head's longest programs
 # first. The grid's y dimension holds at most 65535 key tiles; beyond that, the other order.
-COLUMN_ORDER = "tile"
-# An override for experiments: "tile" or "head" (key tiles fastest).
-COLUMN_ORDER_OVERRIDE: str | None = os.environ.get("TTT_E2E_SWA_COLUMN_ORDER") or None
+# "tile" (key-tile-major) or "head" (key tiles fastest); the environment variable for experiments.
+COLUMN_ORDER = os.environ.get("TTT_E2E_SWA_COLUMN_ORDER") or "tile"
 _GRID_Y_MAX = 65535
 
 
 def column_grid(key_tiles: int, bhk: int, nparts: int) -> tuple[tuple[int, ...], bool]:
     """(grid, TILE_MAJOR) of a column-parallel launch of key_tiles x bhk (batch x kv heads) x nparts programs
     (tiles.kv_program reads it back)."""
-    order = COLUMN_ORDER_OVERRIDE or COLUMN_ORDER
-    if order not in ("tile", "head"):
-        raise ValueError(f"swa column order must be 'tile' or 'head', got {order!r}")
-    if order == "tile" and key_tiles <= _GRID_Y_MAX:
+    if COLUMN_ORDER not in ("tile", "head"):
+        raise ValueError(f"swa column order must be 'tile' or 'head', got {COLUMN_ORDER!r}")
+    if COLUMN_ORDER == "tile" and key_tiles <= _GRID_Y_MAX:
         return (bhk * nparts, key_tiles), True
     return (key_tiles, bhk, nparts), False

@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, as_kernel_operand, block_d, column_grid, dot_precision, empty_like_layout, group_parts, kv_group,
-                     tile_config)
+from .common import (LOG2E, as_kernel_operand, block_d, column_grid, dot_precision, empty_like_layout, group_parts,
+                     kv_group, tile_config)
 from .parts import sum_parts
 from .tiles import key_range, kv_program, query_range, query_tile, source_tile, tile_is_full, visible, visible_t
 

@@ -12,10 +12,12 @@ def test_variant_knobs():
 
 
 def test_forced_knobs_apply_inside_the_call_only():
+    """Inside the call the knobs are forced; after it, what was set before is back."""
+    before = common.GROUP_PARTS_OVERRIDE, common.COLUMN_ORDER
     seen = []
-    run = swa_gqa.forced_parts(lambda: seen.append((common.GROUP_PARTS_OVERRIDE, common.COLUMN_ORDER_OVERRIDE)),
-                               "2", "head")
-    run()
-    assert seen == [(2, "head")]
-    assert (common.GROUP_PARTS_OVERRIDE, common.COLUMN_ORDER_OVERRIDE) == (None, None)
+    knobs = lambda: seen.append((common.GROUP_PARTS_OVERRIDE, common.COLUMN_ORDER))  # noqa: E731
+    swa_gqa.forced_parts(knobs, "2", "head")()
+    swa_gqa.forced_parts(knobs, "rule", "head")()
+    assert seen == [(2, "head"), (before[0], "head")]
+    assert (common.GROUP_PARTS_OVERRIDE, common.COLUMN_ORDER) == before
     assert swa_gqa.forced_parts(len, "rule") is len

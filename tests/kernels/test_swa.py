@@ -726,25 +726,23 @@ def test_column_orders_same_bits(monkeypatch, nparts):
                             lambda *a: grids.append(real_grid(*a)) or grids[-1])
     outs = {}
     for order in ("tile", "head"):
-        monkeypatch.setattr(common, "COLUMN_ORDER_OVERRIDE", order)
+        monkeypatch.setattr(common, "COLUMN_ORDER", order)
         outs[order] = _run_all(swa_attention, q, k, v, do, cot, W, QP, KP, torch.float32)
     assert {tm for _, tm in grids} == {True, False}, grids
     for n, a, b in zip(NAMES, outs["tile"], outs["head"]):
         assert torch.equal(a, b), n
 
 
-def test_column_grid():
+def test_column_grid(monkeypatch):
     """Key-tile-major unless the key tiles overflow the grid's y dimension; a bad order named."""
+    monkeypatch.setattr(common, "COLUMN_ORDER", "tile")
     assert common.column_grid(128, 8, 2) == ((16, 128), True)
     assert common.column_grid(70000, 8, 1) == ((70000, 8, 1), False)
-    common.COLUMN_ORDER_OVERRIDE = "head"
-    try:
-        assert common.column_grid(128, 8, 2) == ((128, 8, 2), False)
-        common.COLUMN_ORDER_OVERRIDE = "rows"
-        with pytest.raises(ValueError, match="column order must be"):
-            common.column_grid(128, 8, 2)
-    finally:
-        common.COLUMN_ORDER_OVERRIDE = None
+    monkeypatch.setattr(common, "COLUMN_ORDER", "head")
+    assert common.column_grid(128, 8, 2) == ((128, 8, 2), False)
+    monkeypatch.setattr(common, "COLUMN_ORDER", "rows")
+    with pytest.raises(ValueError, match="column order must be"):
+        common.column_grid(128, 8, 2)
 
 
 def test_group_parts_rule(monkeypatch):
