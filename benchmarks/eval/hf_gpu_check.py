@@ -5,8 +5,10 @@ transformers, converted by `ttt_e2e.convert.from_hf`, then checked on CUDA again
   meta      a meta step (bf16 autocast, the given attention backend): forward + backward, the loss against the same
             step in fp32 through the materialized reference (backend torch), every gradient finite, the smallest
             gradient cosine similarity
-  generate  greedy, fp32: with no inner step in the span (mini-batch longer than prompt + new), the same tokens as
-            the source's greedy generate; with inner steps (b = 8), CUDA-graphed and eager decoding agree
+  generate  greedy, fp32 (the converted model loaded with model.compute_dtype=float32: by default the inference
+            engine autocasts to bf16 on CUDA, whose rounding parts greedy decodings at gaps far above a near-tie):
+            with no inner step in the span (mini-batch longer than prompt + new), the same tokens as the source's
+            greedy generate; with inner steps (b = 8), CUDA-graphed and eager decoding agree
 
     python -m benchmarks.eval.hf_gpu_check [--cases llama:auto,qwen3:auto,llama_gqa:torch,...] [--out DIR]
 
@@ -88,14 +90,19 @@ def tie_at_first_difference(source, prompt, theirs: list, ours: list) -> float:
     return (logits[theirs[k]] - logits[ours[k]]).item()
 
 
+def converted(dst: Path, backend: str, device: str):
+    """The converted model in fp32 throughout: the meta step autocasts explicitly (meta_step), everything else,
+    the inference engine included, compares fp32 against the fp32 source."""
+    return load(dst, [f"model.attention_backend={backend}", "model.compute_dtype=float32"], device=device).model
+
+
 def check_case(case: str, tmp: Path, device: str, backend: str) -> dict:
     out = {"case": case}
     t0 = time.perf_counter()
     source = build(case, tmp / case).to(device)
     dst = from_hf(str(tmp / case), tmp / f"{case}-ours", window=W, suffix_len=1,
                   overrides=[f"model.seq_length={T_LONG}", "ttt.mini_batch_size=32"])
-    model = load(dst, [f"model.attention_backend={backend}"], device=device).model
-    ref = load(dst, ["model.attention_backend=torch"], device=device).model
+    model, ref = converted(dst, backend, device), converted(dst, "torch", device)
     cfg = model.cfg
     out.update(heads=f"{cfg.n_heads}/{cfg.kv_heads}", head_dim=cfg.head_dim, backend=backend)
     ids = torch.randint(0, cfg.vocab_size, (2, T_LONG + 1), generator=torch.Generator().manual_seed(1)).to(device)

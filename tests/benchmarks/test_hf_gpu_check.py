@@ -1,6 +1,7 @@
-"""benchmarks/eval/hf_gpu_check.py's rule for greedy decodings that part: only at a near-tie of the source's logits."""
+"""benchmarks/eval/hf_gpu_check.py's greedy comparison: in fp32, and parting only at a near-tie of the source's logits."""
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from benchmarks.eval.hf_gpu_check import tie_at_first_difference
@@ -25,3 +26,18 @@ def test_the_gap_between_the_two_tokens_at_the_first_difference():
     assert abs(tie_at_first_difference(src, torch.zeros(1, 3, dtype=torch.long), [2, 2, 2], [2, 1, 3]) - 1e-4) < 1e-6
     # parting at a clear preference is not a tie (a wrong kv-head mapping or rope would part like this)
     assert tie_at_first_difference(src, torch.zeros(1, 3, dtype=torch.long), [2, 2], [3, 2]) == 7.0
+
+
+def test_the_converted_model_decodes_in_fp32_on_cuda(tmp_path):
+    """The inference engine autocasts as the model's compute_dtype says (auto: bf16 on CUDA); the greedy comparison
+    against the fp32 source needs fp32, or bf16 rounding parts the decodings at gaps far above a near-tie."""
+    pytest.importorskip("transformers")
+    from benchmarks.eval.hf_gpu_check import build, converted
+    from ttt_e2e.convert import from_hf
+    from ttt_e2e.precision import autocast_dtype
+
+    build("llama_gqa", tmp_path / "src")
+    dst = from_hf(str(tmp_path / "src"), tmp_path / "ours", window=64, suffix_len=1)
+    model = converted(dst, "torch", "cpu")
+    assert autocast_dtype(model.cfg, torch.device("cuda")) is None
+    assert model.cfg.attention_backend == "torch"
