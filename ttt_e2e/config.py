@@ -150,7 +150,9 @@ class TTTConfig:
     # Evaluate (eval.py, and the trainer's validation) with the full inner lr, as the reference's evaluation
     # mode does, rather than with the warm-up value of the checkpoint's step
     eval_full_ilr: bool = False
-    remat_inner: bool = True  # recompute each inner step in the outer backward instead of storing it
+    # Keep every inner step for the outer backward (what train.py runs: conf/config.yaml); true recomputes each in
+    # the outer backward instead: less memory, more time (3B sets it to fit)
+    remat_inner: bool = False
     remat_prefix: bool = False  # recompute each prefix block in the outer backward
     remat_prefix_blocks: Optional[int] = None  # with remat_prefix: only the first N prefix blocks (None: all), the
     # rest keep their activations: memory for time between the two extremes

@@ -32,6 +32,14 @@ def _compose(*overrides, hydra=False):
     return cfg if hydra else OmegaConf.to_object(cfg)
 
 
+def test_python_and_train_py_take_the_same_meta_step():
+    """A user calling sequence_loss with a plain TTTConfig gets the step train.py takes (inner steps kept), not the
+    recomputed one."""
+    from ttt_e2e.config import TTTConfig
+
+    assert _compose().ttt.remat_inner is TTTConfig().remat_inner is False
+
+
 def test_default_is_the_tiny_experiment():
     default = _compose()
     assert default == _compose("+experiment=tiny")
