@@ -23,7 +23,8 @@ graph_us: no launch overhead, which at 2K would outlast the kernels; plain calls
 fwd+bwd, fwd+bwd+dbwd (autograd, as benchmarks/attention.py) and of the double backward's kernels alone ("dbwd"),
 at the shape sets of SETS, for
   gqa     the kernels on k, v with Hkv heads (gqa-pN: N group parts forced in the column kernels; gqa: the rule's;
-          a -head or -tile suffix on any variant forces the column kernels' grid order: common.column_grid)
+          a -head or -tile suffix on any variant forces the column kernels' grid order: common.column_grid; -flat
+          or -nested dK/dV's loop: common.COLUMN_LOOP)
   repeat  expand_kv(k), expand_kv(v) then the kernels, autograd summing each group's gradients: what a model
           without GQA kernels runs (in "dbwd": the cotangents of dk, dv expanded, grad k, grad v summed)
   mha     the kernels on k, v that already have H heads (no copy, no sum): the kernels' own time at full heads
@@ -92,21 +93,22 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def forced_parts(fn, parts, order=None):
-    """fn with the column kernels' group parts forced to `parts` ("rule": common.group_parts decides) and their
-    grid order to `order` ("tile", "head"; None: common.COLUMN_ORDER as it is)."""
-    if parts == "rule" and order is None:
+def forced_parts(fn, parts, order=None, loop=None):
+    """fn with the column kernels' group parts forced to `parts` ("rule": common.group_parts decides), their grid
+    order to `order` ("tile", "head") and dK/dV's loop to `loop` ("nested", "flat"; None: as they are)."""
+    if parts == "rule" and order is None and loop is None:
         return fn
 
     def run(*args):
-        before = swa.common.GROUP_PARTS_OVERRIDE, swa.common.COLUMN_ORDER
+        before = swa.common.GROUP_PARTS_OVERRIDE, swa.common.COLUMN_ORDER, swa.common.COLUMN_LOOP
         if parts != "rule":
             swa.common.GROUP_PARTS_OVERRIDE = int(parts)
         swa.common.COLUMN_ORDER = order or before[1]
+        swa.common.COLUMN_LOOP = loop or before[2]
         try:
             return fn(*args)
         finally:
-            swa.common.GROUP_PARTS_OVERRIDE, swa.common.COLUMN_ORDER = before
+            swa.common.GROUP_PARTS_OVERRIDE, swa.common.COLUMN_ORDER, swa.common.COLUMN_LOOP = before
     return run
 
 
@@ -120,26 +122,26 @@ def rule_parts(H, HKV, D, tk, B=1):
     return out
 
 
-def check(layout, dtype_name, kv_heads, T, W, baseline, group_parts):
-    """Print one line per (kv heads, shape, group parts) and return whether everything passed."""
+def check(layout, dtype_name, kv_heads, T, W, baseline, group_parts, loops=("nested",)):
+    """Print one line per (kv heads, shape, group parts, dK/dV loop) and return whether everything passed."""
     H, _, D = LAYOUTS[layout]
     dtype = DTYPES[dtype_name]
     torch.backends.cuda.matmul.allow_tf32 = False
     old = importlib.import_module(baseline) if baseline else None
     ok, rows = True, []
-    cases = [(hkv, sname, shape, parts) for hkv in kv_heads for sname, shape in shapes(T, W).items()
-             for parts in (group_parts if hkv < H else ["rule"])]
-    for hkv, sname, shape, parts in cases:
+    cases = [(hkv, sname, shape, parts, loop) for hkv in kv_heads for sname, shape in shapes(T, W).items()
+             for parts in (group_parts if hkv < H else ["rule"]) for loop in loops]
+    for hkv, sname, shape, parts, loop in cases:
         t0 = time.perf_counter()
         q, k, v, do, cot = inputs(1, H, hkv, D, shape, dtype, seed=hkv * 1000 + shape[0])
-        attn = forced_parts(swa.swa_attention, parts)
+        attn = forced_parts(swa.swa_attention, parts, loop=loop)
         got = all_outputs(attn, shape, q, k, v, do, cot, dtype)
         again = all_outputs(attn, shape, q, k, v, do, cot, dtype)
         same_bits = all(torch.equal(a, b) for a, b in zip(got, again))
         ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
         ref = all_outputs(swa.swa_reference, shape, q, k, v, do, cot, ref_dtype)
         errs = [rel(a, b) for a, b in zip(got, ref)]
-        row = dict(layout=layout, dtype=dtype_name, H=H, Hkv=hkv, D=D, shape=sname, group_parts=parts,
+        row = dict(layout=layout, dtype=dtype_name, H=H, Hkv=hkv, D=D, shape=sname, group_parts=parts, column_loop=loop,
                    errs=dict(zip(NAMES, errs)), same_bits_twice=same_bits)
         if dtype == torch.float32:
             passed = all(e < 2e-5 for e in errs)
@@ -157,7 +159,7 @@ def check(layout, dtype_name, kv_heads, T, W, baseline, group_parts):
         ok &= passed
         rows.append(row)
         extra = f" main-bitwise={row['equals_main_bitwise']}" if "equals_main_bitwise" in row else ""
-        print(f"{'PASS' if passed else 'FAIL'} {layout} {dtype_name} H{H}/Hkv{hkv} D{D} {sname} parts={parts}: "
+        print(f"{'PASS' if passed else 'FAIL'} {layout} {dtype_name} H{H}/Hkv{hkv} D{D} {sname} parts={parts} loop={loop}: "
               + " ".join(f"{n}={e:.1e}" for n, e in zip(NAMES, errs))
               + (" | mat-bf16 " + " ".join(f"{e:.1e}" for e in mat) if dtype != torch.float32 else "")
               + f" | bits-twice={same_bits}{extra} ({row['wall_s']}s)", flush=True)
@@ -177,12 +179,14 @@ def attention_of(variant, pkg):
 
 
 def variant_knobs(variant):
-    """(base, group parts, column order) of a variant name: base[-pN][-head|-tile], e.g. gqa-p2, gqa-head (the
-    column kernels' grid with key tiles fastest: common.column_grid), mha-head; no suffix: the rule, the default."""
+    """(base, group parts, column order, column loop) of a variant name: base[-pN][-head|-tile][-flat|-nested],
+    e.g. gqa-p2, gqa-head (the column kernels' grid with key tiles fastest: common.column_grid), gqa-flat (dK/dV's
+    one loop over head and query tile: common.COLUMN_LOOP), mha-head; no suffix: the defaults."""
     base, *knobs = variant.split("-")
     parts = next((x[1:] for x in knobs if x.startswith("p")), "rule")
     order = next((x for x in knobs if x in ("head", "tile")), None)
-    return base, parts, order
+    loop = next((x for x in knobs if x in ("flat", "nested")), None)
+    return base, parts, order, loop
 
 
 def dbwd_alone(pkg, variant, shape, q, k, v, do, cot):
@@ -261,11 +265,11 @@ def time_layout(layout, sets, modes, variants, old, rounds, per_round_s, warm_on
         for mode in modes:
             steps = {}
             for var in variants:
-                base, parts, order = variant_knobs(var)
+                base, parts, order, loop = variant_knobs(var)
                 full = base in ("mha", "main")
                 pkg = old if base == "main" else swa
                 steps[var] = forced_parts(step_of(mode, var, pkg, shape, q, kf if full else k, vf if full else v,
-                                                  do, cot_f if full else cot), parts, order)
+                                                  do, cot_f if full else cot), parts, order, loop)
             for var, step in steps.items():  # warm-up: compilation, allocator
                 step(), step()
             torch.cuda.synchronize()
@@ -330,6 +334,7 @@ def main(argv=None):
     c.add_argument("--dtype", choices=DTYPES, default="bf16")
     c.add_argument("--kv-heads", default="8", help="comma-separated kv head counts (each dividing 32)")
     c.add_argument("--group-parts", default="rule", help='comma-separated: "rule" or a number of parts to force')
+    c.add_argument("--column-loops", default="nested", help="comma-separated dK/dV loops: nested, flat")
     t = sub.add_parser("time", help="speed of GQA vs K/V repeated to full heads")
     t.add_argument("--layouts", default="llama,qwen3")
     t.add_argument("--sets", default="2k,8k", help=f"shape sets, of {', '.join(SETS)}")
@@ -365,7 +370,8 @@ def main(argv=None):
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), argv=sys.argv[1:])
     print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}", flush=True)
     if args.cmd == "check":
-        ok, rows = check(args.layout, args.dtype, kv, args.T, args.window, args.baseline, args.group_parts.split(","))
+        ok, rows = check(args.layout, args.dtype, kv, args.T, args.window, args.baseline, args.group_parts.split(","),
+                         args.column_loops.split(","))
     else:
         old = importlib.import_module(args.baseline) if args.baseline else None
         variants = args.variants.split(",") + (["main"] if old else [])

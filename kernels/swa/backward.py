@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, block_d, column_grid, dot_precision, empty_like_layout, group_parts, head_split, key_parts,
+from .common import (LOG2E, block_d, column_grid, column_loop, dot_precision, empty_like_layout, group_parts, head_split, key_parts,
                      kv_group, tile_config, unroll_ring)
 from .parts import sum_parts
 from .tiles import (key_range, kv_program, part_range, query_range, query_tile, source_tile, source_tile_is_full,
@@ -133,13 +133,41 @@ def _swa_bwd_dq_kernel(
 
 
 @triton.jit
+def _dkdv_tile(Q, DO, LSE, DELTA, k, v, k_t, v_t, k_pos, dk, dv, dk_t, dv_t, b, h, row0, m0, n0,
+               sqb, sqh, sqt, sdb, sdh, sdt, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, offs_d, offs_t, d_valid,
+               n_valid, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dK, dV (and their tail columns) += one query tile m0.. of query head h (its lse, delta rows from row0)."""
+    Qh = Q + b * sqb + h * sqh
+    DOh = DO + b * sdb + h * sdh
+    offs_m, m_valid, _, q, do, lse, delta = query_tile(Qh, DOh, LSE + row0, DELTA + row0, sqt, sdt, m0, TQ,
+                                                       offs_d, d_valid, BLOCK_M)
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    if TAIL > 0:
+        q_t = tl.load(Qh + offs_m[:, None] * sqt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
+        do_t = tl.load(DOh + offs_m[:, None] * sdt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
+        st = tl.dot(k_t, tl.trans(q_t), st, input_precision=DOT_PREC)
+        dpt = tl.dot(v_t, tl.trans(do_t), dpt, input_precision=DOT_PREC)
+    pt = tl.math.exp2(st * qk_scale - lse[None, :])
+    if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
+        pt = tl.where(visible_t(k_pos, Q_POS0 + offs_m, n_valid, m_valid, WINDOW), pt, 0.0)
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+    if TAIL > 0:
+        dv_t += tl.dot(pt.to(do_t.dtype), do_t, input_precision=DOT_PREC)
+        dk_t += tl.dot(dst.to(q_t.dtype), q_t, input_precision=DOT_PREC)
+    return dk, dv, dk_t, dv_t
+
+
+@triton.jit
 def _swa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sgb, sgh, sgt, sgp,
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
-    TILE_MAJOR: tl.constexpr,
+    TILE_MAJOR: tl.constexpr, FLAT_LOOP: tl.constexpr,
 ):
     # One program per key tile from key KG0 on, of one kv head; everything is computed transposed (keys as rows)
     # so dK, dV accumulate in place, over the query heads that read this kv head (grouped-query attention: a sum
@@ -160,6 +188,7 @@ def _swa_bwd_dkdv_kernel(
     col_mask = n_valid[:, None] & d_valid[None, :]
     k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_mask, other=0.0)
     v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_mask, other=0.0)
+    k_t, v_t = k, v  # placeholders without a tail (never read then)
     if TAIL > 0:
         k_t = tl.load(K + offs_n[:, None] * skt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
         v_t = tl.load(V + offs_n[:, None] * svt + offs_t[None, :], mask=n_valid[:, None], other=0.0)
@@ -170,30 +199,24 @@ def _swa_bwd_dkdv_kernel(
     dv_t = tl.zeros([BLOCK_N, TAIL if TAIL > 0 else 16], dtype=tl.float32)
 
     lo, hi = query_range(n0, BLOCK_N, BLOCK_M, TQ, TK, WINDOW, Q_POS0, K_POS0)
-    for g in range(g0, g0 + HEADS):
-        h = hk * GROUP + g  # the group's query heads (this part's), in order
-        Qh = Q + b * sqb + h * sqh
-        DOh = DO + b * sdb + h * sdh
-        row0 = (bhk * GROUP + g) * TQ  # this head's rows of lse, delta: b * H + h
-        for m0 in range(lo, hi, BLOCK_M):
-            offs_m, m_valid, _, q, do, lse, delta = query_tile(Qh, DOh, LSE + row0, DELTA + row0, sqt, sdt, m0, TQ,
-                                                               offs_d, d_valid, BLOCK_M)
-            st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            if TAIL > 0:
-                q_t = tl.load(Qh + offs_m[:, None] * sqt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
-                do_t = tl.load(DOh + offs_m[:, None] * sdt + offs_t[None, :], mask=m_valid[:, None], other=0.0)
-                st = tl.dot(k_t, tl.trans(q_t), st, input_precision=DOT_PREC)
-                dpt = tl.dot(v_t, tl.trans(do_t), dpt, input_precision=DOT_PREC)
-            pt = tl.math.exp2(st * qk_scale - lse[None, :])
-            if not tile_is_full(m0, n0, BLOCK_M, BLOCK_N, TQ, TK, WINDOW, Q_POS0, K_POS0):
-                pt = tl.where(visible_t(k_pos, Q_POS0 + offs_m, n_valid, m_valid, WINDOW), pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
-            if TAIL > 0:
-                dv_t += tl.dot(pt.to(do_t.dtype), do_t, input_precision=DOT_PREC)
-                dk_t += tl.dot(dst.to(q_t.dtype), q_t, input_precision=DOT_PREC)
+    if FLAT_LOOP:
+        # One loop over (query head, query tile), in the nested loops' order (same sums, same bits): one software
+        # pipeline over the whole group instead of one restarted per head (common.COLUMN_LOOP)
+        n_m = tl.maximum((hi - lo + BLOCK_M - 1) // BLOCK_M, 0)
+        for it in range(0, HEADS * n_m):
+            g = g0 + it // n_m
+            dk, dv, dk_t, dv_t = _dkdv_tile(
+                Q, DO, LSE, DELTA, k, v, k_t, v_t, k_pos, dk, dv, dk_t, dv_t, b, hk * GROUP + g,
+                (bhk * GROUP + g) * TQ, lo + (it % n_m) * BLOCK_M, n0, sqb, sqh, sqt, sdb, sdh, sdt, TQ, TK,
+                WINDOW, Q_POS0, K_POS0, qk_scale, offs_d, offs_t, d_valid, n_valid, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
+    else:
+        for g in range(g0, g0 + HEADS):
+            for m0 in range(lo, hi, BLOCK_M):
+                # the group's query heads (this part's), in order; their rows of lse, delta: (b * H + h) * TQ
+                dk, dv, dk_t, dv_t = _dkdv_tile(
+                    Q, DO, LSE, DELTA, k, v, k_t, v_t, k_pos, dk, dv, dk_t, dv_t, b, hk * GROUP + g,
+                    (bhk * GROUP + g) * TQ, m0, n0, sqb, sqh, sqt, sdb, sdh, sdt, TQ, TK, WINDOW, Q_POS0, K_POS0,
+                    qk_scale, offs_d, offs_t, d_valid, n_valid, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
 
     out_offs = (offs_n - KG0)[:, None] * sgt + offs_d[None, :]
     tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=col_mask)
@@ -276,8 +299,8 @@ def swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_
         q, k, v, do, lse, delta, out_k, out_v, *_strides(q, k, v, do, out_k[0] if nparts > 1 else dk),
         out_k.stride(0) if nparts > 1 else 0, H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), GROUP=group, HEADS=group // nparts,
-        TILE_MAJOR=tile_major, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        TILE_MAJOR=tile_major, FLAT_LOOP=column_loop() == "flat", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if nparts > 1:
         sum_parts(out_k, dk), sum_parts(out_v, dv)

@@ -299,3 +299,16 @@ def column_grid(key_tiles: int, bhk: int, nparts: int) -> tuple[tuple[int, ...],
     if COLUMN_ORDER == "tile" and key_tiles <= _GRID_Y_MAX:
         return (bhk * nparts, key_tiles), True
     return (key_tiles, bhk, nparts), False
+
+
+# Column loop (dK/dV): a program sums its query heads in nested loops (heads, then query tiles), whose inner loop's
+# software pipeline restarts at every head; "flat" runs one loop over (head, query tile) pairs in the same order
+# (same sums, same bits). An experiment against the one row where grouped-query dK/dV stayed slower than K/V
+# repeated to full heads (benchmarks/RESULTS.md); the environment variable for experiments.
+COLUMN_LOOP = os.environ.get("TTT_E2E_SWA_COLUMN_LOOP") or "nested"
+
+
+def column_loop() -> str:
+    if COLUMN_LOOP not in ("nested", "flat"):
+        raise ValueError(f"swa column loop must be 'nested' or 'flat', got {COLUMN_LOOP!r}")
+    return COLUMN_LOOP

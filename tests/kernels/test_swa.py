@@ -733,6 +733,29 @@ def test_column_orders_same_bits(monkeypatch, nparts):
         assert torch.equal(a, b), n
 
 
+@pytest.mark.parametrize("nparts", [1, 2])
+@pytest.mark.parametrize("B,H,HKV,TQ,TK,D,W,QP,KP", [
+    pytest.param(2, 4, 2, 20, 44, 16, 24, 20, -4, id="suffix-batch2-some-cache-negative"),
+    pytest.param(1, 4, 2, 20, 44, 80, 24, 0, -24, id="D80-split-head-first-block-all-negative"),
+])
+def test_column_loops_same_bits(monkeypatch, nparts, B, H, HKV, TQ, TK, D, W, QP, KP):
+    """dK/dV's flat loop over (query head, query tile) sums in the nested loops' order: the same bits, with group
+    parts, a split head dim and key tiles no query sees (an empty range) included."""
+    q, k, v, do = (fresh_randn(B, h, t, D) for h, t in ((H, TQ), (HKV, TK), (HKV, TK), (H, TQ)))
+    monkeypatch.setattr(common, "GROUP_PARTS_OVERRIDE", nparts)
+    outs = {}
+    for loop in ("nested", "flat"):
+        monkeypatch.setattr(common, "COLUMN_LOOP", loop)
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        outs[loop] = torch.autograd.grad(swa_attention(qq, kk, vv, W, QP, KP), (kk, vv), do)
+    for name, a, b in zip(("dk", "dv"), outs["nested"], outs["flat"]):
+        assert torch.equal(a, b), name
+        assert a.abs().sum() > 0, name
+    monkeypatch.setattr(common, "COLUMN_LOOP", "unrolled")
+    with pytest.raises(ValueError, match="column loop must be"):
+        common.column_loop()
+
+
 def test_column_grid(monkeypatch):
     """Key-tile-major unless the key tiles overflow the grid's y dimension; a bad order named."""
     monkeypatch.setattr(common, "COLUMN_ORDER", "tile")
