@@ -13,7 +13,7 @@ model_config, to_ours): window 8192, the last 4 blocks with MLP', mini-batches o
   steps     one optimizer step as the trainer takes it (sequence_loss -> backward -> clip -> AdamW), captured as a
             CUDA graph and replayed (ttt_e2e/cuda_graph.py), median of --steps replays (CUDA events): the source's
             function in pretrain mode (no MLP', full causal attention through SDPA: the baseline), the converted
-            model in pretrain mode, and in meta mode with train.py's settings (REMAT_INNER; meta_remat: the inner
+            model in pretrain mode, and in meta mode with train.py's settings (meta_ttt; meta_remat: the inner
             steps recomputed in the outer backward); the ratio meta / baseline is the issue's figure (target 1.8x)
   generate  a --context prompt through the inference engine (CUDA graphs), then --decode greedy tokens: prefill us
             per token, decode ms per token (median; the first decoded token also takes the last prompt mini-batch's
@@ -50,13 +50,10 @@ from ttt_e2e.ttt.meta import sequence_loss
 
 LLAMA_32_1B = HF_CONFIGS["llama-3.2-1b"]
 T, W, B_MINI = 8192, 8192, 1024
-# The meta step as train.py takes it: conf/config.yaml's ttt.remat_inner (false: every inner step kept for the
-# outer backward; tests/benchmarks/test_hf_llama.py holds the two equal). "meta_remat": recomputed instead.
-REMAT_INNER = False
-
-
-def meta_ttt(remat_inner: bool = REMAT_INNER) -> TTTConfig:
-    return TTTConfig(train_mode="meta", mini_batch_size=B_MINI, inner_lr=1.0, ilr_init=1.0, remat_inner=remat_inner)
+def meta_ttt(**overrides) -> TTTConfig:
+    """The meta step as train.py takes it: TTTConfig's remat_inner default, conf/config.yaml's (every inner step
+    kept for the outer backward; tests hold the three equal). "meta_remat" overrides it: recomputed instead."""
+    return TTTConfig(train_mode="meta", mini_batch_size=B_MINI, inner_lr=1.0, ilr_init=1.0, **overrides)
 
 
 def cuda_ms_once(fn) -> float:
@@ -248,10 +245,10 @@ def main(argv=None) -> int:
     if "pretrain" in parts:
         report("converted_pretrain_step", step_ms(model, TTTConfig(train_mode="pretrain", mini_batch_size=B_MINI),
                                                   args.steps))
-    if "meta" in parts:
-        report("converted_meta_step", dict(step_ms(model, meta_ttt(), args.steps), remat_inner=REMAT_INNER))
-    if "meta_remat" in parts:
-        report("converted_meta_step_remat_inner", dict(step_ms(model, meta_ttt(True), args.steps), remat_inner=True))
+    for part, key, ttt in (("meta", "converted_meta_step", meta_ttt()),
+                           ("meta_remat", "converted_meta_step_remat_inner", meta_ttt(remat_inner=True))):
+        if part in parts:
+            report(key, dict(step_ms(model, ttt, args.steps), remat_inner=ttt.remat_inner))
     if "baseline_pretrain_step" in result and "converted_meta_step" in result:
         report("meta_over_baseline", result["converted_meta_step"]["ms"] / result["baseline_pretrain_step"]["ms"])
     if "baseline_pretrain_step" in result and "converted_meta_step_remat_inner" in result:

@@ -141,8 +141,8 @@ def check(layout, dtype_name, kv_heads, T, W, baseline, group_parts, loops=("nes
         ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
         ref = all_outputs(swa.swa_reference, shape, q, k, v, do, cot, ref_dtype)
         errs = [rel(a, b) for a, b in zip(got, ref)]
-        row = dict(layout=layout, dtype=dtype_name, H=H, Hkv=hkv, D=D, shape=sname, group_parts=parts, column_loop=loop,
-                   errs=dict(zip(NAMES, errs)), same_bits_twice=same_bits)
+        row = dict(layout=layout, dtype=dtype_name, H=H, Hkv=hkv, D=D, shape=sname, group_parts=parts,
+                   column_loop=loop, errs=dict(zip(NAMES, errs)), same_bits_twice=same_bits)
         if dtype == torch.float32:
             passed = all(e < 2e-5 for e in errs)
         else:
@@ -159,7 +159,8 @@ def check(layout, dtype_name, kv_heads, T, W, baseline, group_parts, loops=("nes
         ok &= passed
         rows.append(row)
         extra = f" main-bitwise={row['equals_main_bitwise']}" if "equals_main_bitwise" in row else ""
-        print(f"{'PASS' if passed else 'FAIL'} {layout} {dtype_name} H{H}/Hkv{hkv} D{D} {sname} parts={parts} loop={loop}: "
+        print(f"{'PASS' if passed else 'FAIL'} {layout} {dtype_name} H{H}/Hkv{hkv} D{D} {sname} parts={parts} "
+              f"loop={loop}: "
               + " ".join(f"{n}={e:.1e}" for n, e in zip(NAMES, errs))
               + (" | mat-bf16 " + " ".join(f"{e:.1e}" for e in mat) if dtype != torch.float32 else "")
               + f" | bits-twice={same_bits}{extra} ({row['wall_s']}s)", flush=True)

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, block_d, column_grid, column_loop, dot_precision, empty_like_layout, group_parts, head_split, key_parts,
-                     kv_group, tile_config, unroll_ring)
+from .common import (LOG2E, block_d, column_grid, column_loop, dot_precision, empty_like_layout, group_parts,
+                     head_split, key_parts, kv_group, tile_config, unroll_ring)
 from .parts import sum_parts
 from .tiles import (key_range, kv_program, part_range, query_range, query_tile, source_tile, source_tile_is_full,
                     tile_is_full, visible, visible_t)

@@ -1,4 +1,4 @@
-"""benchmarks/eval/hf_gpu_check.py's greedy comparison: in fp32, and parting only at a near-tie of the source's logits."""
+"""benchmarks/eval/hf_gpu_check.py's greedy comparison: in fp32, parting only at a near-tie of the source's logits."""
 from types import SimpleNamespace
 
 import pytest
