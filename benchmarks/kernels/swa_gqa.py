@@ -23,8 +23,7 @@ graph_us: no launch overhead, which at 2K would outlast the kernels; plain calls
 fwd+bwd, fwd+bwd+dbwd (autograd, as benchmarks/attention.py) and of the double backward's kernels alone ("dbwd"),
 at the shape sets of SETS, for
   gqa     the kernels on k, v with Hkv heads (gqa-pN: N group parts forced in the column kernels; gqa: the rule's;
-          a -head or -tile suffix on any variant forces the column kernels' grid order: common.column_grid; -flat
-          or -nested dK/dV's loop: common.COLUMN_LOOP)
+          a -head or -tile suffix on any variant forces the column kernels' grid order: common.column_grid)
   repeat  expand_kv(k), expand_kv(v) then the kernels, autograd summing each group's gradients: what a model
           without GQA kernels runs (in "dbwd": the cotangents of dk, dv expanded, grad k, grad v summed)
   mha     the kernels on k, v that already have H heads (no copy, no sum): the kernels' own time at full heads
@@ -65,7 +64,10 @@ def shapes(T: int, W: int) -> dict:
 # The timed shapes: moderate ones, and the TTT recipe's (benchmarks/attention.py's causal-8K and suffix-b1024-W8K:
 # full causal attention over 8K tokens, a 1K mini-batch after a full 8K-key window)
 SETS = {"2k": shapes(2048, 1024),
-        "8k": {"causal-T8192": (8192, 8192, 8192, 0, 0), "suffix-b1024-W8192": (1024, 9216, 8192, 8192, 0)}}
+        "8k": {"causal-T8192": (8192, 8192, 8192, 0, 0), "suffix-b1024-W8192": (1024, 9216, 8192, 8192, 0)},
+        # where common.LONG_ROWS's split starts: a key tile's query rows from 2K to 16K
+        "long": {"causal-T4096": (4096, 4096, 4096, 0, 0), "prefix-T16384-W2048": (16384, 16384, 2048, 0, 0),
+                 "prefix-T16384-W4096": (16384, 16384, 4096, 0, 0), "causal-T16384": (16384, 16384, 16384, 0, 0)}}
 
 
 def inputs(B, H, HKV, D, shape, dtype, seed):
@@ -93,48 +95,49 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def forced_parts(fn, parts, order=None, loop=None):
-    """fn with the column kernels' group parts forced to `parts` ("rule": common.group_parts decides), their grid
-    order to `order` ("tile", "head") and dK/dV's loop to `loop` ("nested", "flat"; None: as they are)."""
-    if parts == "rule" and order is None and loop is None:
+def forced_parts(fn, parts, order=None):
+    """fn with the column kernels' group parts forced to `parts` ("rule": common.group_parts decides) and their grid
+    order to `order` ("tile", "head"; None: as it is)."""
+    if parts == "rule" and order is None:
         return fn
 
     def run(*args):
-        before = swa.common.GROUP_PARTS_OVERRIDE, swa.common.COLUMN_ORDER, swa.common.COLUMN_LOOP
+        before = swa.common.GROUP_PARTS_OVERRIDE, swa.common.COLUMN_ORDER
         if parts != "rule":
             swa.common.GROUP_PARTS_OVERRIDE = int(parts)
         swa.common.COLUMN_ORDER = order or before[1]
-        swa.common.COLUMN_LOOP = loop or before[2]
         try:
             return fn(*args)
         finally:
-            swa.common.GROUP_PARTS_OVERRIDE, swa.common.COLUMN_ORDER, swa.common.COLUMN_LOOP = before
+            swa.common.GROUP_PARTS_OVERRIDE, swa.common.COLUMN_ORDER = before
     return run
 
 
-def rule_parts(H, HKV, D, tk, B=1):
-    """The group parts common.group_parts picks for dK/dV and grad K/V at these shapes (bf16)."""
+def rule_parts(H, HKV, D, shape, B=1):
+    """The group parts common.group_parts picks for dK/dV and grad K/V at this shape (bf16; dK/dV's of all keys)."""
+    tq, tk, w = shape[:3]
     out = {}
     for kernel in ("bwd_dkdv", "dbwd_col"):
         cfg = swa.common.tile_config(kernel, D, torch.device(DEVICE), torch.bfloat16)
         programs = -(-tk // cfg.block_n) * B * HKV
-        out[kernel] = swa.common.group_parts(programs, H // HKV, torch.device(DEVICE), cfg.num_warps)
+        rows = min(tq, w + cfg.block_n) if kernel == "bwd_dkdv" else 0  # as backward.swa_backward_dkdv
+        out[kernel] = swa.common.group_parts(programs, H // HKV, torch.device(DEVICE), cfg.num_warps, rows)
     return out
 
 
-def check(layout, dtype_name, kv_heads, T, W, baseline, group_parts, loops=("nested",)):
-    """Print one line per (kv heads, shape, group parts, dK/dV loop) and return whether everything passed."""
+def check(layout, dtype_name, kv_heads, T, W, baseline, group_parts):
+    """Print one line per (kv heads, shape, group parts) and return whether everything passed."""
     H, _, D = LAYOUTS[layout]
     dtype = DTYPES[dtype_name]
     torch.backends.cuda.matmul.allow_tf32 = False
     old = importlib.import_module(baseline) if baseline else None
     ok, rows = True, []
-    cases = [(hkv, sname, shape, parts, loop) for hkv in kv_heads for sname, shape in shapes(T, W).items()
-             for parts in (group_parts if hkv < H else ["rule"]) for loop in loops]
-    for hkv, sname, shape, parts, loop in cases:
+    cases = [(hkv, sname, shape, parts) for hkv in kv_heads for sname, shape in shapes(T, W).items()
+             for parts in (group_parts if hkv < H else ["rule"])]
+    for hkv, sname, shape, parts in cases:
         t0 = time.perf_counter()
         q, k, v, do, cot = inputs(1, H, hkv, D, shape, dtype, seed=hkv * 1000 + shape[0])
-        attn = forced_parts(swa.swa_attention, parts, loop=loop)
+        attn = forced_parts(swa.swa_attention, parts)
         got = all_outputs(attn, shape, q, k, v, do, cot, dtype)
         again = all_outputs(attn, shape, q, k, v, do, cot, dtype)
         same_bits = all(torch.equal(a, b) for a, b in zip(got, again))
@@ -142,7 +145,7 @@ def check(layout, dtype_name, kv_heads, T, W, baseline, group_parts, loops=("nes
         ref = all_outputs(swa.swa_reference, shape, q, k, v, do, cot, ref_dtype)
         errs = [rel(a, b) for a, b in zip(got, ref)]
         row = dict(layout=layout, dtype=dtype_name, H=H, Hkv=hkv, D=D, shape=sname, group_parts=parts,
-                   column_loop=loop, errs=dict(zip(NAMES, errs)), same_bits_twice=same_bits)
+                   errs=dict(zip(NAMES, errs)), same_bits_twice=same_bits)
         if dtype == torch.float32:
             passed = all(e < 2e-5 for e in errs)
         else:
@@ -159,8 +162,7 @@ def check(layout, dtype_name, kv_heads, T, W, baseline, group_parts, loops=("nes
         ok &= passed
         rows.append(row)
         extra = f" main-bitwise={row['equals_main_bitwise']}" if "equals_main_bitwise" in row else ""
-        print(f"{'PASS' if passed else 'FAIL'} {layout} {dtype_name} H{H}/Hkv{hkv} D{D} {sname} parts={parts} "
-              f"loop={loop}: "
+        print(f"{'PASS' if passed else 'FAIL'} {layout} {dtype_name} H{H}/Hkv{hkv} D{D} {sname} parts={parts}: "
               + " ".join(f"{n}={e:.1e}" for n, e in zip(NAMES, errs))
               + (" | mat-bf16 " + " ".join(f"{e:.1e}" for e in mat) if dtype != torch.float32 else "")
               + f" | bits-twice={same_bits}{extra} ({row['wall_s']}s)", flush=True)
@@ -180,14 +182,12 @@ def attention_of(variant, pkg):
 
 
 def variant_knobs(variant):
-    """(base, group parts, column order, column loop) of a variant name: base[-pN][-head|-tile][-flat|-nested],
-    e.g. gqa-p2, gqa-head (the column kernels' grid with key tiles fastest: common.column_grid), gqa-flat (dK/dV's
-    one loop over head and query tile: common.COLUMN_LOOP), mha-head; no suffix: the defaults."""
+    """(base, group parts, column order) of a variant name: base[-pN][-head|-tile], e.g. gqa-p2, gqa-head (the
+    column kernels' grid with key tiles fastest: common.column_grid), mha-head; no suffix: the defaults."""
     base, *knobs = variant.split("-")
     parts = next((x[1:] for x in knobs if x.startswith("p")), "rule")
     order = next((x for x in knobs if x in ("head", "tile")), None)
-    loop = next((x for x in knobs if x in ("flat", "nested")), None)
-    return base, parts, order, loop
+    return base, parts, order
 
 
 def dbwd_alone(pkg, variant, shape, q, k, v, do, cot):
@@ -266,11 +266,11 @@ def time_layout(layout, sets, modes, variants, old, rounds, per_round_s, warm_on
         for mode in modes:
             steps = {}
             for var in variants:
-                base, parts, order, loop = variant_knobs(var)
+                base, parts, order = variant_knobs(var)
                 full = base in ("mha", "main")
                 pkg = old if base == "main" else swa
                 steps[var] = forced_parts(step_of(mode, var, pkg, shape, q, kf if full else k, vf if full else v,
-                                                  do, cot_f if full else cot), parts, order, loop)
+                                                  do, cot_f if full else cot), parts, order)
             for var, step in steps.items():  # warm-up: compilation, allocator
                 step(), step()
             torch.cuda.synchronize()
@@ -290,7 +290,7 @@ def time_layout(layout, sets, modes, variants, old, rounds, per_round_s, warm_on
                     times[var].append(ms)
             row = dict(layout=layout, H=H, Hkv=HKV, D=D, B=B, shape=sname, mode=mode, rounds=rounds, inner=inner,
                        reps=reps, graphs=graphs,
-                       rule_parts=rule_parts(H, HKV, D, shape[1], B),
+                       rule_parts=rule_parts(H, HKV, D, shape, B),
                        ms={var: statistics.median(ts) for var, ts in times.items()},
                        peak_gib={var: peak_bytes(step) / 2**30 for var, step in steps.items()})
             rows.append(row)
@@ -335,7 +335,6 @@ def main(argv=None):
     c.add_argument("--dtype", choices=DTYPES, default="bf16")
     c.add_argument("--kv-heads", default="8", help="comma-separated kv head counts (each dividing 32)")
     c.add_argument("--group-parts", default="rule", help='comma-separated: "rule" or a number of parts to force')
-    c.add_argument("--column-loops", default="nested", help="comma-separated dK/dV loops: nested, flat")
     t = sub.add_parser("time", help="speed of GQA vs K/V repeated to full heads")
     t.add_argument("--layouts", default="llama,qwen3")
     t.add_argument("--sets", default="2k,8k", help=f"shape sets, of {', '.join(SETS)}")
@@ -371,8 +370,7 @@ def main(argv=None):
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), argv=sys.argv[1:])
     print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}", flush=True)
     if args.cmd == "check":
-        ok, rows = check(args.layout, args.dtype, kv, args.T, args.window, args.baseline, args.group_parts.split(","),
-                         args.column_loops.split(","))
+        ok, rows = check(args.layout, args.dtype, kv, args.T, args.window, args.baseline, args.group_parts.split(","))
     else:
         old = importlib.import_module(args.baseline) if args.baseline else None
         variants = args.variants.split(",") + (["main"] if old else [])

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, block_d, column_grid, column_loop, dot_precision, empty_like_layout, group_parts,
+from .common import (LOG2E, block_d, column_grid, dot_precision, empty_like_layout, group_parts,
                      head_split, key_parts, kv_group, tile_config, unroll_ring)
 from .parts import sum_parts
 from .tiles import (key_range, kv_program, part_range, query_range, query_tile, source_tile, source_tile_is_full,
@@ -167,7 +167,7 @@ def _swa_bwd_dkdv_kernel(
     H, TQ, TK, WINDOW, Q_POS0, K_POS0, KG0, qk_scale, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
-    TILE_MAJOR: tl.constexpr, FLAT_LOOP: tl.constexpr,
+    TILE_MAJOR: tl.constexpr,
 ):
     # One program per key tile from key KG0 on, of one kv head; everything is computed transposed (keys as rows)
     # so dK, dV accumulate in place, over the query heads that read this kv head (grouped-query attention: a sum
@@ -199,24 +199,13 @@ def _swa_bwd_dkdv_kernel(
     dv_t = tl.zeros([BLOCK_N, TAIL if TAIL > 0 else 16], dtype=tl.float32)
 
     lo, hi = query_range(n0, BLOCK_N, BLOCK_M, TQ, TK, WINDOW, Q_POS0, K_POS0)
-    if FLAT_LOOP:
-        # One loop over (query head, query tile), in the nested loops' order (same sums, same bits): one software
-        # pipeline over the whole group instead of one restarted per head (common.COLUMN_LOOP)
-        n_m = tl.maximum((hi - lo + BLOCK_M - 1) // BLOCK_M, 0)
-        for it in range(0, HEADS * n_m):
-            g = g0 + it // n_m
+    for g in range(g0, g0 + HEADS):
+        for m0 in range(lo, hi, BLOCK_M):
+            # the group's query heads (this part's), in order; their rows of lse, delta: (b * H + h) * TQ
             dk, dv, dk_t, dv_t = _dkdv_tile(
-                Q, DO, LSE, DELTA, k, v, k_t, v_t, k_pos, dk, dv, dk_t, dv_t, b, hk * GROUP + g,
-                (bhk * GROUP + g) * TQ, lo + (it % n_m) * BLOCK_M, n0, sqb, sqh, sqt, sdb, sdh, sdt, TQ, TK,
-                WINDOW, Q_POS0, K_POS0, qk_scale, offs_d, offs_t, d_valid, n_valid, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
-    else:
-        for g in range(g0, g0 + HEADS):
-            for m0 in range(lo, hi, BLOCK_M):
-                # the group's query heads (this part's), in order; their rows of lse, delta: (b * H + h) * TQ
-                dk, dv, dk_t, dv_t = _dkdv_tile(
-                    Q, DO, LSE, DELTA, k, v, k_t, v_t, k_pos, dk, dv, dk_t, dv_t, b, hk * GROUP + g,
-                    (bhk * GROUP + g) * TQ, m0, n0, sqb, sqh, sqt, sdb, sdh, sdt, TQ, TK, WINDOW, Q_POS0, K_POS0,
-                    qk_scale, offs_d, offs_t, d_valid, n_valid, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
+                Q, DO, LSE, DELTA, k, v, k_t, v_t, k_pos, dk, dv, dk_t, dv_t, b, hk * GROUP + g, (bhk * GROUP + g) * TQ,
+                m0, n0, sqb, sqh, sqt, sdb, sdh, sdt, TQ, TK, WINDOW, Q_POS0, K_POS0, qk_scale, offs_d, offs_t,
+                d_valid, n_valid, BLOCK_M, BLOCK_N, TAIL, DOT_PREC)
 
     out_offs = (offs_n - KG0)[:, None] * sgt + offs_d[None, :]
     tl.store(DK + out_offs, (dk * scale).to(DK.dtype.element_ty), mask=col_mask)
@@ -291,7 +280,8 @@ def swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_
     cfg = tile_config("bwd_dkdv", D, q.device, q.dtype)
     group = kv_group(q, k)
     tiles = triton.cdiv(TK - k_grad_from, cfg.block_n)
-    nparts = group_parts(tiles * B * HKV, group, q.device, cfg.num_warps)
+    # rows: the queries a key tile's window reaches, at most
+    nparts = group_parts(tiles * B * HKV, group, q.device, cfg.num_warps, rows=min(TQ, window + cfg.block_n))
     grid, tile_major = column_grid(tiles, B * HKV, nparts)
     # the parts' fp32 partial sums in dk's memory order (sum_parts adds them element by element in that order)
     out_k, out_v = (dk, dv) if nparts == 1 else (empty_like_layout(q, shape, torch.float32, nparts) for _ in "kv")
@@ -299,7 +289,7 @@ def swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_
         q, k, v, do, lse, delta, out_k, out_v, *_strides(q, k, v, do, out_k[0] if nparts > 1 else dk),
         out_k.stride(0) if nparts > 1 else 0, H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), GROUP=group, HEADS=group // nparts,
-        TILE_MAJOR=tile_major, FLAT_LOOP=column_loop() == "flat", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        TILE_MAJOR=tile_major, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if nparts > 1:

@@ -260,22 +260,30 @@ def key_parts(kernel: str, programs: int, tk: int, block_n: int, device: torch.d
 # last key tiles see fewer queries, and few long programs cannot even that out), each group's heads are split over
 # several programs (a divisor of the group), which write fp32 partial sums that one more launch adds up in a fixed
 # order (parts.sum_parts): deterministic, as without parts. GROUP_WAVES (programs wanted per slot) is a tuning knob
-# (benchmarks/kernels/swa_gqa.py).
+# (benchmarks/kernels/swa_gqa.py). Where each key tile is read by many query rows (LONG_ROWS or more: full causal
+# attention over a long sequence), a program per query head runs faster than one summing the group although the
+# grid is full either way (benchmarks/RESULTS.md, the causal-8K backward; with fewer rows, as a 1K mini-batch's,
+# the summing programs are faster): the whole group is split there.
 GROUP_WAVES = 2
+LONG_ROWS = 4096
 # An override for experiments and tests: the largest divisor of the group not above it (1: never split).
 GROUP_PARTS_OVERRIDE: int | None = (int(os.environ["TTT_E2E_SWA_GROUP_PARTS"])
                                     if os.environ.get("TTT_E2E_SWA_GROUP_PARTS") else None)
 
 
-def group_parts(programs: int, group: int, device: torch.device, num_warps: int = 4) -> int:
+def group_parts(programs: int, group: int, device: torch.device, num_warps: int = 4, rows: int = 0) -> int:
     """Into how many parts to split each group's query heads in a column-parallel launch of `programs` programs
-    (one per key tile and kv head): the fewest (a divisor of group) that give GROUP_WAVES programs per slot (two
-    4-warp programs per SM), else the whole group (one query head a program, as multi-head attention runs)."""
+    (one per key tile and kv head; `rows`: the most query rows one of them reads per query head, 0 where the
+    long-rows split does not apply): the whole group (one query head a program, as multi-head attention runs) where
+    rows >= LONG_ROWS, else the fewest parts (a divisor of group) that give GROUP_WAVES programs per slot (two
+    4-warp programs per SM), else the whole group."""
     divisors = [p for p in range(1, group + 1) if group % p == 0]
     if GROUP_PARTS_OVERRIDE is not None:
         return max(p for p in divisors if p <= max(1, GROUP_PARTS_OVERRIDE))
     if group == 1 or device.type != "cuda":
         return 1
+    if rows >= LONG_ROWS:
+        return group
     slots = _num_sms(device.index or 0) * max(1, 8 // num_warps)
     return next((p for p in divisors if programs * p >= GROUP_WAVES * slots), group)
 
@@ -300,15 +308,3 @@ def column_grid(key_tiles: int, bhk: int, nparts: int) -> tuple[tuple[int, ...],
         return (bhk * nparts, key_tiles), True
     return (key_tiles, bhk, nparts), False
 
-
-# Column loop (dK/dV): a program sums its query heads in nested loops (heads, then query tiles), whose inner loop's
-# software pipeline restarts at every head; "flat" runs one loop over (head, query tile) pairs in the same order
-# (same sums, same bits). An experiment against the one row where grouped-query dK/dV stayed slower than K/V
-# repeated to full heads (benchmarks/RESULTS.md); the environment variable for experiments.
-COLUMN_LOOP = os.environ.get("TTT_E2E_SWA_COLUMN_LOOP") or "nested"
-
-
-def column_loop() -> str:
-    if COLUMN_LOOP not in ("nested", "flat"):
-        raise ValueError(f"swa column loop must be 'nested' or 'flat', got {COLUMN_LOOP!r}")
-    return COLUMN_LOOP

@@ -733,29 +733,6 @@ def test_column_orders_same_bits(monkeypatch, nparts):
         assert torch.equal(a, b), n
 
 
-@pytest.mark.parametrize("nparts", [1, 2])
-@pytest.mark.parametrize("B,H,HKV,TQ,TK,D,W,QP,KP", [
-    pytest.param(2, 4, 2, 20, 44, 16, 24, 20, -4, id="suffix-batch2-some-cache-negative"),
-    pytest.param(1, 4, 2, 20, 44, 80, 24, 0, -24, id="D80-split-head-first-block-all-negative"),
-])
-def test_column_loops_same_bits(monkeypatch, nparts, B, H, HKV, TQ, TK, D, W, QP, KP):
-    """dK/dV's flat loop over (query head, query tile) sums in the nested loops' order: the same bits, with group
-    parts, a split head dim and key tiles no query sees (an empty range) included."""
-    q, k, v, do = (fresh_randn(B, h, t, D) for h, t in ((H, TQ), (HKV, TK), (HKV, TK), (H, TQ)))
-    monkeypatch.setattr(common, "GROUP_PARTS_OVERRIDE", nparts)
-    outs = {}
-    for loop in ("nested", "flat"):
-        monkeypatch.setattr(common, "COLUMN_LOOP", loop)
-        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-        outs[loop] = torch.autograd.grad(swa_attention(qq, kk, vv, W, QP, KP), (kk, vv), do)
-    for name, a, b in zip(("dk", "dv"), outs["nested"], outs["flat"]):
-        assert torch.equal(a, b), name
-        assert a.abs().sum() > 0, name
-    monkeypatch.setattr(common, "COLUMN_LOOP", "unrolled")
-    with pytest.raises(ValueError, match="column loop must be"):
-        common.column_loop()
-
-
 def test_column_grid(monkeypatch):
     """Key-tile-major unless the key tiles overflow the grid's y dimension; a bad order named."""
     monkeypatch.setattr(common, "COLUMN_ORDER", "tile")
@@ -781,5 +758,22 @@ def test_group_parts_rule(monkeypatch):
     assert common.group_parts(100, 4, gpu) == 4 and common.group_parts(100, 6, gpu) == 6
     assert common.group_parts(128, 4, gpu, num_warps=8) == 4 and common.group_parts(140, 4, gpu, num_warps=8) == 2
     assert common.group_parts(10, 4, torch.device("cpu")) == 1
+    # long rows (LONG_ROWS query rows per key tile or more): the whole group, however full the grid
+    assert common.group_parts(1000, 4, gpu, rows=common.LONG_ROWS) == 4
+    assert common.group_parts(1000, 4, gpu, rows=common.LONG_ROWS - 1) == 1
+    assert common.group_parts(10, 1, gpu, rows=10**6) == 1
     monkeypatch.setattr(common, "GROUP_PARTS_OVERRIDE", 3)
     assert common.group_parts(10, 4, gpu) == 2 and common.group_parts(10, 6, gpu) == 3
+    assert common.group_parts(10, 4, gpu, rows=common.LONG_ROWS) == 2  # the override wins
+
+
+@pytest.mark.parametrize("TQ,TK,W,QP,KP", [(20, 20, 8, 0, 0), (12, 44, 24, 24, 0)])
+def test_dkdv_group_parts_rows(monkeypatch, TQ, TK, W, QP, KP):
+    """dK/dV asks group_parts with a key tile's query rows: the window plus a key tile, at most the queries."""
+    from ttt_e2e.kernels.swa import backward
+    asked = []
+    monkeypatch.setattr(backward, "group_parts", lambda *a, **kw: asked.append(kw.get("rows")) or 1)
+    q, do = fresh_randn(1, 4, TQ, 16), fresh_randn(1, 4, TQ, 16)
+    k, v = (fresh_randn(1, 2, TK, 16).requires_grad_() for _ in "kv")
+    torch.autograd.grad(swa_attention(q, k, v, W, QP, KP), (k, v), do)
+    assert asked == [min(TQ, W + common.tile_config("bwd_dkdv", 16, q.device, q.dtype).block_n)]
