@@ -15,8 +15,8 @@ tests/kernels/test_swa_gpu.py); fp32 against float64 under 2e-5 (tests/kernels/t
 the same bits (each kv head's gradient is one program's sum over its group, no atomics). With --baseline PKG (a
 copy of kernels/swa from before GQA, importable as a package, e.g. `git archive 6cc5823 kernels/swa | tar -x -C /tmp
 && cp -r /tmp/kernels/swa benchmarks/kernels/main_swa`, then `--baseline benchmarks.kernels.main_swa`) multi-head
-attention (kv heads = heads) must equal the old kernels bit for bit: the same kernels for MHA. --group-parts: the column kernels' group parts to check
-(common.group_parts: "rule", or a number forced). Exit status 1 on any failure.
+attention (kv heads = heads) must equal the old kernels bit for bit: the same kernels for MHA. --group-parts: the
+column kernels' group parts to check (common.group_parts: "rule", or a number forced). Exit status 1 on any failure.
 
 time: the median over interleaved rounds of each round's median time of a CUDA graph's replays (benchmarks/timing.py
 graph_us: no launch overhead, which at 2K would outlast the kernels; plain calls where capture fails), of fwd,
@@ -120,7 +120,7 @@ def rule_parts(H, HKV, D, shape, B=1):
     for kernel in ("bwd_dkdv", "dbwd_col"):
         cfg = swa.common.tile_config(kernel, D, torch.device(DEVICE), torch.bfloat16)
         programs = -(-tk // cfg.block_n) * B * HKV
-        rows = min(tq, w + cfg.block_n) if kernel == "bwd_dkdv" else 0  # as backward.swa_backward_dkdv
+        rows = swa.common.key_tile_rows(tq, w, cfg.block_n) if kernel == "bwd_dkdv" else 0  # dK/dV's alone
         out[kernel] = swa.common.group_parts(programs, H // HKV, torch.device(DEVICE), cfg.num_warps, rows)
     return out
 

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, block_d, column_grid, dot_precision, empty_like_layout, group_parts,
-                     head_split, key_parts, kv_group, tile_config, unroll_ring)
+from .common import (LOG2E, block_d, column_grid, dot_precision, empty_like_layout, group_parts, head_split, key_parts,
+                     key_tile_rows, kv_group, tile_config, unroll_ring)
 from .parts import sum_parts
 from .tiles import (key_range, kv_program, part_range, query_range, query_tile, source_tile, source_tile_is_full,
                     tile_is_full, visible, visible_t)
@@ -280,8 +280,7 @@ def swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_
     cfg = tile_config("bwd_dkdv", D, q.device, q.dtype)
     group = kv_group(q, k)
     tiles = triton.cdiv(TK - k_grad_from, cfg.block_n)
-    # rows: the queries a key tile's window reaches, at most
-    nparts = group_parts(tiles * B * HKV, group, q.device, cfg.num_warps, rows=min(TQ, window + cfg.block_n))
+    nparts = group_parts(tiles * B * HKV, group, q.device, cfg.num_warps, key_tile_rows(TQ, window, cfg.block_n))
     grid, tile_major = column_grid(tiles, B * HKV, nparts)
     # the parts' fp32 partial sums in dk's memory order (sum_parts adds them element by element in that order)
     out_k, out_v = (dk, dv) if nparts == 1 else (empty_like_layout(q, shape, torch.float32, nparts) for _ in "kv")
@@ -289,8 +288,8 @@ def swa_backward_dkdv(q, k, v, do, lse, delta, window, q_pos0, k_pos0, scale, k_
         q, k, v, do, lse, delta, out_k, out_v, *_strides(q, k, v, do, out_k[0] if nparts > 1 else dk),
         out_k.stride(0) if nparts > 1 else 0, H, TQ, TK, window, q_pos0, k_pos0, k_grad_from, scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_D=main, TAIL=tail, DOT_PREC=dot_precision(q.dtype), GROUP=group, HEADS=group // nparts,
-        TILE_MAJOR=tile_major, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        TILE_MAJOR=tile_major, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if nparts > 1:
         sum_parts(out_k, dk), sum_parts(out_v, dv)

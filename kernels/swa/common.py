@@ -288,6 +288,11 @@ def group_parts(programs: int, group: int, device: torch.device, num_warps: int 
     return next((p for p in divisors if programs * p >= GROUP_WAVES * slots), group)
 
 
+def key_tile_rows(tq: int, window: int, block_n: int) -> int:
+    """The most query rows (of tq) that read one key tile of block_n keys under a window: group_parts's rows."""
+    return min(tq, window + block_n)
+
+
 # Column order: a column-parallel launch whose grid runs key tiles fastest (key tiles, kv heads) starts the last kv
 # head's programs after every other head's; in a causal launch a head's first key tiles hold the longest programs
 # (every later query reads them), and with grouped-query attention each program also sums GROUP query heads, so
@@ -307,4 +312,3 @@ def column_grid(key_tiles: int, bhk: int, nparts: int) -> tuple[tuple[int, ...],
     if COLUMN_ORDER == "tile" and key_tiles <= _GRID_Y_MAX:
         return (bhk * nparts, key_tiles), True
     return (key_tiles, bhk, nparts), False
-

@@ -772,7 +772,8 @@ def test_dkdv_group_parts_rows(monkeypatch, TQ, TK, W, QP, KP):
     """dK/dV asks group_parts with a key tile's query rows: the window plus a key tile, at most the queries."""
     from ttt_e2e.kernels.swa import backward
     asked = []
-    monkeypatch.setattr(backward, "group_parts", lambda *a, **kw: asked.append(kw.get("rows")) or 1)
+    monkeypatch.setattr(backward, "group_parts",
+                        lambda programs, group, device, num_warps=4, rows=0: asked.append(rows) or 1)
     q, do = fresh_randn(1, 4, TQ, 16), fresh_randn(1, 4, TQ, 16)
     k, v = (fresh_randn(1, 2, TK, 16).requires_grad_() for _ in "kv")
     torch.autograd.grad(swa_attention(q, k, v, W, QP, KP), (k, v), do)
